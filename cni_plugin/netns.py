@@ -1,0 +1,153 @@
+"""Entering network namespaces safely.
+
+The rule: never ``setns`` a long-lived thread. :func:`run_in_netns` starts a short-lived
+thread, moves *that* thread into the target namespace, runs the work there and lets the
+thread exit; the caller's thread never changes namespace. Subprocesses and netlink or
+xtables sockets created inside the work inherit the namespace of the thread that made them.
+
+Opening never creates: a path is opened read-only and must already be a network namespace
+(the kernel's ``NS_GET_NSTYPE`` says so). The host's own namespace (by default the one
+this process started in, configurable because the agent may run in a node namespace and
+``/proc/1/ns/net`` may be unreadable) is refused, so a mistake can never rewrite host rules.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from cni_plugin.errors import NetnsError
+
+T = TypeVar("T")
+
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# The namespace this process started in: the reference for "host" unless configured.
+_SELF_NETNS = "/proc/self/ns/net"
+
+
+@dataclass(frozen=True)
+class NetnsId:
+    """Identity of a network namespace: (device, inode) of its nsfs file."""
+
+    dev: int
+    inode: int
+
+
+class Netns:
+    """An open handle on an existing network namespace. Close it (or use ``with``)."""
+
+    def __init__(self, path: str, fd: int, ident: NetnsId) -> None:
+        self.path = path
+        self.fd = fd
+        self.ident = ident
+
+    @property
+    def inode(self) -> int:
+        return self.ident.inode
+
+    @classmethod
+    def open(cls, path: str, *, host_netns: str | None = _SELF_NETNS) -> Netns:
+        """Open ``path`` as a network namespace without ever creating one.
+
+        Raises :class:`NetnsError` with a message naming the problem when the path does not
+        exist, is not a network namespace, or is the host namespace (``host_netns``; pass
+        ``None`` to allow it, which only host-side code may do).
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NetnsError(
+                f"network namespace {path} does not exist: check the path (the pod may "
+                "have been deleted, or the runtime keeps namespaces elsewhere)"
+            ) from None
+        except OSError as e:
+            raise NetnsError(f"cannot open network namespace {path}: {e.strerror}") from None
+        try:
+            ident = _identify(fd, path)
+            if host_netns is not None and ident == netns_id(host_netns):
+                raise NetnsError(
+                    f"{path} is the host's own network namespace: redirection is only ever "
+                    "installed inside a pod's namespace; pass the pod's netns path"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, ident)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, work: Callable[[], T]) -> T:
+        """Run ``work`` in this namespace on a short-lived thread; return or raise its result."""
+        return _run_on_thread(self.fd, self.path, work)
+
+
+def _identify(fd: int, path: str) -> NetnsId:
+    st = os.fstat(fd)
+    try:
+        # NS_GET_NSTYPE answers only for nsfs files, whether opened through /proc or a
+        # bind mount such as /var/run/netns/<name>; anything else fails with ENOTTY.
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        kind = 0
+    if kind != CLONE_NEWNET:
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a network namespace"
+        if kind:
+            what = "a namespace of another kind (not network)"
+        raise NetnsError(
+            f"{path} is {what}: pass a network namespace such as "
+            "/var/run/netns/cni-<id> or /proc/<pid>/ns/net"
+        )
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+def netns_id(path: str) -> NetnsId:
+    """Identity of the namespace at ``path`` (no validation beyond ``stat``)."""
+    st = os.stat(path)
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+def run_in_netns(path: str, work: Callable[[], T], *, host_netns: str | None = _SELF_NETNS) -> T:
+    """Open ``path`` (validated, never created), run ``work`` inside it, close the handle."""
+    with Netns.open(path, host_netns=host_netns) as ns:
+        return ns.run(work)
+
+
+def _run_on_thread(fd: int, path: str, work: Callable[[], T]) -> T:
+    box: dict[str, object] = {}
+
+    def body() -> None:
+        # This thread enters the namespace and then dies: it never switches back, so no
+        # other code can ever run on a thread left in the wrong namespace.
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            box["error"] = NetnsError(f"cannot enter network namespace {path}: {os.strerror(err)}")
+            return
+        try:
+            box["result"] = work()
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=body, name=f"netns:{os.path.basename(path)}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]

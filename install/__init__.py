@@ -1,0 +1,1 @@
+"""Installer: plugin binary copy, kubeconfig, conflist merge, watch; plus manifests."""
