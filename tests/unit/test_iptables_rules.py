@@ -1,0 +1,102 @@
+"""The rule model against Istio 1.24's golden files (loaded from ../shared/reference)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cni_plugin.redirection.iptables_rules import (
+    Family,
+    Rule,
+    inpod_rules,
+    render_host_probe,
+    render_inpod,
+)
+from cni_plugin.redirection.settings import RedirectSettings
+
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+GOLDEN_DIR = REFERENCE / "istio-1.24" / "iptables"
+
+# Istio's own golden test configuration uses this IPv6 probe address for the in-pod cases
+# (its host-probe cases use the contract default). It is a test input, not a contract value.
+ISTIO_TEST_PROBE_V6 = "e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
+
+
+def golden(name: str) -> str:
+    path = GOLDEN_DIR / f"{name}.golden"
+    # CI always has shared/ beside the clone: a missing oracle is a failure, never a skip.
+    assert path.is_file(), f"golden file {path} is missing: shared/ must sit beside the repo"
+    return path.read_text()
+
+
+INPOD_CASES = {
+    "default": RedirectSettings(dns_capture=True, ipv6=False),
+    "default_ipv6": RedirectSettings(
+        dns_capture=True, ipv6=True, probe_snat_ipv6=ISTIO_TEST_PROBE_V6
+    ),
+    "ingress": RedirectSettings(dns_capture=False, ipv6=False, bypass_inbound=True),
+    "ingress_ipv6": RedirectSettings(
+        dns_capture=False, ipv6=True, bypass_inbound=True, probe_snat_ipv6=ISTIO_TEST_PROBE_V6
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INPOD_CASES))
+def test_inpod_rules_equal_istio_golden(name: str) -> None:
+    assert render_inpod(INPOD_CASES[name]) == golden(name)
+
+
+@pytest.mark.parametrize(("name", "ipv6"), [("hostprobe", False), ("hostprobe_ipv6", True)])
+def test_host_probe_rule_equals_istio_golden(name: str, ipv6: bool) -> None:
+    assert render_host_probe(RedirectSettings(ipv6=ipv6)) == golden(name)
+
+
+def _without_dns(text: str) -> str:
+    """Derive the DNS-off variant from a golden: drop the raw table and every 15053 rule."""
+    text = re.sub(r"\* raw\n.*?COMMIT\n?", "", text, flags=re.S)
+    return "\n".join(ln for ln in text.split("\n") if "15053" not in ln).rstrip("\n")
+
+
+@pytest.mark.parametrize("ipv6", [False, True])
+def test_dns_off_is_default_without_raw_table_and_dns_rules(ipv6: bool) -> None:
+    name = "default_ipv6" if ipv6 else "default"
+    on = INPOD_CASES[name]
+    off = RedirectSettings(dns_capture=False, ipv6=ipv6, probe_snat_ipv6=on.probe_snat_ipv6)
+    rendered = render_inpod(off)
+    assert rendered == _without_dns(golden(name))
+    assert "* raw" not in rendered and "15053" not in rendered
+
+
+def test_ingress_with_dns_keeps_dns_capture_but_no_inbound_redirect() -> None:
+    text = render_inpod(RedirectSettings(dns_capture=True, ipv6=False, bypass_inbound=True))
+    assert "--to-ports 15006" not in text and "CONNMARK --set-xmark" not in text
+    assert "--to-port 15053" in text and "* raw" in text
+
+
+def test_settings_flow_into_rules() -> None:
+    s = RedirectSettings(ipv6=False, outbound_port=16001, probe_snat_ipv4="169.254.9.9")
+    text = render_inpod(s)
+    assert "--to-ports 16001" in text and "-s 169.254.9.9 " in text
+    assert "15001" not in text
+
+
+def test_save_form_matches_what_the_kernel_prints() -> None:
+    # The transformations the kernel round trip applies (checked for real in the netns tests).
+    r = Rule("nat", "ISTIO_OUTPUT", ("!", "-d", "::1/128", "-p", "tcp", "--dport", "53",
+                                     "-j", "REDIRECT", "--to-port", "15053"))  # fmt: skip
+    assert r.save_line(Family.IPV6) == (
+        "-A ISTIO_OUTPUT ! -d ::1/128 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053"
+    )
+    r = Rule(
+        "nat", "ISTIO_PRERT", ("-s", "169.254.7.127", "-p", "tcp", "-m", "tcp", "-j", "ACCEPT")
+    )
+    assert r.save_line(Family.IPV4) == "-A ISTIO_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT"
+
+
+def test_chain_declaration_order_follows_first_use() -> None:
+    rs = inpod_rules(RedirectSettings(bypass_inbound=True, dns_capture=False), Family.IPV4)
+    # ISTIO_PRERT holds no rule in the ingress variant: declared after ISTIO_OUTPUT.
+    assert rs.chains("nat") == ["ISTIO_OUTPUT", "ISTIO_PRERT"]
+    assert rs.tables() == ["mangle", "nat"]
