@@ -1,0 +1,582 @@
+"""The node agent's side of ZDS: a server ztunnel connects to (SPEC §5).
+
+API (what the agent calls)::
+
+    server = ZdsServer(socket_path, snapshot_source, on_connected_change=gauge_setter)
+    server.start()                      # bind, listen, serve in background threads
+    server.add(uid, netns_path, WorkloadInfo(name, namespace, service_account))
+    server.delete(uid)                  # Del to every connection; errors logged only
+    server.connected                    # at least one ztunnel said hello and is being served
+    server.stop()                       # close everything, unlink the socket
+
+``add`` sends Add plus the pod's netns fd (opened with :meth:`Netns.open`, never created) to
+the *newest* connection and waits for its ack. It raises :class:`ZtunnelUnavailableError`
+when no ztunnel is connected or none answered in time, :class:`ZtunnelRejectedError` with
+ztunnel's own text when the ack carries an error, and :class:`NetnsError` when the path is not
+an openable network namespace. ``snapshot_source.snapshot()`` is read once per connection,
+after its hello: an entry with a netns path becomes Add+fd (Keep when the path can no longer
+be opened), an entry without one becomes Keep{uid}; then SnapshotSent.
+
+Per connection, as Istio's ``cni/pkg/nodeagent/ztunnelserver.go`` does: wait up to
+``hello_timeout`` for ``ZdsHello{V1}``, send the snapshot, then serve one request at a time
+(write deadline and ack deadline ``ack_timeout`` each). A connection counts for routing only
+after its hello, so a peer that never says hello cannot swallow Adds. Anything ztunnel sends
+besides the awaited ack, EOF, a missed deadline or a bad packet drops that connection only
+(with a log line naming the peer's pid/uid); the agent and other connections carry on. One
+deliberate difference from Istio: Istio keeps a connection whose ack timed out; here it is
+dropped, because a late ack would otherwise be taken as the answer to the next request.
+
+Keepalive, as in Istio (the SPEC has none beyond deadlines): ztunnel never speaks unprompted,
+so after ``keepalive_interval`` (Istio: 5 s) without a request the connection does a 10 ms
+read; a timeout means alive, EOF means gone, any data is a protocol error. Istio also
+rate-limits accepts to 5 per second (burst 1) so a ztunnel reconnecting in a loop cannot
+exhaust the agent; ``accept_rate`` keeps that, defaulting to the same.
+
+Socket permissions: ztunnel runs as root in Istio's chart, so by default the socket is
+``0600`` and, when this server creates its directory, the directory is ``0700``: only root
+may connect. With ``socket_group`` (a gid or group name: for a ztunnel running as another
+user) the socket is ``0660`` and a created directory ``0710`` with that group: members may
+connect but not list or replace entries. The socket is bound under a temporary name,
+given its mode and group, then renamed over the final path, so it is never connectable with
+looser permissions, and a stale file is replaced atomically. A path a live agent still
+serves (a connect succeeds) is refused with :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import logging
+import os
+import queue
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cni_plugin.errors import (
+    ConfigError,
+    IstioCniError,
+    NetnsError,
+    ZtunnelRejectedError,
+    ZtunnelUnavailableError,
+)
+from cni_plugin.netns import Netns
+from node_agent import zds_wire as wire
+
+log = logging.getLogger("node_agent.zds")
+
+KEEPALIVE_INTERVAL = 5.0  # Istio's defaultZTunnelKeepAliveCheckInterval
+KEEPALIVE_READ = 0.01  # Istio's CheckAlive(time.Second / 100)
+
+
+@dataclass(frozen=True)
+class WorkloadInfo:
+    name: str
+    namespace: str
+    service_account: str
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """A pod the agent has enrolled. ``netns_path`` None means unknown: sent as Keep{uid}."""
+
+    uid: str
+    info: WorkloadInfo
+    netns_path: str | None
+
+
+class SnapshotSource(Protocol):
+    def snapshot(self) -> list[SnapshotEntry]: ...
+
+
+class _Request:
+    """One message for one connection, answered once. The netns (if any) is shared by the
+    caller and the connection thread and closed by whichever releases it last, so the fd can
+    never be closed (and its number reused) while a ``sendmsg`` may still attach it."""
+
+    def __init__(self, data: bytes, what: str, netns: Netns | None = None) -> None:
+        self.data = data
+        self.what = what
+        self._netns = netns
+        self._refs = 2 if netns is not None else 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self.cancelled = False
+        self.ack_error: str | None = None
+        self.failure: IstioCniError | None = None
+
+    @property
+    def fd(self) -> int | None:
+        return self._netns.fd if self._netns is not None else None
+
+    def take(self) -> bool:
+        """Connection thread: claim the request for sending (False when the caller gave up)."""
+        with self._lock:
+            return not self.cancelled
+
+    def resolve(self, ack_error: str | None, failure: IstioCniError | None = None) -> None:
+        self.ack_error, self.failure = ack_error, failure
+        self._done.set()
+        self.release()
+
+    def wait(self, timeout: float) -> bool:
+        done = self._done.wait(timeout)
+        if not done:
+            with self._lock:
+                self.cancelled = True
+        self.release()
+        return done
+
+    def release(self) -> None:
+        with self._lock:
+            if self._refs == 0:
+                return
+            self._refs -= 1
+            if self._refs == 0 and self._netns is not None:
+                self._netns.close()
+
+
+_STOP = object()
+
+
+class _Connection:
+    """One accepted ztunnel connection, served by its own thread."""
+
+    def __init__(self, server: ZdsServer, sock: socket.socket, number: int) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = f"conn={number} {_peer_creds(sock)}"
+        self.requests: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=f"zds-{number}", daemon=True)
+        self._closing = False
+
+    def submit(self, req: _Request) -> None:
+        self.requests.put(req)
+
+    def shutdown(self) -> None:
+        """From another thread: wake the connection thread so it ends (it closes the fd)."""
+        self._closing = True
+        self.requests.put(_STOP)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+    def _run(self) -> None:
+        registered = False
+        try:
+            pkt = wire.recv_packet(self.sock, timeout=self.server.hello_timeout)
+            if pkt.fds:
+                pkt.close_fds()
+                raise wire.ZdsProtocolError("ztunnel attached an fd to its hello")
+            version = wire.decode_hello(pkt.data)
+            log.info(
+                "ztunnel said hello", extra={"fields": {"peer": self.peer, "version": version}}
+            )
+            self.server._register(self)
+            registered = True
+            self._send_snapshot()
+            self._serve()
+        except (wire.ZdsProtocolError, wire.ZdsClosedError) as e:
+            if not self._closing:
+                level = logging.INFO if isinstance(e, wire.ZdsClosedError) else logging.WARNING
+                log.log(
+                    level,
+                    "ztunnel connection dropped",
+                    extra={"fields": {"peer": self.peer, "reason": str(e)}},
+                )
+        except Exception as e:  # never let one connection take the agent down
+            log.error(
+                "ztunnel connection failed unexpectedly",
+                extra={"fields": {"peer": self.peer, "reason": f"{type(e).__name__}: {e}"}},
+            )
+        finally:
+            if registered:
+                self.server._unregister(self)
+            self.server._forget(self)
+            self._fail_queued()
+            self.sock.close()
+
+    def _send_snapshot(self) -> None:
+        entries = self.server.snapshot_source.snapshot()
+        for e in entries:
+            req = self._snapshot_request(e)
+            err = self._exchange(req)
+            if err:
+                log.error(
+                    "ztunnel rejected a snapshot entry",
+                    extra={"fields": {"peer": self.peer, "uid": e.uid, "ack_error": err}},
+                )
+        self._exchange(_Request(wire.encode_snapshot_sent(), "snapshot_sent"))
+        log.info(
+            "snapshot sent to ztunnel",
+            extra={"fields": {"peer": self.peer, "pods": len(entries)}},
+        )
+
+    def _snapshot_request(self, e: SnapshotEntry) -> _Request:
+        i = e.info
+        if e.netns_path is not None:
+            try:
+                ns = Netns.open(e.netns_path)
+            except NetnsError as err:
+                log.warning(
+                    "pod netns unavailable for snapshot, sending keep",
+                    extra={"fields": {"uid": e.uid, "reason": str(err)}},
+                )
+            else:
+                req = _Request(
+                    wire.encode_add(e.uid, i.name, i.namespace, i.service_account),
+                    f"add {e.uid}",
+                    ns,
+                )
+                req.release()  # the snapshot has no waiting caller
+                return req
+        return _Request(wire.encode_keep(e.uid), f"keep {e.uid}")
+
+    def _exchange(self, req: _Request) -> str:
+        """Send one request and return its ack text; the connection is dropped on failure."""
+        try:
+            wire.send_packet(self.sock, req.data, req.fd, timeout=self.server.ack_timeout)
+            while True:
+                pkt = wire.recv_packet(self.sock, timeout=self.server.ack_timeout)
+                if pkt.fds:
+                    pkt.close_fds()
+                    raise wire.ZdsProtocolError(
+                        f"ztunnel attached an fd to its answer to {req.what}"
+                    )
+                err = wire.decode_ack(pkt.data)
+                req.resolve(err)
+                return err
+        except (wire.ZdsProtocolError, wire.ZdsClosedError) as e:
+            req.resolve(
+                None,
+                ZtunnelUnavailableError(
+                    f"ztunnel ({self.peer}) did not acknowledge {req.what}: {e}; the connection "
+                    "was dropped, retry once ztunnel reconnects"
+                ),
+            )
+            raise
+
+    def _serve(self) -> None:
+        interval = self.server.keepalive_interval
+        while True:
+            try:
+                item = self.requests.get(timeout=interval)
+            except queue.Empty:
+                self._check_alive()
+                continue
+            if item is _STOP:
+                raise wire.ZdsClosedError("server stopping")
+            assert isinstance(item, _Request)
+            if item.take():
+                self._exchange(item)
+            else:
+                item.release()  # the caller gave up before it was sent
+
+    def _check_alive(self) -> None:
+        try:
+            pkt = wire.recv_packet(self.sock, timeout=KEEPALIVE_READ)
+        except wire.ZdsClosedError as e:
+            if isinstance(e.__cause__, TimeoutError):
+                return  # nothing to read: alive
+            raise
+        pkt.close_fds()
+        raise wire.ZdsProtocolError(f"unexpected unprompted message {pkt.data[:32].hex()!r}")
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self.requests.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Request):
+                item.resolve(
+                    None,
+                    ZtunnelUnavailableError(
+                        f"ztunnel connection {self.peer} closed before {item.what} was sent; "
+                        "retry once ztunnel reconnects"
+                    ),
+                )
+
+
+class ZdsServer:
+    """Serves ZDS to ztunnel; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        socket_path: str,
+        snapshot_source: SnapshotSource,
+        *,
+        ack_timeout: float = 5.0,
+        hello_timeout: float = 5.0,
+        on_connected_change: Callable[[bool], None] | None = None,
+        socket_group: int | str | None = None,
+        keepalive_interval: float = KEEPALIVE_INTERVAL,
+        accept_rate: float = 5.0,
+    ) -> None:
+        self.socket_path = os.path.abspath(socket_path)
+        self.snapshot_source = snapshot_source
+        self.ack_timeout = ack_timeout
+        self.hello_timeout = hello_timeout
+        self.keepalive_interval = keepalive_interval
+        self.accept_rate = accept_rate
+        self._on_connected_change = on_connected_change
+        self._gid = _resolve_group(socket_group)
+        self._lock = threading.Lock()
+        self._ready: list[_Connection] = []  # said hello, oldest first
+        self._all: set[_Connection] = set()
+        self._listener: socket.socket | None = None
+        self._bound_ino: int | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._stopping = False
+        self._count = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._listener is not None:
+            raise ConfigError("ZDS server already started")
+        directory = os.path.dirname(self.socket_path)
+        self._prepare_directory(directory)
+        self._refuse_live_agent()
+        tmp = f"{self.socket_path}.tmp-{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(tmp)
+            os.chmod(tmp, 0o660 if self._gid is not None else 0o600)
+            if self._gid is not None:
+                os.chown(tmp, 0, self._gid)
+            sock.listen(16)
+            os.rename(tmp, self.socket_path)  # atomic: replaces a stale socket file
+            self._bound_ino = os.stat(self.socket_path).st_ino
+        except OSError as e:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise ConfigError(
+                f"cannot listen for ztunnel on {self.socket_path}: {e.strerror or e}; check that "
+                "the directory is writable by this agent (ZTUNNEL_UDS_ADDRESS)"
+            ) from None
+        self._listener = sock
+        self._stopping = False
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="zds-accept", daemon=True
+        )
+        self._accept_thread.start()
+        log.info("zds server listening", extra={"fields": {"socket": self.socket_path}})
+
+    def stop(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        if self._accept_thread is not None:
+            self._accept_thread.join()
+        listener.close()
+        self._listener = None
+        with contextlib.suppress(OSError):
+            # Only unlink our own socket: a newer agent may already have replaced it.
+            if os.stat(self.socket_path).st_ino == self._bound_ino:
+                os.unlink(self.socket_path)
+        with self._lock:
+            conns = list(self._all)
+        for c in conns:
+            c.shutdown()
+        for c in conns:
+            c.thread.join()
+        log.info("zds server stopped", extra={"fields": {"socket": self.socket_path}})
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    @property
+    def connection_count(self) -> int:
+        """Connections that said hello (Istio's ``ztunnel_connected`` gauge value)."""
+        with self._lock:
+            return len(self._ready)
+
+    # --- requests -------------------------------------------------------------------------
+
+    def add(self, uid: str, netns_path: str, info: WorkloadInfo, timeout: float = 5.0) -> None:
+        data = wire.encode_add(uid, info.name, info.namespace, info.service_account)
+        with self._lock:
+            conn = self._ready[-1] if self._ready else None
+        if conn is None:
+            raise ZtunnelUnavailableError(
+                f"no ztunnel is connected to {self.socket_path}: the pod stays pending until "
+                "ztunnel connects (check that ztunnel runs on this node)"
+            )
+        ns = Netns.open(netns_path)
+        req = _Request(data, f"add {uid}", ns)
+        conn.submit(req)
+        if not req.wait(timeout):
+            raise ZtunnelUnavailableError(
+                f"ztunnel ({conn.peer}) did not acknowledge add {uid} within {timeout:g}s; "
+                "retry later"
+            )
+        if req.failure is not None:
+            raise req.failure
+        if req.ack_error:
+            raise ZtunnelRejectedError(f"ztunnel rejected pod {uid}: {req.ack_error}")
+
+    def delete(self, uid: str) -> None:
+        data = wire.encode_del(uid)
+        with self._lock:
+            conns = list(self._ready)
+        pending = []
+        for c in conns:
+            req = _Request(data, f"del {uid}")
+            c.submit(req)
+            pending.append((c, req))
+        deadline = time.monotonic() + 2 * self.ack_timeout + 1
+        for c, req in pending:
+            if not req.wait(max(0.0, deadline - time.monotonic())):
+                log.warning(
+                    "ztunnel did not acknowledge del in time",
+                    extra={"fields": {"peer": c.peer, "uid": uid}},
+                )
+            elif req.failure is not None or req.ack_error:
+                log.warning(
+                    "ztunnel del failed",
+                    extra={
+                        "fields": {
+                            "peer": c.peer,
+                            "uid": uid,
+                            "reason": str(req.failure) if req.failure else req.ack_error,
+                        }
+                    },
+                )
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        gap = 1.0 / self.accept_rate if self.accept_rate > 0 else 0.0
+        next_ok = 0.0
+        while not self._stopping:
+            wait = next_ok - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                log.error("zds accept failed", exc_info=True)
+                time.sleep(0.1)
+                continue
+            next_ok = time.monotonic() + gap
+            sock.set_inheritable(False)
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                self._count += 1
+                conn = _Connection(self, sock, self._count)
+                self._all.add(conn)
+            log.debug("ztunnel connection accepted", extra={"fields": {"peer": conn.peer}})
+            conn.thread.start()
+
+    def _register(self, conn: _Connection) -> None:
+        with self._lock:
+            self._ready.append(conn)
+            first = len(self._ready) == 1
+        log.info("ztunnel connected", extra={"fields": {"peer": conn.peer}})
+        if first:
+            self._notify(True)
+
+    def _unregister(self, conn: _Connection) -> None:
+        with self._lock:
+            self._ready.remove(conn)
+            last = not self._ready
+        log.info("ztunnel disconnected", extra={"fields": {"peer": conn.peer}})
+        if last:
+            self._notify(False)
+
+    def _forget(self, conn: _Connection) -> None:
+        with self._lock:
+            self._all.discard(conn)
+
+    def _notify(self, connected: bool) -> None:
+        if self._on_connected_change is None:
+            return
+        try:
+            self._on_connected_change(connected)
+        except Exception:
+            log.error("on_connected_change callback failed", exc_info=True)
+
+    def _prepare_directory(self, directory: str) -> None:
+        if not os.path.isdir(directory):
+            try:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
+                os.chmod(directory, 0o710 if self._gid is not None else 0o700)
+                if self._gid is not None:
+                    os.chown(directory, 0, self._gid)
+            except OSError as e:
+                raise ConfigError(
+                    f"cannot create ZDS socket directory {directory}: {e.strerror or e}"
+                ) from None
+            return
+        mode = os.stat(directory).st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            log.warning(
+                "zds socket directory is writable by others: anyone able to write there could "
+                "replace the socket; make it 0700 (or 0710 with ztunnel's group)",
+                extra={"fields": {"directory": directory, "mode": oct(mode & 0o7777)}},
+            )
+
+    def _refuse_live_agent(self) -> None:
+        path = self.socket_path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(
+                f"{path} is a directory, not a socket: remove it or choose "
+                "another ZTUNNEL_UDS_ADDRESS"
+            )
+        if not stat.S_ISSOCK(st.st_mode):
+            return  # a stale non-socket file: replaced by the rename
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(path)
+        except OSError:
+            return  # ECONNREFUSED: nobody listens, the file is stale
+        else:
+            holder = _peer_creds(probe)
+            raise ConfigError(
+                f"another live node agent ({holder}) is serving ZDS on {path}: stop it first "
+                "or choose another ZTUNNEL_UDS_ADDRESS"
+            )
+        finally:
+            probe.close()
+
+
+def _peer_creds(sock: socket.socket) -> str:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", raw)
+    except OSError:
+        return "pid=? uid=?"
+    return f"pid={pid} uid={uid} gid={gid}"
+
+
+def _resolve_group(group: int | str | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket group {group!r} does not exist on this node") from None
