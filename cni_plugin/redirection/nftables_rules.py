@@ -363,6 +363,8 @@ def listing_form(expr: str) -> str:
             out += ["meta", tok]
         elif tok == "and":
             out.append("&")
+        elif tok in ("==", "!="):
+            out.append(tok)
         elif tok.startswith("0x"):
             out.append(f"0x{int(tok, 16):08x}")
         elif prev in ("iifname", "oifname") or (
@@ -382,8 +384,8 @@ def listing_form(expr: str) -> str:
 
 
 def _address_form(tok: str) -> str:
-    if not any(ch in tok for ch in ".:") or tok.startswith((":", "@")):
-        return tok
+    if not any(ch in tok for ch in ".:") or tok.startswith("@") or tok[1:].isdigit():
+        return tok  # not an address: a set reference or a ":port"
     try:
         iface = ipaddress.ip_interface(tok)
     except ValueError:
