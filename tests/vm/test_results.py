@@ -1,0 +1,99 @@
+"""The runner's pure parts: which Debian kernel a series means, and reading pytest's JUnit
+output (produced here by a real pytest run, not written by hand)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from vagrant.guest_run import GUEST_MODULES, guest_script
+from vagrant.kernel_cache import is_release, newest_release, series_of
+from vagrant.results import KernelResult, backend_of, markdown_rows, read_junit
+
+APT_NAMES = [
+    "linux-image-6.1.0-9-amd64",
+    "linux-image-6.1.0-56-amd64",
+    "linux-image-6.1.0-56-amd64-dbg",
+    "linux-image-6.1.0-56-rt-amd64",
+    "linux-image-6.12.99+deb12-amd64",
+    "linux-image-6.12.117+deb12-amd64",
+    "linux-image-6.12.117+deb12-amd64-unsigned",
+    "linux-image-6.12.117+deb12-cloud-amd64",
+    "linux-image-amd64",
+]
+
+
+def test_newest_release_is_numeric_and_ignores_flavours() -> None:
+    assert newest_release("6.1", APT_NAMES) == "6.1.0-56-amd64"
+    assert newest_release("6.12", APT_NAMES) == "6.12.117+deb12-amd64"
+    assert newest_release("5.10", APT_NAMES) is None
+
+
+def test_release_and_series() -> None:
+    assert is_release("6.12.117+deb12-amd64")
+    assert is_release("6.1.0-56-amd64")
+    assert not is_release("6.1")
+    assert not is_release("6.1.0-56-rt-amd64")
+    assert series_of("6.12.117+deb12-amd64") == "6.12"
+
+
+def test_backend_is_taken_from_the_test_id() -> None:
+    assert backend_of("tests.behaviour.test_table", "test_outbound[nftables-v4]") == "nftables"
+    assert backend_of("tests.netns.test_iptables_backend", "test_apply") == "iptables"
+    assert backend_of("tests.netns.test_ebpf", "test_attach") == "ebpf"
+    assert backend_of("tests.netns.test_netns", "test_entry") == "common"
+    # Naming two backends is ambiguous (a comparison test): not credited to either.
+    assert backend_of("tests.x", "test_iptables_vs_nftables") == "common"
+
+
+def test_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(
+        textwrap.dedent("""
+        import pytest
+
+        @pytest.mark.parametrize("backend", ["iptables", "nftables", "ebpf"])
+        def test_rule(backend):
+            if backend == "ebpf":
+                pytest.skip("kernel 6.1 lacks hook X")
+            assert backend != "nftables", "boom"
+
+        def test_common():
+            pass
+    """)
+    )
+    junit = tmp_path / "junit.xml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir",
+         str(tmp_path), "--junitxml", str(junit), str(tmp_path / "test_sample.py")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout
+    result = KernelResult("6.1.0-56-amd64", "qemu-tcg", proc.returncode, 12.0)
+    read_junit(junit, result)
+    counts = {b: (c.passed, c.skipped, c.failed) for b, c in result.by_backend.items()}
+    assert counts == {
+        "common": (1, 0, 0),
+        "ebpf": (0, 1, 0),
+        "iptables": (1, 0, 0),
+        "nftables": (0, 0, 1),
+    }
+    assert result.skip_reasons == {"kernel 6.1 lacks hook X": 1}
+    assert len(result.failures) == 1 and "test_rule[nftables]" in result.failures[0]
+    assert not result.ok
+    rows = markdown_rows([result], "python -m vagrant.run_kernels 6.1")
+    assert "| 6.1.0-56-amd64 | qemu-tcg | nftables | 0 | 0 | 1 | 12 s |" in rows[3]
+
+
+def test_ok_needs_tests_and_exit_zero() -> None:
+    assert not KernelResult("k", "qemu-tcg", 0, 1.0).ok  # nothing ran
+    assert not KernelResult("k", "qemu-tcg", None, 1.0).ok
+
+
+def test_guest_script_loads_modules_and_reports_exit_code(tmp_path: Path) -> None:
+    script = guest_script(Path("/repo"), tmp_path, ["-m", "netns", "-k", "a or b"])
+    assert f"for m in {' '.join(GUEST_MODULES)}; do" in script
+    assert "-m pytest -p no:cacheprovider --junitxml" in script
+    assert "-m netns -k 'a or b'" in script
+    assert script.rstrip().endswith(f"echo $rc > {tmp_path}/rc")

@@ -1,0 +1,137 @@
+"""Run the redirection test suite on other kernels: ``python -m vagrant.run_kernels``.
+
+    python -m vagrant.run_kernels all                # Debian 6.1 and 6.12 (make vm-test)
+    python -m vagrant.run_kernels 6.1                 # newest Debian 6.1 build
+    python -m vagrant.run_kernels 6.12.117+deb12-amd64 host -- -m netns -k nft
+
+Each kernel is fetched once into the cache (``/var/cache/istio-cni-kernels/<release>``),
+booted under qemu TCG over this machine's filesystem, and runs pytest (default ``-m netns``;
+anything after ``--`` replaces that). ``host`` runs the same selection on this machine's own
+kernel. Results land in ``build/vm/<kernel>/`` (guest.log, junit.xml, summary.json); a
+summary is printed, and the exit code is 0 only when every kernel ran tests and none failed.
+Kernels run one after another: qemu TCG is CPU-bound and the machine has two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from vagrant.guest_run import DEFAULT_TIMEOUT, run_in_guest, run_on_host
+from vagrant.kernel_cache import (
+    DEFAULT_ROOT,
+    DEFAULT_SERIES,
+    AptSource,
+    KernelCache,
+    KernelCacheError,
+)
+from vagrant.results import KernelResult, markdown_rows
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_PYTEST_ARGS = ["-m", "netns"]
+
+
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    pytest_args = DEFAULT_PYTEST_ARGS
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, pytest_args = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(
+        prog="python -m vagrant.run_kernels",
+        description="Run the netns test suite on Debian kernels under qemu (virtme-ng).",
+        epilog="Arguments after -- are passed to pytest (default: -m netns).",
+    )
+    p.add_argument(
+        "kernels",
+        nargs="+",
+        help="'all' (= 6.1 6.12), a series (6.1), a release (6.12.117+deb12-amd64), or 'host'",
+    )
+    p.add_argument("--cache", type=Path, default=DEFAULT_ROOT, help="kernel package cache")
+    p.add_argument("--out", type=Path, default=REPO / "build" / "vm", help="results directory")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per kernel")
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--memory", default="2G")
+    p.add_argument("--json", type=Path, help="also write every kernel's summary to this file")
+    p.add_argument("--markdown", action="store_true", help="print docs/kernels.md table rows")
+    return p.parse_args(argv), pytest_args
+
+
+def _expand(specs: list[str]) -> list[str]:
+    out: list[str] = []
+    for s in specs:
+        out.extend(DEFAULT_SERIES if s == "all" else [s])
+    return list(dict.fromkeys(out))
+
+
+def _print_result(r: KernelResult) -> None:
+    t = r.totals
+    status = "ok" if r.ok else "FAILED"
+    code = "none" if r.exit_code is None else str(r.exit_code)
+    print(
+        f"{r.kernel} ({r.backend}): {status}: {t.passed} passed, {t.skipped} skipped, "
+        f"{t.failed} failed; exit {code}; {r.wall_seconds:.0f} s wall, "
+        f"{r.test_seconds:.0f} s in pytest"
+    )
+    for backend, c in r.by_backend.items():
+        print(f"    {backend:9} {c.passed} passed, {c.skipped} skipped, {c.failed} failed")
+    for reason, n in r.skip_reasons.items():
+        print(f"    skipped x{n}: {reason}")
+    for f in r.failures:
+        print(f"    failed: {f}")
+    if r.missing_modules:
+        print(f"    modules not available in this kernel: {' '.join(r.missing_modules)}")
+    if r.error:
+        print(f"    error: {r.error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, pytest_args = _parse(sys.argv[1:] if argv is None else argv)
+    cache = KernelCache(AptSource(), args.cache)
+    results: list[KernelResult] = []
+    for spec in _expand(args.kernels):
+        if spec == "host":
+            out = args.out / "host"
+            r = run_on_host(REPO, out, pytest_args, args.timeout)
+        else:
+            try:
+                kernel = cache.get(spec)
+            except KernelCacheError as e:
+                print(f"{spec}: cannot prepare the kernel: {e}", file=sys.stderr)
+                r = KernelResult(spec, "qemu-tcg", None, 0.0, error=str(e))
+                results.append(r)
+                _print_result(r)
+                continue
+            out = args.out / kernel.release
+            print(f"{kernel.release}: booting under qemu TCG (results in {out}) ...", flush=True)
+            r = run_in_guest(
+                kernel,
+                REPO,
+                out,
+                pytest_args,
+                cpus=args.cpus,
+                memory=args.memory,
+                timeout=args.timeout,
+            )
+        (out / "summary.json").write_text(json.dumps(r.to_json(), indent=2) + "\n")
+        results.append(r)
+        _print_result(r)
+        sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
+    if args.markdown:
+        cmd = "python -m vagrant.run_kernels " + shlex.join(args.kernels)
+        if pytest_args != DEFAULT_PYTEST_ARGS:
+            cmd += " -- " + shlex.join(pytest_args)
+        print("\n".join(markdown_rows(results, cmd)))
+    bad = [r.kernel for r in results if not r.ok]
+    if bad:
+        print(f"kernels with failures or no results: {' '.join(bad)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
