@@ -1,0 +1,70 @@
+"""``istio-cni-testbed``: build, bring up, inspect and tear down the single-node Kubernetes.
+
+- ``build``: build (or find cached) Kubernetes binaries and images; prints their location.
+- ``up [--mesh] [--backend iptables|nftables|ebpf]``: prints ONE JSON object on stdout
+  (progress goes to stderr); exit 0 only when the node is Ready.
+- ``down``: removes everything (also after a crashed run); exit 1 lists what remains.
+- ``status``: JSON saying what is running.
+Errors are one clear line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from testbed.build import BuildError, ensure_binaries
+from testbed.images import ImageError, build_images
+from testbed.mesh import MeshUnavailable
+from testbed.node import BACKENDS, Testbed, TestbedError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="istio-cni-testbed", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="build/cache the Kubernetes binaries and images")
+    up = sub.add_parser("up", help="bring the node up; prints one JSON object")
+    up.add_argument("--mesh", action="store_true", help="also start installer, agent, stand-in")
+    up.add_argument("--backend", choices=BACKENDS, default="iptables")
+    up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for Ready")
+    sub.add_parser("down", help="remove everything the testbed made")
+    sub.add_parser("status", help="what is running (JSON)")
+    args = p.parse_args(argv)
+    bed = Testbed()
+    try:
+        if args.command == "build":
+            bins = ensure_binaries(bed.cache)
+            images = build_images(bed.cache / "images")
+            print(
+                json.dumps(
+                    {
+                        "bin_dir": str(bins.bin_dir),
+                        "version": bins.version,
+                        "images": {n: str(i.tarball) for n, i in images.items()},
+                    },
+                    indent=2,
+                )
+            )
+        elif args.command == "up":
+            info = bed.up(mesh=args.mesh, backend=args.backend, timeout=args.timeout)
+            print(json.dumps(info, indent=2))
+        elif args.command == "down":
+            problems = bed.down()
+            if problems:
+                for line in problems:
+                    print(f"istio-cni-testbed down: still there: {line}", file=sys.stderr)
+                return 1
+        else:
+            print(json.dumps(bed.status(), indent=2))
+    except (TestbedError, BuildError, ImageError, MeshUnavailable) as e:
+        print(f"istio-cni-testbed {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

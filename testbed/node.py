@@ -1,0 +1,437 @@
+"""One real single-node Kubernetes on this machine: :class:`Testbed`.
+
+Role: the composition root of the testbed. ``up()`` builds (or reuses) the binaries and
+images, creates the node's network + mount namespaces and cgroup root, starts etcd,
+kube-apiserver, containerd, kube-controller-manager, kube-scheduler and kubelet inside them,
+waits until the node is Ready, and returns the info dict that ``istio-cni-testbed up`` prints.
+``down()`` removes all of it (see :mod:`testbed.cleanup`); ``up()`` first cleans up after a
+crashed run. Helpers run commands "on the node" (``node_exec``) and build kube clients.
+
+Invariants: nothing is added to the host's network namespace (the API server is reached
+from the host through a loopback forwarder); every process, mount, cgroup and file made is
+found again by ``down`` from well-known names, even without the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from testbed import cleanup, daemons
+from testbed.build import CACHE_DIR, KubeBinaries, ensure_binaries
+from testbed.images import Image, build_images
+from testbed.layout import CNI_PLUGINS_DIR, Layout
+from testbed.pki import Pki, kubeconfig, make_pki
+
+BACKENDS = ("iptables", "nftables", "ebpf")
+_FORBIDDEN_STATE_PARENTS = ("/run", "/var/run", "/var/lib", "/var/log")
+
+
+class TestbedError(RuntimeError):
+    """The node could not be brought up or down; the message says what and what to do."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+def _log(msg: str) -> None:
+    print(f"testbed: {msg}", file=sys.stderr, flush=True)
+
+
+def _run(argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        raise TestbedError(f"{' '.join(argv)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+class Testbed:
+    """A single-node Kubernetes; ``up``/``down`` are idempotent and crash-safe."""
+
+    __test__ = False
+
+    def __init__(self, layout: Layout | None = None, cache: Path = CACHE_DIR) -> None:
+        self.layout = layout or Layout()
+        self.cache = cache
+        self._launcher = daemons.Launcher(self.layout)
+
+    # --- public API -------------------------------------------------------------------------
+    def up(
+        self, mesh: bool = False, backend: str = "iptables", timeout: float = 180.0
+    ) -> dict[str, Any]:
+        """Bring the node up (cleaning any previous run first); returns :meth:`info`."""
+        if backend not in BACKENDS:
+            raise TestbedError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if os.geteuid() != 0:
+            raise TestbedError("the testbed needs root (namespaces, mounts, cgroups): use sudo")
+        for parent in _FORBIDDEN_STATE_PARENTS:
+            if str(self.layout.state_dir).startswith(parent + "/"):
+                raise TestbedError(
+                    f"state dir {self.layout.state_dir} is under {parent}, which the node's "
+                    "mount namespace hides: set ISTIO_CNI_TESTBED_DIR elsewhere "
+                    "(default /var/tmp/icni-tb)"
+                )
+        started = time.monotonic()
+        if cleanup.leftovers(self.layout):
+            _log("cleaning up after a previous run")
+            self._teardown_or_raise()
+        bins = ensure_binaries(self.cache)
+        images = build_images(self.cache / "images")
+        try:
+            info = self._up(bins, images, mesh, backend, started + timeout)
+        except BaseException:
+            _log(f"up failed; logs were in {self.layout.logs_dir}, tearing down")
+            self._dump_failed_logs()
+            cleanup.teardown(self.layout)
+            raise
+        _log(f"node {self.layout.node_name} Ready in {time.monotonic() - started:.1f}s")
+        return info
+
+    def down(self) -> list[str]:
+        """Remove everything; returns what could not be removed (empty list = clean)."""
+        started = time.monotonic()
+        problems = cleanup.teardown(self.layout)
+        _log(
+            f"down in {time.monotonic() - started:.1f}s"
+            + (f"; problems: {problems}" if problems else "")
+        )
+        return problems
+
+    def info(self) -> dict[str, Any]:
+        """The info dict of the running node (from its state file)."""
+        try:
+            data: dict[str, Any] = json.loads(self.layout.state_file.read_text())
+        except (OSError, ValueError) as e:
+            raise TestbedError(f"no running testbed ({e}); run `istio-cni-testbed up`") from e
+        return data
+
+    def status(self) -> dict[str, Any]:
+        """What is running: each recorded daemon's liveness, node readiness, leftovers."""
+        left = cleanup.leftovers(self.layout)
+        try:
+            info = self.info()
+        except TestbedError:
+            return {"running": False, "leftovers": left}
+        procs = {n: Path(f"/proc/{p}").exists() for n, p in info.get("pids", {}).items()}
+        ready: bool | str
+        try:
+            ready = self._node_ready()
+        except Exception as e:  # any failure to ask means "unknown", reported as such
+            ready = f"unknown: {e}"
+        return {
+            "running": all(procs.values()),
+            "processes": procs,
+            "node_ready": ready,
+            "info": info,
+        }
+
+    def node_exec(
+        self,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the node's network + mount namespaces (as a node process would)."""
+        proc = subprocess.run(
+            [*daemons.nsenter_prefix(self.layout), *argv],
+            capture_output=True,
+            text=True,
+            input=input,
+            env={**os.environ, **(env or {})},
+            timeout=timeout,
+        )
+        if check and proc.returncode != 0:
+            raise TestbedError(
+                f"on node: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
+            )
+        return proc
+
+    def node_popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in the node's namespaces; ``down`` kills it if the caller doesn't."""
+        return subprocess.Popen([*daemons.nsenter_prefix(self.layout), *argv], **kw)
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """``kubectl --kubeconfig <host kubeconfig> args...`` from the host."""
+        proc = subprocess.run(
+            [self._kubectl_path(), f"--kubeconfig={self.layout.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise TestbedError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def _kubectl_path(self) -> str:
+        """The kubectl built with the node (same version), else whatever is on PATH."""
+        try:
+            return str(self.info()["kubectl"])
+        except (TestbedError, KeyError):
+            return "kubectl"
+
+    def kube_client(self) -> Any:
+        """A ``kubernetes.client.ApiClient`` for the host kubeconfig (admin)."""
+        from kubernetes import config
+
+        path = str(self.layout.kubeconfig)
+        return config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call]
+
+    # --- bring-up ---------------------------------------------------------------------------
+    def _up(
+        self,
+        bins: KubeBinaries,
+        images: dict[str, Image],
+        mesh: bool,
+        backend: str,
+        deadline: float,
+    ) -> dict[str, Any]:
+        lay = self.layout
+        pki = self._write_files(images)
+        self._make_namespaces()
+        self._make_cgroups()
+        launch = self._launcher
+        launch.start(
+            "forward",
+            [
+                sys.executable,
+                "-m",
+                "testbed.forward",
+                f"--netns={lay.node_netns}",
+                f"--target={lay.node_ip}:{lay.apiserver_port}",
+                f"--port-file={lay.forward_port_file}",
+            ],
+            in_node=False,
+        )
+        launch.start("etcd", daemons.etcd_argv(lay))
+        launch.start("containerd", daemons.containerd_argv(lay))
+        port = int(str(self._wait("loopback forwarder", deadline, self._forward_port)))
+        server = f"https://127.0.0.1:{port}"
+        lay.kubeconfig.write_text(kubeconfig(server, pki.ca_cert, pki.admin_token, "admin"))
+        launch.start("kube-apiserver", daemons.apiserver_argv(lay, bins, pki))
+        self._wait("containerd", deadline, lambda: lay.containerd_socket.exists())
+        for image in images.values():
+            _run(
+                daemons.ctr_argv(
+                    lay, "images", "import", "--snapshotter=native", str(image.tarball)
+                )
+            )
+        self._wait("kube-apiserver /readyz", deadline, self._apiserver_ready)
+        launch.start("kube-controller-manager", daemons.controller_manager_argv(lay, bins, pki))
+        launch.start("kube-scheduler", daemons.scheduler_argv(lay, bins))
+        launch.start("kubelet", daemons.kubelet_argv(lay, bins, images["pause"].ref))
+        self._wait("node Ready", deadline, self._node_ready)
+        self._wait("default service account", deadline, self._default_sa)
+        info = self._info(bins, images, server, backend, mesh)
+        self._save(info)
+        if mesh:
+            from testbed.mesh import start_mesh
+
+            info["mesh_pids"] = start_mesh(self, info, backend)
+            info["pids"].update(info["mesh_pids"])
+            self._save(info)
+        return info
+
+    def _write_files(self, images: dict[str, Image]) -> Pki:
+        lay = self.layout
+        for d in (
+            lay.state_dir,
+            lay.logs_dir,
+            lay.cni_bin_dir,
+            lay.cni_conf_dir,
+            lay.var_lib_cni,
+            lay.var_log,
+            lay.istio_cni_run,
+            lay.ztunnel_run,
+            lay.sysctl_dir,
+            lay.etcd_dir,
+            lay.containerd_dir,
+            lay.kubelet_dir,
+            lay.ns_dir,
+        ):
+            d.mkdir(parents=True, exist_ok=True)
+        lay.etcd_dir.chmod(0o700)
+        pki = make_pki(
+            lay.pki_dir,
+            lay.node_name,
+            [lay.node_ip, "127.0.0.1", "10.96.0.1"],
+            [
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+        )
+        lay.kubeconfig_node.write_text(
+            kubeconfig(lay.api_server_in_node(), pki.ca_cert, pki.admin_token, "admin")
+        )
+        lay.kubelet_kubeconfig.write_text(
+            kubeconfig(
+                lay.api_server_in_node(),
+                pki.ca_cert,
+                pki.node_token,
+                f"system:node:{lay.node_name}",
+            )
+        )
+        for plugin in sorted(CNI_PLUGINS_DIR.iterdir()):
+            shutil.copy2(plugin, lay.cni_bin_dir / plugin.name)
+        lay.cni_conflist.write_text(lay.cni_conflist_json())
+        (lay.containerd_dir / "config.toml").write_text(lay.containerd_toml(images["pause"].ref))
+        (lay.kubelet_dir / "config.json").write_text(lay.kubelet_config_json())
+        for name, value in lay.sysctls().items():
+            (lay.sysctl_dir / name).write_text(value + "\n")
+        return pki
+
+    def _make_namespaces(self) -> None:
+        lay = self.layout
+        _run(["mount", "--bind", str(lay.ns_dir), str(lay.ns_dir)])
+        _run(["mount", "--make-private", str(lay.ns_dir)])
+        lay.mnt_ns.touch()
+        _run(["ip", "netns", "add", lay.netns_name])
+        n = ["ip", "-n", lay.netns_name]
+        _run([*n, "link", "set", "lo", "up"])
+        _run([*n, "link", "add", lay.node_if, "type", "veth", "peer", "name", lay.node_peer_if])
+        _run([*n, "addr", "add", f"{lay.node_ip}/{lay.node_prefix_len}", "dev", lay.node_if])
+        _run([*n, "link", "set", lay.node_if, "up"])
+        _run([*n, "link", "set", lay.node_peer_if, "up"])
+        _run(
+            [
+                "unshare",
+                f"--mount={lay.mnt_ns}",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                lay.mount_script(),
+            ]
+        )
+
+    def _make_cgroups(self) -> None:
+        for d in self.layout.cgroup_dirs():
+            d.mkdir(exist_ok=True)
+            for f in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset child starts empty
+                if (d / f).exists() and not (d / f).read_text().strip():
+                    (d / f).write_text((d.parent / f).read_text())
+
+    def _wait(self, what: str, deadline: float, probe: Callable[[], object]) -> object:
+        started = time.monotonic()
+        last_note = started
+        while True:
+            try:
+                result = probe()
+            except Exception:  # probes raise while the thing is still starting
+                result = None
+            if result:
+                _log(f"{what}: ok after {time.monotonic() - started:.1f}s")
+                return result
+            dead = self._launcher.exited()
+            if dead:
+                name = next(iter(dead))
+                raise TestbedError(
+                    f"{name} exited ({dead[name]}) while waiting for {what}:\n"
+                    f"{self._launcher.log_tail(name)}"
+                )
+            now = time.monotonic()
+            if now > deadline:
+                raise TestbedError(f"timed out waiting for {what}; see {self.layout.logs_dir}")
+            if now - last_note > 15:
+                _log(f"still waiting for {what} ({now - started:.0f}s)")
+                last_note = now
+            time.sleep(0.2)
+
+    def _forward_port(self) -> str | None:
+        f = self.layout.forward_port_file
+        return f.read_text().strip() if f.exists() else None
+
+    def _api_get(self, path: str) -> Any:
+        import ssl
+
+        cfg = json.loads(self.layout.kubeconfig.read_text())
+        ctx = ssl.create_default_context(
+            cafile=cfg["clusters"][0]["cluster"]["certificate-authority"]
+        )
+        req = urllib.request.Request(
+            cfg["clusters"][0]["cluster"]["server"] + path,
+            headers={"Authorization": "Bearer " + cfg["users"][0]["user"]["token"]},
+        )
+        with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
+            body = resp.read().decode()
+        return json.loads(body) if body.startswith("{") else body
+
+    def _apiserver_ready(self) -> bool:
+        return bool(self._api_get("/readyz") == "ok")
+
+    def _node_ready(self) -> bool:
+        node = self._api_get(f"/api/v1/nodes/{self.layout.node_name}")
+        conds = node.get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+
+    def _default_sa(self) -> bool:
+        return bool(self._api_get("/api/v1/namespaces/default/serviceaccounts/default"))
+
+    def _info(
+        self, bins: KubeBinaries, images: dict[str, Image], server: str, backend: str, mesh: bool
+    ) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "kubeconfig": str(lay.kubeconfig),
+            "kubeconfig_node": str(lay.kubeconfig_node),
+            "server": server,
+            "server_in_node": lay.api_server_in_node(),
+            "node": lay.node_name,
+            "node_ip": lay.node_ip,
+            "node_netns": str(lay.node_netns),
+            "node_mnt_ns": str(lay.mnt_ns),
+            "nsenter": daemons.nsenter_prefix(lay),
+            "cni_bin_dir": str(lay.cni_bin_dir),
+            "cni_conf_dir": str(lay.cni_conf_dir),
+            "cni_conflist": str(lay.cni_conflist),
+            "cni_netns_dir_in_node": lay.netns_dir_in_node,
+            "ipam_dir": str(lay.ipam_dir),
+            "pod_cidr": lay.pod_cidr,
+            "cgroup_root": lay.cgroup_root,
+            "cgroup_dirs": [str(d) for d in lay.cgroup_dirs()],
+            "run_dir": str(lay.state_dir),
+            "logs_dir": str(lay.logs_dir),
+            "istio_cni_run_dir": str(lay.istio_cni_run),
+            "istio_cni_run_dir_in_node": lay.istio_cni_run_in_node,
+            "ztunnel_socket": str(lay.ztunnel_socket),
+            "ztunnel_socket_in_node": lay.ztunnel_socket_in_node,
+            "containerd_socket": str(lay.containerd_socket),
+            "kubelet_root": str(lay.kubelet_dir / "root"),
+            "images": {name: image.ref for name, image in images.items()},
+            "kubernetes_version": bins.version,
+            "kubectl": str(bins.path("kubectl")),
+            "backend": backend,
+            "mesh": mesh,
+            "pids": dict(self._launcher.pids),
+        }
+
+    def _save(self, info: dict[str, Any]) -> None:
+        tmp = self.layout.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.rename(self.layout.state_file)
+
+    def _teardown_or_raise(self) -> None:
+        problems = cleanup.teardown(self.layout)
+        if problems:
+            raise TestbedError("could not clean up a previous run: " + "; ".join(problems))
+
+    def _dump_failed_logs(self) -> None:
+        for name in self._launcher.pids:
+            tail = self._launcher.log_tail(name, 8)
+            if tail:
+                _log(f"--- {name} log tail ---\n{tail}")
