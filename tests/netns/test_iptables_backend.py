@@ -1,0 +1,64 @@
+"""The iptables backend on the real kernel: what lands in xtables is exactly the model's
+save form (both appliers, every variant), and a failing install leaves nothing behind."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+
+import pytest
+
+from cni_plugin.errors import RedirectionError
+from cni_plugin.redirection.iptables_backend import IptablesBackend
+from cni_plugin.redirection.iptables_rules import Family, families, inpod_rules
+from cni_plugin.redirection.iptables_state import parse_save
+from cni_plugin.redirection.settings import RedirectSettings
+
+pytestmark = pytest.mark.netns
+
+APPLIERS = ["iptables-restore", "python-iptables"]
+VARIANTS = {
+    "default": RedirectSettings(),
+    "ingress": RedirectSettings(bypass_inbound=True),
+    "dns-off": RedirectSettings(dns_capture=False),
+    "ipv4-only": RedirectSettings(ipv6=False),
+}
+
+
+def _save(ns: str, variant: str, family: Family) -> str:
+    cmd = ["ip", "netns", "exec", ns, f"{family.command}-{variant}-save"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("applier", APPLIERS)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kernel_holds_exactly_the_model_save_form(
+    make_netns: Callable[[str], str], applier: str, variant: str
+) -> None:
+    ns = make_netns("ipt")
+    settings = VARIANTS[variant]
+    backend = IptablesBackend(applier)
+    backend.apply(f"/run/netns/{ns}", settings)
+    for fam in families(settings):
+        saved = parse_save(_save(ns, backend.applier.variant, fam))
+        rs = inpod_rules(settings, fam)
+        for table in rs.tables():
+            for chain in {r.chain for r in rs.rules_of(table)}:
+                want = [r.save_line(fam) for r in rs.rules_of(table) if r.chain == chain]
+                assert saved.rules[table][chain] == want
+    assert backend.check(f"/run/netns/{ns}", settings).ok
+
+
+@pytest.mark.parametrize("applier", APPLIERS)
+def test_failed_install_leaves_nothing(make_netns: Callable[[str], str], applier: str) -> None:
+    ns = make_netns("ipt")
+    path = f"/run/netns/{ns}"
+    backend = IptablesBackend(applier)
+    # IPv4 installs, then the kernel rejects the IPv6 probe address: everything is undone.
+    bad = RedirectSettings(probe_snat_ipv6="not-an-address")
+    with pytest.raises(RedirectionError):
+        backend.apply(path, bad)
+    for fam in Family:
+        assert not parse_save(_save(ns, backend.applier.variant, fam)).holds_ours()
+    rules = subprocess.run(["ip", "-n", ns, "rule"], capture_output=True, text=True).stdout
+    assert "lookup 100" not in rules
