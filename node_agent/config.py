@@ -1,0 +1,162 @@
+"""The agent's configuration: SPEC §4 environment (1.24 names and defaults) plus host paths.
+
+One immutable :class:`AgentConfig` is built once at start (:meth:`AgentConfig.from_env`,
+flags may override) and handed to the composition root. Host paths are configurable so the
+agent runs "as the DaemonSet would": ``/host/proc`` for discovery, ``/host/var/run/netns``
+for the runtime's namespaces, the run dir and the ztunnel socket on their mounts.
+A bad value raises :class:`~cni_plugin.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from cni_plugin import constants as c
+from cni_plugin.errors import ConfigError
+
+# Reconcile period default: see reconciler.py for why 60 s.
+DEFAULT_RECONCILE_SECONDS = 60.0
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean: set it to true or false")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer: set a number") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number: set seconds, e.g. 60") from None
+
+
+def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    return tuple(x.strip() for x in raw.split(",") if x.strip())
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the running agent reads from its environment."""
+
+    node_name: str
+    ambient_enabled: bool = True
+    dns_capture: bool = False
+    ipv6: bool = True
+    run_dir: str = c.DEFAULT_RUN_DIR
+    ztunnel_socket: str = c.DEFAULT_ZTUNNEL_SOCKET
+    mounted_cni_net_dir: str = "/host/etc/cni/net.d"
+    cni_conf_name: str = ""
+    chained: bool = True
+    excluded_namespaces: tuple[str, ...] = c.DEFAULT_EXCLUDED_NAMESPACES
+    pod_namespace: str = "istio-system"
+    system_namespace: str = c.DEFAULT_SYSTEM_NAMESPACE
+    monitoring_port: int = c.DEFAULT_MONITORING_PORT
+    health_port: int = c.DEFAULT_HEALTH_PORT
+    listen_address: str = "0.0.0.0"
+    host_probe_snat_ipv4: str = c.HOST_PROBE_SNAT_IPV4
+    host_probe_snat_ipv6: str = c.HOST_PROBE_SNAT_IPV6
+    reconcile_rules_on_startup: bool = True
+    # Host paths (DaemonSet mounts).
+    proc_root: str = "/host/proc"
+    netns_dir: str = "/host/var/run/netns"
+    # The namespace treated as "the host" (never a pod's): from config, else our own.
+    host_netns: str = "/proc/self/ns/net"
+    # Where host-side probe rules go; empty = the namespace the agent runs in (the node).
+    node_netns: str = ""
+    kubeconfig: str = ""
+    backend: str = "iptables"
+    reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS
+    workers: int = 8
+    install_cni: bool = False
+    install_options: Mapping[str, Any] = field(default_factory=dict)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
+        e = os.environ if env is None else env
+        node = e.get("NODE_NAME", "")
+        if not node:
+            raise ConfigError(
+                "NODE_NAME is not set: the agent only handles pods of its own node; set it "
+                "from the downward API (spec.nodeName) or pass --node-name"
+            )
+        return cls(
+            node_name=node,
+            ambient_enabled=_bool(e, "AMBIENT_ENABLED", True),
+            dns_capture=_bool(e, "AMBIENT_DNS_CAPTURE", False),
+            ipv6=_bool(e, "AMBIENT_IPV6", True),
+            run_dir=e.get("CNI_AGENT_RUN_DIR") or c.DEFAULT_RUN_DIR,
+            ztunnel_socket=e.get("ZTUNNEL_UDS_ADDRESS") or c.DEFAULT_ZTUNNEL_SOCKET,
+            mounted_cni_net_dir=e.get("MOUNTED_CNI_NET_DIR") or "/host/etc/cni/net.d",
+            cni_conf_name=e.get("CNI_CONF_NAME", ""),
+            chained=_bool(e, "CHAINED_CNI_PLUGIN", True),
+            excluded_namespaces=_list(e, "EXCLUDE_NAMESPACES", c.DEFAULT_EXCLUDED_NAMESPACES),
+            pod_namespace=e.get("POD_NAMESPACE") or "istio-system",
+            system_namespace=e.get("SYSTEM_NAMESPACE") or c.DEFAULT_SYSTEM_NAMESPACE,
+            monitoring_port=_int(e, "MONITORING_PORT", c.DEFAULT_MONITORING_PORT),
+            health_port=_int(e, "HEALTH_PORT", c.DEFAULT_HEALTH_PORT),
+            host_probe_snat_ipv4=e.get("HOST_PROBE_SNAT_IP") or c.HOST_PROBE_SNAT_IPV4,
+            host_probe_snat_ipv6=e.get("HOST_PROBE_SNAT_IPV6") or c.HOST_PROBE_SNAT_IPV6,
+            reconcile_rules_on_startup=_bool(e, "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", True),
+            proc_root=e.get("HOST_PROC") or "/host/proc",
+            netns_dir=e.get("HOST_NETNS_DIR") or "/host/var/run/netns",
+            host_netns=e.get("HOST_NETNS") or "/proc/self/ns/net",
+            node_netns=e.get("NODE_NETNS", ""),
+            kubeconfig=e.get("KUBECONFIG", ""),
+            backend=e.get("REDIRECTION_BACKEND") or "iptables",
+            reconcile_seconds=_float(e, "RECONCILE_PERIOD_SECONDS", DEFAULT_RECONCILE_SECONDS),
+            workers=_int(e, "AGENT_WORKERS", 8),
+            install_cni=_bool(e, "INSTALL_CNI", False),
+            log_level=e.get("LOG_LEVEL") or "info",
+        )
+
+    def with_overrides(self, **changes: Any) -> AgentConfig:
+        """A copy with the given fields replaced; ``None`` values are ignored (unset flags)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @property
+    def plugin_event_socket(self) -> str:
+        return os.path.join(self.run_dir, c.PLUGIN_EVENT_SOCKET)
+
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.run_dir, "agent-state.json")
+
+    def host_netns_path(self, runtime_path: str) -> str:
+        """Map a namespace path as the runtime/plugin sees it on the host to our mounts.
+
+        ``/var/run/netns/X`` and ``/run/netns/X`` live under ``netns_dir``; ``/proc/...``
+        under ``proc_root``; anything else is used as given.
+        """
+        for prefix in ("/var/run/netns/", "/run/netns/"):
+            if runtime_path.startswith(prefix):
+                return os.path.join(self.netns_dir, runtime_path[len(prefix) :])
+        if runtime_path.startswith("/proc/"):
+            return os.path.join(self.proc_root, runtime_path[len("/proc/") :])
+        return runtime_path

@@ -1,0 +1,164 @@
+"""Informers: keep a local copy of pods (of this node) and namespaces, and report changes.
+
+Each :class:`Informer` lists, then watches from the list's resourceVersion; when the watch
+ends it resumes from the last version seen, and on 410 Gone (or any error) it relists and
+turns the difference between its store and the fresh list into synthetic events, so a
+missed delete is still delivered. Handlers run on the informer's thread and must be quick
+(the agent's handlers only enqueue). The list/watch source is a Protocol; the real one is
+:class:`node_agent.kube.KubeApi`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from cni_plugin.errors import IstioCniError
+
+log = logging.getLogger("node_agent.informers")
+T = TypeVar("T")
+
+
+class ResourceExpired(IstioCniError):
+    """The watch's resourceVersion is too old (410 Gone): relist."""
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
+    obj: dict[str, Any]
+
+
+class ListWatch(Protocol):
+    def list(self) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]: ...
+
+
+# handler(old, new): old None = added, new None = deleted.
+Handler = Callable[[Any, Any], None]
+
+
+class Informer(Generic[T]):
+    """A list+watch loop over one resource kind with a local store keyed by ``key``."""
+
+    def __init__(
+        self,
+        name: str,
+        source: ListWatch,
+        parse: Callable[[dict[str, Any]], T],
+        key: Callable[[T], str],
+        handler: Callable[[T | None, T | None], None],
+        *,
+        watch_timeout: int = 240,
+        retry_delay: float = 1.0,
+    ) -> None:
+        self.name = name
+        self._source = source
+        self._parse = parse
+        self._key = key
+        self._handler = handler
+        self._watch_timeout = watch_timeout
+        self._retry_delay = retry_delay
+        self._store: dict[str, T] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.synced = threading.Event()
+        self.resource_version = ""
+        self.relists = 0
+        self.errors = 0
+
+    # -- store ---------------------------------------------------------------------------
+    def get(self, key: str) -> T | None:
+        with self._lock:
+            return self._store.get(key)
+
+    def items(self) -> list[T]:
+        with self._lock:
+            return list(self._store.values())
+
+    # -- loop ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"informer:{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        # The watch may block in a socket read until its timeout: do not wait for it.
+        if self._thread is not None:
+            self._thread.join(timeout=0.5)
+
+    def _run(self) -> None:
+        need_list = True
+        while not self._stop.is_set():
+            try:
+                if need_list:
+                    self.relist()
+                    need_list = False
+                self.watch_once()
+            except ResourceExpired as e:
+                log.info(
+                    "watch expired, relisting",
+                    extra={"fields": {"informer": self.name, "reason": str(e)}},
+                )
+                need_list = True
+            except Exception as e:
+                self.errors += 1
+                log.warning(
+                    "list/watch failed, retrying",
+                    extra={"fields": {"informer": self.name, "error": str(e)}},
+                )
+                # After an error we cannot know what was missed: relist (events are diffed).
+                need_list = True
+                self._stop.wait(self._retry_delay)
+
+    def relist(self) -> None:
+        """List everything and deliver the difference with the store as events."""
+        raw, rv = self._source.list()
+        fresh: dict[str, T] = {}
+        for obj in raw:
+            item = self._parse(obj)
+            fresh[self._key(item)] = item
+        with self._lock:
+            old = self._store
+            self._store = fresh
+            self.resource_version = rv
+        self.relists += 1
+        for k, item in fresh.items():
+            prev = old.get(k)
+            if prev != item:
+                self._handler(prev, item)
+        for k, prev in old.items():
+            if k not in fresh:
+                self._handler(prev, None)
+        self.synced.set()
+
+    def watch_once(self) -> None:
+        """One watch request from the current resourceVersion until it ends."""
+        for ev in self._source.watch(self.resource_version, self._watch_timeout):
+            if self._stop.is_set():
+                return
+            meta = ev.obj.get("metadata") or {}
+            rv = meta.get("resourceVersion")
+            if ev.type == "BOOKMARK":
+                if rv:
+                    self.resource_version = rv
+                continue
+            item = self._parse(ev.obj)
+            k = self._key(item)
+            with self._lock:
+                prev = self._store.get(k)
+                if ev.type == "DELETED":
+                    self._store.pop(k, None)
+                else:
+                    self._store[k] = item
+                if rv:
+                    self.resource_version = rv
+            if ev.type == "DELETED":
+                self._handler(prev if prev is not None else item, None)
+            elif prev != item:
+                self._handler(prev, item)

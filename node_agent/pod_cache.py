@@ -1,0 +1,86 @@
+"""The agent's record of pods it has enrolled (or is enrolling), keyed by pod UID.
+
+Each entry owns an open handle on the pod's network namespace (so the namespace cannot be
+confused with a recycled PID's, and ztunnel can always be sent the right fd): the path
+handed to others is ``/proc/<agent pid>/fd/<fd>``, valid while the entry lives. Removing
+or replacing an entry closes its handle. The cache is what the ZDS snapshot is built from
+and what the state file shows to ``istio-cni-agent pods``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from cni_plugin.netns import Netns
+
+
+@dataclass
+class CachedPod:
+    uid: str
+    namespace: str
+    name: str
+    service_account: str
+    ips: tuple[str, ...]
+    netns: Netns | None
+    state: str = "enrolling"  # enrolling | enabled | pending | failed
+    zds: str = "unknown"  # acked | pending | keep
+    last_error: str = ""
+    backend: str = ""
+    bypass_inbound: bool = False
+    enrolled_at: float = 0.0
+    latency_s: float = 0.0
+    updated: float = field(default_factory=time.time)
+
+    @property
+    def netns_inode(self) -> int | None:
+        return self.netns.inode if self.netns is not None else None
+
+    @property
+    def netns_path(self) -> str | None:
+        if self.netns is None or self.netns.fd < 0:
+            return None
+        return f"/proc/{os.getpid()}/fd/{self.netns.fd}"
+
+
+class PodCache:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pods: dict[str, CachedPod] = {}
+
+    def get(self, uid: str) -> CachedPod | None:
+        with self._lock:
+            return self._pods.get(uid)
+
+    def put(self, entry: CachedPod) -> None:
+        """Insert or replace; a replaced entry's namespace handle is closed unless reused."""
+        with self._lock:
+            old = self._pods.get(entry.uid)
+            self._pods[entry.uid] = entry
+        if old is not None and old.netns is not None and old.netns is not entry.netns:
+            old.netns.close()
+
+    def pop(self, uid: str) -> CachedPod | None:
+        with self._lock:
+            return self._pods.pop(uid, None)
+
+    def entries(self) -> list[CachedPod]:
+        with self._lock:
+            return list(self._pods.values())
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pods)
+
+    def __contains__(self, uid: object) -> bool:
+        with self._lock:
+            return uid in self._pods
+
+    def close(self) -> None:
+        with self._lock:
+            pods, self._pods = self._pods, {}
+        for p in pods.values():
+            if p.netns is not None:
+                p.netns.close()

@@ -1,0 +1,416 @@
+"""``istio-cni-agent run``: the node agent daemon, and its composition root (:class:`Agent`).
+
+Start order (SPEC §4): metrics and health (not ready) -> installer (when configured) ->
+host probe set and rule -> informers, wait for cache sync -> adopt pods already annotated
+``enabled`` (rebuild the ZDS snapshot, namespaces found again via /proc) -> check their
+rules (startup reconcile) -> ZDS server (accept ztunnel) -> plugin-event server -> ready
+-> process the queue, periodic reconcile. Stop undoes the servers only: in-pod rules,
+ipsets and annotations stay, so a restart does not touch a single pod's traffic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from cni_plugin.enablement import EnablementPolicy
+from cni_plugin.errors import ConfigError, IstioCniError
+from cni_plugin.redirection.registry import make_backend
+from cni_plugin.redirection.settings import RedirectSettings
+from node_agent import logs
+from node_agent.config import AgentConfig
+from node_agent.enrollment import Annotator, Enroller, ProbeSet, Rules
+from node_agent.health import HealthServer
+from node_agent.host_probe import HostProbe
+from node_agent.informers import Informer, WatchEvent
+from node_agent.metrics import AgentMetrics
+from node_agent.netns_finder import NetnsFinder
+from node_agent.plugin_events import PluginEventServer
+from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.pod_controller import PodController
+from node_agent.reconciler import Reconciler
+from node_agent.resources import NamespaceInfo, PodInfo
+from node_agent.state import StateExporter
+from node_agent.work_queue import WorkQueue
+from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+
+log = logging.getLogger("node_agent.agent")
+
+HELP = "run the node agent: watch pods of this node and keep ambient pods enrolled"
+
+
+class KubeAccess(Annotator, Protocol):
+    """What the agent needs from the API (the real one is :class:`node_agent.kube.KubeApi`)."""
+
+    def list_pods(self, node_name: str) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch_pods(
+        self, node_name: str, resource_version: str, timeout_seconds: int
+    ) -> Iterator[WatchEvent]: ...
+
+    def list_namespaces(self) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch_namespaces(
+        self, resource_version: str, timeout_seconds: int
+    ) -> Iterator[WatchEvent]: ...
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+class _Pods:
+    def __init__(self, kube: KubeAccess, node: str) -> None:
+        self.kube, self.node = kube, node
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        return self.kube.list_pods(self.node)
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
+        return self.kube.watch_pods(self.node, resource_version, timeout_seconds)
+
+
+class _Namespaces:
+    def __init__(self, kube: KubeAccess) -> None:
+        self.kube = kube
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        return self.kube.list_namespaces()
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
+        return self.kube.watch_namespaces(resource_version, timeout_seconds)
+
+
+class ZdsZtunnel:
+    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
+
+    def __init__(self, cache: PodCache) -> None:
+        self.cache = cache
+        self.server: ZdsServer | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.server is not None and self.server.connected
+
+    def add_pod(self, pod: CachedPod, netns_path: str) -> None:
+        from cni_plugin.errors import ZtunnelUnavailableError
+
+        if self.server is None:
+            raise ZtunnelUnavailableError("the ZDS server is not started yet; will retry")
+        self.server.add(
+            pod.uid, netns_path, WorkloadInfo(pod.name, pod.namespace, pod.service_account)
+        )
+
+    def delete(self, uid: str) -> None:
+        if self.server is not None:
+            self.server.delete(uid)
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        out = []
+        for e in self.cache.entries():
+            if e.state not in ("enabled", "pending"):
+                continue
+            info = WorkloadInfo(e.name, e.namespace, e.service_account)
+            out.append(SnapshotEntry(e.uid, info, e.netns_path))
+        return out
+
+
+class Agent:
+    """The wired agent. Edges may be injected (tests); defaults are the real ones."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        kube: KubeAccess | None = None,
+        rules: Rules | None = None,
+        probes: ProbeSet | None = None,
+        installer: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        if kube is None:
+            from node_agent.kube import KubeApi
+
+            kube = KubeApi(cfg.kubeconfig)
+        self.kube = kube
+        self.rules: Rules = rules if rules is not None else make_backend(cfg.backend)
+        self.host_probe: HostProbe | None = None
+        if probes is None:
+            self.host_probe = HostProbe(
+                ipv6=cfg.ipv6,
+                node_netns=cfg.node_netns,
+                snat_v4=cfg.host_probe_snat_ipv4,
+                snat_v6=cfg.host_probe_snat_ipv6,
+            )
+            probes = self.host_probe
+        self.probes = probes
+        self.installer = installer
+        self.metrics = AgentMetrics()
+        self.cache = PodCache()
+        self.policy = EnablementPolicy(
+            excluded_namespaces=cfg.excluded_namespaces, ztunnel_namespace=cfg.system_namespace
+        )
+        self.ztunnel = ZdsZtunnel(self.cache)
+        self.finder = NetnsFinder(cfg.proc_root, cfg.host_netns)
+        self.enroller = Enroller(
+            self.rules,
+            self.ztunnel,
+            self.probes,
+            self.kube,
+            self.cache,
+            self.settings_for,
+            observer=self.metrics,
+        )
+        self.pod_informer: Informer[PodInfo] = Informer(
+            "pods",
+            _Pods(self.kube, cfg.node_name),
+            PodInfo.from_json,
+            lambda p: p.uid,
+            self._on_pod,
+        )
+        self.ns_informer: Informer[NamespaceInfo] = Informer(
+            "namespaces",
+            _Namespaces(self.kube),
+            NamespaceInfo.from_json,
+            lambda n: n.name,
+            self._on_namespace,
+        )
+        self.controller = PodController(
+            ambient_enabled=cfg.ambient_enabled,
+            policy=self.policy,
+            pods=self.pod_informer,
+            namespaces=self.ns_informer,
+            enroller=self.enroller,
+            finder=self.finder,
+            cache=self.cache,
+            host_netns=cfg.host_netns,
+            map_netns_path=cfg.host_netns_path,
+            reader=self.kube,
+            on_event=lambda kind: self.metrics.reconcile_events.labels(type=kind).inc(),
+        )
+        self.queue = WorkQueue(self._reconcile, workers=cfg.workers)
+        self.controller.queue = self.queue
+        self.reconciler = Reconciler(
+            pods=self.pod_informer,
+            cache=self.cache,
+            enroller=self.enroller,
+            finder=self.finder,
+            host_netns=cfg.host_netns,
+            runner=self.queue,
+            wants=self.controller.wants,
+            period=cfg.reconcile_seconds,
+            on_repair=lambda reason: self.metrics.repairs.labels(reason=reason).inc(),
+        )
+        self.zds: ZdsServer | None = None
+        self.plugin_server = PluginEventServer(
+            cfg.plugin_event_socket,
+            self.controller.plugin_add,
+            self.controller.pod_status,
+            on_request=lambda code: self.metrics.plugin_requests.labels(
+                response_code=str(code)
+            ).inc(),
+        )
+        self.health = HealthServer(self.is_ready, cfg.health_port, cfg.listen_address)
+        self.state = StateExporter(cfg.state_file, self.snapshot_state)
+        self.ready = threading.Event()
+        self.started_at = time.time()
+        self.health_port = 0
+        self.metrics_port = 0
+
+    # -- wiring helpers -------------------------------------------------------------------
+    def settings_for(self, pod: PodInfo) -> RedirectSettings:
+        from cni_plugin.enablement import bypass_inbound
+
+        return RedirectSettings(
+            dns_capture=self.cfg.dns_capture,
+            ipv6=self.cfg.ipv6,
+            bypass_inbound=bypass_inbound(pod.annotations),
+            probe_snat_ipv4=self.cfg.host_probe_snat_ipv4,
+            probe_snat_ipv6=self.cfg.host_probe_snat_ipv6,
+        )
+
+    def _on_pod(self, old: PodInfo | None, new: PodInfo | None) -> None:
+        self.controller.on_pod(old, new)
+
+    def _on_namespace(self, old: NamespaceInfo | None, new: NamespaceInfo | None) -> None:
+        self.controller.on_namespace(old, new)
+
+    def _reconcile(self, uid: str) -> None:
+        try:
+            self.controller.reconcile(uid)
+        finally:
+            self.metrics.enrolled_pods.set(
+                sum(1 for e in self.cache.entries() if e.state == "enabled")
+            )
+            self.state.touch()
+
+    def _on_ztunnel(self, connected: bool) -> None:
+        self.metrics.ztunnel_connected.set(1 if connected else 0)
+        log.info("ztunnel connection changed", extra={"fields": {"connected": connected}})
+        if connected:
+            # Pods left pending while ztunnel was away: retry them now, not after backoff.
+            for e in self.cache.entries():
+                if e.state == "pending":
+                    self.queue.forget(e.uid)
+                    self.queue.add(e.uid)
+        self.state.touch()
+
+    def is_ready(self) -> bool:
+        installed = self.installer is None or bool(getattr(self.installer, "ready", True))
+        return self.ready.is_set() and installed
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, sync_timeout: float = 60.0) -> None:
+        cfg = self.cfg
+        log.info(
+            "agent starting", extra={"fields": {"node": cfg.node_name, "backend": self.rules.name}}
+        )
+        self.metrics_port = self.metrics.serve(cfg.monitoring_port, cfg.listen_address)
+        self.health_port = self.health.start()
+        if self.installer is not None:
+            self.installer.start()
+        if self.host_probe is not None:
+            self.host_probe.setup()
+        self.ns_informer.start()
+        self.pod_informer.start()
+        deadline = time.monotonic() + sync_timeout
+        for inf in (self.ns_informer, self.pod_informer):
+            if not inf.synced.wait(max(0.0, deadline - time.monotonic())):
+                raise ConfigError(
+                    f"could not sync {inf.name} from the API server within {sync_timeout:g}s: "
+                    "check the kubeconfig and that the API server is reachable"
+                )
+        self.reconciler.adopt_annotated()
+        if cfg.reconcile_rules_on_startup:
+            self.reconciler.run_pass()
+        self.zds = ZdsServer(cfg.ztunnel_socket, self.ztunnel, on_connected_change=self._on_ztunnel)
+        self.ztunnel.server = self.zds
+        self.zds.start()
+        self.plugin_server.start()
+        self.state.start()
+        self.ready.set()
+        self.queue.start()
+        self.reconciler.start()
+        log.info("agent ready", extra={"fields": {"enrolled": len(self.cache)}})
+
+    def stop(self) -> None:
+        """Stop serving; leave every pod's rules, the ipsets and annotations in place."""
+        self.ready.clear()
+        self.reconciler.stop()
+        self.plugin_server.stop()
+        self.queue.stop()
+        self.pod_informer.stop()
+        self.ns_informer.stop()
+        if self.zds is not None:
+            self.zds.stop()
+        self.state.stop()
+        self.health.stop()
+        self.metrics.stop()
+        if self.installer is not None:
+            self.installer.stop()
+        self.cache.close()
+        log.info("agent stopped; pod rules left in place")
+
+    # -- state export ---------------------------------------------------------------------
+    def snapshot_state(self) -> dict[str, Any]:
+        pods = []
+        for p in self.pod_informer.items():
+            entry = self.cache.get(p.uid)
+            d = self.controller.decision(p)
+            pods.append(
+                {
+                    "namespace": p.namespace,
+                    "name": p.name,
+                    "uid": p.uid,
+                    "ips": list(entry.ips if entry and entry.ips else p.ips),
+                    "node": p.node_name,
+                    "phase": p.phase,
+                    "host_network": p.host_network,
+                    "state": entry.state if entry else "",
+                    "decision": d.name.lower() if self.cfg.ambient_enabled else "ambient_disabled",
+                    "annotation": p.redirection_annotation,
+                    "netns_inode": entry.netns_inode if entry else None,
+                    "zds": entry.zds if entry else "",
+                    "last_error": (entry.last_error if entry else "")
+                    or self.controller.last_errors.get(p.uid, ""),
+                    "bypass_inbound": entry.bypass_inbound if entry else False,
+                    "enrolled_at": entry.enrolled_at if entry else 0.0,
+                    "latency_ms": round(entry.latency_s * 1000, 2) if entry else None,
+                    "check": self.reconciler.checks.get(p.uid),
+                }
+            )
+        return {
+            "node": self.cfg.node_name,
+            "backend": self.rules.name,
+            "dns_capture": self.cfg.dns_capture,
+            "ipv6": self.cfg.ipv6,
+            "ready": self.ready.is_set(),
+            "ztunnel_connected": self.ztunnel.connected,
+            "started_at": self.started_at,
+            "pods": pods,
+        }
+
+
+# -- command line ---------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--node-name", help="this node's name (env NODE_NAME)")
+    a("--kubeconfig", help="kubeconfig file (env KUBECONFIG; default in-cluster)")
+    a("--run-dir", dest="run_dir", help="agent run dir (env CNI_AGENT_RUN_DIR)")
+    a("--ztunnel-socket", dest="ztunnel_socket", help="ZDS socket (env ZTUNNEL_UDS_ADDRESS)")
+    a("--proc-root", dest="proc_root", help="host /proc mount (env HOST_PROC, /host/proc)")
+    a("--netns-dir", dest="netns_dir", help="host /var/run/netns mount (env HOST_NETNS_DIR)")
+    a("--host-netns", dest="host_netns", help="path of the host/node netns reference")
+    a("--node-netns", dest="node_netns", help="netns for host probe rules (default: own)")
+    a("--backend", choices=("iptables", "nftables", "ebpf"), help="redirection backend")
+    a("--health-port", dest="health_port", type=int, help="health port (default 8000)")
+    a("--monitoring-port", dest="monitoring_port", type=int, help="metrics port (15014)")
+    a("--listen-address", dest="listen_address", help="address for health/metrics")
+    a("--reconcile-seconds", dest="reconcile_seconds", type=float, help="drift check period")
+    a("--workers", type=int, help="parallel enrollment workers (default 8)")
+    a(
+        "--install",
+        dest="install_cni",
+        action="store_true",
+        default=None,
+        help="run the CNI installer in-process (as Istio's agent does)",
+    )
+    a("--log-level", dest="log_level", help="debug, info, warning, error")
+
+
+def run(args: argparse.Namespace) -> int:
+    env_cfg = AgentConfig.from_env(
+        {**os.environ, **({"NODE_NAME": args.node_name} if args.node_name else {})}
+    )
+    fields = [
+        "kubeconfig", "run_dir", "ztunnel_socket", "proc_root", "netns_dir", "host_netns",
+        "node_netns", "backend", "health_port", "monitoring_port", "listen_address",
+        "reconcile_seconds", "workers", "install_cni", "log_level",
+    ]  # fmt: skip
+    cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
+    logs.configure(cfg.log_level)
+    installer = _make_installer(cfg) if cfg.install_cni else None
+    agent = Agent(cfg, installer=installer)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent.start()
+    except IstioCniError:
+        agent.stop()
+        raise
+    stop.wait()
+    agent.stop()
+    return 0
+
+
+def _make_installer(cfg: AgentConfig) -> Any:
+    try:
+        from install.installer import Installer  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as e:
+        raise ConfigError(f"--install given but the installer is not available: {e}") from None
+    return Installer(**dict(cfg.install_options))
