@@ -1,0 +1,42 @@
+"""Composition of the stand-in: event loop thread, ZDS client thread, CA, access log."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from testbed.ztunnel_standin.access_log import AccessLog
+from testbed.ztunnel_standin.identity import MeshCa
+from testbed.ztunnel_standin.workloads import WorkloadManager
+from testbed.ztunnel_standin.zds_client import ZdsClient
+
+
+class StandIn:
+    """A ztunnel stand-in: ``start()`` returns at once; ``stop()`` drops every pod proxy."""
+
+    def __init__(
+        self, socket_path: str, access_log: str, ca_dir: str, dns_upstream: tuple[str, int]
+    ) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.access_log = AccessLog(access_log)
+        self.manager = WorkloadManager(self.loop, MeshCa(ca_dir), self.access_log, dns_upstream)
+        self.client = ZdsClient(socket_path, self.manager)
+        self._loop_thread = threading.Thread(target=self._run_loop, name="dataplane", daemon=True)
+        self._client_thread = threading.Thread(target=self.client.run, name="zds", daemon=True)
+
+    def start(self) -> None:
+        self._loop_thread.start()
+        self._client_thread.start()
+
+    def stop(self) -> None:
+        self.client.stop()
+        self._client_thread.join()
+        self.manager.close_all()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join()
+        self.loop.close()
+        self.access_log.close()
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()

@@ -1,0 +1,151 @@
+"""The stand-in's workload state, with ztunnel's ZDS rules (``src/inpod/statemanager.rs``).
+
+- Add: start the pod's proxy. Same uid and same netns inode: a no-op (the new fd is closed).
+  Same uid, new inode (the sandbox was re-created): the old proxy is dropped, a new one
+  started. A proxy that cannot start is a transient error: nack, stay connected.
+- Keep: only before SnapshotSent (a protocol error after it).
+- Del: only after SnapshotSent (a protocol error before it, as in ztunnel).
+- SnapshotSent: only once per connection; workloads neither added nor kept during this
+  connection's snapshot are dropped (they went away while ztunnel was disconnected).
+
+Called from the ZDS client's thread; proxies live on the event loop thread, reached through
+``run_coroutine_threadsafe``. Namespaces are entered only on short-lived threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Coroutine
+from concurrent.futures import Future
+
+from cni_plugin.netns import Netns, NetnsId
+from node_agent.zds_wire import ZdsProtocolError
+from testbed.ztunnel_standin.access_log import AccessLog
+from testbed.ztunnel_standin.identity import MeshCa
+from testbed.ztunnel_standin.pod_proxy import LISTEN_PORTS, Mesh, PodProxy, Workload
+from testbed.ztunnel_standin.sockets import listeners_in
+
+log = logging.getLogger("testbed.ztunnel_standin")
+
+
+class ProxyStartError(Exception):
+    """A pod's proxy could not start (transient in ztunnel's terms: nack, keep the stream)."""
+
+
+class WorkloadManager:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        ca: MeshCa,
+        access_log: AccessLog,
+        dns_upstream: tuple[str, int],
+    ) -> None:
+        self.loop = loop
+        self.ca = ca
+        self.access_log = access_log
+        self.dns_upstream = dns_upstream
+        self.mesh = Mesh()
+        self.proxies: dict[str, PodProxy] = {}
+        self.snapshot_received = False
+        self.snapshot_names: set[str] = set()
+
+    def reset_snapshot(self) -> None:
+        """A new ZDS connection: a new snapshot follows."""
+        self.snapshot_received = False
+        self.snapshot_names.clear()
+
+    def add(self, uid: str, name: str, namespace: str, sa: str, netns_fd: int) -> None:
+        """Takes ownership of ``netns_fd`` (closed on every path that does not keep it)."""
+        if not self.snapshot_received:
+            self.snapshot_names.add(uid)
+        st = os.fstat(netns_fd)
+        netns = Netns(f"zds:{uid}", netns_fd, NetnsId(st.st_dev, st.st_ino))
+        existing = self.proxies.get(uid)
+        if existing is not None:
+            if existing.wl.netns.ident == netns.ident:
+                netns.close()
+                log.info("add for a known netns: no-op", extra={"fields": {"uid": uid}})
+                return
+            log.info("netns changed: replacing proxy", extra={"fields": {"uid": uid}})
+            self._drop(uid)
+        try:
+            socks = listeners_in(netns, LISTEN_PORTS)
+        except OSError as e:
+            netns.close()
+            raise ProxyStartError(f"failure to start proxy: listeners: {e}") from None
+        try:
+            ips = netns.run(_pod_ips)
+            tls = self.ca.issue(uid, namespace, sa)
+            wl = Workload(uid, name, namespace, sa, netns, ips, tls)
+            proxy = PodProxy(wl, self.mesh, self.access_log, self.dns_upstream)
+            self._call(self._start(proxy, socks))
+        except Exception as e:
+            for s in socks:
+                s.close()
+            netns.close()
+            raise ProxyStartError(f"failure to start proxy: {e}") from None
+        self.proxies[uid] = proxy
+        log.info(
+            "proxy started",
+            extra={"fields": {"uid": uid, "pod": f"{namespace}/{name}", "ips": list(ips)}},
+        )
+
+    def keep(self, uid: str) -> None:
+        if self.snapshot_received:
+            raise ZdsProtocolError(f"keep for {uid} after the snapshot was sent")
+        self.snapshot_names.add(uid)
+
+    def delete(self, uid: str) -> None:
+        if not self.snapshot_received:
+            raise ZdsProtocolError(f"del for {uid} before the snapshot was sent")
+        self._drop(uid)
+
+    def snapshot_sent(self) -> None:
+        if self.snapshot_received:
+            raise ZdsProtocolError("second snapshot_sent on one connection")
+        for uid in [u for u in self.proxies if u not in self.snapshot_names]:
+            log.info("not in the new snapshot: dropping", extra={"fields": {"uid": uid}})
+            self._drop(uid)
+        self.snapshot_names.clear()
+        self.snapshot_received = True
+
+    def close_all(self) -> None:
+        for uid in list(self.proxies):
+            self._drop(uid)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _drop(self, uid: str) -> None:
+        proxy = self.proxies.pop(uid, None)
+        if proxy is None:
+            return
+        self._call(self._stop(proxy))
+        log.info("proxy stopped", extra={"fields": {"uid": uid}})
+
+    async def _start(self, proxy: PodProxy, socks: list[socket.socket]) -> None:
+        await proxy.start(socks)
+        self.mesh.put(proxy.wl)
+
+    async def _stop(self, proxy: PodProxy) -> None:
+        self.mesh.drop(proxy.wl)
+        await proxy.close()
+
+    def _call(self, coro: Coroutine[object, object, None]) -> None:
+        fut: Future[None] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut.result(timeout=15)
+
+
+def _pod_ips() -> tuple[str, ...]:
+    """Global addresses of the namespace the calling thread is in (via ``ip -j addr``)."""
+    out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True)
+    ips = []
+    for link in json.loads(out.stdout or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("scope") == "global":
+                ips.append(str(a["local"]))
+    return tuple(ips)
