@@ -1,0 +1,217 @@
+"""``istio-cni``: the chained CNI plugin the container runtime runs for every pod sandbox.
+
+Stdlib only, and it imports only what the path in hand needs: a pod that is not a
+candidate (ambient off, not a Kubernetes pod, excluded namespace, our own agent) never
+opens a socket; only a pod the agent cannot judge pays for ``ssl`` and the API call.
+
+ADD, in order:
+1. Validate env and stdin (:mod:`cni_plugin.cni_spec`); every problem is CNI error JSON.
+2. Not a candidate -> print ``prevResult`` (converted to the config's version), done.
+3. Learn whether the pod is ambient. Ask the agent first (``GET /pod`` on its unix
+   socket, answered from its informer caches, ~1 ms); when the agent is unreachable or
+   has not seen the pod yet, ask the API server as Istio does (GET pod + namespace with
+   ``<run_dir>/istio-cni-kubeconfig``, :mod:`cni_plugin.kube_lookup`) and apply the one
+   SPEC §2 predicate (:mod:`cni_plugin.enablement`).
+4. Not ambient -> pass through. The agent is not needed, so it may be down.
+   Ambient -> ``POST /cmdadd`` and wait for 200 (rules in place, ztunnel acked); the
+   agent unreachable or failing fails the ADD (fail closed: the runtime retries).
+5. Neither the agent nor the API can tell (agent reachable but pod unknown, API down) ->
+   ``POST /cmdadd`` anyway: the agent looks the pod up itself, 200 = enrolled or not
+   ambient. Agent unreachable *and* API unavailable -> fail closed, naming both.
+DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec versions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any, BinaryIO, TextIO
+
+from cni_plugin import cni_spec
+from cni_plugin.cni_spec import CniError, Invocation
+from cni_plugin.constants import DEFAULT_RUN_DIR
+from cni_plugin.plugin_log import PluginLog
+
+AGENT_POD_PREFIX = "istio-cni-node-"
+
+
+class _Verdict:
+    AMBIENT = "ambient"
+    NOT_AMBIENT = "not ambient"
+    UNKNOWN = "unknown"
+
+
+def _run_dir(conf: Mapping[str, Any]) -> str:
+    return str(conf.get("cni_agent_run_dir") or DEFAULT_RUN_DIR)
+
+
+def _ask_api(inv: Invocation, ns: str, name: str, log: PluginLog) -> tuple[str, str]:
+    """(verdict, reason) from the API server; UNKNOWN when it cannot answer."""
+    from cni_plugin import kube_lookup
+
+    try:
+        kc = kube_lookup.load_kubeconfig(kube_lookup.kubeconfig_path(_run_dir(inv.config)))
+        pod, namespace = kube_lookup.fetch_pod_and_namespace(kc, ns, name)
+    except kube_lookup.KubeconfigError as e:
+        code = (
+            cni_spec.ERR_TRY_AGAIN_LATER
+            if e.retryable
+            else cni_spec.ERR_IO
+            if e.io
+            else cni_spec.ERR_INVALID_CONFIG
+        )
+        raise CniError(code, str(e)) from None
+    except kube_lookup.ApiUnavailableError as e:
+        return _Verdict.UNKNOWN, f"api server unavailable: {e}"
+
+    from cni_plugin.enablement import EnablementPolicy, PodFacts, decide
+
+    meta = pod.get("metadata") or {}
+    facts = PodFacts(
+        namespace=ns,
+        labels=meta.get("labels") or {},
+        annotations=meta.get("annotations") or {},
+        host_network=bool((pod.get("spec") or {}).get("hostNetwork")),
+        namespace_labels=(namespace.get("metadata") or {}).get("labels") or {},
+    )
+    excluded = [n for n in inv.config.get("exclude_namespaces") or [] if n]
+    decision = decide(facts, EnablementPolicy(excluded_namespaces=excluded))
+    log.debug("enablement decided from the api server", decision=str(decision))
+    return (_Verdict.AMBIENT if decision.enabled else _Verdict.NOT_AMBIENT), str(decision)
+
+
+def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
+    conf = inv.config
+    prev = conf.get("prevResult")
+    result = cni_spec.convert_result(prev, inv.cni_version)
+    if not conf.get("ambient_enabled"):
+        return result
+    ns = inv.args.get("K8S_POD_NAMESPACE", "")
+    name = inv.args.get("K8S_POD_NAME", "")
+    if not ns or not name:
+        log.debug("not a kubernetes pod (no K8S_POD_NAME/K8S_POD_NAMESPACE in CNI_ARGS)")
+        return result
+    log.fields["pod"] = f"{ns}/{name}"
+    if ns in (conf.get("exclude_namespaces") or []):
+        log.info("pod namespace excluded")
+        return result
+    if name.startswith(AGENT_POD_PREFIX) and ns == conf.get("pod_namespace"):
+        log.info("pod is the istio-cni node agent itself, skipping")
+        return result
+
+    from cni_plugin import agent_client
+
+    run_dir = _run_dir(conf)
+    agent_down: agent_client.AgentUnreachableError | None = None
+    verdict, reason = _Verdict.UNKNOWN, "the agent has not seen the pod yet"
+    try:
+        status = agent_client.query_pod(run_dir, ns, name)
+        if status is not None and status.get("known"):
+            verdict = _Verdict.AMBIENT if status.get("ambient") else _Verdict.NOT_AMBIENT
+            reason = str(status.get("reason", ""))
+            log.debug("enablement decided by the agent", decision=reason)
+    except agent_client.AgentUnreachableError as e:
+        agent_down = e
+        log.warn("node agent unreachable; asking the api server", error=str(e))
+    if verdict == _Verdict.UNKNOWN:
+        verdict, reason = _ask_api(inv, ns, name, log)
+    if verdict == _Verdict.NOT_AMBIENT:
+        log.debug("pod not ambient, passing through", reason=reason)
+        return result
+
+    ips = agent_client.ip_configs(prev)
+    if verdict == _Verdict.AMBIENT and not ips:
+        raise CniError(
+            cni_spec.ERR_INVALID_CONFIG,
+            "ambient pod but prevResult has no IPs: istio-cni must be chained after the plugin "
+            "that assigns the pod's addresses (fix the conflist order)",
+        )
+    if agent_down is not None:
+        if verdict == _Verdict.AMBIENT:
+            raise CniError(
+                cni_spec.ERR_TRY_AGAIN_LATER,
+                f"pod {ns}/{name} is ambient but {agent_down}; failing closed so the pod never "
+                "runs without redirection (the runtime retries)",
+            )
+        raise CniError(
+            cni_spec.ERR_TRY_AGAIN_LATER,
+            f"cannot tell whether pod {ns}/{name} is ambient: {reason}, and {agent_down}; "
+            "failing closed until either is back (the runtime retries)",
+        )
+    body = agent_client.add_event_body(inv.netns, name, ns, ips)
+    try:
+        agent_client.push_add_event(run_dir, body)
+    except agent_client.AgentUnreachableError as e:
+        raise CniError(
+            cni_spec.ERR_TRY_AGAIN_LATER,
+            f"pod {ns}/{name} needs enrolling but {e}; failing closed (the runtime retries)",
+        ) from None
+    except agent_client.AgentFailedError as e:
+        raise CniError(
+            cni_spec.ERR_AGENT,
+            f"istio-cni node agent could not enroll pod {ns}/{name}: {e}",
+        ) from None
+    log.info("node agent answered the add", verdict=verdict)
+    return result
+
+
+def run(env: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:
+    """One invocation. Writes exactly one result or one error JSON to ``out``."""
+    log = PluginLog(stream=err)
+    version = cni_spec.LATEST_VERSION
+    inv: Invocation | None = None
+    try:
+        inv = cni_spec.parse(env, stdin)
+        version = inv.cni_version
+        log.set_level(str(inv.config.get("plugin_log_level") or "info"))
+        if inv.container_id:
+            log.fields["containerID"] = inv.container_id[:12]
+        if inv.command == "VERSION":
+            out.write(cni_spec.version_result(inv.config))
+            return 0
+        if inv.command == "ADD":
+            result = cmd_add(inv, log)
+            out.write(json.dumps(result))
+        # DEL, CHECK, STATUS, GC: nothing to undo or verify (the agent owns the pod's rules
+        # and removes them when the pod goes away); they succeed with no output.
+        return 0
+    except CniError as e:
+        log.error(f"istio-cni {env.get('CNI_COMMAND', '?')} failed: {e.msg}")
+        out.write(e.to_json(e.cni_version or version))
+        return 1
+    except Exception as e:  # never a traceback on the runtime's stdout or stderr
+        log.error(f"istio-cni internal error: {type(e).__name__}: {e}")
+        out.write(
+            CniError(
+                cni_spec.ERR_INTERNAL, f"istio-cni internal error: {type(e).__name__}: {e}"
+            ).to_json(version)
+        )
+        return 1
+    finally:
+        if inv is not None and log.records:
+            from cni_plugin import agent_client
+
+            agent_client.push_logs(_run_dir(inv.config), log.records)
+
+
+def main() -> None:
+    stdin: BinaryIO = sys.stdin.buffer
+    try:
+        data = stdin.read()
+    except OSError as e:
+        data = b""
+        sys.stdout.write(
+            CniError(cni_spec.ERR_IO, f"cannot read the network configuration: {e}").to_json(
+                cni_spec.LATEST_VERSION
+            )
+        )
+        sys.exit(1)
+    rc = run(os.environ, data, sys.stdout, sys.stderr)
+    sys.stdout.flush()
+    sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""How the plugin learns whether a pod is ambient, and both failure policies:
+ambient pods fail closed when the agent cannot be reached; a pod that is not ambient
+never fails because the agent or the API server is down.
+
+The agent is a stub speaking HTTP on a real unix socket (checks the exact SPEC body);
+the API server is an HTTPS stub with a real certificate (kube-apiserver runs only on the
+testbed). The plugin runs as a subprocess with a CNI environment, as a runtime runs it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.plugin_fakes import AgentStub, ApiStub, cni_env, net_conf, run_plugin
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+@pytest.fixture
+def run_dir(tmp_path: Any) -> str:
+    return str(tmp_path / "run")
+
+
+@pytest.fixture
+def agent(run_dir: str) -> Iterator[AgentStub]:
+    stub = AgentStub(run_dir).start()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def api() -> Iterator[ApiStub]:
+    stub = ApiStub().start()
+    yield stub
+    stub.stop()
+
+
+def add(run_dir: str, **conf: Any) -> Any:
+    return run_plugin(
+        cni_env("ADD"), json.dumps(net_conf(cni_agent_run_dir=run_dir, **conf)).encode()
+    )
+
+
+def ok_result(proc: Any) -> dict[str, Any]:
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    out: dict[str, Any] = json.loads(proc.stdout)
+    assert out == net_conf()["prevResult"]  # prevResult untouched (same version)
+    return out
+
+
+def err_result(proc: Any) -> dict[str, Any]:
+    assert proc.returncode != 0
+    assert b"Traceback" not in proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def test_ambient_pod_known_to_agent_is_enrolled_with_the_exact_spec_body(
+    agent: AgentStub, run_dir: str
+) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    ok_result(add(run_dir))
+    (post,) = agent.posts()
+    body = json.loads(post.body)
+    assert body == {
+        "Netns": "/var/run/netns/cni-test",
+        "PodName": "app-1",
+        "PodNamespace": "demo",
+        "IPs": [
+            {
+                "Interface": 0,
+                "Address": {"IP": "10.244.1.5", "Mask": "////AA=="},
+                "Gateway": "10.244.1.1",
+            }
+        ],
+    }
+    assert list(body) == ["Netns", "PodName", "PodNamespace", "IPs"]
+
+
+def test_ipv6_mask_is_sixteen_bytes(agent: AgentStub, run_dir: str) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    prev = net_conf()["prevResult"]
+    prev["ips"] = [{"address": "fd00:10:244::5/64", "interface": 0}]
+    assert add(run_dir, prevResult=prev).returncode == 0
+    ip = json.loads(agent.posts()[0].body)["IPs"][0]
+    assert base64.b64decode(ip["Address"]["Mask"]) == b"\xff" * 8 + b"\x00" * 8
+    assert ip["Gateway"] == "" and ip["Address"]["IP"] == "fd00:10:244::5"
+
+
+def test_agent_refusal_fails_the_add_with_its_message(agent: AgentStub, run_dir: str) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    agent.add_status, agent.add_reply = 500, "ztunnel is not connected"
+    err = err_result(add(run_dir))
+    assert err["code"] == 100 and "ztunnel is not connected" in err["msg"]
+
+
+def test_non_ambient_pod_known_to_agent_never_touches_the_api(
+    agent: AgentStub, run_dir: str
+) -> None:
+    # No kubeconfig at all: the API path would fail, so success proves it was not taken.
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": False, "reason": "not labelled"}
+    ok_result(add(run_dir))
+    assert agent.posts() == []
+
+
+def test_agent_down_non_ambient_pod_succeeds_via_api(api: ApiStub, run_dir: str) -> None:
+    api.add_pod("demo", "app-1")
+    api.write_kubeconfig(run_dir)
+    ok_result(add(run_dir))
+    assert api.requests == ["/api/v1/namespaces/demo/pods/app-1", "/api/v1/namespaces/demo"]
+
+
+def test_agent_down_ambient_pod_fails_closed(api: ApiStub, run_dir: str) -> None:
+    api.add_pod("demo", "app-1", ns_labels=AMBIENT)
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir))
+    assert err["code"] == 11
+    assert "is ambient" in err["msg"] and "failing closed" in err["msg"]
+    assert "pluginevent.sock" in err["msg"]
+
+
+def test_agent_down_opted_out_pod_in_ambient_namespace_succeeds(api: ApiStub, run_dir: str) -> None:
+    api.add_pod("demo", "app-1", labels={"istio.io/dataplane-mode": "none"}, ns_labels=AMBIENT)
+    api.write_kubeconfig(run_dir, insecure=True)
+    ok_result(add(run_dir))
+
+
+def test_api_down_agent_knows_non_ambient_pod_succeeds(agent: AgentStub, run_dir: str) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": False, "reason": "x"}
+    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
+        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
+    ok_result(add(run_dir))
+
+
+def test_api_down_pod_unknown_to_agent_is_handed_to_the_agent(
+    agent: AgentStub, run_dir: str
+) -> None:
+    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
+        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
+    agent.add_reply = "not enrolled: neither the pod nor its namespace is labelled ambient"
+    ok_result(add(run_dir))
+    assert len(agent.posts()) == 1
+
+
+def test_agent_and_api_both_down_fails_closed_naming_both(run_dir: str) -> None:
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
+        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
+    err = err_result(add(run_dir))
+    assert err["code"] == 11
+    assert "api server unavailable" in err["msg"] and "pluginevent.sock" in err["msg"]
+
+
+def test_pod_unknown_to_agent_is_judged_by_the_api(
+    agent: AgentStub, api: ApiStub, run_dir: str
+) -> None:
+    api.add_pod("demo", "app-1", labels=AMBIENT)
+    api.write_kubeconfig(run_dir)
+    ok_result(add(run_dir))
+    assert len(api.requests) == 2 and len(agent.posts()) == 1
+
+
+def test_sidecar_pod_is_left_alone(api: ApiStub, run_dir: str) -> None:
+    api.add_pod("demo", "app-1", ns_labels=AMBIENT, annotations={"sidecar.istio.io/status": "{}"})
+    api.write_kubeconfig(run_dir)
+    ok_result(add(run_dir))
+
+
+@pytest.mark.parametrize(
+    ("case", "env_args", "conf"),
+    [
+        ("excluded namespace", "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns", {}),
+        ("own agent pod", "K8S_POD_NAMESPACE=istio-cni;K8S_POD_NAME=istio-cni-node-abcde", {}),
+        ("not a k8s pod", "IgnoreUnknown=1", {}),
+        ("ambient disabled", "K8S_POD_NAMESPACE=demo;K8S_POD_NAME=x", {"ambient_enabled": False}),
+    ],
+)
+def test_non_candidates_need_neither_agent_nor_api(
+    case: str, env_args: str, conf: dict[str, Any], run_dir: str
+) -> None:
+    body = json.dumps(net_conf(cni_agent_run_dir=run_dir, **conf)).encode()
+    proc = run_plugin(cni_env("ADD", CNI_ARGS=env_args), body)
+    ok_result(proc)
+
+
+def test_ambient_pod_without_ips_is_a_config_error(agent: AgentStub, run_dir: str) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    prev = dict(net_conf()["prevResult"], ips=[])
+    err = err_result(add(run_dir, prevResult=prev))
+    assert err["code"] == 7 and "no IPs" in err["msg"]
+    assert agent.posts() == []  # nothing asked of the agent
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "code", "words"),
+    [
+        ("missing", None, 11, "does not exist yet"),
+        ("a directory", "DIR", 5, "cannot read kubeconfig"),
+        (
+            "no token",
+            "server: https://127.0.0.1:6443\ninsecure-skip-tls-verify: true\n",
+            7,
+            "no token",
+        ),
+        ("not https", "server: http://127.0.0.1:6443\ntoken: x\n", 7, "not an https"),
+        ("no trust", "server: https://127.0.0.1:6443\ntoken: x\n", 7, "certificate-authority"),
+        (
+            "bad ca",
+            "server: https://127.0.0.1:6443\ntoken: x\ncertificate-authority-data: !!\n",
+            7,
+            "base64",
+        ),
+        ("binary", b"\xff\xfe\x00", 7, "cannot read kubeconfig"),
+    ],
+)
+def test_unusable_kubeconfig_is_a_cni_error(
+    case: str, content: str | bytes | None, code: int, words: str, run_dir: str
+) -> None:
+    os.makedirs(run_dir)
+    path = os.path.join(run_dir, "istio-cni-kubeconfig")
+    if content == "DIR":
+        os.mkdir(path)
+    elif isinstance(content, bytes):
+        with open(path, "wb") as f:
+            f.write(content)
+    elif content is not None:
+        with open(path, "w") as f:
+            f.write(content)
+    before = sorted(os.listdir(run_dir))
+    err = err_result(add(run_dir))  # no agent: the API path needs the kubeconfig
+    assert err["code"] == code, err
+    assert words in err["msg"] and "istio-cni-kubeconfig" in err["msg"]
+    assert sorted(os.listdir(run_dir)) == before  # nothing changed
+
+
+def test_plugin_logs_reach_the_agent_log_socket(agent: AgentStub, run_dir: str) -> None:
+    import socket
+    import threading
+
+    received: list[bytes] = []
+    path = os.path.join(run_dir, "log.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int(
+            next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(
+                b":"
+            )[1]
+        )
+        while len(body) < length:
+            body += conn.recv(65536)
+        received.append(head + b"\r\n\r\n" + body)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    ok_result(add(run_dir))
+    t.join(5)
+    srv.close()
+    assert received and received[0].startswith(b"POST /log HTTP/1.1")
+    lines = json.loads(received[0].partition(b"\r\n\r\n")[2])
+    records = [json.loads(s) for s in lines]
+    assert all({"level", "time", "msg"} <= set(r) for r in records)
+    assert any(r["msg"] == "node agent answered the add" for r in records)
