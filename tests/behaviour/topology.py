@@ -1,0 +1,252 @@
+"""A throwaway pod with a peer, a ztunnel stand-in and an app, for real-traffic tests.
+
+``pod`` and ``peer`` are two fresh namespaces joined by a veth pair. Every address lives
+only inside them: documentation prefixes (198.51.100.0/24, 2001:db8:7::/64) plus the probe
+SNAT addresses on the peer (it plays the node that kubelet's probes come from).
+
+In the pod: the ztunnel stand-in listens on TCP 15001/15006/15008/15053 and UDP 15053 (IPv4
+and IPv6) and its own outgoing sockets carry SO_MARK 1337; an app listens on TCP 8080 and,
+on loopback only, 9090. On the peer: TCP 80, and DNS on TCP and UDP 53.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cni_plugin import constants as c
+from cni_plugin.netns import run_in_netns
+from tests.behaviour.listeners import ZTUNNEL_MARK, Accepted, Addr, Servers
+
+FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+POD = {"ipv4": "198.51.100.2", "ipv6": "2001:db8:7::2"}
+PEER = {"ipv4": "198.51.100.1", "ipv6": "2001:db8:7::1"}
+PREFIX = {"ipv4": 24, "ipv6": 64}
+PROBE = {"ipv4": c.HOST_PROBE_SNAT_IPV4, "ipv6": c.HOST_PROBE_SNAT_IPV6}
+LOOPBACK = {"ipv4": "127.0.0.1", "ipv6": "::1"}
+WILDCARD = {"ipv4": "0.0.0.0", "ipv6": "::"}
+ZTUNNEL_TCP_PORTS = (c.ZTUNNEL_OUTBOUND_PORT, c.ZTUNNEL_INBOUND_PORT, c.ZTUNNEL_HBONE_PORT,
+                     c.ZTUNNEL_DNS_PORT)  # fmt: skip
+APP_PORT = 8080
+APP_LOOPBACK_PORT = 9090
+IP_TRANSPARENT = 19
+IPV6_TRANSPARENT = 75
+TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    who: str  # the name the answering server gave, e.g. "ztunnel:15001"
+    local: Addr  # the client socket's own address (to find the server's record)
+
+
+def _ip(ns: str, *args: str) -> None:
+    subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+
+
+class Topology:
+    """Built by :func:`build`; ``close`` stops servers (namespaces belong to the fixture)."""
+
+    def __init__(self, pod_ns: str, peer_ns: str) -> None:
+        self.pod_ns, self.peer_ns = pod_ns, peer_ns
+        self.pod_path, self.peer_path = f"/run/netns/{pod_ns}", f"/run/netns/{peer_ns}"
+        self.servers = Servers()
+
+    def close(self) -> None:
+        self.servers.close()
+
+    def ns_path(self, side: str) -> str:
+        return self.pod_path if side == "pod" else self.peer_path
+
+    def address(self, who: str, fam: str) -> str:
+        """Address of ``who``: pod, peer, probe (the peer's probe source) or loopback."""
+        table = {"pod": POD, "peer": PEER, "probe": PROBE, "loopback": LOOPBACK}[who]
+        return table[fam]
+
+    def _socket(
+        self, side: str, fam: str, kind: int, mark: int | None, transparent: bool
+    ) -> socket.socket:
+        def make() -> socket.socket:
+            s = socket.socket(FAMILIES[fam], kind)
+            try:
+                if mark is not None:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+                if transparent:
+                    level = socket.SOL_IP if fam == "ipv4" else socket.IPPROTO_IPV6
+                    opt = IP_TRANSPARENT if fam == "ipv4" else IPV6_TRANSPARENT
+                    s.setsockopt(level, opt, 1)
+                s.settimeout(TIMEOUT_S)
+            except BaseException:
+                s.close()
+                raise
+            return s
+
+        return run_in_netns(self.ns_path(side), make)
+
+    def tcp(
+        self,
+        side: str,
+        fam: str,
+        dst: Addr,
+        *,
+        source: str | None = None,
+        mark: int | None = None,
+        transparent: bool = False,
+    ) -> Answer:
+        """Connect from ``side`` (pod or peer) to ``dst``, read who answered."""
+        with self._socket(side, fam, socket.SOCK_STREAM, mark, transparent) as s:
+            if source is not None:
+                s.bind((source, 0))
+            s.connect(dst)
+            local = s.getsockname()
+            who = _read_line(s)
+            return Answer(who, (str(local[0]), int(local[1])))
+
+    def udp(self, side: str, fam: str, dst: Addr, *, mark: int | None = None) -> Answer:
+        with self._socket(side, fam, socket.SOCK_DGRAM, mark, False) as s:
+            s.connect(dst)
+            s.send(b"query\n")
+            data = s.recv(2048)
+            local = s.getsockname()
+            return Answer(data.decode().strip(), (str(local[0]), int(local[1])))
+
+    def ztunnel_connect(self, fam: str, dst: Addr, spoof_source: str | None = None) -> Answer:
+        """A connection made by the ztunnel stand-in itself: SO_MARK 1337, and with
+        ``spoof_source`` a transparent socket bound to that (non-local) address, as ztunnel
+        does when it forwards an inbound connection to the app."""
+        return self.tcp("pod", fam, dst, source=spoof_source, mark=ZTUNNEL_MARK,
+                        transparent=spoof_source is not None)  # fmt: skip
+
+    def record_of(self, answer: Answer) -> Accepted:
+        """The server-side record of the connection ``answer`` came from."""
+        found = self.servers.find(answer.local)
+        assert found, f"no server recorded a connection from {answer.local}"
+        return found[-1]
+
+
+def _read_line(s: socket.socket) -> str:
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(256)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode().strip()
+
+
+def build(make_netns: Callable[[str], str]) -> Topology:
+    """Create the two namespaces, the veth, addresses, routes and all listeners."""
+    pod, peer = make_netns("pod"), make_netns("peer")
+    subprocess.run(["ip", "link", "add", "eth0", "netns", pod, "type", "veth",
+                    "peer", "name", "eth0", "netns", peer], check=True)  # fmt: skip
+    for ns, who in ((pod, POD), (peer, PEER)):
+        for fam in FAMILIES:
+            extra = ["nodad"] if fam == "ipv6" else []
+            _ip(ns, "addr", "add", f"{who[fam]}/{PREFIX[fam]}", "dev", "eth0", *extra)
+        _ip(ns, "link", "set", "eth0", "up")
+    # The peer also stands for the node: kubelet's probes arrive from the probe addresses.
+    _ip(peer, "addr", "add", f"{PROBE['ipv4']}/32", "dev", "eth0")
+    _ip(peer, "addr", "add", f"{PROBE['ipv6']}/128", "dev", "eth0", "nodad")
+    _ip(pod, "route", "add", f"{PROBE['ipv4']}/32", "dev", "eth0")
+    _ip(pod, "route", "add", f"{PROBE['ipv6']}/128", "dev", "eth0")
+    topo = Topology(pod, peer)
+    try:
+        srv = topo.servers
+        for fam, af in FAMILIES.items():
+            any_addr = WILDCARD[fam]
+            for port in ZTUNNEL_TCP_PORTS:
+                srv.listen(topo.pod_path, f"ztunnel:{port}", "tcp", af, any_addr, port)
+            # ztunnel's DNS proxy listens on loopback: a UDP answer must leave from the
+            # address REDIRECT chose (127.0.0.1 / ::1) for conntrack to undo the NAT.
+            dns = c.ZTUNNEL_DNS_PORT
+            srv.listen(topo.pod_path, f"ztunnel:{dns}", "udp", af, LOOPBACK[fam], dns)
+            srv.listen(topo.pod_path, f"app:{APP_PORT}", "tcp", af, any_addr, APP_PORT)
+            srv.listen(topo.pod_path, f"app-lo:{APP_LOOPBACK_PORT}", "tcp", af, LOOPBACK[fam],
+                       APP_LOOPBACK_PORT)  # fmt: skip
+            srv.listen(topo.peer_path, "peer:80", "tcp", af, any_addr, 80)
+            srv.listen(topo.peer_path, "peer-dns:53", "tcp", af, any_addr, 53)
+            srv.listen(topo.peer_path, "peer-dns:53", "udp", af, any_addr, 53)
+    except BaseException:
+        topo.close()
+        raise
+    return topo
+
+
+def snapshot(netns_path: str) -> dict[str, str]:
+    """Everything redirection may touch in a namespace, normalised: xtables (legacy, both
+    families), the nftables ruleset (which includes iptables-nft), policy rules and all
+    route tables. Empty tables holding only built-in chains with policy ACCEPT are dropped:
+    they behave exactly like absent ones, and legacy xtables can never unregister them."""
+
+    def read() -> dict[str, str]:
+        out = {}
+        for name, argv in SNAPSHOT_COMMANDS.items():
+            done = subprocess.run(argv, capture_output=True, text=True)
+            out[name] = done.stdout if done.returncode == 0 else f"<{done.stderr.strip()}>"
+        out["iptables-legacy-save"] = _normalise_save(out["iptables-legacy-save"])
+        out["ip6tables-legacy-save"] = _normalise_save(out["ip6tables-legacy-save"])
+        out["nft"] = _normalise_nft(out["nft"])
+        return out
+
+    return run_in_netns(netns_path, read)
+
+
+SNAPSHOT_COMMANDS = {
+    "iptables-legacy-save": ["iptables-legacy-save"],
+    "ip6tables-legacy-save": ["ip6tables-legacy-save"],
+    "nft": ["nft", "list", "ruleset"],
+    "ip rule": ["ip", "rule"],
+    "ip -6 rule": ["ip", "-6", "rule"],
+    "ip route": ["ip", "route", "show", "table", "all"],
+    "ip -6 route": ["ip", "-6", "route", "show", "table", "all"],
+}
+
+
+def _normalise_save(text: str) -> str:
+    tables: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.split(" [")[0] if raw.startswith(":") else raw  # drop counters
+        if line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            tables.append([])
+        if tables:
+            tables[-1].append(line)
+    kept = [t for t in tables if not _empty_xtable(t)]
+    return "\n".join("\n".join(t) for t in kept)
+
+
+def _empty_xtable(lines: list[str]) -> bool:
+    body = [ln for ln in lines[1:] if ln != "COMMIT"]
+    return all(ln.startswith(":") and ln.endswith(" ACCEPT") for ln in body)
+
+
+def _normalise_nft(text: str) -> str:
+    """Drop tables that hold nothing but empty base chains with policy accept."""
+    blocks: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("table "):
+            blocks.append([])
+        if blocks:
+            blocks[-1].append(line)
+    return "\n".join("\n".join(b) for b in blocks if not _empty_nft_table(b))
+
+
+def _empty_nft_table(block: list[str]) -> bool:
+    inner = [ln.strip() for ln in block[1:-1] if ln.strip()]
+    chains: list[list[str]] = []
+    for ln in inner:
+        if ln.startswith("chain "):
+            chains.append([])
+        elif ln == "}" and chains:
+            continue
+        elif chains:
+            chains[-1].append(ln)
+        else:
+            return False  # sets, maps, flowtables...: not empty
+    return all(
+        len(body) == 1 and body[0].startswith("type ") and body[0].endswith("policy accept;")
+        for body in chains
+    )
