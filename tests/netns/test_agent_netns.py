@@ -1,0 +1,341 @@
+"""The whole agent on the real kernel: real pod namespaces, the real iptables backend, the
+real ZDS server (a recording ztunnel on its socket), the real host-probe ipset + SNAT rule in
+a throwaway "node" namespace, the real plugin-event socket. Only the Kubernetes API is the
+in-memory fake (tests/agent_fakes.py); the testbed tests run the same agent against a real
+API server. /proc discovery reads a staged proc tree whose ``ns/net`` entries are the real
+namespaces (tests/netns/test_netns_finder_real.py covers real processes in real cgroups)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_plugin import constants as c
+from cni_plugin.redirection.registry import make_backend
+from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.config import AgentConfig
+from node_agent.host_probe import HostProbe
+from node_agent.run_command import Agent
+from tests.agent_fakes import FakeKube, make_pod, wait_for
+from tests.zds_recorder import ZdsRecorder
+
+pytestmark = pytest.mark.netns
+AMBIENT = {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT}
+SETTINGS = RedirectSettings(dns_capture=False, ipv6=True)
+
+
+@dataclass
+class StagedPod:
+    uid: str
+    name: str
+    netns: str  # /run/netns/<name>
+    ip: str
+    pid: int
+
+
+class Env:
+    def __init__(self, tmp: Path, make_netns: Callable[[str], str]) -> None:
+        self.tmp = tmp
+        self.make_netns = make_netns
+        self.proc = tmp / "proc"
+        self.proc.mkdir()
+        self.kube = FakeKube()
+        self.node_netns = "/run/netns/" + make_netns("node")
+        self.backend = make_backend("iptables")
+        self.pods: dict[str, StagedPod] = {}
+        self.next_pid = 100
+        self.agent: Agent | None = None
+        self.recorder: ZdsRecorder | None = None
+        self.cfg = AgentConfig(
+            node_name="node-1",
+            run_dir=str(tmp / "run"),
+            ztunnel_socket=str(tmp / "zt" / "ztunnel.sock"),
+            proc_root=str(self.proc),
+            netns_dir="/run/netns",
+            node_netns=self.node_netns,
+            health_port=0,
+            monitoring_port=0,
+            listen_address="127.0.0.1",
+            reconcile_seconds=3600,
+            workers=4,
+        )
+        self.probe = HostProbe(ipv6=True, node_netns=self.node_netns)
+
+    # -- staging ------------------------------------------------------------------------
+    def _proc_entry(self, pid: int, netns: str, uid: str, start: int) -> None:
+        d = self.proc / str(pid)
+        (d / "ns").mkdir(parents=True)
+        os.symlink(netns, d / "ns" / "net")
+        (d / "cgroup").write_text(f"4:pids:/kubepods/besteffort/pod{uid}/pause\n")
+        fields = ["S"] + ["0"] * 50
+        fields[19] = str(start)
+        (d / "stat").write_text(f"{pid} (pause) " + " ".join(fields) + "\n")
+
+    def stage(self, ns: str, name: str, **kw: Any) -> StagedPod:
+        uid = str(uuid.uuid4())
+        netns = "/run/netns/" + self.make_netns("pod")
+        n = len(self.pods) + 1
+        ip = kw.pop("ip", f"10.99.{n // 250}.{n % 250 + 2}")
+        self.next_pid += 1
+        self._proc_entry(self.next_pid, netns, uid, self.next_pid)
+        pod = StagedPod(uid, name, netns, ip or "", self.next_pid)
+        self.pods[uid] = pod
+        self.kube.put_pod(make_pod(ns, name, uid=uid, ip=ip, **kw))
+        return pod
+
+    def replace_netns(self, pod: StagedPod) -> str:
+        """The sandbox re-created under the same UID: old process gone, new namespace."""
+        subprocess.run(["rm", "-rf", str(self.proc / str(pod.pid))], check=True)
+        pod.netns = "/run/netns/" + self.make_netns("pod2")
+        self.next_pid += 1
+        pod.pid = self.next_pid
+        self._proc_entry(pod.pid, pod.netns, pod.uid, pod.pid)
+        return pod.netns
+
+    # -- agent ----------------------------------------------------------------------------
+    def start_agent(self) -> Agent:
+        self.agent = Agent(self.cfg, kube=self.kube, rules=self.backend)
+        self.agent.start(sync_timeout=10)
+        return self.agent
+
+    def stop_agent(self) -> None:
+        if self.agent is not None:
+            self.agent.stop()
+            self.agent = None
+
+    def start_ztunnel(self) -> ZdsRecorder:
+        self.recorder = ZdsRecorder(self.cfg.ztunnel_socket)
+        self.recorder.start()
+        return self.recorder
+
+    def rules_ok(self, pod: StagedPod) -> bool:
+        return self.backend.check(pod.netns, SETTINGS).ok
+
+    def enrolled(self, pod: StagedPod) -> bool:
+        return self.kube.annotation(pod.uid) == c.REDIRECTION_ENABLED
+
+
+@pytest.fixture
+def own_netns() -> Iterator[Callable[[str], str]]:
+    """Throwaway namespaces under a prefix of this module's own (``icnia-``), removed at
+    teardown: the shared ``icnit-`` sweep of a concurrent pytest session must not pull
+    namespaces out from under a running agent."""
+    created: list[str] = []
+
+    def make(tag: str) -> str:
+        name = f"icnia-{tag}-{secrets.token_hex(3)}"
+        subprocess.run(["ip", "netns", "add", name], check=True)
+        created.append(name)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in reversed(created):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture
+def env(tmp_path: Path, own_netns: Callable[[str], str]) -> Iterator[Env]:
+    e = Env(tmp_path, own_netns)
+    try:
+        yield e
+    finally:
+        e.stop_agent()
+        if e.recorder is not None:
+            e.recorder.stop()
+        e.probe.teardown()
+
+
+def _post(sock: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(sock)
+            self.sock = s
+
+    conn = Conn("localhost", timeout=10)
+    try:
+        conn.request("POST", path, body=json.dumps(body))
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+def test_label_enrolls_unlabel_removes_and_skips_are_never_touched(env: Env) -> None:
+    env.kube.put_namespace("shop")
+    env.kube.put_namespace("kube-system", AMBIENT)  # excluded even when labelled
+    pods = [env.stage("shop", f"web-{i}") for i in range(5)]
+    skipped = [
+        env.stage("shop", "opted-out", labels={c.DATAPLANE_MODE_LABEL: "none"}),
+        env.stage("shop", "sidecar", annotations={c.SIDECAR_STATUS_ANNOTATION: "{}"}),
+        env.stage("shop", "hostnet", host_network=True),
+        env.stage("kube-system", "dns"),
+    ]
+    zt = env.start_ztunnel()
+    agent = env.start_agent()
+    wait_for(lambda: zt.of("snapshot_sent"), what="ztunnel got its (empty) snapshot")
+    assert zt.of("add") == []
+
+    env.kube.put_namespace("shop", AMBIENT)
+    wait_for(lambda: all(env.enrolled(p) for p in pods), what="all pods annotated enabled")
+    for p in pods:
+        assert env.rules_ok(p), f"rules missing in {p.name}"
+    adds = {s.uid: s.inode for s in zt.of("add")}
+    assert adds == {p.uid: os.stat(p.netns).st_ino for p in pods}
+    members = env.probe.members()
+    assert {ip: uid for ip, uid in members.items()} == {p.ip: p.uid for p in pods}
+    saved = subprocess.run(
+        ["nsenter", f"--net={env.node_netns}", "iptables-save", "-t", "nat"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127" in saved
+    for p in skipped:
+        assert env.kube.annotation(p.uid) is None
+        assert env.backend.check(p.netns, SETTINGS).missing, f"{p.name} was touched"
+    assert not any(name in (p.name for p in skipped) for _, name, _ in env.kube.patches)
+
+    # Status commands read the agent's state over the run dir.
+    agent.state.write_now()
+    from node_agent import pods_command
+
+    doc = pods_command.load(env.cfg.run_dir)
+    table = pods_command.table(doc)
+    assert "web-0" in table and "HBONE" in table and "iptables" in table
+    assert all(
+        ("HBONE" in line) == line.split()[1].startswith("web-") for line in table.splitlines()[1:]
+    )
+
+    env.kube.put_namespace("shop")
+    wait_for(lambda: all(env.kube.annotation(p.uid) is None for p in pods), what="annotations null")
+    wait_for(lambda: len(zt.of("del")) == len(pods), what="Del per pod")
+    for p in pods:
+        assert env.backend.check(p.netns, SETTINGS).missing, f"rules left in {p.name}"
+    assert env.probe.members() == {}
+    assert len(agent.cache) == 0
+
+
+def test_delete_sends_del_and_restart_keeps_rules_and_resends_snapshot(env: Env) -> None:
+    env.kube.put_namespace("shop", AMBIENT)
+    pods = [env.stage("shop", f"api-{i}") for i in range(4)]
+    zt = env.start_ztunnel()
+    env.start_agent()
+    wait_for(lambda: all(env.enrolled(p) for p in pods), what="enrolled")
+
+    gone = pods.pop()
+    env.kube.delete_pod(gone.uid)
+    wait_for(lambda: [s.uid for s in zt.of("del")] == [gone.uid], what="Del for the deleted pod")
+
+    # Rules must hold at every moment while the agent is down and back up.
+    lost: list[str] = []
+    stop = threading.Event()
+
+    def watch_rules() -> None:
+        while not stop.is_set():
+            lost.extend(p.name for p in pods if not env.rules_ok(p))
+
+    t = threading.Thread(target=watch_rules)
+    t.start()
+    try:
+        env.stop_agent()
+        before = len(zt.of("add"))
+        env.start_agent()
+        wait_for(
+            lambda: zt.connections >= 2 and len(zt.of("snapshot_sent")) >= 2, what="resnapshot"
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert lost == []
+    snap = [s for s in zt.seen if s.connection == zt.connections and s.kind == "add"]
+    assert {s.uid: s.inode for s in snap} == {p.uid: os.stat(p.netns).st_ino for p in pods}
+    assert len(zt.of("add")) == before + len(pods)
+    assert all(env.enrolled(p) for p in pods)
+
+
+def test_drift_repair_rules_removed_and_netns_replaced(env: Env) -> None:
+    env.kube.put_namespace("shop", AMBIENT)
+    a, b = env.stage("shop", "a"), env.stage("shop", "b")
+    zt = env.start_ztunnel()
+    agent = env.start_agent()
+    wait_for(lambda: env.enrolled(a) and env.enrolled(b), what="enrolled")
+
+    env.backend.remove(a.netns, SETTINGS)  # someone flushed the pod's rules
+    assert not env.rules_ok(a)
+    old_inode = os.stat(b.netns).st_ino
+    new_ns = env.replace_netns(b)
+    report = agent.reconciler.run_pass()
+    assert report.rules_repaired == [a.uid]
+    assert report.netns_replaced == [b.uid]
+    assert env.rules_ok(a) and env.rules_ok(b)
+    new_inode = os.stat(new_ns).st_ino
+    assert new_inode != old_inode
+    assert zt.of("add")[-1].uid == b.uid and zt.of("add")[-1].inode == new_inode
+    assert agent.cache.get(b.uid) is not None and agent.cache.get(b.uid).netns_inode == new_inode  # type: ignore[union-attr]
+    # A second pass finds nothing to do.
+    again = agent.reconciler.run_pass()
+    assert again.rules_repaired == [] and again.netns_replaced == [] and again.checked == 2
+
+
+def test_ztunnel_absent_marks_pending_then_enables(env: Env) -> None:
+    env.kube.put_namespace("shop", AMBIENT)
+    p = env.stage("shop", "late")
+    env.start_agent()
+    wait_for(lambda: env.kube.annotation(p.uid) == c.REDIRECTION_PENDING, what="pending")
+    assert env.rules_ok(p)  # rules went in first
+    zt = env.start_ztunnel()
+    wait_for(lambda: env.enrolled(p), what="enabled once ztunnel is there")
+    assert p.uid in {s.uid for s in zt.of("add")}
+
+
+def test_plugin_cmdadd_enrolls_before_reply_and_410_relists(env: Env) -> None:
+    env.kube.put_namespace("shop", AMBIENT)
+    zt = env.start_ztunnel()
+    agent = env.start_agent()
+    wait_for(lambda: zt.of("snapshot_sent"), what="ztunnel connected")
+    # A new sandbox: the pod has no IP in the API yet; the plugin reports the IP.
+    pod = env.stage("shop", "fresh", ip=None)
+    body = {
+        "Netns": pod.netns.replace("/run/netns/", "/var/run/netns/"),
+        "PodName": "fresh",
+        "PodNamespace": "shop",
+        "IPs": [
+            {
+                "Interface": 0,
+                "Address": {"IP": "10.98.0.7", "Mask": "////AA=="},
+                "Gateway": "10.98.0.1",
+            }
+        ],
+    }
+    code, text = _post(env.cfg.plugin_event_socket, "/cmdadd", body)
+    assert (code, text) == (200, "enrolled")
+    assert env.rules_ok(pod) and env.enrolled(pod)  # done before the reply
+    assert env.probe.members().get("10.98.0.7") == pod.uid
+    assert zt.of("add")[-1].inode == os.stat(pod.netns).st_ino
+    code, text = _post(env.cfg.plugin_event_socket, "/cmdadd", {**body, "PodName": ""})
+    assert code == 400
+
+    # The watch expires while a delete is missed: the relist must still deliver it.
+    with env.kube._lock:
+        env.kube.pods.pop(pod.uid)
+    env.kube.expire_next_watch = True
+    env.kube.drop_watches()
+    wait_for(lambda: pod.uid in {s.uid for s in zt.of("del")}, what="Del after relist")
+    assert agent.pod_informer.relists >= 2
