@@ -1,0 +1,317 @@
+"""The installer: puts the plugin, its kubeconfig and its conflist entry on the host, and
+keeps them there (SPEC §7).
+
+Cycle (one thread, as Istio's ``Installer.Run``):
+1. install: copy the executable(s) atomically, write ``<run_dir>/istio-cni-kubeconfig``
+   (0600) from the service account, merge the entry into the chosen CNI config (0644);
+2. create an inotify watch on the bin dir(s), the conf dir and the token's directory;
+3. check the work is intact -> ready; wait for a change -> not ready -> back to 1,
+   at most once per ``min_repair_interval_s`` (5 s).
+A missing primary CNI config is waited for (conf-dir events), not an error.
+
+Teardown, decided by the caller: ``stop(uninstall=True)`` when the DaemonSet is gone
+removes the entry (restoring the original file byte for byte when nobody else changed it
+since), the kubeconfig and the binary; ``stop(uninstall=False)`` (an upgrade) leaves all
+of it, so new pods fail closed until the next agent is ready.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cni_plugin.constants import KUBECONFIG_NAME
+from cni_plugin.errors import ConfigError, IstioCniError
+from install import binaries, conflist, kubeconfig
+from install.atomic_file import atomic_write, read_bytes
+from install.config import InstallConfig
+from install.watcher import ChangeWatcher, InotifyWatcher, Waker
+
+log = logging.getLogger("install")
+
+ORIGINAL_RECORD = "istio-cni-original-conf.json"
+
+WatcherFactory = Callable[[list[str], Waker], ChangeWatcher]
+
+
+class Installer:
+    def __init__(
+        self,
+        config: InstallConfig,
+        *,
+        watcher_factory: WatcherFactory = InotifyWatcher,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self._watcher_factory = watcher_factory
+        self._clock = clock
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._waker = Waker()
+        self._thread: threading.Thread | None = None
+        self._last_install = -1e9
+        self.conf_path: str | None = None
+        self.last_error: str | None = None
+        self.installs_total: dict[str, int] = {}
+        self.entry = conflist.PluginEntry(
+            plugin_log_level=config.plugin_log_level,
+            cni_agent_run_dir=config.run_dir,
+            ambient_enabled=config.ambient_enabled,
+            exclude_namespaces=config.exclude_namespaces,
+            pod_namespace=config.pod_namespace,
+        )
+
+    # --- public surface ------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def kubeconfig_path(self) -> str:
+        return os.path.join(self.config.run_dir, KUBECONFIG_NAME)
+
+    def start(self) -> None:
+        """Install, then keep the installation intact on a background thread."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self.run, name="cni-installer", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def stop(self, *, uninstall: bool) -> None:
+        """Stop watching; ``uninstall`` removes what was installed (DaemonSet deleted)."""
+        self._stopping.set()
+        self._waker.wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._ready.clear()
+        if uninstall:
+            self.cleanup()
+        else:
+            log.info("stopping for an upgrade: plugin, kubeconfig and conflist entry kept")
+        self._waker.close()
+
+    # --- the cycle -----------------------------------------------------------------------
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self._rate_limit()
+            if self._stopping.is_set():
+                break
+            installed = self._install_counted()
+            watcher = self._watcher_factory(self._watch_paths(), self._waker)
+            try:
+                if installed:
+                    problem = self.check()
+                    if problem is None:
+                        self._ready.set()
+                        log.info("istio-cni installed", extra={"fields": {"conf": self.conf_path}})
+                        watcher.wait(None)
+                        if not self._stopping.is_set():
+                            log.info("cni config or plugin changed; checking and repairing")
+                    else:
+                        log.warning("installation not intact: %s", problem)
+                else:
+                    watcher.wait(None)  # waiting for a primary CNI config (or a fix)
+            finally:
+                self._ready.clear()
+                watcher.close()
+
+    def _rate_limit(self) -> None:
+        wait = self._last_install + self.config.min_repair_interval_s - self._clock()
+        if wait > 0:
+            self._stopping.wait(wait)
+
+    def _watch_paths(self) -> list[str]:
+        return [
+            *self.config.cni_bin_target_dirs,
+            self.config.mounted_cni_net_dir,
+            os.path.dirname(self.config.sa_token_file),
+        ]
+
+    def _install_counted(self) -> bool:
+        self._last_install = self._clock()
+        try:
+            ok = self.install_once()
+        except IstioCniError as e:
+            self.last_error = str(e)
+            self._count("failure")
+            log.error("istio-cni install failed: %s", e)
+            return False
+        except OSError as e:
+            self.last_error = f"{e.filename or ''}: {e.strerror or e}"
+            self._count("failure")
+            log.error("istio-cni install failed: %s", self.last_error)
+            return False
+        self.last_error = None if ok else "waiting for a primary CNI config"
+        if ok:
+            self._count("success")
+        return ok
+
+    def _count(self, result: str) -> None:
+        self.installs_total[result] = self.installs_total.get(result, 0) + 1
+
+    # --- one installation ----------------------------------------------------------------
+    def install_once(self) -> bool:
+        """Binaries, kubeconfig, conflist. False when there is no primary config yet."""
+        for name in self.config.plugin_binaries:
+            src = os.path.join(self.config.cni_bin_source_dir, name)
+            for target in self.config.cni_bin_target_dirs:
+                if binaries.install_binary(src, target):
+                    log.info("copied %s to %s", name, target)
+        self.write_kubeconfig()
+        return self.write_conflist()
+
+    def write_kubeconfig(self) -> None:
+        cfg = self.config
+        token_bytes = read_bytes(cfg.sa_token_file)
+        if token_bytes is None:
+            raise ConfigError(
+                f"service account token {cfg.sa_token_file} does not exist: run inside a pod "
+                "with a service account (or set SA_TOKEN_FILE)"
+            )
+        token = token_bytes.decode().strip()
+        ca = None
+        if not cfg.skip_tls_verify:
+            ca = read_bytes(cfg.kube_ca_file)
+            if ca is None:
+                raise ConfigError(
+                    f"CA file {cfg.kube_ca_file} does not exist: set KUBE_CA_FILE or "
+                    "SKIP_TLS_VERIFY=true"
+                )
+        text = kubeconfig.render(
+            kubeconfig.server_url(cfg.k8s_service_host, cfg.k8s_service_port), token, ca
+        ).encode()
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        current = read_bytes(self.kubeconfig_path)
+        if current != text or os.stat(self.kubeconfig_path).st_mode & 0o777 != 0o600:
+            atomic_write(self.kubeconfig_path, text, 0o600)
+            log.info("wrote kubeconfig %s", self.kubeconfig_path)
+
+    def _choose_conf(self) -> str | None:
+        directory = self.config.mounted_cni_net_dir
+        name = self.config.cni_conf_name
+        if name:
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                return path
+            # a .conf we converted earlier lives on as .conflist (and the reverse)
+            for alt in (path + "list", path[:-4] if path.endswith(".conflist") else None):
+                if alt and os.path.exists(alt):
+                    return alt
+            return None
+        try:
+            names = conflist.candidates(os.listdir(directory))
+        except FileNotFoundError:
+            return None
+        files = {n: read_bytes(os.path.join(directory, n)) or b"" for n in names}
+        chosen = conflist.choose(files)
+        return os.path.join(directory, chosen) if chosen else None
+
+    def write_conflist(self) -> bool:
+        path = self._choose_conf()
+        if path is None:
+            log.info("waiting for a primary CNI config in %s", self.config.mounted_cni_net_dir)
+            return False
+        data = read_bytes(path)
+        if data is None:
+            return False
+        filename = os.path.basename(path)
+        merged, new_name = conflist.merge(data, filename, self.entry)
+        new_path = os.path.join(os.path.dirname(path), new_name)
+        self._remember_original(path, data, new_path, merged)
+        if new_path != path or merged != data:
+            atomic_write(new_path, merged, 0o644)
+            if new_path != path:
+                os.unlink(path)
+            log.info("inserted istio-cni into %s", new_path)
+        self.conf_path = new_path
+        return True
+
+    # --- remembering the original for a byte-exact uninstall -------------------------------
+    @property
+    def _record_path(self) -> str:
+        return os.path.join(self.config.run_dir, ORIGINAL_RECORD)
+
+    def _load_record(self) -> dict[str, Any] | None:
+        raw = read_bytes(self._record_path)
+        if raw is None:
+            return None
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            return None
+        return rec if isinstance(rec, dict) else None
+
+    def _remember_original(self, path: str, data: bytes, new_path: str, merged: bytes) -> None:
+        rec = self._load_record()
+        if conflist.has_entry(data, os.path.basename(path)):
+            # Already ours (restart or upgrade): keep what we knew of the original.
+            if rec is None or rec.get("installed") != new_path:
+                return
+        else:
+            rec = {
+                "original": path,
+                "bytes": base64.b64encode(data).decode(),
+                "installed": new_path,
+            }
+        rec["written"] = base64.b64encode(merged).decode()
+        atomic_write(self._record_path, json.dumps(rec).encode(), 0o600)
+
+    # --- checking and cleaning up --------------------------------------------------------
+    def check(self) -> str | None:
+        """What is wrong with the installation, or None when it is intact."""
+        for name in self.config.plugin_binaries:
+            src = os.path.join(self.config.cni_bin_source_dir, name)
+            for target in self.config.cni_bin_target_dirs:
+                if not binaries.matches(src, target):
+                    return f"{name} missing or changed in {target}"
+        if self.conf_path is None:
+            return "no CNI config chosen yet"
+        chosen = self._choose_conf()
+        if chosen != self.conf_path:
+            return f"CNI config {self.conf_path} preempted by {chosen}"
+        data = read_bytes(self.conf_path)
+        if data is None or not conflist.has_entry(data, os.path.basename(self.conf_path)):
+            return f"istio-cni entry missing from {self.conf_path}"
+        if read_bytes(self.kubeconfig_path) is None:
+            return f"kubeconfig {self.kubeconfig_path} missing"
+        return None
+
+    def cleanup(self) -> None:
+        """Remove the entry (or restore the original file), the kubeconfig, the binaries."""
+        rec = self._load_record()
+        path = self.conf_path or (rec or {}).get("installed")
+        if path:
+            data = read_bytes(path)
+            restorable = (
+                rec is not None
+                and rec.get("installed") == path
+                and data is not None
+                and base64.b64encode(data).decode() == rec.get("written")
+            )
+            if restorable and rec is not None:
+                original = str(rec["original"])
+                atomic_write(original, base64.b64decode(rec["bytes"]), 0o644)
+                if original != path:
+                    os.unlink(path)
+                log.info("restored original CNI config %s", original)
+            elif data is not None and conflist.has_entry(data, os.path.basename(path)):
+                atomic_write(path, conflist.without_entry(data, os.path.basename(path)), 0o644)
+                log.info("removed istio-cni from %s", path)
+        for p in (self.kubeconfig_path, self._record_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+        for name in self.config.plugin_binaries:
+            for target in self.config.cni_bin_target_dirs:
+                if binaries.remove_binary(name, target):
+                    log.info("removed %s from %s", name, target)
