@@ -180,17 +180,19 @@ def snapshot(netns_path: str) -> dict[str, str]:
     route tables. Empty tables holding only built-in chains with policy ACCEPT are dropped:
     they behave exactly like absent ones, and legacy xtables can never unregister them."""
 
-    def read() -> dict[str, str]:
-        out = {}
-        for name, argv in SNAPSHOT_COMMANDS.items():
-            done = subprocess.run(argv, capture_output=True, text=True)
-            out[name] = done.stdout if done.returncode == 0 else f"<{done.stderr.strip()}>"
-        out["iptables-legacy-save"] = _normalise_save(out["iptables-legacy-save"])
-        out["ip6tables-legacy-save"] = _normalise_save(out["ip6tables-legacy-save"])
-        out["nft"] = _normalise_nft(out["nft"])
-        return out
+    return run_in_netns(netns_path, read_state)
 
-    return run_in_netns(netns_path, read)
+
+def read_state() -> dict[str, str]:
+    """:func:`snapshot` of the namespace the calling thread is in."""
+    out = {}
+    for name, argv in SNAPSHOT_COMMANDS.items():
+        done = subprocess.run(argv, capture_output=True, text=True)
+        out[name] = done.stdout if done.returncode == 0 else f"<{done.stderr.strip()}>"
+    out["iptables-legacy-save"] = _normalise_save(out["iptables-legacy-save"])
+    out["ip6tables-legacy-save"] = _normalise_save(out["ip6tables-legacy-save"])
+    out["nft"] = _normalise_nft(out["nft"])
+    return out
 
 
 SNAPSHOT_COMMANDS = {
