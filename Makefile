@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit netns demo plugin bench clean
+.PHONY: setup test lint typecheck unit netns demo plugin bench clean vm-test vm-test-one
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,19 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run_all
+
+# Other kernels (docs/kernels.md): Debian's 6.1 and 6.12 booted under qemu TCG with virtme-ng,
+# running the netns suite inside; `host` is the same run on this machine's kernel, for scale.
+# Slow (CPU-bound): the full matrix takes tens of minutes. One kernel: make vm-test-one KERNEL=6.12
+# (a series, an exact release such as 6.12.117+deb12-amd64, or host). VM_PYTEST_ARGS replaces
+# the default pytest selection (-m netns) inside the guest.
+KERNEL ?= 6.1
+VM_PYTEST_ARGS ?=
+vm-test: setup
+	$(PY) -m vagrant.run_kernels all host --markdown $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
+
+vm-test-one: setup
+	$(PY) -m vagrant.run_kernels $(KERNEL) $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache

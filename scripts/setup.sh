@@ -17,6 +17,17 @@ fi
 
 # --- Debian packages -------------------------------------------------------------------------
 mapfile -t wanted < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' scripts/apt-packages.txt scripts/apt-packages.d/*.txt 2>/dev/null | tr -d ' ' | sort -u)
+if ! command -v apt-get >/dev/null && command -v dnf >/dev/null; then
+  # RHEL family (vagrant/Vagrantfile): the same list through a Debian -> RHEL name map.
+  bash vagrant/rhel-packages.sh "${wanted[@]}"
+  wanted=()
+fi
+for i in "${!wanted[@]}"; do
+  # Ubuntu has no linux-headers-amd64 meta package: the running kernel's headers instead.
+  if [ "${wanted[$i]}" = linux-headers-amd64 ] && grep -qx 'ID=ubuntu' /etc/os-release; then
+    wanted[$i]="linux-headers-$(uname -r)"
+  fi
+done
 missing=()
 for p in "${wanted[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -36,8 +47,8 @@ if [ -n "$hdr" ]; then
   mkdir -p "/lib/modules/$kver"
   [ -e "/lib/modules/$kver/build" ] || ln -sfn "$hdr" "/lib/modules/$kver/build"
   [ -e "/lib/modules/$kver/source" ] || ln -sfn "$common" "/lib/modules/$kver/source"
-else
-  log "warning: no linux-headers-*-amd64 under /usr/src; the eBPF backend will be unavailable"
+elif [ ! -e "/lib/modules/$kver/build" ]; then
+  log "warning: no kernel headers for $kver; the eBPF backend will be unavailable"
 fi
 
 # --- bpffs, needed to pin eBPF objects --------------------------------------------------------
