@@ -67,6 +67,26 @@ def delete_policy_rule(backend: RedirectionBackend, ns: str) -> str:
     return "deleted ip rule pref 32764"
 
 
+def _nftables_unavailable() -> str | None:
+    try:
+        import nftables  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"libnftables (python3-nftables) cannot load here: {e}"
+    return _needs("nft")()
+
+
+def delete_nft_outbound_redirect(backend: RedirectionBackend, ns: str) -> str:
+    """Delete the last 15001 redirect of chain istio-output in table inet istio-ambient-nat."""
+    where = ["inet", "istio-ambient-nat", "istio-output"]
+    listed = subprocess.run(["ip", "netns", "exec", ns, "nft", "-a", "list", "chain", *where],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    rule = [ln.strip() for ln in listed.splitlines() if "redirect to :15001" in ln][-1]
+    handle = rule.rsplit("# handle", 1)[1].strip()
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "delete", "rule", *where, "handle", handle],
+                   check=True)  # fmt: skip
+    return f"deleted nft rule `{rule}`"
+
+
 IPTABLES_TAMPERS: tuple[tuple[str, Tamper], ...] = (
     ("nat-rule", delete_nat_outbound_redirect),
     ("policy-rule", delete_policy_rule),
@@ -87,6 +107,12 @@ BACKENDS: list[BackendCase] = [
         unavailable=_python_iptables_unavailable,
         tampers=IPTABLES_TAMPERS,
     ),
-    # nftables / ebpf: add one BackendCase each, e.g.
-    # BackendCase("nftables", "nftables", {}, unavailable=..., tampers=(...)),
+    BackendCase(
+        "nftables",
+        "nftables",
+        unavailable=_nftables_unavailable,
+        tampers=(("nft-rule", delete_nft_outbound_redirect), ("policy-rule", delete_policy_rule)),
+    ),
+    # ebpf: add one BackendCase, e.g.
+    # BackendCase("ebpf", "ebpf", {}, unavailable=..., tampers=(...)),
 ]
