@@ -62,3 +62,19 @@ def test_failed_install_leaves_nothing(make_netns: Callable[[str], str], applier
         assert not parse_save(_save(ns, backend.applier.variant, fam)).holds_ours()
     rules = subprocess.run(["ip", "-n", ns, "rule"], capture_output=True, text=True).stdout
     assert "lookup 100" not in rules
+
+
+def test_reply_path_needs_the_policy_route(make_netns: Callable[[str], str]) -> None:
+    """Negative control for behaviour case 7: without the fwmark rule the app's reply to a
+    spoofed-source connection leaves on the veth, and ztunnel's connect fails."""
+    from tests.behaviour.topology import APP_PORT, build
+
+    topo = build(make_netns)
+    try:
+        IptablesBackend().apply(topo.pod_path, RedirectSettings())
+        subprocess.run(["ip", "-n", topo.pod_ns, "rule", "del", "pref", "32764"], check=True)
+        pod, peer = topo.address("pod", "ipv4"), topo.address("peer", "ipv4")
+        with pytest.raises(OSError):
+            topo.ztunnel_connect("ipv4", (pod, APP_PORT), spoof_source=peer)
+    finally:
+        topo.close()
