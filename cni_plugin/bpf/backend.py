@@ -1,0 +1,334 @@
+"""The eBPF redirection backend: tc programs, socket assignment and one policy route.
+
+Per pod, ``apply`` (inside the pod namespace, on a short-lived thread) does:
+1. ``net.ipv4.conf.lo.accept_local=1`` (old value kept in the pod's state map): packets
+   turned back into lo by ``istio_egress`` carry the pod's own source address;
+2. the SPEC §6 policy route: ``fwmark 0x111/0xfff lookup 100`` -> ``local 0.0.0.0/0 dev lo``
+   (and IPv6), which makes the turned-back packets local whatever their destination;
+3. a clsact qdisc (only where none exists) and our filters: ``istio_ingress`` on lo and on
+   every Ethernet interface, ``istio_egress`` on every Ethernet interface;
+4. the pod's pins: ``<pin_root>/pods/<netns inode>/{state,istio_ingress,istio_egress}``.
+Programs and their maps are shared by all pods of one settings variant (see
+:mod:`cni_plugin.bpf.programs`). Any failure undoes the steps already taken.
+
+``remove`` undoes exactly that (filters, the qdiscs we created, the sysctl, the routes, the
+pins); ``check`` compares the namespace with what ``apply`` would leave, changing nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from cni_plugin.bpf import image as image_mod
+from cni_plugin.bpf import pod, programs, routes, syscall, tc
+from cni_plugin.bpf.image import PROGRAMS, ProgramImage
+from cni_plugin.bpf.netlink import Rtnl
+from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
+from cni_plugin.netns import Netns
+from cni_plugin.redirection import policy_routes
+from cni_plugin.redirection.backend import CheckReport
+from cni_plugin.redirection.settings import RedirectSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-cni"
+_HOST_NETNS = "/proc/self/ns/net"
+_BPF_FS_MAGIC = 0xCAFE4A11
+LO = (1, "lo")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether the backend can run here, and if not, exactly why and what to install."""
+
+    ok: bool
+    reason: str = ""
+
+
+def probe(pin_root: str = DEFAULT_PIN_ROOT, cache_dir: str | None = None) -> Availability:
+    """Cheap readiness test: bpffs, a program image (cache or bcc + headers), and the
+    kernel's acceptance of both programs (helpers sk_assign, skc_lookup_tcp, redirect)."""
+    try:
+        _require_bpffs(Path(pin_root))
+        img = image_mod.load_image(cache_dir)
+        fds = [
+            syscall.map_create(m.map_type, m.key_size, m.value_size, 1, m.name) for m in img.maps
+        ]
+        try:
+            for name in PROGRAMS:
+                try:
+                    fd = syscall.prog_load(
+                        syscall.PROG_TYPE_SCHED_CLS, img.instructions(name, fds), name
+                    )
+                except OSError as e:
+                    raise ConfigError(
+                        f"the kernel refused the {name} tc program ({e}): the ebpf backend "
+                        "needs Linux >= 5.10 with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, "
+                        "CONFIG_NET_SCH_INGRESS and CONFIG_NET_CLS_ACT, and CAP_BPF/"
+                        "CAP_NET_ADMIN (or root); otherwise use --backend iptables"
+                    ) from None
+                os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    except ConfigError as e:
+        return Availability(False, str(e))
+    except OSError as e:
+        return Availability(False, f"bpf(2) failed: {e}: run as root with CAP_BPF/CAP_SYS_ADMIN")
+    return Availability(True)
+
+
+def _require_bpffs(pin_root: Path) -> None:
+    probe_dir = pin_root
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not _is_bpffs(probe_dir):
+        raise ConfigError(
+            f"{pin_root} is not on a bpf filesystem: mount it with "
+            "'mount -t bpf bpf /sys/fs/bpf' (and mount /sys/fs/bpf into the agent's container)"
+        )
+
+
+def _is_bpffs(path: Path) -> bool:
+    import ctypes
+
+    buf = ctypes.create_string_buffer(120)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(str(path).encode(), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:8], "little") == _BPF_FS_MAGIC
+
+
+class EbpfBackend:
+    """:class:`~cni_plugin.redirection.backend.RedirectionBackend` over tc BPF programs."""
+
+    name = "ebpf"
+
+    def __init__(
+        self,
+        pin_root: str = DEFAULT_PIN_ROOT,
+        cache_dir: str | None = None,
+        host_netns: str | None = _HOST_NETNS,
+    ) -> None:
+        self.pin_root = Path(pin_root)
+        self.cache_dir = cache_dir
+        self.host_netns = host_netns
+
+    # -- protocol ------------------------------------------------------------------------
+    def render(self, settings: RedirectSettings) -> str:
+        pods = f"{self.pin_root}/pods/<netns inode>"
+        lines = [
+            f"# ebpf backend: programs from {image_mod.SOURCE_DIR / 'redirect.c'}",
+            f"programs (shared by this variant): {self.pin_root}/progs/<build>-"
+            f"f{programs.settings_flags(settings)}-<probe addresses in hex>/"
+            "{istio_ingress,istio_egress,cfg,dns_nat,counters}",
+            f"cfg: dns_capture={settings.dns_capture} bypass_inbound={settings.bypass_inbound} "
+            f"ipv6={settings.ipv6} probe={settings.probe_snat_ipv4},{settings.probe_snat_ipv6}",
+            "tc qdisc add dev lo clsact (unless present)",
+            f"tc filter add dev lo ingress prio {tc.PRIO} handle {tc.HANDLE} bpf da istio_ingress",
+            "for each Ethernet interface IF of the pod:",
+            "  tc qdisc add dev IF clsact (unless present)",
+            f"  tc filter add dev IF ingress prio {tc.PRIO} handle {tc.HANDLE} bpf da "
+            "istio_ingress",
+            f"  tc filter add dev IF egress prio {tc.PRIO} handle {tc.HANDLE} bpf da istio_egress",
+            "sysctl -w net.ipv4.conf.lo.accept_local=1 (previous value kept in the state map)",
+            *policy_routes.describe_all(settings),
+            f"pins: {pods}/{{state,istio_ingress,istio_egress}}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def apply(self, netns_path: str, settings: RedirectSettings) -> None:
+        img = self._image()
+        _require_bpffs(self.pin_root)
+        try:
+            shared = programs.open_or_load(img, settings, self.pin_root)
+        except OSError as e:
+            raise RedirectionError(f"loading the redirection programs failed: {e}") from None
+        try:
+            self._in_netns(netns_path, lambda d: self._converge(d, img, shared, settings))
+        finally:
+            shared.close()
+
+    def remove(self, netns_path: str, settings: RedirectSettings) -> None:
+        def work(directory: Path) -> None:
+            with Rtnl() as nl:
+                _teardown(nl, directory, settings)
+
+        self._in_netns(netns_path, work)
+
+    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
+        img = self._image()
+        shared = programs.open_existing(img, settings, self.pin_root)
+        try:
+            return self._in_netns(netns_path, lambda d: _check(d, img, shared, settings))
+        finally:
+            if shared is not None:
+                shared.close()
+
+    # -- helpers -------------------------------------------------------------------------
+    def probe(self) -> Availability:
+        return probe(str(self.pin_root), self.cache_dir)
+
+    def counters(self, settings: RedirectSettings) -> dict[str, int]:
+        """The variant's packet counters (shared by its pods), or {} when not loaded."""
+        shared = programs.open_existing(self._image(), settings, self.pin_root)
+        if shared is None:
+            return {}
+        try:
+            return shared.counters()
+        finally:
+            shared.close()
+
+    def _image(self) -> ProgramImage:
+        return image_mod.load_image(self.cache_dir)
+
+    def _in_netns(self, netns_path: str, work: Callable[[Path], T]) -> T:
+        with Netns.open(netns_path, host_netns=self.host_netns) as ns:
+            directory = pod.pod_dir(self.pin_root, ns.inode)
+            return ns.run(lambda: work(directory))
+
+    def _converge(
+        self,
+        directory: Path,
+        img: ProgramImage,
+        shared: programs.SharedPrograms,
+        settings: RedirectSettings,
+    ) -> None:
+        with Rtnl() as nl:
+            wanted = _wanted(nl, shared)
+            present = {a.key for a in tc.ours(nl)}
+            state = pod.read_state(directory)
+            if (
+                state is not None
+                and state.version == img.version
+                and present == wanted
+                and nl.accept_local(LO[0]) == 1
+                and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in PROGRAMS)
+            ):
+                routes.install(nl, settings)  # adds only what is missing
+                return
+            if present or state is not None or directory.exists():
+                _teardown(nl, directory, settings)
+            _install(nl, directory, img, shared, settings)
+
+
+def _wanted(nl: Rtnl, shared: programs.SharedPrograms) -> set[tuple[int, str, str, int]]:
+    ifaces, _ = tc.pod_interfaces(nl)
+    ing, eg = "istio_ingress", "istio_egress"
+    out = {(LO[0], tc.INGRESS, ing, shared.prog_id(ing))}
+    for idx, _name in ifaces:
+        out.add((idx, tc.INGRESS, ing, shared.prog_id(ing)))
+        out.add((idx, tc.EGRESS, eg, shared.prog_id(eg)))
+    return out
+
+
+def _install(
+    nl: Rtnl,
+    directory: Path,
+    img: ProgramImage,
+    shared: programs.SharedPrograms,
+    settings: RedirectSettings,
+) -> None:
+    undo: list[Callable[[], None]] = []
+    try:
+        state = pod.PodState(img.version)
+        old = nl.accept_local(LO[0])
+        if old != 1:
+            nl.set_accept_local(LO[0], 1)
+            state.accept_local_orig = old
+            undo.append(lambda: nl.set_accept_local(LO[0], old))
+        added = routes.install(nl, settings)
+        undo.append(lambda: routes.undo(nl, settings, added))
+        ifaces, skipped = tc.pod_interfaces(nl)
+        if skipped:
+            log.warning("not an Ethernet interface, left unredirected: %s", ", ".join(skipped))
+        for idx, _name in [LO, *ifaces]:
+            if nl.add_clsact(idx):
+                state.created_qdiscs.append(idx)
+                undo.append(lambda i=idx: nl.del_clsact(i))  # type: ignore[misc]
+            dirs = [tc.INGRESS] if idx == LO[0] else [tc.INGRESS, tc.EGRESS]
+            for d in dirs:
+                prog = "istio_ingress" if d == tc.INGRESS else "istio_egress"
+                tc.attach(nl, idx, d, shared.prog_fds[prog], prog)
+                undo.append(lambda i=idx, dd=d: tc.detach(nl, i, dd))  # type: ignore[misc]
+        undo.append(lambda: pod.delete(directory))
+        pod.write(directory, state, shared.prog_fds)
+    except (OSError, IstioCniError, Exception) as e:
+        for step in reversed(undo):
+            with contextlib.suppress(Exception):
+                step()
+        if isinstance(e, ConfigError):
+            raise
+        raise RedirectionError(
+            f"attaching the redirection programs failed ({e}); nothing was left behind"
+        ) from None
+
+
+def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
+    """Remove everything of ours from the namespace and the pod's pins; absent is fine."""
+    state = pod.read_state(directory)
+    touched: set[int] = set()
+    for a in tc.ours(nl):
+        tc.detach(nl, a.ifindex, a.direction)
+        touched.add(a.ifindex)
+    # Qdiscs: the ones we created (state), else any we emptied; never one still in use.
+    candidates = set(state.created_qdiscs) if state is not None else touched
+    for idx in candidates:
+        if tc.remaining_filters(nl, idx) == 0:
+            nl.del_clsact(idx)
+    if state is not None and state.accept_local_orig != pod.UNTOUCHED:
+        nl.set_accept_local(LO[0], state.accept_local_orig)
+    routes.uninstall(nl, settings)
+    pod.delete(directory)
+
+
+def _check(
+    directory: Path,
+    img: ProgramImage,
+    shared: programs.SharedPrograms | None,
+    settings: RedirectSettings,
+) -> CheckReport:
+    missing: list[str] = []
+    extra: list[str] = []
+    notes: list[str] = []
+    with Rtnl() as nl:
+        names = {link.index: link.name for link in nl.links()}
+        present = {a.key for a in tc.ours(nl)}
+        if shared is None:
+            missing.append(f"programs of this variant pinned under {img.version:08x}")
+            wanted: set[tuple[int, str, str, int]] = set()
+            ifaces, _ = tc.pod_interfaces(nl)
+            for idx, _n in [LO, *ifaces]:
+                missing.append(f"tc filters on {names.get(idx, idx)}")
+        else:
+            wanted = _wanted(nl, shared)
+            notes.append("counters: " + ", ".join(f"{k}={v}" for k, v in shared.counters().items()))
+        for idx, d, prog, pid in sorted(wanted - present):
+            missing.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
+        for idx, d, prog, pid in sorted(present - wanted):
+            extra.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
+        state = pod.read_state(directory)
+        if state is None:
+            missing.append(f"pod state map {directory / pod.STATE}")
+        elif state.version != img.version:
+            extra.append(f"programs of an older build {state.version:08x} (re-apply upgrades)")
+        if shared is not None:
+            for n in PROGRAMS:
+                if pod.pinned_prog_id(directory, n) != shared.prog_id(n):
+                    missing.append(f"pin {directory / n} of the attached program")
+        if nl.accept_local(LO[0]) != 1:
+            missing.append("sysctl net.ipv4.conf.lo.accept_local=1")
+        rmissing, rextra = policy_routes.check(settings)
+        missing += rmissing
+        extra += rextra
+        _, skipped = tc.pod_interfaces(nl)
+        if skipped:
+            notes.append("not redirected (not Ethernet): " + ", ".join(skipped))
+    return CheckReport(tuple(missing), tuple(extra), tuple(notes))

@@ -1,0 +1,332 @@
+/* In-pod redirection for Istio ambient (SPEC section 6) as two tc programs, no conntrack.
+ *
+ * istio_egress  - tc egress of every pod interface but lo.
+ * istio_ingress - tc ingress of lo and of every pod interface.
+ *
+ * TCP is delivered transparently: a new connection's SYN is handed to ztunnel's listener
+ * with bpf_sk_assign, so the accepted socket's local address is the original destination
+ * (what ztunnel falls back to when SO_ORIGINAL_DST has no conntrack entry). Outbound SYNs
+ * leave through the pod interface's egress, are turned back into lo's receive path with
+ * the 0x111 mark (policy route: fwmark 0x111 -> table 100 -> local), and lo's ingress
+ * assigns them. Later packets of such a conversation, and replies to ztunnel's
+ * spoofed-source inbound connections, are recognised by the kernel's own socket table (a
+ * local non-listening socket owns the reversed 4-tuple) and turned back the same way.
+ * UDP DNS queries are rewritten to <client address>:15053 and the reply's source is
+ * rewritten back from a small LRU map (our own NAT: ztunnel's DNS proxy does not need
+ * the original destination).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "redirect.h"
+
+#define TH_SYN 0x02
+#define TH_ACK 0x10
+#define IP4_CSUM_OFF (ETH_HLEN + 10)
+#define IP4_SRC_OFF (ETH_HLEN + 12)
+#define IP4_DST_OFF (ETH_HLEN + 16)
+#define IP6_SRC_OFF (ETH_HLEN + 8)
+#define IP6_DST_OFF (ETH_HLEN + 24)
+#define UDP_CSUM_OFF 6
+/* Keeps clang from reusing a computed &skb->field across calls (the verifier refuses a
+ * dereference of a modified context pointer). */
+#define CTX_FRESH(p) asm volatile("" : "+r"(p))
+
+BPF_ARRAY(cfg, struct settings, 1);
+BPF_TABLE("lru_hash", struct dns_key, struct dns_val, dns_nat, 16384);
+BPF_ARRAY(counters, u64, C_COUNT);
+
+struct flow {
+    __u32 src[4];
+    __u32 dst[4];
+    __u16 sport; /* network byte order */
+    __u16 dport;
+    __u32 l4;    /* offset of the TCP/UDP header */
+    __u8 family; /* 4 or 6 */
+    __u8 proto;
+    __u8 tcp_flags;
+    __u8 pad;
+};
+
+static __always_inline void count(int idx)
+{
+    u64 *v = counters.lookup(&idx);
+    if (v)
+        __sync_fetch_and_add(v, 1);
+}
+
+/* 0 when the packet is TCP or UDP over IPv4 (or IPv6 when enabled) with ports readable. */
+static __always_inline int parse(struct __sk_buff *skb, struct flow *f, __u32 flags)
+{
+    if (skb->protocol == htons(ETH_P_IP)) {
+        struct iphdr ip;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)))
+            return -1;
+        if (ip.ihl < 5 || (ip.frag_off & htons(0x1fff)))
+            return -1; /* non-first fragments carry no ports */
+        f->family = 4;
+        f->proto = ip.protocol;
+        f->src[0] = ip.saddr;
+        f->dst[0] = ip.daddr;
+        f->l4 = ETH_HLEN + ip.ihl * 4;
+    } else if (skb->protocol == htons(ETH_P_IPV6) && (flags & F_IPV6)) {
+        struct ipv6hdr ip6;
+        if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip6, sizeof(ip6)))
+            return -1;
+        f->family = 6;
+        f->proto = ip6.nexthdr; /* extension headers: not steered (documented) */
+        __builtin_memcpy(f->src, &ip6.saddr, 16);
+        __builtin_memcpy(f->dst, &ip6.daddr, 16);
+        f->l4 = ETH_HLEN + sizeof(ip6);
+    } else {
+        return -1;
+    }
+    if (f->proto != IPPROTO_TCP && f->proto != IPPROTO_UDP)
+        return -1;
+    __u16 ports[2];
+    if (bpf_skb_load_bytes(skb, f->l4, ports, sizeof(ports)))
+        return -1;
+    f->sport = ports[0];
+    f->dport = ports[1];
+    if (f->proto == IPPROTO_TCP) {
+        __u8 fl;
+        if (bpf_skb_load_bytes(skb, f->l4 + 13, &fl, 1))
+            return -1;
+        f->tcp_flags = fl;
+    }
+    return 0;
+}
+
+static __always_inline int same_addr(__u8 family, const __u32 *a, const __u32 *b)
+{
+    if (family == 4)
+        return a[0] == b[0];
+    return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* 127.0.0.1/32 or ::1/128, exactly as the iptables rules exempt it. */
+static __always_inline int is_loopback(__u8 family, const __u32 *a)
+{
+    if (family == 4)
+        return a[0] == htonl(0x7f000001);
+    return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == htonl(1);
+}
+
+static __always_inline int is_probe(struct settings *s, __u8 family, const __u32 *a)
+{
+    if (family == 4)
+        return a[0] == s->probe4;
+    return same_addr(6, a, s->probe6);
+}
+
+/* The kernel's TCP socket lookup for a packet from ra:rp to la:lp (established first,
+ * then listeners). The caller releases the result. */
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, __u8 family,
+                                               const __u32 *ra, __u16 rp,
+                                               const __u32 *la, __u16 lp)
+{
+    struct bpf_sock_tuple t = {};
+    if (family == 4) {
+        t.ipv4.saddr = ra[0];
+        t.ipv4.daddr = la[0];
+        t.ipv4.sport = rp;
+        t.ipv4.dport = lp;
+        return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+    }
+    __builtin_memcpy(t.ipv6.saddr, ra, 16);
+    __builtin_memcpy(t.ipv6.daddr, la, 16);
+    t.ipv6.sport = rp;
+    t.ipv6.dport = lp;
+    return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+}
+
+/* 1 when a local socket other than a listener owns the conversation of a packet from
+ * ra:rp to la:lp, i.e. the packet belongs to this namespace. */
+static __always_inline int owned_locally(struct __sk_buff *skb, __u8 family,
+                                         const __u32 *ra, __u16 rp,
+                                         const __u32 *la, __u16 lp)
+{
+    struct bpf_sock *sk = lookup(skb, family, ra, rp, la, lp);
+    if (!sk)
+        return 0;
+    int listening = sk->state == BPF_TCP_LISTEN;
+    bpf_sk_release(sk);
+    return !listening;
+}
+
+/* Hand a SYN to the listener on `port`, keeping the packet's destination (transparent). */
+static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 port)
+{
+    struct bpf_sock *sk = lookup(skb, f->family, f->src, f->sport, f->dst, htons(port));
+    if (!sk)
+        return -1;
+    if (sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        return -1;
+    }
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    return err ? -1 : 0;
+}
+
+/* Turn an outgoing packet back into this namespace: lo's receive path, marked so the
+ * policy route (fwmark 0x111 -> table 100: local) delivers it whatever its destination. */
+static __always_inline int to_lo(struct __sk_buff *skb)
+{
+    __u8 zero[ETH_ALEN] = {};
+    /* lo's address is all zeroes: any other destination MAC reads as PACKET_OTHERHOST. */
+    if (bpf_skb_store_bytes(skb, 0, zero, ETH_ALEN, 0))
+        return TC_ACT_SHOT;
+    CTX_FRESH(skb);
+    __u32 mark = skb->mark;
+    CTX_FRESH(skb);
+    skb->mark = (mark & ~MARK_MASK) | CONNMARK;
+    return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
+static __always_inline int set_addr(struct __sk_buff *skb, struct flow *f, int dst,
+                                    const __u32 *from, const __u32 *to)
+{
+    __u32 csum = f->l4 + UDP_CSUM_OFF;
+    if (f->family == 4) {
+        __u32 old = from[0], new = to[0];
+        if (bpf_l4_csum_replace(skb, csum, old, new,
+                                BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new)))
+            return -1;
+        if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old, new, sizeof(new)))
+            return -1;
+        return bpf_skb_store_bytes(skb, dst ? IP4_DST_OFF : IP4_SRC_OFF, &new, 4, 0) ? -1 : 0;
+    }
+    __u32 old6[4], new6[4];
+    __builtin_memcpy(old6, from, 16);
+    __builtin_memcpy(new6, to, 16);
+    __s64 diff = bpf_csum_diff(old6, 16, new6, 16, 0);
+    if (bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+        return -1;
+    return bpf_skb_store_bytes(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, new6, 16, 0) ? -1 : 0;
+}
+
+static __always_inline int set_port(struct __sk_buff *skb, struct flow *f, int dst,
+                                    __u16 old, __u16 new)
+{
+    if (bpf_l4_csum_replace(skb, f->l4 + UDP_CSUM_OFF, old, new,
+                            BPF_F_MARK_MANGLED_0 | sizeof(new)))
+        return -1;
+    return bpf_skb_store_bytes(skb, f->l4 + (dst ? 2 : 0), &new, 2, 0) ? -1 : 0;
+}
+
+/* UDP/53 leaving the pod: to <client address>:15053 on lo, remembering the server. */
+static __always_inline int dns_query(struct __sk_buff *skb, struct flow *f)
+{
+    struct dns_key k = {};
+    struct dns_val v = {};
+    __builtin_memcpy(k.addr, f->src, 16);
+    k.port = f->sport;
+    k.family = f->family;
+    __builtin_memcpy(v.addr, f->dst, 16);
+    v.port = f->dport;
+    dns_nat.update(&k, &v);
+    if (set_addr(skb, f, 1, f->dst, f->src) ||
+        set_port(skb, f, 1, f->dport, htons(ZTUNNEL_DNS_PORT)))
+        return TC_ACT_SHOT;
+    count(C_DNS_UDP);
+    return to_lo(skb);
+}
+
+/* A reply from :15053 to a client we rewrote: give it the source the client asked. */
+static __always_inline int dns_reply(struct __sk_buff *skb, struct flow *f)
+{
+    if (f->sport != htons(ZTUNNEL_DNS_PORT))
+        return TC_ACT_OK;
+    struct dns_key k = {};
+    __builtin_memcpy(k.addr, f->dst, 16);
+    k.port = f->dport;
+    k.family = f->family;
+    struct dns_val *found = dns_nat.lookup(&k);
+    if (!found)
+        return TC_ACT_OK;
+    struct dns_val v = *found;
+    if (set_addr(skb, f, 0, f->src, v.addr) || set_port(skb, f, 0, f->sport, v.port))
+        return TC_ACT_SHOT;
+    count(C_DNS_REPLY);
+    return TC_ACT_OK;
+}
+
+int istio_egress(struct __sk_buff *skb)
+{
+    int zero = 0;
+    struct settings *s = cfg.lookup(&zero);
+    if (!s || !s->version)
+        return TC_ACT_OK;
+    struct flow f = {};
+    if (parse(skb, &f, s->flags))
+        return TC_ACT_OK;
+    if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
+        return TC_ACT_OK; /* ztunnel's own traffic, its upstream DNS included */
+    if (f.proto == IPPROTO_UDP) {
+        if ((s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT))
+            return dns_query(skb, &f);
+        return TC_ACT_OK;
+    }
+    if (is_probe(s, f.family, f.dst) || is_loopback(f.family, f.dst))
+        return TC_ACT_OK;
+    /* Replies to ztunnel's spoofed-source connections, and every later packet of a
+     * captured outbound connection: the peer socket lives here. */
+    if (owned_locally(skb, f.family, f.src, f.sport, f.dst, f.dport)) {
+        count(C_LOCAL_REDIRECT);
+        return to_lo(skb);
+    }
+    if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN)
+        return to_lo(skb); /* a new outbound connection: lo's ingress picks the listener */
+    return TC_ACT_OK;
+}
+
+int istio_ingress(struct __sk_buff *skb)
+{
+    int zero = 0;
+    struct settings *s = cfg.lookup(&zero);
+    if (!s || !s->version)
+        return TC_ACT_OK;
+    struct flow f = {};
+    if (parse(skb, &f, s->flags))
+        return TC_ACT_OK;
+    int on_lo = skb->ifindex == LOOPBACK_IFINDEX;
+    if (f.proto == IPPROTO_UDP)
+        return on_lo ? dns_reply(skb, &f) : TC_ACT_OK;
+    if ((f.tcp_flags & (TH_SYN | TH_ACK)) != TH_SYN)
+        return TC_ACT_OK; /* only new connections are steered; the rest finds its socket */
+    __u32 mark = skb->mark & MARK_MASK;
+    if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
+        return TC_ACT_OK;
+    int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
+    __u16 port;
+    int counter;
+    if (on_lo && mark == CONNMARK) {
+        /* turned back by istio_egress: an outbound connection */
+        port = dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT;
+        counter = dns ? C_DNS_TCP : C_OUTBOUND;
+    } else if (on_lo && dns) {
+        port = ZTUNNEL_DNS_PORT; /* TCP/53 to one of the pod's own addresses */
+        counter = C_DNS_TCP;
+    } else {
+        if ((s->flags & F_BYPASS_INBOUND) || f.dport == htons(ZTUNNEL_HBONE_PORT))
+            return TC_ACT_OK;
+        port = ZTUNNEL_INBOUND_PORT;
+        counter = C_INBOUND;
+    }
+    /* A retransmitted SYN of a conversation already under way takes the normal path. */
+    if (owned_locally(skb, f.family, f.src, f.sport, f.dst, f.dport))
+        return TC_ACT_OK;
+    if (assign(skb, &f, port)) {
+        /* No listener yet (ztunnel has not opened this namespace): drop, never deliver
+         * around ztunnel; the client's SYN retransmission gets through once it listens. */
+        count(C_NO_LISTENER);
+        return TC_ACT_SHOT;
+    }
+    count(counter);
+    return TC_ACT_OK;
+}

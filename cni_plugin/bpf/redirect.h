@@ -1,0 +1,77 @@
+/* Contract constants and map layouts shared by redirect.c and its loader.
+ *
+ * Every value has a default here and is normally passed by the loader as -D from
+ * cni_plugin/constants.py (tests/unit/test_bpf_header.py checks the defaults agree).
+ * The struct layouts are mirrored by ctypes structures in cni_plugin/bpf/maps.py.
+ */
+#ifndef ISTIO_CNI_REDIRECT_H
+#define ISTIO_CNI_REDIRECT_H
+
+#ifndef ZTUNNEL_OUTBOUND_PORT
+#define ZTUNNEL_OUTBOUND_PORT 15001
+#endif
+#ifndef ZTUNNEL_INBOUND_PORT
+#define ZTUNNEL_INBOUND_PORT 15006
+#endif
+#ifndef ZTUNNEL_HBONE_PORT
+#define ZTUNNEL_HBONE_PORT 15008
+#endif
+#ifndef ZTUNNEL_DNS_PORT
+#define ZTUNNEL_DNS_PORT 15053
+#endif
+#ifndef DNS_PORT
+#define DNS_PORT 53
+#endif
+#ifndef ZTUNNEL_MARK
+#define ZTUNNEL_MARK 0x539
+#endif
+#ifndef CONNMARK
+#define CONNMARK 0x111
+#endif
+#ifndef MARK_MASK
+#define MARK_MASK 0xfff
+#endif
+#ifndef LOOPBACK_IFINDEX
+#define LOOPBACK_IFINDEX 1
+#endif
+
+/* settings.flags */
+#define F_DNS_CAPTURE 1
+#define F_BYPASS_INBOUND 2
+#define F_IPV6 4
+
+/* One entry (key 0) per pod: what the programs do in this namespace. */
+struct settings {
+    __u32 flags;
+    __u32 probe4;      /* network byte order */
+    __u32 probe6[4];   /* network byte order */
+    __u32 version;     /* first 4 bytes of the program image's key: says "ours, which build" */
+    __u32 reserved;
+};
+
+/* UDP DNS capture is a small stateful NAT of our own (no conntrack): the query's client
+ * address and port map to the destination it asked for, so the reply can carry it back. */
+struct dns_key {
+    __u32 addr[4];
+    __u16 port;
+    __u8 family;
+    __u8 pad;
+};
+
+struct dns_val {
+    __u32 addr[4];
+    __u16 port;
+    __u16 pad;
+};
+
+/* counters (array index) */
+#define C_OUTBOUND 0      /* outbound SYN handed to the 15001 listener */
+#define C_INBOUND 1       /* inbound SYN handed to the 15006 listener */
+#define C_DNS_TCP 2       /* TCP/53 SYN handed to the 15053 listener */
+#define C_DNS_UDP 3       /* UDP/53 query rewritten to 15053 */
+#define C_DNS_REPLY 4     /* 15053 reply rewritten back to the server the client asked */
+#define C_NO_LISTENER 5   /* SYN dropped: the target listener does not exist (yet) */
+#define C_LOCAL_REDIRECT 6 /* packet of a local conversation turned back to lo */
+#define C_COUNT 8
+
+#endif
