@@ -52,7 +52,12 @@ class NftContext(Protocol):
 
 
 def _libnftables() -> NftContext:
-    nft = nftables.Nftables()
+    try:
+        nft = nftables.Nftables()
+    except OSError as e:
+        raise RedirectionError(
+            f"libnftables cannot be loaded ({e}): install the nftables packages (make setup)"
+        ) from None
     # Listing in the canonical form nftables_rules.listing_form predicts.
     nft.set_stateless_output(True)
     nft.set_numeric_prio_output(True)
@@ -106,8 +111,13 @@ class NftablesBackend:
                 )
             try:
                 self._routes.install(settings)  # undoes its own partial work on failure
-            except BaseException:
-                nft.cmd(restore)
+            except BaseException as e:
+                rc, _, err = nft.cmd(restore)
+                if rc != 0:
+                    raise RedirectionError(
+                        f"{e}; putting the previous nftables tables back in {netns_path} also "
+                        f"failed: {_first_line(err)}; run remove, then apply again"
+                    ) from e
                 raise
 
         run_in_netns(netns_path, work)
