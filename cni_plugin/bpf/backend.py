@@ -1,8 +1,9 @@
 """The eBPF redirection backend: tc programs, socket assignment and one policy route.
 
 Per pod, ``apply`` (inside the pod namespace, on a short-lived thread) does:
-1. ``net.ipv4.conf.lo.accept_local=1`` (old value kept in the pod's state map): packets
-   turned back into lo by ``istio_egress`` carry the pod's own source address;
+1. ``net.ipv4.conf.lo.{accept_local,route_localnet}=1`` (old values kept in the pod's state
+   map): packets turned back into lo by ``istio_egress`` carry the pod's own source address
+   and, when sent to ztunnel, the destination 127.0.0.1;
 2. the SPEC §6 policy route: ``fwmark 0x111/0xfff lookup 100`` -> ``local 0.0.0.0/0 dev lo``
    (and IPv6), which makes the turned-back packets local whatever their destination;
 3. a clsact qdisc (only where none exists) and our filters: ``istio_ingress`` on lo and on
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +29,8 @@ from typing import TypeVar
 
 from cni_plugin.bpf import image as image_mod
 from cni_plugin.bpf import pod, programs, routes, syscall, tc
-from cni_plugin.bpf.image import PROGRAMS, ProgramImage
-from cni_plugin.bpf.netlink import Rtnl
+from cni_plugin.bpf.image import PROGRAMS, TC_PROGRAMS, ProgramImage
+from cni_plugin.bpf.netlink import IPV4_DEVCONF_ACCEPT_LOCAL, IPV4_DEVCONF_ROUTE_LOCALNET, Rtnl
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection import policy_routes
@@ -41,7 +43,14 @@ T = TypeVar("T")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-cni"
 _HOST_NETNS = "/proc/self/ns/net"
 _BPF_FS_MAGIC = 0xCAFE4A11
+_CGROUP2_MAGIC = 0x63677270
+CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 LO = (1, "lo")
+# lo's devconf values apply sets to 1 (and the PodState field keeping the value before)
+DEVCONF = (
+    (IPV4_DEVCONF_ACCEPT_LOCAL, "accept_local_orig"),
+    (IPV4_DEVCONF_ROUTE_LOCALNET, "route_localnet_orig"),
+)
 
 
 @dataclass(frozen=True)
@@ -52,31 +61,31 @@ class Availability:
     reason: str = ""
 
 
-def probe(pin_root: str = DEFAULT_PIN_ROOT, cache_dir: str | None = None) -> Availability:
+def probe(
+    pin_root: str = DEFAULT_PIN_ROOT, cache_dir: str | None = None, cgroup: str | None = None
+) -> Availability:
     """Cheap readiness test: bpffs, a program image (cache or bcc + headers), and the
     kernel's acceptance of both programs (helpers sk_assign, skc_lookup_tcp, redirect)."""
     try:
         _require_bpffs(Path(pin_root))
+        cgroup2_root(cgroup)
         img = image_mod.load_image(cache_dir)
-        fds = [
-            syscall.map_create(m.map_type, m.key_size, m.value_size, 1, m.name) for m in img.maps
-        ]
+        fds = {m.name: syscall.map_create(m.map_type, m.key_size, m.value_size, 1, m.name)
+               for m in img.maps}  # fmt: skip
         try:
             for name in PROGRAMS:
                 try:
-                    fd = syscall.prog_load(
-                        syscall.PROG_TYPE_SCHED_CLS, img.instructions(name, fds), name
-                    )
+                    fd = programs.load_program(img, name, fds)
                 except OSError as e:
                     raise ConfigError(
-                        f"the kernel refused the {name} tc program ({e}): the ebpf backend "
+                        f"the kernel refused the {name} program ({e}): the ebpf backend "
                         "needs Linux >= 5.10 with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, "
-                        "CONFIG_NET_SCH_INGRESS and CONFIG_NET_CLS_ACT, and CAP_BPF/"
-                        "CAP_NET_ADMIN (or root); otherwise use --backend iptables"
+                        "CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_ACT and CONFIG_CGROUP_BPF, "
+                        "and CAP_BPF/CAP_NET_ADMIN (or root); otherwise use --backend iptables"
                     ) from None
                 os.close(fd)
         finally:
-            for fd in fds:
+            for fd in fds.values():
                 os.close(fd)
     except ConfigError as e:
         return Availability(False, str(e))
@@ -85,25 +94,38 @@ def probe(pin_root: str = DEFAULT_PIN_ROOT, cache_dir: str | None = None) -> Ava
     return Availability(True)
 
 
+def cgroup2_root(configured: str | None = None) -> str:
+    """The cgroup v2 directory ``istio_getsockopt`` is attached to (the hierarchy's root
+    unless configured), or a :class:`ConfigError` naming what to mount."""
+    for path in [configured] if configured else list(CGROUP2_CANDIDATES):
+        if path and _fs_magic(Path(path)) == _CGROUP2_MAGIC:
+            return path
+    raise ConfigError(
+        f"no cgroup v2 hierarchy at {configured or ' or '.join(CGROUP2_CANDIDATES)}: the "
+        "ebpf backend answers ztunnel's SO_ORIGINAL_DST from a cgroup getsockopt program; "
+        "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified) or set its path"
+    )
+
+
 def _require_bpffs(pin_root: Path) -> None:
     probe_dir = pin_root
     while not probe_dir.exists() and probe_dir != probe_dir.parent:
         probe_dir = probe_dir.parent
-    if not _is_bpffs(probe_dir):
+    if _fs_magic(probe_dir) != _BPF_FS_MAGIC:
         raise ConfigError(
             f"{pin_root} is not on a bpf filesystem: mount it with "
             "'mount -t bpf bpf /sys/fs/bpf' (and mount /sys/fs/bpf into the agent's container)"
         )
 
 
-def _is_bpffs(path: Path) -> bool:
+def _fs_magic(path: Path) -> int:
     import ctypes
 
     buf = ctypes.create_string_buffer(120)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.statfs(str(path).encode(), buf) != 0:
-        return False
-    return int.from_bytes(buf.raw[:8], "little") == _BPF_FS_MAGIC
+        return 0
+    return int.from_bytes(buf.raw[:8], "little")
 
 
 class EbpfBackend:
@@ -116,10 +138,12 @@ class EbpfBackend:
         pin_root: str = DEFAULT_PIN_ROOT,
         cache_dir: str | None = None,
         host_netns: str | None = _HOST_NETNS,
+        cgroup: str | None = None,
     ) -> None:
         self.pin_root = Path(pin_root)
         self.cache_dir = cache_dir
         self.host_netns = host_netns
+        self.cgroup = cgroup
 
     # -- protocol ------------------------------------------------------------------------
     def render(self, settings: RedirectSettings) -> str:
@@ -128,7 +152,9 @@ class EbpfBackend:
             f"# ebpf backend: programs from {image_mod.SOURCE_DIR / 'redirect.c'}",
             f"programs (shared by this variant): {self.pin_root}/progs/<build>-"
             f"f{programs.settings_flags(settings)}-<probe addresses in hex>/"
-            "{istio_ingress,istio_egress,cfg,dns_nat,counters}",
+            "{istio_ingress,istio_egress,cfg,counters}",
+            f"node: {self.pin_root}/node/{{nat,getsockopt_link}}: istio_getsockopt on cgroup "
+            f"{self.cgroup or 'v2 root'} answers SO_ORIGINAL_DST for 15001/15053",
             f"cfg: dns_capture={settings.dns_capture} bypass_inbound={settings.bypass_inbound} "
             f"ipv6={settings.ipv6} probe={settings.probe_snat_ipv4},{settings.probe_snat_ipv6}",
             "tc qdisc add dev lo clsact (unless present)",
@@ -138,7 +164,8 @@ class EbpfBackend:
             f"  tc filter add dev IF ingress prio {tc.PRIO} handle {tc.HANDLE} bpf da "
             "istio_ingress",
             f"  tc filter add dev IF egress prio {tc.PRIO} handle {tc.HANDLE} bpf da istio_egress",
-            "sysctl -w net.ipv4.conf.lo.accept_local=1 (previous value kept in the state map)",
+            "sysctl -w net.ipv4.conf.lo.accept_local=1 net.ipv4.conf.lo.route_localnet=1 "
+            "(previous values kept in the state map)",
             *policy_routes.describe_all(settings),
             f"pins: {pods}/{{state,istio_ingress,istio_egress}}",
         ]
@@ -147,8 +174,13 @@ class EbpfBackend:
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
         img = self._image()
         _require_bpffs(self.pin_root)
+        cgroup = cgroup2_root(self.cgroup)
         try:
-            shared = programs.open_or_load(img, settings, self.pin_root)
+            node = programs.node_objects(img, self.pin_root, cgroup)
+            try:
+                shared = programs.variant_objects(img, settings, self.pin_root, node)
+            finally:
+                node.close()
         except OSError as e:
             raise RedirectionError(f"loading the redirection programs failed: {e}") from None
         try:
@@ -165,7 +197,7 @@ class EbpfBackend:
 
     def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
         img = self._image()
-        shared = programs.open_existing(img, settings, self.pin_root)
+        shared = programs.existing_variant(img, settings, self.pin_root)
         try:
             return self._in_netns(netns_path, lambda d: _check(d, img, shared, settings))
         finally:
@@ -174,11 +206,20 @@ class EbpfBackend:
 
     # -- helpers -------------------------------------------------------------------------
     def probe(self) -> Availability:
-        return probe(str(self.pin_root), self.cache_dir)
+        return probe(str(self.pin_root), self.cache_dir, self.cgroup)
+
+    def uninstall_node(self) -> bool:
+        """Remove the node-wide and variant objects once no pod uses them (agent uninstall,
+        tests). True when removed; the getsockopt link detaches as its pin goes."""
+        pods = self.pin_root / "pods"
+        if pods.is_dir() and any(pods.iterdir()):
+            return False
+        shutil.rmtree(self.pin_root, ignore_errors=True)
+        return True
 
     def counters(self, settings: RedirectSettings) -> dict[str, int]:
         """The variant's packet counters (shared by its pods), or {} when not loaded."""
-        shared = programs.open_existing(self._image(), settings, self.pin_root)
+        shared = programs.existing_variant(self._image(), settings, self.pin_root)
         if shared is None:
             return {}
         try:
@@ -198,7 +239,7 @@ class EbpfBackend:
         self,
         directory: Path,
         img: ProgramImage,
-        shared: programs.SharedPrograms,
+        shared: programs.Pinned,
         settings: RedirectSettings,
     ) -> None:
         with Rtnl() as nl:
@@ -209,8 +250,8 @@ class EbpfBackend:
                 state is not None
                 and state.version == img.version
                 and present == wanted
-                and nl.accept_local(LO[0]) == 1
-                and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in PROGRAMS)
+                and all(nl.devconf(LO[0], k) == 1 for k, _ in DEVCONF)
+                and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in TC_PROGRAMS)
             ):
                 routes.install(nl, settings)  # adds only what is missing
                 return
@@ -219,7 +260,7 @@ class EbpfBackend:
             _install(nl, directory, img, shared, settings)
 
 
-def _wanted(nl: Rtnl, shared: programs.SharedPrograms) -> set[tuple[int, str, str, int]]:
+def _wanted(nl: Rtnl, shared: programs.Pinned) -> set[tuple[int, str, str, int]]:
     ifaces, _ = tc.pod_interfaces(nl)
     ing, eg = "istio_ingress", "istio_egress"
     out = {(LO[0], tc.INGRESS, ing, shared.prog_id(ing))}
@@ -233,17 +274,18 @@ def _install(
     nl: Rtnl,
     directory: Path,
     img: ProgramImage,
-    shared: programs.SharedPrograms,
+    shared: programs.Pinned,
     settings: RedirectSettings,
 ) -> None:
     undo: list[Callable[[], None]] = []
     try:
         state = pod.PodState(img.version)
-        old = nl.accept_local(LO[0])
-        if old != 1:
-            nl.set_accept_local(LO[0], 1)
-            state.accept_local_orig = old
-            undo.append(lambda: nl.set_accept_local(LO[0], old))
+        for key, attr in DEVCONF:
+            old = nl.devconf(LO[0], key)
+            if old != 1:
+                nl.set_devconf(LO[0], key, 1)
+                setattr(state, attr, old)
+                undo.append(lambda k=key, o=old: nl.set_devconf(LO[0], k, o))  # type: ignore[misc]
         added = routes.install(nl, settings)
         undo.append(lambda: routes.undo(nl, settings, added))
         ifaces, skipped = tc.pod_interfaces(nl)
@@ -256,10 +298,10 @@ def _install(
             dirs = [tc.INGRESS] if idx == LO[0] else [tc.INGRESS, tc.EGRESS]
             for d in dirs:
                 prog = "istio_ingress" if d == tc.INGRESS else "istio_egress"
-                tc.attach(nl, idx, d, shared.prog_fds[prog], prog)
+                tc.attach(nl, idx, d, shared.fds[prog], prog)
                 undo.append(lambda i=idx, dd=d: tc.detach(nl, i, dd))  # type: ignore[misc]
         undo.append(lambda: pod.delete(directory))
-        pod.write(directory, state, shared.prog_fds)
+        pod.write(directory, state, {n: shared.fds[n] for n in TC_PROGRAMS})
     except (OSError, IstioCniError, Exception) as e:
         for step in reversed(undo):
             with contextlib.suppress(Exception):
@@ -283,8 +325,10 @@ def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
     for idx in candidates:
         if tc.remaining_filters(nl, idx) == 0:
             nl.del_clsact(idx)
-    if state is not None and state.accept_local_orig != pod.UNTOUCHED:
-        nl.set_accept_local(LO[0], state.accept_local_orig)
+    for key, attr in DEVCONF:
+        old = getattr(state, attr) if state is not None else pod.UNTOUCHED
+        if old != pod.UNTOUCHED:
+            nl.set_devconf(LO[0], key, old)
     routes.uninstall(nl, settings)
     pod.delete(directory)
 
@@ -292,7 +336,7 @@ def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
 def _check(
     directory: Path,
     img: ProgramImage,
-    shared: programs.SharedPrograms | None,
+    shared: programs.Pinned | None,
     settings: RedirectSettings,
 ) -> CheckReport:
     missing: list[str] = []
@@ -320,11 +364,12 @@ def _check(
         elif state.version != img.version:
             extra.append(f"programs of an older build {state.version:08x} (re-apply upgrades)")
         if shared is not None:
-            for n in PROGRAMS:
+            for n in TC_PROGRAMS:
                 if pod.pinned_prog_id(directory, n) != shared.prog_id(n):
                     missing.append(f"pin {directory / n} of the attached program")
-        if nl.accept_local(LO[0]) != 1:
-            missing.append("sysctl net.ipv4.conf.lo.accept_local=1")
+        for key, attr in DEVCONF:
+            if nl.devconf(LO[0], key) != 1:
+                missing.append(f"sysctl net.ipv4.conf.lo.{attr.removesuffix('_orig')}=1")
         rmissing, rextra = policy_routes.check(settings)
         missing += rmissing
         extra += rextra

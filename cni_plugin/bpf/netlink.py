@@ -33,6 +33,7 @@ RTM_GETADDR = 22
 IFLA_IFNAME, IFLA_AF_SPEC = 3, 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_ACCEPT_LOCAL = 23
+IPV4_DEVCONF_ROUTE_LOCALNET = 26
 TCA_KIND, TCA_OPTIONS = 1, 2
 TCA_BPF_FD, TCA_BPF_NAME, TCA_BPF_FLAGS, TCA_BPF_ID = 6, 7, 8, 11
 TCA_BPF_FLAG_ACT_DIRECT = 1
@@ -148,19 +149,19 @@ class Rtnl:
             out.append(Link(index, name, ltype))
         return out
 
-    def accept_local(self, index: int) -> int:
-        """The interface's IPv4 ``accept_local`` devconf value."""
+    def devconf(self, index: int, which: int) -> int:
+        """One IPv4 devconf value of an interface (``IPV4_DEVCONF_*``)."""
         for body in self.dump(RTM_GETLINK, struct.pack("BxHiII", 0, 0, 0, 0, 0)):
             if struct.unpack_from("i", body, 4)[0] != index:
                 continue
             spec = parse_attrs(parse_attrs(body[16:]).get(IFLA_AF_SPEC, b""))
             conf = parse_attrs(spec.get(socket.AF_INET, b"")).get(IFLA_INET_CONF, b"")
-            off = (IPV4_DEVCONF_ACCEPT_LOCAL - 1) * 4
+            off = (which - 1) * 4
             return int(struct.unpack_from("I", conf, off)[0])
         raise OSError(errno.ENODEV, f"no interface with index {index}")
 
-    def set_accept_local(self, index: int, value: int) -> None:
-        conf = _attr(IFLA_INET_CONF | NLA_F_NESTED, _u32(IPV4_DEVCONF_ACCEPT_LOCAL, value))
+    def set_devconf(self, index: int, which: int, value: int) -> None:
+        conf = _attr(IFLA_INET_CONF | NLA_F_NESTED, _u32(which, value))
         spec = _attr(IFLA_AF_SPEC | NLA_F_NESTED, _attr(socket.AF_INET | NLA_F_NESTED, conf))
         self.request(RTM_SETLINK, 0, struct.pack("BxHiII", 0, 0, index, 0, 0) + spec)
 

@@ -1,10 +1,10 @@
 """One pod's own bpffs state: ``<pin_root>/pods/<netns inode>/``.
 
 Holds the ``state`` map (what :class:`~cni_plugin.bpf.backend.EbpfBackend` changed in the
-namespace and must undo: the clsact qdiscs it created, the loopback ``accept_local`` value
-it replaced, the build it attached) and a second pin of each attached program, so that an
-agent that restarts, or another agent, knows exactly what is ours and can verify or undo
-it without any memory of its own.
+namespace and must undo: the clsact qdiscs it created, lo's ``accept_local`` and
+``route_localnet`` values it replaced, the build it attached) and a second pin of each
+attached program, so that an agent that restarts, or another agent, knows exactly what is
+ours and can verify or undo it without any memory of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from cni_plugin.bpf import syscall
 STATE_MAGIC = b"icni"
 UNTOUCHED = 0xFFFFFFFF
 MAX_IFACES = 8
-_FORMAT = f"<4sIIII{MAX_IFACES}I"  # magic, version, accept_local, flags, n, created ifindexes
+# magic, build, lo's accept_local and route_localnet before us, n, created qdisc ifindexes
+_FORMAT = f"<4sIIII{MAX_IFACES}I"
 _SIZE = struct.calcsize(_FORMAT)
 STATE = "state"
 
@@ -30,19 +31,28 @@ STATE = "state"
 class PodState:
     version: int
     accept_local_orig: int = UNTOUCHED
+    route_localnet_orig: int = UNTOUCHED
     created_qdiscs: list[int] = field(default_factory=list)
 
     def pack(self) -> bytes:
         idx = (self.created_qdiscs + [0] * MAX_IFACES)[:MAX_IFACES]
         n = min(len(self.created_qdiscs), MAX_IFACES)
-        return struct.pack(_FORMAT, STATE_MAGIC, self.version, self.accept_local_orig, 0, n, *idx)
+        return struct.pack(
+            _FORMAT,
+            STATE_MAGIC,
+            self.version,
+            self.accept_local_orig,
+            self.route_localnet_orig,
+            n,
+            *idx,
+        )
 
     @classmethod
     def unpack(cls, raw: bytes) -> PodState | None:
-        magic, version, accept_local, _flags, n, *idx = struct.unpack(_FORMAT, raw[:_SIZE])
+        magic, version, accept_local, localnet, n, *idx = struct.unpack(_FORMAT, raw[:_SIZE])
         if magic != STATE_MAGIC:
             return None
-        return cls(version, accept_local, list(idx[: min(n, MAX_IFACES)]))
+        return cls(version, accept_local, localnet, list(idx[: min(n, MAX_IFACES)]))
 
 
 def pod_dir(pin_root: Path, netns_inode: int) -> Path:

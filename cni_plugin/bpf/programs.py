@@ -1,10 +1,15 @@
-"""The loaded, pinned programs of one settings variant, shared by every pod using it.
+"""Loaded, pinned BPF objects shared by pods: the node's and each settings variant's.
 
-Loading costs the verifier about a millisecond per program, so programs are loaded once per
-(image build, variant) and pinned under ``<pin_root>/progs/<build>-<variant>/`` together
-with their maps: ``cfg`` (the variant's settings), ``dns_nat`` (UDP DNS replies' way back)
-and ``counters``. A restarted agent finds the pins and adopts them without compiling or
-loading anything; pods keep pointing at the programs they were attached with throughout.
+Node-wide (``<pin_root>/node/``): the ``nat`` map (captured connections' original
+destinations; pod addresses are unique on a node) and ``istio_getsockopt`` attached to
+the cgroup v2 root through a pinned link, answering ztunnel's ``SO_ORIGINAL_DST``.
+
+Per variant (``<pin_root>/progs/<build>-<flags>-<probe addresses>/``): ``istio_ingress``
+and ``istio_egress`` with their ``cfg`` (the variant's settings) and ``counters`` maps.
+Loading costs the verifier about a millisecond per program, so this happens once per
+agent (or never: a restarted agent adopts the pins) instead of once per pod.
+Creation pins into a temporary directory renamed into place, so a crash never leaves a
+half-made variant under its real name.
 """
 
 from __future__ import annotations
@@ -18,22 +23,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cni_plugin.bpf import syscall
-from cni_plugin.bpf.image import PROGRAMS, ProgramImage
+from cni_plugin.bpf.image import NODE_MAPS, PROGRAM_TYPES, TC_PROGRAMS, ProgramImage
 from cni_plugin.redirection.settings import RedirectSettings
 
 F_DNS_CAPTURE = 1
 F_BYPASS_INBOUND = 2
 F_IPV6 = 4
 SETTINGS_FORMAT = "<II16sII"  # struct settings in redirect.h
+NAT_KEY_FORMAT = "<16sHBB"  # struct nat_key
+NAT_VAL_FORMAT = "<16sHH"  # struct nat_val
 COUNTER_NAMES = (
     "outbound",
     "inbound",
     "dns_tcp",
     "dns_udp",
-    "dns_reply",
+    "reply",
     "no_listener",
     "local_redirect",
 )
+CGROUP_GETSOCKOPT = 21
+GETSOCKOPT_LINK = "getsockopt_link"
 
 
 def settings_flags(s: RedirectSettings) -> int:
@@ -60,103 +69,153 @@ def variant_name(image: ProgramImage, s: RedirectSettings) -> str:
 
 
 @dataclass
-class SharedPrograms:
-    """Open descriptors of one variant's programs and maps (close when done)."""
+class Pinned:
+    """Open descriptors of pinned objects by name (close when done)."""
 
     path: Path
-    prog_fds: dict[str, int]
-    map_fds: dict[str, int]
+    fds: dict[str, int]
 
     def close(self) -> None:
-        for fd in [*self.prog_fds.values(), *self.map_fds.values()]:
+        for fd in self.fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        self.prog_fds.clear()
-        self.map_fds.clear()
+        self.fds.clear()
 
     def prog_id(self, name: str) -> int:
-        return syscall.prog_info(self.prog_fds[name]).prog_id
+        return syscall.prog_info(self.fds[name]).prog_id
 
     def counters(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for i, name in enumerate(COUNTER_NAMES):
-            raw = syscall.map_lookup(self.map_fds["counters"], struct.pack("<I", i), 8)
+            raw = syscall.map_lookup(self.fds["counters"], struct.pack("<I", i), 8)
             out[name] = struct.unpack("<Q", raw)[0] if raw else 0
         return out
 
 
-def open_or_load(image: ProgramImage, s: RedirectSettings, pin_root: Path) -> SharedPrograms:
-    """Adopt the pinned variant if present, else load and pin it (atomically, by rename)."""
-    final = pin_root / "progs" / variant_name(image, s)
-    if final.is_dir():
-        try:
-            return _open(final, image)
-        except OSError:
-            shutil.rmtree(final, ignore_errors=True)  # half-made by a crashed agent
+def _open(path: Path, names: list[str]) -> Pinned:
+    pinned = Pinned(path, {})
+    try:
+        for name in names:
+            pinned.fds[name] = syscall.obj_get(str(path / name))
+    except BaseException:
+        pinned.close()
+        raise
+    return pinned
+
+
+def _publish(final: Path, made: Pinned, names: list[str]) -> Pinned:
+    """Pin ``made`` under ``final`` atomically; adopt a concurrent winner's objects."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"tmp-{os.getpid()}-{final.name}")
-    shared = _load(image, s)
     try:
         tmp.mkdir()
-        for name, fd in [*shared.prog_fds.items(), *shared.map_fds.items()]:
+        for name, fd in made.fds.items():
             syscall.obj_pin(fd, str(tmp / name))
         try:
             os.rename(tmp, final)
         except OSError:
-            # Another agent pinned the same variant first: use its objects.
             shutil.rmtree(tmp, ignore_errors=True)
-            shared.close()
-            return _open(final, image)
+            made.close()
+            return _open(final, names)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shared.close()
+        made.close()
         raise
-    shared.path = final
-    return shared
+    made.path = final
+    return made
 
 
-def _open(path: Path, image: ProgramImage) -> SharedPrograms:
-    shared = SharedPrograms(path, {}, {})
+def load_program(image: ProgramImage, name: str, map_fds: dict[str, int]) -> int:
+    ptype, attach = PROGRAM_TYPES[name]
+    fds = [map_fds[m.name] for m in image.maps]
+    return syscall.prog_load(ptype, image.instructions(name, fds), name, attach)
+
+
+def node_objects(image: ProgramImage, pin_root: Path, cgroup: str) -> Pinned:
+    """The node's ``nat`` map, creating it and attaching ``istio_getsockopt`` to
+    ``cgroup`` (a cgroup v2 directory) the first time."""
+    final = pin_root / "node"
+    names = [*NODE_MAPS, GETSOCKOPT_LINK]
+    if final.is_dir():
+        try:
+            return _open(final, names)
+        except OSError:
+            shutil.rmtree(final, ignore_errors=True)  # half-made by a crashed agent
+    made = Pinned(Path(), {})
     try:
-        for name in PROGRAMS:
-            shared.prog_fds[name] = syscall.obj_get(str(path / name))
         for m in image.maps:
-            shared.map_fds[m.name] = syscall.obj_get(str(path / m.name))
+            if m.name in NODE_MAPS:
+                made.fds[m.name] = syscall.map_create(
+                    m.map_type, m.key_size, m.value_size, m.max_entries, m.name
+                )
+        # Placeholder maps fill the variant-only slots the getsockopt program never uses.
+        scratch = _scratch_maps(image, made.fds)
+        try:
+            prog = load_program(image, "istio_getsockopt", {**scratch, **made.fds})
+        finally:
+            for fd in scratch.values():
+                os.close(fd)
+        try:
+            cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                made.fds[GETSOCKOPT_LINK] = syscall.link_create(prog, cg, CGROUP_GETSOCKOPT)
+            finally:
+                os.close(cg)
+        finally:
+            os.close(prog)
     except BaseException:
-        shared.close()
+        made.close()
         raise
-    return shared
+    return _publish(final, made, names)
 
 
-def _load(image: ProgramImage, s: RedirectSettings) -> SharedPrograms:
-    shared = SharedPrograms(Path(), {}, {})
+def _scratch_maps(image: ProgramImage, have: dict[str, int]) -> dict[str, int]:
+    return {
+        m.name: syscall.map_create(m.map_type, m.key_size, m.value_size, 1, m.name)
+        for m in image.maps
+        if m.name not in have
+    }
+
+
+def variant_objects(
+    image: ProgramImage, s: RedirectSettings, pin_root: Path, node: Pinned
+) -> Pinned:
+    """Adopt the pinned variant for ``s`` if present, else load and pin it."""
+    final = pin_root / "progs" / variant_name(image, s)
+    names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
+    if final.is_dir():
+        try:
+            return _open(final, names)
+        except OSError:
+            shutil.rmtree(final, ignore_errors=True)
+    made = Pinned(Path(), {})
     try:
         for m in image.maps:
-            shared.map_fds[m.name] = syscall.map_create(
-                m.map_type, m.key_size, m.value_size, m.max_entries, m.name
-            )
-        syscall.map_update(
-            shared.map_fds["cfg"], struct.pack("<I", 0), settings_value(s, image.version)
-        )
-        fds = [shared.map_fds[m.name] for m in image.maps]
-        for name in PROGRAMS:
-            shared.prog_fds[name] = syscall.prog_load(
-                syscall.PROG_TYPE_SCHED_CLS, image.instructions(name, fds), name
-            )
+            if m.name not in NODE_MAPS:
+                made.fds[m.name] = syscall.map_create(
+                    m.map_type, m.key_size, m.value_size, m.max_entries, m.name
+                )
+        syscall.map_update(made.fds["cfg"], struct.pack("<I", 0), settings_value(s, image.version))
+        maps = {**made.fds, **{n: node.fds[n] for n in NODE_MAPS}}
+        for name in TC_PROGRAMS:
+            made.fds[name] = load_program(image, name, maps)
     except BaseException:
-        shared.close()
+        made.close()
         raise
-    return shared
+    return _publish(final, made, names)
 
 
-def open_existing(
-    image: ProgramImage, s: RedirectSettings, pin_root: Path
-) -> SharedPrograms | None:
+def existing_variant(image: ProgramImage, s: RedirectSettings, pin_root: Path) -> Pinned | None:
     """The pinned variant for ``s`` if present (never loads or pins anything)."""
     path = pin_root / "progs" / variant_name(image, s)
-    if not path.is_dir():
-        return None
+    names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
     try:
-        return _open(path, image)
+        return _open(path, names)
     except OSError:
         return None
+
+
+def nat_entry(node: Pinned, family: int, proto: int, addr: bytes, port: int) -> bytes | None:
+    """The raw ``nat`` value for a client (tests and diagnostics)."""
+    key = struct.pack(NAT_KEY_FORMAT, addr.ljust(16, b"\0"), port, family, proto)
+    return syscall.map_lookup(node.fds["nat"], key, struct.calcsize(NAT_VAL_FORMAT))

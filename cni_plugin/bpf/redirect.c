@@ -1,23 +1,26 @@
-/* In-pod redirection for Istio ambient (SPEC section 6) as two tc programs, no conntrack.
+/* In-pod redirection for Istio ambient (SPEC section 6) without conntrack.
  *
- * istio_egress  - tc egress of every pod interface but lo.
- * istio_ingress - tc ingress of lo and of every pod interface.
+ * istio_egress     - tc egress of every pod interface but lo.
+ * istio_ingress    - tc ingress of lo and of every pod interface.
+ * istio_getsockopt - cgroup getsockopt (node-wide): SO_ORIGINAL_DST from our NAT map.
  *
- * TCP is delivered transparently: a new connection's SYN is handed to ztunnel's listener
+ * Inbound TCP is delivered transparently: the SYN is handed to ztunnel's 15006 listener
  * with bpf_sk_assign, so the accepted socket's local address is the original destination
- * (what ztunnel falls back to when SO_ORIGINAL_DST has no conntrack entry). Outbound SYNs
- * leave through the pod interface's egress, are turned back into lo's receive path with
- * the 0x111 mark (policy route: fwmark 0x111 -> table 100 -> local), and lo's ingress
- * assigns them. Later packets of such a conversation, and replies to ztunnel's
- * spoofed-source inbound connections, are recognised by the kernel's own socket table (a
- * local non-listening socket owns the reversed 4-tuple) and turned back the same way.
- * UDP DNS queries are rewritten to <client address>:15053 and the reply's source is
- * rewritten back from a small LRU map (our own NAT: ztunnel's DNS proxy does not need
- * the original destination).
+ * (ztunnel's fallback when SO_ORIGINAL_DST fails). Outbound TCP (to 15001, TCP/53 to
+ * 15053) and UDP/53 (to 15053) cannot be delivered that way to ztunnel's ordinary
+ * listeners (a reply from a non-local source address needs IP_TRANSPARENT), so they get a
+ * small NAT of our own: istio_egress rewrites the destination to 127.0.0.1/::1:<port>
+ * and turns the packet back into lo's receive path, recording the original destination in
+ * the node-wide `nat` map; istio_ingress on lo gives the replies their original source back;
+ * istio_getsockopt answers ztunnel's SO_ORIGINAL_DST from the same map. Replies to
+ * ztunnel's spoofed-source inbound connections are recognised by the kernel's own socket
+ * table (a local non-listening socket owns the reversed 4-tuple) and turned back into lo
+ * marked 0x111, which the policy route (fwmark 0x111 -> table 100 -> local) delivers.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/in.h>
+#include <uapi/linux/in6.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
@@ -32,12 +35,16 @@
 #define IP6_SRC_OFF (ETH_HLEN + 8)
 #define IP6_DST_OFF (ETH_HLEN + 24)
 #define UDP_CSUM_OFF 6
+#define TCP_CSUM_OFF 16
+#define SO_ORIGINAL_DST 80
+#define SOL_IP_LEVEL 0
+#define SOL_IPV6_LEVEL 41
 /* Keeps clang from reusing a computed &skb->field across calls (the verifier refuses a
  * dereference of a modified context pointer). */
 #define CTX_FRESH(p) asm volatile("" : "+r"(p))
 
 BPF_ARRAY(cfg, struct settings, 1);
-BPF_TABLE("lru_hash", struct dns_key, struct dns_val, dns_nat, 16384);
+BPF_TABLE("lru_hash", struct nat_key, struct nat_val, nat, 65536);
 BPF_ARRAY(counters, u64, C_COUNT);
 
 struct flow {
@@ -188,14 +195,24 @@ static __always_inline int to_lo(struct __sk_buff *skb)
     return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
+static __always_inline __u32 csum_off(struct flow *f)
+{
+    return f->l4 + (f->proto == IPPROTO_TCP ? TCP_CSUM_OFF : UDP_CSUM_OFF);
+}
+
+static __always_inline __u64 csum_flags(struct flow *f)
+{
+    /* a zero UDP checksum means "none" and must stay zero; TCP's zero is a value */
+    return f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
 static __always_inline int set_addr(struct __sk_buff *skb, struct flow *f, int dst,
                                     const __u32 *from, const __u32 *to)
 {
-    __u32 csum = f->l4 + UDP_CSUM_OFF;
     if (f->family == 4) {
         __u32 old = from[0], new = to[0];
-        if (bpf_l4_csum_replace(skb, csum, old, new,
-                                BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0 | sizeof(new)))
+        if (bpf_l4_csum_replace(skb, csum_off(f), old, new,
+                                BPF_F_PSEUDO_HDR | csum_flags(f) | sizeof(new)))
             return -1;
         if (bpf_l3_csum_replace(skb, IP4_CSUM_OFF, old, new, sizeof(new)))
             return -1;
@@ -205,7 +222,7 @@ static __always_inline int set_addr(struct __sk_buff *skb, struct flow *f, int d
     __builtin_memcpy(old6, from, 16);
     __builtin_memcpy(new6, to, 16);
     __s64 diff = bpf_csum_diff(old6, 16, new6, 16, 0);
-    if (bpf_l4_csum_replace(skb, csum, 0, diff, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+    if (bpf_l4_csum_replace(skb, csum_off(f), 0, diff, BPF_F_PSEUDO_HDR | csum_flags(f)))
         return -1;
     return bpf_skb_store_bytes(skb, dst ? IP6_DST_OFF : IP6_SRC_OFF, new6, 16, 0) ? -1 : 0;
 }
@@ -213,47 +230,75 @@ static __always_inline int set_addr(struct __sk_buff *skb, struct flow *f, int d
 static __always_inline int set_port(struct __sk_buff *skb, struct flow *f, int dst,
                                     __u16 old, __u16 new)
 {
-    if (bpf_l4_csum_replace(skb, f->l4 + UDP_CSUM_OFF, old, new,
-                            BPF_F_MARK_MANGLED_0 | sizeof(new)))
+    if (bpf_l4_csum_replace(skb, csum_off(f), old, new, csum_flags(f) | sizeof(new)))
         return -1;
     return bpf_skb_store_bytes(skb, f->l4 + (dst ? 2 : 0), &new, 2, 0) ? -1 : 0;
 }
 
-/* UDP/53 leaving the pod: to <client address>:15053 on lo, remembering the server. */
-static __always_inline int dns_query(struct __sk_buff *skb, struct flow *f)
+static __always_inline void nat_key_of(struct nat_key *k, __u8 family, __u8 proto,
+                                       const __u32 *addr, __u16 port)
 {
-    struct dns_key k = {};
-    struct dns_val v = {};
-    __builtin_memcpy(k.addr, f->src, 16);
-    k.port = f->sport;
-    k.family = f->family;
-    __builtin_memcpy(v.addr, f->dst, 16);
-    v.port = f->dport;
-    dns_nat.update(&k, &v);
-    if (set_addr(skb, f, 1, f->dst, f->src) ||
-        set_port(skb, f, 1, f->dport, htons(ZTUNNEL_DNS_PORT)))
+    __builtin_memcpy(k->addr, addr, 16);
+    k->port = port;
+    k->family = family;
+    k->proto = proto;
+}
+
+/* Send an outgoing packet to loopback:target through lo, remembering where it
+ * was going (a new connection or datagram) or checking it still goes there (later
+ * packets of a captured connection). */
+static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u16 target,
+                                      int record)
+{
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, f->proto, f->src, f->sport);
+    if (record) {
+        struct nat_val v = {};
+        __builtin_memcpy(v.addr, f->dst, 16);
+        v.port = f->dport;
+        v.target = target;
+        nat.update(&k, &v);
+    }
+    /* 127.0.0.1 / ::1, as iptables' REDIRECT picks for locally generated packets: ztunnel
+     * may listen on loopback only (its DNS proxy does). */
+    __u32 lo[4] = {}; /* element by element: an initialiser list would land in .rodata */
+    if (f->family == 4) {
+        lo[0] = htonl(0x7f000001);
+    } else {
+        lo[3] = htonl(1);
+    }
+    if (set_addr(skb, f, 1, f->dst, lo) || set_port(skb, f, 1, f->dport, htons(target)))
         return TC_ACT_SHOT;
-    count(C_DNS_UDP);
     return to_lo(skb);
 }
 
-/* A reply from :15053 to a client we rewrote: give it the source the client asked. */
-static __always_inline int dns_reply(struct __sk_buff *skb, struct flow *f)
+/* Later packets of a captured outbound conversation: the target it was sent to, or 0. */
+static __always_inline __u16 captured_target(struct flow *f)
 {
-    if (f->sport != htons(ZTUNNEL_DNS_PORT))
-        return TC_ACT_OK;
-    struct dns_key k = {};
-    __builtin_memcpy(k.addr, f->dst, 16);
-    k.port = f->dport;
-    k.family = f->family;
-    struct dns_val *found = dns_nat.lookup(&k);
-    if (!found)
-        return TC_ACT_OK;
-    struct dns_val v = *found;
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, f->proto, f->src, f->sport);
+    struct nat_val *v = nat.lookup(&k);
+    if (!v || v->port != f->dport || !same_addr(f->family, v->addr, f->dst))
+        return 0;
+    return v->target;
+}
+
+/* A reply from 15001/15053 on lo to a client we rewrote: give it the source the client
+ * asked for. */
+static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
+{
+    if (f->sport != htons(ZTUNNEL_OUTBOUND_PORT) && f->sport != htons(ZTUNNEL_DNS_PORT))
+        return TC_ACT_UNSPEC;
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, f->proto, f->dst, f->dport);
+    struct nat_val *found = nat.lookup(&k);
+    if (!found || htons(found->target) != f->sport)
+        return TC_ACT_UNSPEC;
+    struct nat_val v = *found;
     if (set_addr(skb, f, 0, f->src, v.addr) || set_port(skb, f, 0, f->sport, v.port))
         return TC_ACT_SHOT;
-    count(C_DNS_REPLY);
-    return TC_ACT_OK;
+    count(C_REPLY);
+    return TC_ACT_UNSPEC;
 }
 
 int istio_egress(struct __sk_buff *skb)
@@ -261,28 +306,34 @@ int istio_egress(struct __sk_buff *skb)
     int zero = 0;
     struct settings *s = cfg.lookup(&zero);
     if (!s || !s->version)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     struct flow f = {};
     if (parse(skb, &f, s->flags))
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
-        return TC_ACT_OK; /* ztunnel's own traffic, its upstream DNS included */
+        return TC_ACT_UNSPEC; /* ztunnel's own traffic, its upstream DNS included */
+    int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
     if (f.proto == IPPROTO_UDP) {
-        if ((s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT))
-            return dns_query(skb, &f);
-        return TC_ACT_OK;
+        if (!dns)
+            return TC_ACT_UNSPEC;
+        count(C_DNS_UDP);
+        return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
     }
     if (is_probe(s, f.family, f.dst) || is_loopback(f.family, f.dst))
-        return TC_ACT_OK;
-    /* Replies to ztunnel's spoofed-source connections, and every later packet of a
-     * captured outbound connection: the peer socket lives here. */
+        return TC_ACT_UNSPEC;
+    /* Replies to ztunnel's spoofed-source connections: the peer socket lives here. */
     if (owned_locally(skb, f.family, f.src, f.sport, f.dst, f.dport)) {
         count(C_LOCAL_REDIRECT);
         return to_lo(skb);
     }
-    if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN)
-        return to_lo(skb); /* a new outbound connection: lo's ingress picks the listener */
-    return TC_ACT_OK;
+    if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+        count(dns ? C_DNS_TCP : C_OUTBOUND);
+        return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
+    }
+    __u16 target = captured_target(&f);
+    if (target)
+        return to_ztunnel(skb, &f, target, 0);
+    return TC_ACT_UNSPEC; /* a conversation that predates redirection stays as it was */
 }
 
 int istio_ingress(struct __sk_buff *skb)
@@ -290,43 +341,91 @@ int istio_ingress(struct __sk_buff *skb)
     int zero = 0;
     struct settings *s = cfg.lookup(&zero);
     if (!s || !s->version)
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     struct flow f = {};
     if (parse(skb, &f, s->flags))
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     int on_lo = skb->ifindex == LOOPBACK_IFINDEX;
-    if (f.proto == IPPROTO_UDP)
-        return on_lo ? dns_reply(skb, &f) : TC_ACT_OK;
-    if ((f.tcp_flags & (TH_SYN | TH_ACK)) != TH_SYN)
-        return TC_ACT_OK; /* only new connections are steered; the rest finds its socket */
+    if (on_lo) {
+        int r = nat_reply(skb, &f);
+        if (r != TC_ACT_UNSPEC)
+            return r;
+    }
+    if (f.proto != IPPROTO_TCP || (f.tcp_flags & (TH_SYN | TH_ACK)) != TH_SYN)
+        return TC_ACT_UNSPEC; /* only new connections are steered; the rest finds its socket */
     __u32 mark = skb->mark & MARK_MASK;
     if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
-        return TC_ACT_OK;
-    int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
-    __u16 port;
-    int counter;
-    if (on_lo && mark == CONNMARK) {
-        /* turned back by istio_egress: an outbound connection */
-        port = dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT;
-        counter = dns ? C_DNS_TCP : C_OUTBOUND;
-    } else if (on_lo && dns) {
-        port = ZTUNNEL_DNS_PORT; /* TCP/53 to one of the pod's own addresses */
-        counter = C_DNS_TCP;
-    } else {
-        if ((s->flags & F_BYPASS_INBOUND) || f.dport == htons(ZTUNNEL_HBONE_PORT))
-            return TC_ACT_OK;
-        port = ZTUNNEL_INBOUND_PORT;
-        counter = C_INBOUND;
+        return TC_ACT_UNSPEC;
+    if (on_lo && mark == CONNMARK)
+        return TC_ACT_UNSPEC; /* sent here by istio_egress, already addressed to ztunnel */
+    if (on_lo && (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT)) {
+        /* TCP/53 to one of the pod's own addresses (lo): to 15053, as iptables' OUTPUT */
+        count(C_DNS_TCP);
+        return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
     }
+    if ((s->flags & F_BYPASS_INBOUND) || f.dport == htons(ZTUNNEL_HBONE_PORT))
+        return TC_ACT_UNSPEC;
     /* A retransmitted SYN of a conversation already under way takes the normal path. */
     if (owned_locally(skb, f.family, f.src, f.sport, f.dst, f.dport))
-        return TC_ACT_OK;
-    if (assign(skb, &f, port)) {
+        return TC_ACT_UNSPEC;
+    if (assign(skb, &f, ZTUNNEL_INBOUND_PORT)) {
         /* No listener yet (ztunnel has not opened this namespace): drop, never deliver
          * around ztunnel; the client's SYN retransmission gets through once it listens. */
         count(C_NO_LISTENER);
         return TC_ACT_SHOT;
     }
-    count(counter);
-    return TC_ACT_OK;
+    count(C_INBOUND);
+    return TC_ACT_UNSPEC;
+}
+
+/* ztunnel asks SO_ORIGINAL_DST of a connection it accepted on 15001/15053; without
+ * conntrack the kernel fails it, and the answer is in our NAT map (keyed by the client). */
+int istio_getsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+    struct nat_key k = {};
+    __u32 family = sk->family;
+    k.port = sk->dst_port;
+    k.proto = IPPROTO_TCP;
+    __u16 local_port = sk->src_port;
+    if (family == AF_INET && ctx->level == SOL_IP_LEVEL) {
+        k.family = 4;
+        k.addr[0] = sk->dst_ip4;
+    } else if (family == AF_INET6 && ctx->level == SOL_IPV6_LEVEL) {
+        k.family = 6;
+        k.addr[0] = sk->dst_ip6[0];
+        k.addr[1] = sk->dst_ip6[1];
+        k.addr[2] = sk->dst_ip6[2];
+        k.addr[3] = sk->dst_ip6[3];
+    } else {
+        return 1;
+    }
+    struct nat_val *v = nat.lookup(&k);
+    if (!v || v->target != local_port)
+        return 1;
+    if (k.family == 4) {
+        struct sockaddr_in *sa = ctx->optval;
+        if ((void *)(sa + 1) > ctx->optval_end)
+            return 1;
+        sa->sin_family = AF_INET;
+        sa->sin_port = v->port;
+        sa->sin_addr.s_addr = v->addr[0];
+        ctx->optlen = sizeof(*sa);
+    } else {
+        struct sockaddr_in6 *sa6 = ctx->optval;
+        if ((void *)(sa6 + 1) > ctx->optval_end)
+            return 1;
+        sa6->sin6_family = AF_INET6;
+        sa6->sin6_port = v->port;
+        sa6->sin6_flowinfo = 0;
+        __builtin_memcpy(&sa6->sin6_addr, v->addr, 16);
+        sa6->sin6_scope_id = 0;
+        ctx->optlen = sizeof(*sa6);
+    }
+    ctx->retval = 0;
+    return 1;
 }

@@ -2,7 +2,7 @@
  *
  * Every value has a default here and is normally passed by the loader as -D from
  * cni_plugin/constants.py (tests/unit/test_bpf_header.py checks the defaults agree).
- * The struct layouts are mirrored by ctypes structures in cni_plugin/bpf/maps.py.
+ * The struct layouts are mirrored with struct formats in cni_plugin/bpf/programs.py.
  */
 #ifndef ISTIO_CNI_REDIRECT_H
 #define ISTIO_CNI_REDIRECT_H
@@ -49,28 +49,30 @@ struct settings {
     __u32 reserved;
 };
 
-/* UDP DNS capture is a small stateful NAT of our own (no conntrack): the query's client
- * address and port map to the destination it asked for, so the reply can carry it back. */
-struct dns_key {
+/* Our own NAT for outbound capture (no conntrack): a captured connection's client address
+ * and port map to the destination it asked for and the ztunnel port it was sent to. The
+ * replies get their source back from it, and ztunnel's SO_ORIGINAL_DST (answered by
+ * istio_getsockopt) reads it. One node-wide map: pod addresses are unique on a node. */
+struct nat_key {
     __u32 addr[4];
     __u16 port;
     __u8 family;
-    __u8 pad;
+    __u8 proto;
 };
 
-struct dns_val {
+struct nat_val {
     __u32 addr[4];
-    __u16 port;
-    __u16 pad;
+    __u16 port;   /* network byte order */
+    __u16 target; /* ztunnel port, host byte order */
 };
 
 /* counters (array index) */
-#define C_OUTBOUND 0      /* outbound SYN handed to the 15001 listener */
-#define C_INBOUND 1       /* inbound SYN handed to the 15006 listener */
-#define C_DNS_TCP 2       /* TCP/53 SYN handed to the 15053 listener */
-#define C_DNS_UDP 3       /* UDP/53 query rewritten to 15053 */
-#define C_DNS_REPLY 4     /* 15053 reply rewritten back to the server the client asked */
-#define C_NO_LISTENER 5   /* SYN dropped: the target listener does not exist (yet) */
+#define C_OUTBOUND 0       /* outbound SYN sent to 15001 */
+#define C_INBOUND 1        /* inbound SYN handed to the 15006 listener */
+#define C_DNS_TCP 2        /* TCP/53 SYN sent to 15053 */
+#define C_DNS_UDP 3        /* UDP/53 query sent to 15053 */
+#define C_REPLY 4          /* reply from 15001/15053 given back its original source */
+#define C_NO_LISTENER 5    /* inbound SYN dropped: no 15006 listener (yet) */
 #define C_LOCAL_REDIRECT 6 /* packet of a local conversation turned back to lo */
 #define C_COUNT 8
 

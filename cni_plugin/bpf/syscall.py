@@ -26,6 +26,7 @@ OBJ_PIN = 6
 OBJ_GET = 7
 PROG_TEST_RUN = 10
 OBJ_GET_INFO_BY_FD = 15
+LINK_CREATE = 28
 
 PROG_TYPE_SCHED_CLS = 3
 MAP_TYPE_HASH = 1
@@ -78,13 +79,16 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     return v.raw
 
 
-def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> int:
+def prog_load(
+    prog_type: int, insns: bytes, name: str, attach_type: int = 0, license: str = "GPL"
+) -> int:
     """Load ``insns``; on a verifier rejection the ``OSError`` message carries its log."""
     ins = ctypes.create_string_buffer(insns, len(insns))
     lic = ctypes.create_string_buffer(license.encode())
     a = _attr()
     struct.pack_into("IIQQ", a, 0, prog_type, len(insns) // 8, _addr(ins), _addr(lic))
     struct.pack_into("16s", a, 48, name.encode()[:15])
+    struct.pack_into("I", a, 68, attach_type)
     try:
         return _call(PROG_LOAD, a)
     except OSError:
@@ -94,8 +98,15 @@ def prog_load(prog_type: int, insns: bytes, name: str, license: str = "GPL") -> 
     try:
         return _call(PROG_LOAD, a)
     except OSError as e:
-        text = log.value.decode(errors="replace").strip().splitlines()[-20:]
+        text = log.value.decode(errors="replace").strip().splitlines()[-4:]
         raise OSError(e.errno, f"{e.strerror}; verifier: " + " | ".join(text)) from None
+
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """A BPF link attaching ``prog_fd`` to ``target_fd`` (e.g. a cgroup directory)."""
+    a = _attr()
+    struct.pack_into("IIII", a, 0, prog_fd, target_fd, attach_type, 0)
+    return _call(LINK_CREATE, a)
 
 
 def obj_pin(fd: int, path: str) -> None:

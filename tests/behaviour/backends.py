@@ -16,6 +16,7 @@ from typing import Any
 
 from cni_plugin.redirection.backend import RedirectionBackend
 from cni_plugin.redirection.registry import make_backend
+from tests.netns import bpf_support as bpf
 
 # A tamper gets the backend instance and the pod netns name, and deletes one installed
 # piece (never anything else); it returns a short description for failure messages.
@@ -113,6 +114,5 @@ BACKENDS: list[BackendCase] = [
         unavailable=_nftables_unavailable,
         tampers=(("nft-rule", delete_nft_outbound_redirect), ("policy-rule", delete_policy_rule)),
     ),
-    # ebpf: add one BackendCase, e.g.
-    # BackendCase("ebpf", "ebpf", {}, unavailable=..., tampers=(...)),
+    BackendCase("ebpf", "ebpf", bpf.options(), unavailable=bpf.unavailable, tampers=bpf.TAMPERS),
 ]
