@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import run_in_netns
@@ -98,7 +98,7 @@ class IptablesBackend:
         except OSError as e:
             raise RedirectionError(f"{what} in {netns_path} failed: {e}") from None
 
-    def _check_inside(self, settings: RedirectSettings) -> CheckReport:
+    def _check_inside(self, settings: RedirectSettings, ipr: Any = None) -> CheckReport:
         missing: list[str] = []
         extra: list[str] = []
         wanted = {f: inpod_rules(settings, f) for f in families(settings)}
@@ -107,47 +107,51 @@ class IptablesBackend:
             m, e = diff(wanted.get(fam, RuleSet(fam, ())), saved)
             missing += m
             extra += e
-        m, e = policy_routes.check(settings)
+        m, e = policy_routes.check(settings, ipr)
         return CheckReport(
             tuple(missing + m), tuple(extra + e), (f"applier: {self.applier.describe()}",)
         )
 
-    def _remove_inside(self, settings: RedirectSettings) -> None:
+    def _remove_inside(self, settings: RedirectSettings, ipr: Any = None) -> None:
         for fam in (Family.IPV4, Family.IPV6):
             saved = parse_save(self.applier.save(fam))
             if saved.holds_ours():
                 self.applier.uninstall(fam, saved)
-        policy_routes.uninstall(settings)
+        policy_routes.uninstall(settings, ipr)
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
         def work() -> None:
-            report = self._check_inside(settings)
-            if report.ok:
-                log.debug("redirection already in place", extra={"fields": {"netns": netns_path}})
-                return
-            if report.extra or len(report.missing) < self._item_count(settings):
-                # Part of ours is there (drift or other settings): start from nothing.
-                self._remove_inside(settings)
-            done: list[Family] = []
-            try:
-                for fam in families(settings):
-                    self.applier.install(inpod_rules(settings, fam))
-                    done.append(fam)
-                policy_routes.install(settings)
-            except BaseException as e:
-                for fam in reversed(done):
-                    self.applier.uninstall(fam, parse_save(self.applier.save(fam)))
-                if isinstance(e, RedirectionError):
-                    raise
-                if isinstance(e, Exception):
-                    raise RedirectionError(f"installing redirection failed: {e}") from None
-                raise
-            log.info(
-                "redirection applied",
-                extra={"fields": {"netns": netns_path, "applier": self.applier.describe()}},
-            )
+            with policy_routes.netlink() as ipr:
+                self._apply_inside(netns_path, settings, ipr)
 
         self._run(netns_path, "applying redirection", work)
+
+    def _apply_inside(self, netns_path: str, settings: RedirectSettings, ipr: Any) -> None:
+        report = self._check_inside(settings, ipr)
+        if report.ok:
+            log.debug("redirection already in place", extra={"fields": {"netns": netns_path}})
+            return
+        if report.extra or len(report.missing) < self._item_count(settings):
+            # Part of ours is there (drift or other settings): start from nothing.
+            self._remove_inside(settings, ipr)
+        done: list[Family] = []
+        try:
+            for fam in families(settings):
+                self.applier.install(inpod_rules(settings, fam))
+                done.append(fam)
+            policy_routes.install(settings, ipr)
+        except BaseException as e:
+            for fam in reversed(done):
+                self.applier.uninstall(fam, parse_save(self.applier.save(fam)))
+            if isinstance(e, RedirectionError):
+                raise
+            if isinstance(e, Exception):
+                raise RedirectionError(f"installing redirection failed: {e}") from None
+            raise
+        log.info(
+            "redirection applied",
+            extra={"fields": {"netns": netns_path, "applier": self.applier.describe()}},
+        )
 
     def _item_count(self, settings: RedirectSettings) -> int:
         """How many check items an empty namespace is missing (all of them)."""

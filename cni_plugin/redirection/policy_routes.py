@@ -137,46 +137,58 @@ def _delete(ipr: Any, item: RouteItem, s: RedirectSettings) -> None:
             raise
 
 
-def install(settings: RedirectSettings) -> None:
+def netlink() -> Any:
+    """A route netlink socket in the calling thread's namespace (close it, or use ``with``).
+    Callers doing several steps share one: creating an ``IPRoute`` costs milliseconds."""
+    return IPRoute()
+
+
+def install(settings: RedirectSettings, ipr: Any = None) -> None:
     """Add the rules and routes that are missing; on failure remove what this call added."""
+    if ipr is None:
+        with netlink() as own:
+            return install(settings, own)
     added: list[RouteItem] = []
-    with IPRoute() as ipr:
-        try:
-            for item in _wanted(ipr, settings):
-                if _present(ipr, item, settings):
-                    continue
-                _add(ipr, item, settings)
-                added.append(item)
-        except NetlinkError as e:
-            for item in reversed(added):
-                _delete(ipr, item, settings)
-            raise RedirectionError(
-                f"adding policy routing failed ({e}); nothing was left behind"
-            ) from None
+    try:
+        for item in _wanted(ipr, settings):
+            if _present(ipr, item, settings):
+                continue
+            _add(ipr, item, settings)
+            added.append(item)
+    except NetlinkError as e:
+        for item in reversed(added):
+            _delete(ipr, item, settings)
+        raise RedirectionError(
+            f"adding policy routing failed ({e}); nothing was left behind"
+        ) from None
 
 
-def uninstall(settings: RedirectSettings) -> None:
+def uninstall(settings: RedirectSettings, ipr: Any = None) -> None:
     """Delete every copy of our rules and routes, in both families; absent is fine."""
-    with IPRoute() as ipr:
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            for kind in ("rule", "route"):
-                item = RouteItem(kind, fam)
-                for _ in range(_present(ipr, item, settings)):
-                    _delete(ipr, item, settings)
+    if ipr is None:
+        with netlink() as own:
+            return uninstall(settings, own)
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        for kind in ("rule", "route"):
+            item = RouteItem(kind, fam)
+            for _ in range(_present(ipr, item, settings)):
+                _delete(ipr, item, settings)
 
 
-def check(settings: RedirectSettings) -> tuple[list[str], list[str]]:
+def check(settings: RedirectSettings, ipr: Any = None) -> tuple[list[str], list[str]]:
     """(missing, extra) policy rules and routes, as ``ip`` command lines."""
+    if ipr is None:
+        with netlink() as own:
+            return check(settings, own)
     missing: list[str] = []
     extra: list[str] = []
-    with IPRoute() as ipr:
-        wanted = _wanted(ipr, settings)
-        for fam in (socket.AF_INET, socket.AF_INET6):
-            for kind in ("rule", "route"):
-                item = RouteItem(kind, fam)
-                n = _present(ipr, item, settings)
-                want = 1 if item in wanted else 0
-                if n < want:
-                    missing.append(item.describe(settings))
-                extra += [item.describe(settings)] * max(0, n - want)
+    wanted = _wanted(ipr, settings)
+    for fam in (socket.AF_INET, socket.AF_INET6):
+        for kind in ("rule", "route"):
+            item = RouteItem(kind, fam)
+            n = _present(ipr, item, settings)
+            want = 1 if item in wanted else 0
+            if n < want:
+                missing.append(item.describe(settings))
+            extra += [item.describe(settings)] * max(0, n - want)
     return missing, extra
