@@ -116,6 +116,16 @@ class Enroller:
         )
         path = entry.netns_path
         assert path is not None
+        steps = entry.steps_ms
+        mark = time.monotonic()
+
+        def step(name: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            steps[name] = round((now - mark) * 1000, 2)
+            mark = now
+
+        step("queued")
         # 1. rules
         try:
             self.rules.apply(path, settings)
@@ -126,6 +136,7 @@ class Enroller:
                 netns.close()
             plog.warning("cannot install redirection rules", extra={"fields": {"error": str(e)}})
             raise NotRetryableError(f"installing redirection for {pod.key} failed: {e}") from e
+        step("rules")
         self.cache.put(entry)
         # 2. ztunnel
         try:
@@ -137,11 +148,14 @@ class Enroller:
                 self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
             raise
         entry.zds = "acked"
+        step("ztunnel")
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
+        step("probe_set")
         # 4. annotation
         if pod.redirection_annotation != c.REDIRECTION_ENABLED:
             self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_ENABLED)
+        step("annotate")
         entry.state, entry.last_error = "enabled", ""
         entry.enrolled_at = time.time()
         entry.latency_s = time.monotonic() - t0

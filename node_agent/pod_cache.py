@@ -32,6 +32,7 @@ class CachedPod:
     bypass_inbound: bool = False
     enrolled_at: float = 0.0
     latency_s: float = 0.0
+    steps_ms: dict[str, float] = field(default_factory=dict)  # last add, per SPEC step
     updated: float = field(default_factory=time.time)
 
     @property

@@ -340,6 +340,7 @@ class Agent:
                     "bypass_inbound": entry.bypass_inbound if entry else False,
                     "enrolled_at": entry.enrolled_at if entry else 0.0,
                     "latency_ms": round(entry.latency_s * 1000, 2) if entry else None,
+                    "steps_ms": entry.steps_ms if entry else {},
                     "check": self.reconciler.checks.get(p.uid),
                 }
             )

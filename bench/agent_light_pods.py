@@ -1,0 +1,152 @@
+"""Light pods: everything the node agent sees of a pod, without a kubelet.
+
+A light pod is (1) a network namespace, (2) a process (``sleep``) inside it placed in a
+cgroup named ``pod<uid>`` of the v1 ``pids`` hierarchy (as kubelet's cgroupfs driver
+names them), and (3) a Pod object on a real API server, bound to a Node object of its own,
+whose status is set to Running with the pod IP. The agent treats such pods exactly as
+kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
+Used by the agent bench (1000 pods are beyond the testbed kubelet on 2 cores) and by tests
+that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also after errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+@dataclass
+class LightPod:
+    namespace: str
+    name: str
+    uid: str
+    ip: str
+    netns: str  # /run/netns/<name>
+    proc: subprocess.Popen[bytes]
+
+
+class LightNode:
+    """A Node object plus its light pods. ``core`` is a ``kubernetes`` CoreV1Api (admin)."""
+
+    def __init__(self, core: Any, tag: str | None = None) -> None:
+        self.core = core
+        self.tag = tag or secrets.token_hex(3)
+        self.node_name = f"icnia-light-{self.tag}"
+        self.cgroup = CGROUP_ROOT / f"icnia-light-{self.tag}"
+        self.pods: list[LightPod] = []
+        self.namespaces: list[str] = []
+        self._netns: list[str] = []
+        self._n = 0
+
+    def create_node(self) -> None:
+        from kubernetes import client
+
+        self.core.create_node(
+            client.V1Node(
+                metadata=client.V1ObjectMeta(name=self.node_name),
+                spec=client.V1NodeSpec(
+                    taints=[client.V1Taint(key="icnia/light", value="1", effect="NoSchedule")]
+                ),
+            )
+        )
+
+    def create_namespace(self, name: str, labels: dict[str, str] | None = None) -> None:
+        from kubernetes import client
+
+        self.core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
+        )
+        self.namespaces.append(name)
+
+    def add_pod(self, namespace: str, name: str, labels: dict[str, str] | None = None) -> LightPod:
+        self._n += 1
+        ip = f"10.{200 + self._n // 62500 % 50}.{self._n // 250 % 250}.{self._n % 250 + 2}"
+        netns_name = f"icnia-lp-{self.tag}-{self._n}"
+        subprocess.run(["ip", "netns", "add", netns_name], check=True)
+        self._netns.append(netns_name)
+        netns = f"/run/netns/{netns_name}"
+        subprocess.run(["ip", "-n", netns_name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", netns_name, "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+            "spec": {
+                "nodeName": self.node_name,
+                "terminationGracePeriodSeconds": 0,
+                "tolerations": [{"operator": "Exists"}],
+                "containers": [{"name": "app", "image": "icnia.local/none:light"}],
+            },
+        }
+        created = self.core.create_namespaced_pod(namespace, body)
+        uid = created.metadata.uid
+        proc = subprocess.Popen(["nsenter", f"--net={netns}", "sleep", "100000"])
+        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}"
+        cg.mkdir(parents=True, exist_ok=True)
+        (cg / "cgroup.procs").write_text(str(proc.pid))
+        pod = LightPod(namespace, name, uid, ip, netns, proc)
+        self.pods.append(pod)
+        self.core.patch_namespaced_pod_status(
+            name,
+            namespace,
+            {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
+        )
+        return pod
+
+    def label_namespace(self, name: str, labels: dict[str, str | None]) -> None:
+        self.core.patch_namespace(name, {"metadata": {"labels": labels}})
+
+    def annotations(self, namespace: str) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for p in self.core.list_namespaced_pod(namespace).items:
+            out[p.metadata.uid] = (p.metadata.annotations or {}).get("ambient.istio.io/redirection")
+        return out
+
+    def cleanup(self) -> list[str]:
+        """Remove everything; returns what could not be removed."""
+        problems: list[str] = []
+        for ns in self.namespaces:
+            with contextlib.suppress(Exception):
+                self.core.delete_collection_namespaced_pod(ns, grace_period_seconds=0)
+            with contextlib.suppress(Exception):
+                self.core.delete_namespace(ns, grace_period_seconds=0)
+        with contextlib.suppress(Exception):
+            self.core.delete_node(self.node_name)
+        for p in self.pods:
+            p.proc.kill()
+        for p in self.pods:
+            p.proc.wait()
+        if self.cgroup.exists():
+            for d in sorted(self.cgroup.rglob("*"), key=lambda q: -len(q.parts)):
+                if d.is_dir():
+                    try:
+                        d.rmdir()
+                    except OSError as e:
+                        problems.append(f"cgroup {d}: {e}")
+            try:
+                self.cgroup.rmdir()
+            except OSError as e:
+                problems.append(f"cgroup {self.cgroup}: {e}")
+        for name in self._netns:
+            r = subprocess.run(["ip", "netns", "del", name], capture_output=True, text=True)
+            if r.returncode != 0 and "No such file" not in r.stderr:
+                problems.append(f"netns {name}: {r.stderr.strip()}")
+        return problems
+
+
+def wait_until(cond: Any, timeout: float, what: str, step: float = 0.05) -> float:
+    """Poll ``cond`` until true; returns the seconds it took; raises TimeoutError."""
+    t0 = time.monotonic()
+    while True:
+        if cond():
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(step)
