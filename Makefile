@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit netns demo plugin bench clean vm-test vm-test-one
+.PHONY: setup test lint typecheck unit netns demo plugin plugin-forms bench clean vm-test vm-test-one
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,23 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run_all
+
+# Install time of the iptables backend's appliers (docs/benchmarks.md, "iptables appliers").
+.PHONY: bench-iptables
+bench-iptables: setup
+	$(PY) -m bench.iptables_install --samples 200 --backend
+	$(PY) -m bench.iptables_install --samples 200 --ipv4-only
+
+# The self-contained CNI plugin executable the installer copies (no Python needed on the host).
+# `plugin-forms` builds every candidate measured in docs/benchmarks.md.
+PLUGIN_SOURCES := $(wildcard cni_plugin/*.py) scripts/build-plugin.sh
+build/istio-cni: $(PLUGIN_SOURCES)
+	bash scripts/build-plugin.sh nuitka-onefile
+
+plugin: setup build/istio-cni
+
+plugin-forms: setup
+	bash scripts/build-plugin.sh nuitka-onefile nuitka-standalone pyinstaller-onefile pyinstaller-onedir zipapp
 
 # Other kernels (docs/kernels.md): Debian's 6.1 and 6.12 booted under qemu TCG with virtme-ng,
 # running the netns suite inside; `host` is the same run on this machine's kernel, for scale.
