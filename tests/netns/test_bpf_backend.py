@@ -1,0 +1,194 @@
+"""The eBPF backend in real namespaces: agent restart and adoption, exact removal (also
+next to someone else's clsact filter and pre-set sysctls), the gap before ztunnel listens,
+and the availability probe's messages. Pins live under a per-test root, always removed."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cni_plugin.bpf import image
+from cni_plugin.bpf.backend import EbpfBackend, _require_bpffs, cgroup2_root
+from cni_plugin.errors import ConfigError
+from cni_plugin.netns import Netns, run_in_netns
+from cni_plugin.redirection.settings import RedirectSettings
+from tests.netns.bpf_support import CACHE_DIR
+
+pytestmark = pytest.mark.netns
+
+POD, PEER = "198.51.100.2", "198.51.100.1"
+SETTINGS = RedirectSettings()
+SYSCTLS = ("net.ipv4.conf.lo.accept_local", "net.ipv4.conf.lo.route_localnet")
+
+
+@dataclass
+class Pod:
+    ns: str
+    peer: str
+    path: str
+    backend: EbpfBackend
+    pin_root: Path
+
+
+def _sh(*argv: str) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def pod(make_netns: Callable[[str], str]) -> Iterator[Pod]:
+    ns, peer = make_netns("bpfpod"), make_netns("bpfpeer")
+    _sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", "eth0",
+        "netns", peer)  # fmt: skip
+    for n, addr in ((ns, POD), (peer, PEER)):
+        _sh("ip", "-n", n, "addr", "add", f"{addr}/24", "dev", "eth0")
+        _sh("ip", "-n", n, "link", "set", "eth0", "up")
+    pin_root = Path(f"/sys/fs/bpf/icnit-be-{secrets.token_hex(4)}")
+    backend = EbpfBackend(pin_root=str(pin_root), cache_dir=CACHE_DIR)
+    try:
+        yield Pod(ns, peer, f"/run/netns/{ns}", backend, pin_root)
+    finally:
+        shutil.rmtree(pin_root, ignore_errors=True)
+    assert not pin_root.exists()
+
+
+def _state(p: Pod) -> dict[str, str]:
+    return {
+        "qdisc": _sh("tc", "-n", p.ns, "qdisc", "show"),
+        "filters": "".join(
+            _sh("tc", "-n", p.ns, "filter", "show", "dev", dev, d)
+            for dev in ("lo", "eth0")
+            for d in ("ingress", "egress")
+        ),
+        "rules": _sh("ip", "-n", p.ns, "rule") + _sh("ip", "-n", p.ns, "-6", "rule"),
+        "routes": _sh("ip", "-n", p.ns, "route", "show", "table", "all"),
+        "sysctl": _sh("ip", "netns", "exec", p.ns, "sysctl", *SYSCTLS),
+    }
+
+
+def _listener(path: str, port: int) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(8)
+        s.settimeout(5)
+        return s
+
+    return run_in_netns(path, make)
+
+
+def _client(path: str) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.settimeout(5)
+        return s
+
+    return run_in_netns(path, make, host_netns=None)
+
+
+def test_restart_adopts_and_keeps_redirecting(pod: Pod) -> None:
+    pod.backend.apply(pod.path, SETTINGS)
+    with Netns.open(pod.path) as ns:
+        pod_dir = pod.pin_root / "pods" / str(ns.inode)
+    assert {p.name for p in pod_dir.iterdir()} == {"state", "istio_ingress", "istio_egress"}
+    attached = _state(pod)
+    # A new agent: nothing in memory, not even the compiled image; only bpffs and the cache.
+    image._loaded.clear()
+    fresh = EbpfBackend(pin_root=str(pod.pin_root), cache_dir=CACHE_DIR)
+    assert fresh.check(pod.path, SETTINGS).ok
+    fresh.apply(pod.path, SETTINGS)
+    assert _state(pod) == attached, "adoption must not re-attach anything"
+    outbound = _listener(pod.path, 15001)
+    with outbound, _listener(pod.peer and f"/run/netns/{pod.peer}", 80) as real:
+        app = run_in_netns(pod.path, socket.socket)
+        with app:
+            app.settimeout(5)
+            app.connect((PEER, 80))
+            conn, _ = outbound.accept()
+            with conn:
+                assert conn.getsockname() == ("127.0.0.1", 15001)
+                app.sendall(b"ping")
+                assert conn.recv(4) == b"ping"
+                conn.sendall(b"pong")
+                assert app.recv(4) == b"pong"
+        real.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            real.accept()  # the peer itself never saw the connection
+
+
+def test_remove_restores_everything_next_to_foreign_filters(pod: Pod) -> None:
+    # Someone else's clsact filter on eth0 and a pre-set sysctl must survive us.
+    _sh("tc", "-n", pod.ns, "qdisc", "add", "dev", "eth0", "clsact")
+    _sh("tc", "-n", pod.ns, "filter", "add", "dev", "eth0", "ingress", "pref", "7", "protocol",
+        "ip", "u32", "match", "u32", "0", "0", "classid", "1:1")  # fmt: skip
+    _sh("ip", "netns", "exec", pod.ns, "sysctl", "-q", "net.ipv4.conf.lo.route_localnet=1")
+    before = _state(pod)
+    pod.backend.apply(pod.path, SETTINGS)
+    assert _state(pod) != before
+    assert pod.backend.check(pod.path, SETTINGS).ok
+    pod.backend.remove(pod.path, SETTINGS)
+    assert _state(pod) == before
+    assert not any((pod.pin_root / "pods").iterdir())
+    report = pod.backend.check(pod.path, SETTINGS)
+    assert not report.ok and not report.extra
+    pod.backend.remove(pod.path, SETTINGS)  # absent: still fine
+    assert _state(pod) == before
+
+
+def test_inbound_before_ztunnel_listens_waits_then_lands_on_15006(pod: Pod) -> None:
+    """The gap between installing redirection and ztunnel opening its listeners: the SYN
+    is dropped (never delivered around ztunnel), the client retransmits, and the connection
+    lands on 15006 as soon as it exists."""
+    pod.backend.apply(pod.path, SETTINGS)
+    app = _listener(pod.path, 8080)
+    client = _client(f"/run/netns/{pod.peer}")
+    result: dict[str, object] = {}
+
+    def connect() -> None:
+        try:
+            client.connect((POD, 8080))
+            result["ok"] = True
+        except OSError as e:
+            result["error"] = e
+
+    t = threading.Thread(target=connect)
+    t.start()
+    time.sleep(0.3)
+    assert not result, "the connection must wait for ztunnel, neither fail nor bypass it"
+    with app, client, _listener(pod.path, 15006) as inbound:
+        t.join(timeout=6)
+        assert result == {"ok": True}
+        conn, _ = inbound.accept()
+        with conn:
+            assert conn.getsockname() == (POD, 8080), "original destination kept"
+        app.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            app.accept()
+    assert pod.backend.counters(SETTINGS)["no_listener"] >= 1
+
+
+def test_render_names_hooks_and_routes() -> None:
+    text = EbpfBackend(pin_root="/sys/fs/bpf/icnit-render").render(SETTINGS)
+    for needle in ("lo ingress", "egress", "istio_ingress", "istio_egress", "clsact",
+                   "fwmark 0x111/0xfff lookup 100", "local 0.0.0.0/0 dev lo table 100",
+                   "local ::/0", "accept_local", "getsockopt"):  # fmt: skip
+        assert needle in text, needle
+    assert not Path("/sys/fs/bpf/icnit-render").exists(), "render must not touch bpffs"
+
+
+def test_probe_and_config_errors_name_the_fix(tmp_path: Path) -> None:
+    assert EbpfBackend(pin_root=f"/sys/fs/bpf/icnit-probe-{secrets.token_hex(3)}",
+                       cache_dir=CACHE_DIR).probe().ok  # fmt: skip
+    with pytest.raises(ConfigError, match="mount -t bpf"):
+        _require_bpffs(tmp_path)
+    with pytest.raises(ConfigError, match="cgroup2"):
+        cgroup2_root(str(tmp_path))
