@@ -30,6 +30,9 @@ class BackendCase:
     options: dict[str, Any] = field(default_factory=dict)
     unavailable: Callable[[], str | None] = lambda: None  # reason to skip, or None
     tampers: tuple[tuple[str, Tamper], ...] = ()
+    # case id -> why this backend does not behave like Istio there yet. Such cases run as
+    # strict xfail: visible in every run, and an unexpected pass fails until removed here.
+    known_gaps: dict[str, str] = field(default_factory=dict)
 
     def build(self) -> RedirectionBackend:
         return make_backend(self.name, **self.options)
@@ -114,5 +117,15 @@ BACKENDS: list[BackendCase] = [
         unavailable=_nftables_unavailable,
         tampers=(("nft-rule", delete_nft_outbound_redirect), ("policy-rule", delete_policy_rule)),
     ),
-    BackendCase("ebpf", "ebpf", bpf.options(), unavailable=bpf.unavailable, tampers=bpf.TAMPERS),
+    BackendCase(
+        "ebpf",
+        "ebpf",
+        bpf.options(),
+        unavailable=bpf.unavailable,
+        tampers=bpf.TAMPERS,
+        known_gaps={
+            "pod-to-own-address-not-captured": "the app's call to its own pod IP lands on "
+            "15006; Istio accepts `! -d 127.0.0.1/32 -o lo` in nat OUTPUT",
+        },
+    ),
 ]

@@ -49,6 +49,11 @@ TRAFFIC_CASES: list[TrafficCase] = [
                 "pod", "peer", 53, "ztunnel:15001", settings=dict(DNS_OFF), orig_dst="peer"),
     TrafficCase("ztunnel-mark-bypass", "5: SO_MARK 1337 from the pod goes straight to the peer",
                 "ztunnel", "peer", 80, "peer:80"),
+    TrafficCase("ztunnel-dns-upstream-bypass", "5/4: ztunnel's own (marked) UDP DNS reaches "
+                "the peer", "ztunnel", "peer", 53, "peer-dns:53", proto="udp"),
+    # Istio accepts `! -d 127.0.0.1/32 -o lo`: the app calling its own pod address.
+    TrafficCase("pod-to-own-address-not-captured", "5: the app calling its own pod IP is not "
+                "captured", "pod", "pod", 8080, "app:8080"),
     TrafficCase("loopback-not-captured", "5: 127.0.0.1 / ::1 traffic is never captured",
                 "pod", "loopback", 9090, "app-lo:9090"),
     TrafficCase("probe-not-captured", "6: TCP from the probe address reaches the app",
