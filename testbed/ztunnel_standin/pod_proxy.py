@@ -52,6 +52,8 @@ LISTEN_PORTS: list[tuple[int, int]] = [
 ]
 _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _CHUNK = 65536
+_IPV6_RECVPKTINFO = 49  # linux/in6.h
+_IPV6_PKTINFO = 50
 _HEAD_LIMIT = 8192
 
 
@@ -91,7 +93,7 @@ class PodProxy:
         self.access_log = access_log
         self.dns_upstream = dns_upstream
         self._servers: list[asyncio.Server] = []
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -110,13 +112,18 @@ class PodProxy:
             ),
             await asyncio.start_server(self._tracked(self._dns_tcp), sock=dns_tcp),
         ]
-        transport, _ = await loop.create_datagram_endpoint(lambda: _DnsUdp(self), sock=dns_udp)
-        self._udp = transport
+        # UDP DNS is read with recvmsg to learn each query's local address (IPV6_PKTINFO):
+        # the answer must leave from it, or conntrack cannot un-NAT it back to the resolver
+        # address the app asked (REDIRECT rewrote that to a local address).
+        dns_udp.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVPKTINFO, 1)
+        loop.add_reader(dns_udp.fileno(), self._dns_udp_readable)
+        self._udp = dns_udp
 
     async def close(self) -> None:
         for s in self._servers:
             s.close()
         if self._udp is not None:
+            asyncio.get_running_loop().remove_reader(self._udp.fileno())
             self._udp.close()
         for w in list(self._writers):
             w.transport.abort()
@@ -292,7 +299,21 @@ class PodProxy:
         upstream = await self._dial(dst_ip, dst_port)
         await self._splice(rec, (reader, writer), upstream)
 
-    async def dns_udp_query(self, data: bytes, client: tuple[str, int]) -> None:
+    def _dns_udp_readable(self) -> None:
+        assert self._udp is not None
+        try:
+            data, anc, _, client = self._udp.recvmsg(65535, socket.CMSG_SPACE(20))
+        except (BlockingIOError, InterruptedError):
+            return
+        pktinfo = b""
+        for level, kind, payload in anc:
+            if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO:
+                pktinfo = payload
+        task = asyncio.ensure_future(self._dns_udp_query(data, client, pktinfo))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _dns_udp_query(self, data: bytes, client: tuple[str, int], pktinfo: bytes) -> None:
         loop = asyncio.get_running_loop()
         host, port = self.dns_upstream
         s = await loop.run_in_executor(
@@ -306,17 +327,9 @@ class PodProxy:
         finally:
             s.close()
         if self._udp is not None:
-            self._udp.sendto(reply, client)
-
-
-class _DnsUdp(asyncio.DatagramProtocol):
-    def __init__(self, proxy: PodProxy) -> None:
-        self.proxy = proxy
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        task = asyncio.ensure_future(self.proxy.dns_udp_query(data, addr))
-        self.proxy._tasks.add(task)
-        task.add_done_callback(self.proxy._tasks.discard)
+            anc = [(socket.IPPROTO_IPV6, _IPV6_PKTINFO, pktinfo)] if pktinfo else []
+            with contextlib.suppress(OSError):
+                self._udp.sendmsg([reply], anc, 0, client)
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:

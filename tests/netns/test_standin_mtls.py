@@ -1,0 +1,192 @@
+"""Two pods with the iptables backend applied talk through both stand-in sides over mTLS.
+
+Pod A's request to pod B's app is caught by A's rules (15001), carried as HBONE (TLS 1.3 with
+both SPIFFE certificates, CONNECT) to B's 15008 and delivered to B's app. A capture on B's
+veth shows only TLS to 15008, never the plaintext; the access log has both identities.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cni_plugin.netns import run_in_netns
+from cni_plugin.redirection.registry import make_backend
+from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.zds_server import WorkloadInfo, ZdsServer
+from testbed.ztunnel_standin.identity import spiffe_id
+from testbed.ztunnel_standin.topology import AppServer, TwoPods, client_socket, http_get
+from tests.netns.test_standin_zds import StandinProcess
+from tests.unit.test_zds_server import ListSource, wait_for
+
+pytestmark = pytest.mark.netns
+
+MARKER = "PLAINTEXT-MARKER-7f3a9c"
+SETTINGS = RedirectSettings(dns_capture=True, ipv6=False)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
+    pods = TwoPods()
+    server = ZdsServer(str(tmp_path / "zt" / "ztunnel.sock"), ListSource(), accept_rate=1000)
+    backend = make_backend("iptables", applier="iptables-restore")
+    standin = StandinProcess(server.socket_path, tmp_path, "--dns-upstream", f"{pods.b.ip}:53")
+    app = None
+    try:
+        for p in (pods.a, pods.b):
+            backend.apply(p.path, SETTINGS)
+        server.start()
+        standin.start()
+        assert wait_for(lambda: server.connected, 10), standin.log()
+        server.add("uid-a", pods.a.path, WorkloadInfo("client", "ns-a", "client-sa"))
+        server.add("uid-b", pods.b.path, WorkloadInfo("server", "ns-b", "server-sa"))
+        app = AppServer(pods.b.path, pods.b.ip, 8080, "b")
+        yield pods, standin, app
+    finally:
+        if app is not None:
+            app.close()
+        standin.stop()
+        server.stop()
+        pods.close()
+
+
+def _capture(pod_name: str, dev: str, out: Path) -> subprocess.Popen[bytes]:
+    # --immediate-mode: without it packets wait in the capture ring and a quick stop loses them.
+    cmd = f"tcpdump -i {dev} --immediate-mode -U -n -s 0 -Z root -w {out} tcp or udp"
+    proc = subprocess.Popen(["ip", "netns", "exec", pod_name, *cmd.split()], stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # "listening on ...": the capture is armed
+    assert b"listening on" in line, line
+    return proc
+
+
+def _packets(pcap: Path) -> list[tuple[int, int, bytes]]:
+    """(src port, dst port, transport payload) of every IPv4 TCP/UDP packet in a pcap."""
+    data = pcap.read_bytes()
+    assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4  # microsecond pcap, LE
+    assert struct.unpack_from("<I", data, 20)[0] == 1  # ethernet
+    out, off = [], 24
+    while off + 16 <= len(data):
+        incl = struct.unpack_from("<I", data, off + 8)[0]
+        frame = data[off + 16 : off + 16 + incl]
+        off += 16 + incl
+        if len(frame) < 34 or frame[12:14] != b"\x08\x00":
+            continue
+        ihl = (frame[14] & 0x0F) * 4
+        proto = frame[23]
+        l4 = frame[14 + ihl :]
+        sport, dport = struct.unpack_from("!HH", l4)
+        if proto == 6:
+            payload = l4[(l4[12] >> 4) * 4 :]
+        elif proto == 17:
+            payload = l4[8:]
+        else:
+            continue
+        out.append((sport, dport, payload))
+    return out
+
+
+def test_request_crosses_both_sides_as_mtls(
+    mesh: tuple[TwoPods, StandinProcess, AppServer], tmp_path: Path
+) -> None:
+    pods, standin, _ = mesh
+    pcap = tmp_path / "veth-b.pcap"
+    cap = _capture(pods.b.name, pods.b.dev, pcap)
+    try:
+        reply = http_get(client_socket(pods.a.path), pods.b.ip, 8080, f"/{MARKER}")
+    finally:
+        time.sleep(0.2)
+        cap.send_signal(signal.SIGINT)
+        cap.wait(5)
+        print("XX", cap.stderr.read() if cap.stderr else None, pcap.stat().st_size)
+    assert reply.startswith(b"HTTP/1.1 200 OK"), reply
+    assert f"hello from b: GET /{MARKER}".encode() in reply
+
+    packets = _packets(pcap)
+    assert packets, "nothing captured on the veth"
+    assert all(8080 not in (s, d) for s, d, _ in packets), "plaintext port seen on the wire"
+    tls = [p for s, d, p in packets if d == 15008 and p]
+    assert tls and all(MARKER.encode() not in p for _, _, p in packets)
+    assert tls[0][:1] == b"\x16"  # a TLS handshake record opens the HBONE connection
+    assert any(p[:3] == b"\x17\x03\x03" for p in tls)  # then application-data records
+
+    # One access-log line per side, both naming both SPIFFE identities.
+    a_id, b_id = spiffe_id("ns-a", "client-sa"), spiffe_id("ns-b", "server-sa")
+    assert wait_for(lambda: len(_log_lines(standin)) >= 2), standin.log()
+    lines = {ln["direction"]: ln for ln in _log_lines(standin)}
+    out, inb = lines["outbound"], lines["inbound"]
+    for ln in (out, inb):
+        assert (ln["src.identity"], ln["dst.identity"]) == (a_id, b_id)
+        assert ln["dst.hbone_addr"] == f"{pods.b.ip}:8080"
+        assert int(str(ln["bytes_sent"])) > len(MARKER) < int(str(ln["bytes_recv"]))
+        assert str(ln["duration"]).endswith("ms")
+    assert (out["src.workload"], out["src.namespace"]) == ("client", "ns-a")
+    assert (inb["dst.workload"], inb["dst.namespace"]) == ("server", "ns-b")
+    assert out["dst.addr"] == f"{pods.b.ip}:15008"
+    assert str(inb["src.addr"]).startswith(f"{pods.a.ip}:")
+
+
+def _log_lines(standin: StandinProcess) -> list[dict[str, object]]:
+    if not standin.access_log.exists():
+        return []
+    return [json.loads(x) for x in standin.access_log.read_text().splitlines() if x]
+
+
+def test_inbound_plaintext_on_15006_reaches_the_app(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, standin, _ = mesh
+    # A marked socket leaves pod A uncaptured, so it arrives at B in plaintext: B's rules
+    # send it to 15006 and the stand-in hands it to the app.
+    reply = http_get(client_socket(pods.a.path, marked=True), pods.b.ip, 8080, "/plain")
+    assert b"hello from b: GET /plain" in reply
+    assert wait_for(
+        lambda: any(
+            ln["dst.hbone_addr"] is None and ln["direction"] == "inbound"
+            for ln in _log_lines(standin)
+        )
+    )
+    line = next(ln for ln in _log_lines(standin) if ln["direction"] == "inbound")
+    assert line["src.identity"] is None and line["dst.addr"] == f"{pods.b.ip}:8080"
+
+
+def test_dns_on_15053_is_forwarded_to_the_resolver(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, _, _ = mesh
+
+    # A "resolver" in pod B answering every query with its own bytes reversed.
+    def resolver_sock() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((pods.b.ip, 53))
+        return s
+
+    resolver = run_in_netns(pods.b.path, resolver_sock)
+
+    def client_sock() -> socket.socket:
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    client = run_in_netns(pods.a.path, client_sock)
+    try:
+        client.settimeout(5)
+        resolver.settimeout(5)
+        client.sendto(b"query-123", (pods.b.ip, 53))
+        query, seen_from = resolver.recvfrom(512)
+        assert query == b"query-123"
+        # Forwarded by the stand-in from its own (marked) socket, not the client's.
+        assert seen_from[1] != client.getsockname()[1]
+        resolver.sendto(query[::-1], seen_from)
+        answer, answered_from = client.recvfrom(512)
+        assert answer == b"321-yreuq"
+        assert answered_from == (pods.b.ip, 53)  # un-NATed: looks like the resolver replied
+    finally:
+        client.close()
+        resolver.close()
