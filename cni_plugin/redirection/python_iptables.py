@@ -203,4 +203,3 @@ class PythonIptablesApplier:
                 table.commit()
             finally:
                 table.close()
-

@@ -54,9 +54,7 @@ def test_apply_twice_equals_apply_once(backend_case: BackendCase, topology: Topo
     assert backend.check(topology.pod_path, settings).ok
 
 
-def test_apply_with_other_settings_converges(
-    backend_case: BackendCase, topology: Topology
-) -> None:
+def test_apply_with_other_settings_converges(backend_case: BackendCase, topology: Topology) -> None:
     backend = backend_case.build()
     backend.apply(topology.pod_path, RedirectSettings(**DEFAULT))
     ingress = RedirectSettings(**INGRESS)
