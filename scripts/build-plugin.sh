@@ -8,6 +8,7 @@
 #   zipapp             a .pyz that needs a python3 on the host (reference point only)
 # The entry point is cni_plugin.plugin:main; only stdlib modules are pulled in.
 set -euo pipefail
+export LC_ALL=C  # glob order, hence the source hash, must not depend on the locale
 cd "$(dirname "$0")/.."
 root=$(pwd)
 py="$root/.venv/bin/python"
@@ -49,6 +50,7 @@ build() {
         --output-dir="$work/$form" --output-filename=istio-cni "$entry" >&2
       if [ "$form" = nuitka-onefile ]; then
         install -m 0755 "$work/$form/istio-cni" "$out/istio-cni.$form"
+        echo "$src_hash" > "$out/istio-cni.src-hash"
       else
         rm -rf "$out/istio-cni.$form.d"
         mv "$work/$form/istio_cni_entry.dist" "$out/istio-cni.$form.d"

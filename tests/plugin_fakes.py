@@ -158,7 +158,8 @@ class ApiStub:
     ca_pem: bytes = b""
     _server: Any = None
 
-    def start(self) -> ApiStub:
+    def start(self, netns: str | None = None) -> ApiStub:
+        """Listen on 127.0.0.1 of ``netns`` (a /run/netns path) or of this process."""
         stub = self
         tmp = tempfile.mkdtemp(prefix="icnit-api-")
         cert, key, self.ca_pem = self_signed_cert(tmp)
@@ -188,7 +189,13 @@ class ApiStub:
 
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
-        server = Server(("127.0.0.1", 0), Handler)
+        if netns is None:
+            server = Server(("127.0.0.1", 0), Handler)
+        else:
+            from cni_plugin.netns import run_in_netns
+
+            # A socket belongs to the namespace of the thread that made it.
+            server = run_in_netns(netns, lambda: Server(("127.0.0.1", 0), Handler))
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
