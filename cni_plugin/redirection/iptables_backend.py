@@ -134,15 +134,20 @@ class IptablesBackend:
         if report.extra or len(report.missing) < self._item_count(settings):
             # Part of ours is there (drift or other settings): start from nothing.
             self._remove_inside(settings, ipr)
-        done: list[Family] = []
         try:
             for fam in families(settings):
                 self.applier.install(inpod_rules(settings, fam))
-                done.append(fam)
             policy_routes.install(settings, ipr)
         except BaseException as e:
-            for fam in reversed(done):
-                self.applier.uninstall(fam, parse_save(self.applier.save(fam)))
+            # Each step undoes itself; removing everything of ours also undoes the steps
+            # that succeeded before the failing one.
+            try:
+                self._remove_inside(settings, ipr)
+            except Exception as undo:
+                log.error(
+                    "undoing a failed apply failed: remove the redirection by hand",
+                    extra={"fields": {"netns": netns_path, "error": str(undo)}},
+                )
             if isinstance(e, RedirectionError):
                 raise
             if isinstance(e, Exception):

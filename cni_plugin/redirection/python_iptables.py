@@ -172,7 +172,7 @@ class PythonIptablesApplier:
                         committed.append(name)
                     finally:
                         table.close()  # autocommit is off: closing discards anything pending
-            except (iptc.IPTCError, iptc.xtables.XTablesError, ValueError, AttributeError) as e:
+            except Exception as e:  # iptc raises IPTCError, XTablesError, ValueError, ...
                 if committed:
                     saved = parse_save(self.save(ruleset.family))
                     self._uninstall_locked(iptc, ruleset.family, saved)

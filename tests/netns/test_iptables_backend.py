@@ -78,3 +78,19 @@ def test_reply_path_needs_the_policy_route(make_netns: Callable[[str], str]) -> 
             topo.ztunnel_connect("ipv4", (pod, APP_PORT), spoof_source=peer)
     finally:
         topo.close()
+
+
+@pytest.mark.parametrize("applier", APPLIERS)
+def test_failed_routes_undo_the_installed_rules(
+    make_netns: Callable[[str], str], applier: str
+) -> None:
+    ns = make_netns("ipt")
+    backend = IptablesBackend(applier)
+    # Rules install for both families, then the kernel refuses a rule into table 0.
+    with pytest.raises(RedirectionError, match="policy routing"):
+        backend.apply(f"/run/netns/{ns}", RedirectSettings(route_table=0))
+    for fam in Family:
+        assert not parse_save(_save(ns, backend.applier.variant, fam)).holds_ours()
+    for v in ("-4", "-6"):
+        rules = subprocess.run(["ip", v, "-n", ns, "rule"], capture_output=True, text=True)
+        assert "fwmark" not in rules.stdout
