@@ -30,7 +30,12 @@ from typing import TypeVar
 from cni_plugin.bpf import image as image_mod
 from cni_plugin.bpf import pod, programs, routes, syscall, tc
 from cni_plugin.bpf.image import PROGRAMS, TC_PROGRAMS, ProgramImage
-from cni_plugin.bpf.netlink import IPV4_DEVCONF_ACCEPT_LOCAL, IPV4_DEVCONF_ROUTE_LOCALNET, Rtnl
+from cni_plugin.bpf.netlink import (
+    IPV4_DEVCONF_ACCEPT_LOCAL,
+    IPV4_DEVCONF_ROUTE_LOCALNET,
+    Link,
+    Rtnl,
+)
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection import policy_routes
@@ -144,6 +149,7 @@ class EbpfBackend:
         self.cache_dir = cache_dir
         self.host_netns = host_netns
         self.cgroup = cgroup
+        self._variants: dict[str, programs.Pinned] = {}  # open across applies (no reload)
 
     # -- protocol ------------------------------------------------------------------------
     def render(self, settings: RedirectSettings) -> str:
@@ -173,6 +179,17 @@ class EbpfBackend:
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
         img = self._image()
+        shared = self._variant(img, settings)
+        self._in_netns(netns_path, lambda d: self._converge(d, img, shared, settings))
+
+    def _variant(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
+        """The variant's programs, kept open while their pins exist (one stat per apply)."""
+        name = programs.variant_name(img, settings)
+        cached = self._variants.get(name)
+        if cached is not None and (cached.path / "istio_ingress").exists():
+            return cached
+        if cached is not None:
+            cached.close()
         _require_bpffs(self.pin_root)
         cgroup = cgroup2_root(self.cgroup)
         try:
@@ -180,13 +197,11 @@ class EbpfBackend:
             try:
                 shared = programs.variant_objects(img, settings, self.pin_root, node)
             finally:
-                node.close()
+                node.close()  # the pinned link keeps istio_getsockopt attached
         except OSError as e:
             raise RedirectionError(f"loading the redirection programs failed: {e}") from None
-        try:
-            self._in_netns(netns_path, lambda d: self._converge(d, img, shared, settings))
-        finally:
-            shared.close()
+        self._variants[name] = shared
+        return shared
 
     def remove(self, netns_path: str, settings: RedirectSettings) -> None:
         def work(directory: Path) -> None:
@@ -243,25 +258,37 @@ class EbpfBackend:
         settings: RedirectSettings,
     ) -> None:
         with Rtnl() as nl:
-            wanted = _wanted(nl, shared)
-            present = {a.key for a in tc.ours(nl)}
+            links = nl.links()
             state = pod.read_state(directory)
+            if state is None and not directory.exists():
+                # A pod we never enrolled: install straight away (filters are replaced in
+                # place, so even leftovers of a crashed attempt cannot double up).
+                _install(nl, directory, img, shared, settings, links)
+                return
+            wanted = _wanted(links, shared)
+            present = {a.key for a in tc.ours(nl, links)}
             if (
                 state is not None
                 and state.version == img.version
                 and present == wanted
-                and all(nl.devconf(LO[0], k) == 1 for k, _ in DEVCONF)
+                and all(_lo(links).devconf(k) == 1 for k, _ in DEVCONF)
                 and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in TC_PROGRAMS)
             ):
                 routes.install(nl, settings)  # adds only what is missing
                 return
-            if present or state is not None or directory.exists():
-                _teardown(nl, directory, settings)
-            _install(nl, directory, img, shared, settings)
+            _teardown(nl, directory, settings)
+            _install(nl, directory, img, shared, settings, nl.links())
 
 
-def _wanted(nl: Rtnl, shared: programs.Pinned) -> set[tuple[int, str, str, int]]:
-    ifaces, _ = tc.pod_interfaces(nl)
+def _lo(links: list[Link]) -> Link:
+    for link in links:
+        if link.index == LO[0]:
+            return link
+    raise RedirectionError("the namespace has no loopback device: is it a pod namespace?")
+
+
+def _wanted(links: list[Link], shared: programs.Pinned) -> set[tuple[int, str, str, int]]:
+    ifaces, _ = tc.pod_interfaces(links)
     ing, eg = "istio_ingress", "istio_egress"
     out = {(LO[0], tc.INGRESS, ing, shared.prog_id(ing))}
     for idx, _name in ifaces:
@@ -276,19 +303,21 @@ def _install(
     img: ProgramImage,
     shared: programs.Pinned,
     settings: RedirectSettings,
+    links: list[Link],
 ) -> None:
     undo: list[Callable[[], None]] = []
     try:
         state = pod.PodState(img.version)
+        lo = _lo(links)
         for key, attr in DEVCONF:
-            old = nl.devconf(LO[0], key)
+            old = lo.devconf(key)
             if old != 1:
                 nl.set_devconf(LO[0], key, 1)
                 setattr(state, attr, old)
                 undo.append(lambda k=key, o=old: nl.set_devconf(LO[0], k, o))  # type: ignore[misc]
         added = routes.install(nl, settings)
         undo.append(lambda: routes.undo(nl, settings, added))
-        ifaces, skipped = tc.pod_interfaces(nl)
+        ifaces, skipped = tc.pod_interfaces(links)
         if skipped:
             log.warning("not an Ethernet interface, left unredirected: %s", ", ".join(skipped))
         for idx, _name in [LO, *ifaces]:
@@ -343,16 +372,17 @@ def _check(
     extra: list[str] = []
     notes: list[str] = []
     with Rtnl() as nl:
-        names = {link.index: link.name for link in nl.links()}
-        present = {a.key for a in tc.ours(nl)}
+        links = nl.links()
+        names = {link.index: link.name for link in links}
+        present = {a.key for a in tc.ours(nl, links)}
         if shared is None:
             missing.append(f"programs of this variant pinned under {img.version:08x}")
             wanted: set[tuple[int, str, str, int]] = set()
-            ifaces, _ = tc.pod_interfaces(nl)
+            ifaces, _ = tc.pod_interfaces(links)
             for idx, _n in [LO, *ifaces]:
                 missing.append(f"tc filters on {names.get(idx, idx)}")
         else:
-            wanted = _wanted(nl, shared)
+            wanted = _wanted(links, shared)
             notes.append("counters: " + ", ".join(f"{k}={v}" for k, v in shared.counters().items()))
         for idx, d, prog, pid in sorted(wanted - present):
             missing.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
@@ -368,12 +398,12 @@ def _check(
                 if pod.pinned_prog_id(directory, n) != shared.prog_id(n):
                     missing.append(f"pin {directory / n} of the attached program")
         for key, attr in DEVCONF:
-            if nl.devconf(LO[0], key) != 1:
+            if _lo(links).devconf(key) != 1:
                 missing.append(f"sysctl net.ipv4.conf.lo.{attr.removesuffix('_orig')}=1")
         rmissing, rextra = policy_routes.check(settings)
         missing += rmissing
         extra += rextra
-        _, skipped = tc.pod_interfaces(nl)
+        _, skipped = tc.pod_interfaces(links)
         if skipped:
             notes.append("not redirected (not Ethernet): " + ", ".join(skipped))
     return CheckReport(tuple(missing), tuple(extra), tuple(notes))

@@ -113,8 +113,14 @@ class ProgramImage:
         )
 
 
+_keys: dict[Path, str] = {}
+
+
 def image_key() -> str:
-    """sha256 over sources, flags, kernel release/version and bcc's version."""
+    """sha256 over sources, flags, kernel release/version and bcc's version (computed once
+    per process and source directory)."""
+    if SOURCE_DIR in _keys:
+        return _keys[SOURCE_DIR]
     h = hashlib.sha256()
     for name in SOURCES:
         h.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes() + b"\0")
@@ -122,7 +128,8 @@ def image_key() -> str:
     u = os.uname()
     h.update(f"{u.release}\0{u.version}\0{u.machine}".encode())
     h.update(_bcc_version().encode())
-    return h.hexdigest()
+    _keys[SOURCE_DIR] = h.hexdigest()
+    return _keys[SOURCE_DIR]
 
 
 def _bcc_version() -> str:

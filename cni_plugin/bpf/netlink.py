@@ -77,6 +77,13 @@ class Link:
     index: int
     name: str
     link_type: int
+    inet_conf: bytes = b""  # IFLA_INET_CONF: the IPv4 devconf array (u32 per IPV4_DEVCONF_*)
+
+    def devconf(self, which: int) -> int:
+        off = (which - 1) * 4
+        if len(self.inet_conf) < off + 4:
+            raise OSError(errno.ENODEV, f"{self.name} has no IPv4 configuration")
+        return int(struct.unpack_from("I", self.inet_conf, off)[0])
 
 
 @dataclass(frozen=True)
@@ -146,18 +153,16 @@ class Rtnl:
             _fam, ltype, index, _f, _c = struct.unpack_from("BxHiII", body)
             attrs = parse_attrs(body[16:])
             name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
-            out.append(Link(index, name, ltype))
+            spec = parse_attrs(attrs.get(IFLA_AF_SPEC, b""))
+            conf = parse_attrs(spec.get(socket.AF_INET, b"")).get(IFLA_INET_CONF, b"")
+            out.append(Link(index, name, ltype, conf))
         return out
 
     def devconf(self, index: int, which: int) -> int:
         """One IPv4 devconf value of an interface (``IPV4_DEVCONF_*``)."""
-        for body in self.dump(RTM_GETLINK, struct.pack("BxHiII", 0, 0, 0, 0, 0)):
-            if struct.unpack_from("i", body, 4)[0] != index:
-                continue
-            spec = parse_attrs(parse_attrs(body[16:]).get(IFLA_AF_SPEC, b""))
-            conf = parse_attrs(spec.get(socket.AF_INET, b"")).get(IFLA_INET_CONF, b"")
-            off = (which - 1) * 4
-            return int(struct.unpack_from("I", conf, off)[0])
+        for link in self.links():
+            if link.index == index:
+                return link.devconf(which)
         raise OSError(errno.ENODEV, f"no interface with index {index}")
 
     def set_devconf(self, index: int, which: int, value: int) -> None:

@@ -19,7 +19,7 @@ import ipaddress
 import os
 import shutil
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_plugin.bpf import syscall
@@ -74,6 +74,7 @@ class Pinned:
 
     path: Path
     fds: dict[str, int]
+    _ids: dict[str, int] = field(default_factory=dict)
 
     def close(self) -> None:
         for fd in self.fds.values():
@@ -82,7 +83,9 @@ class Pinned:
         self.fds.clear()
 
     def prog_id(self, name: str) -> int:
-        return syscall.prog_info(self.fds[name]).prog_id
+        if name not in self._ids:
+            self._ids[name] = syscall.prog_info(self.fds[name]).prog_id
+        return self._ids[name]
 
     def counters(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -356,12 +356,16 @@ int istio_ingress(struct __sk_buff *skb)
     __u32 mark = skb->mark & MARK_MASK;
     if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
         return TC_ACT_UNSPEC;
-    if (on_lo && mark == CONNMARK)
-        return TC_ACT_UNSPEC; /* sent here by istio_egress, already addressed to ztunnel */
-    if (on_lo && (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT)) {
-        /* TCP/53 to one of the pod's own addresses (lo): to 15053, as iptables' OUTPUT */
-        count(C_DNS_TCP);
-        return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
+    if (on_lo) {
+        /* Connections made inside the pod: iptables decides them once, in nat OUTPUT, where
+         * only TCP/53 is redirected before `! -d 127.0.0.1 -o lo -j ACCEPT`; its PREROUTING
+         * rules never see them. Those sent here by istio_egress carry CONNMARK and are
+         * already addressed to ztunnel. */
+        if (mark != CONNMARK && (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT)) {
+            count(C_DNS_TCP);
+            return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
+        }
+        return TC_ACT_UNSPEC;
     }
     if ((s->flags & F_BYPASS_INBOUND) || f.dport == htons(ZTUNNEL_HBONE_PORT))
         return TC_ACT_UNSPEC;

@@ -38,16 +38,22 @@ def _rule_count(nl: Rtnl, family: int, s: RedirectSettings) -> int:
 
 
 def install(nl: Rtnl, s: RedirectSettings) -> list[tuple[str, int]]:
-    """Add what is missing; returns what this call added (for undo)."""
+    """Add what is missing (an existing identical rule or route answers EEXIST, so no dump
+    is needed); returns what this call added, for undo."""
     added: list[tuple[str, int]] = []
     try:
         for fam, with_route in _families(nl, s):
-            if not _rule_count(nl, fam, s):
+            try:
                 nl.rule(True, fam, s.connmark, s.mark_mask, s.route_table, s.rule_priority)
                 added.append(("rule", fam))
-            if with_route and not nl.local_routes(fam, s.route_table):
-                nl.local_route(True, fam, s.route_table, LO_INDEX)
-                added.append(("route", fam))
+            except FileExistsError:
+                pass
+            if with_route:
+                try:
+                    nl.local_route(True, fam, s.route_table, LO_INDEX)
+                    added.append(("route", fam))
+                except FileExistsError:
+                    pass
     except OSError:
         undo(nl, s, added)
         raise

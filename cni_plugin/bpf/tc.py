@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cni_plugin.bpf.netlink import Rtnl
+from cni_plugin.bpf.netlink import Link, Rtnl
 
 INGRESS = "ingress"
 EGRESS = "egress"
@@ -35,11 +35,11 @@ class Attached:
         return (self.ifindex, self.direction, self.prog_name, self.prog_id)
 
 
-def pod_interfaces(nl: Rtnl) -> tuple[list[tuple[int, str]], list[str]]:
+def pod_interfaces(links: list[Link]) -> tuple[list[tuple[int, str]], list[str]]:
     """(index, name) of every Ethernet interface but lo, and the names of those skipped."""
     chosen: list[tuple[int, str]] = []
     skipped: list[str] = []
-    for link in nl.links():
+    for link in links:
         if link.link_type == ARPHRD_LOOPBACK:
             continue
         if link.link_type == ARPHRD_ETHER:
@@ -58,10 +58,10 @@ def detach(nl: Rtnl, ifindex: int, direction: str) -> None:
     nl.del_filter(ifindex, PARENTS[direction], PRIO, HANDLE)
 
 
-def ours(nl: Rtnl) -> list[Attached]:
+def ours(nl: Rtnl, links: list[Link] | None = None) -> list[Attached]:
     """Every filter of ours in the namespace, on any interface and direction."""
     found: list[Attached] = []
-    for link in nl.links():
+    for link in nl.links() if links is None else links:
         for direction in (INGRESS, EGRESS):
             for f in nl.filters(link.index, PARENTS[direction]):
                 if f.kind == "bpf" and f.prio == PRIO and f.name.startswith("istio_"):

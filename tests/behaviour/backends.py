@@ -123,9 +123,5 @@ BACKENDS: list[BackendCase] = [
         bpf.options(),
         unavailable=bpf.unavailable,
         tampers=bpf.TAMPERS,
-        known_gaps={
-            "pod-to-own-address-not-captured": "the app's call to its own pod IP lands on "
-            "15006; Istio accepts `! -d 127.0.0.1/32 -o lo` in nat OUTPUT",
-        },
     ),
 ]

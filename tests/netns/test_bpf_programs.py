@@ -208,6 +208,14 @@ def test_ingress_leaves_alone(
     assert r.data == frame, what
 
 
+def test_lo_syn_to_own_address_is_not_captured(harness: Harness) -> None:
+    """The app calling its own pod address: iptables decides in nat OUTPUT (`-o lo` ACCEPT)
+    and never consults PREROUTING for it, so it reaches the app, not 15006."""
+    frame = pk.frame(POD4, POD4, 40000, 8080)
+    r = harness.run(harness.variant(), "istio_ingress", frame, ifindex=1)
+    assert r.retval == TC_ACT_UNSPEC and r.data == frame
+
+
 def test_lo_tcp53_to_own_address_goes_to_15053(harness: Harness) -> None:
     r = harness.run(harness.variant(), "istio_ingress", pk.frame(POD4, POD4, 40000, 53),
                     ifindex=1)  # fmt: skip

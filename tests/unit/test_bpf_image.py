@@ -41,8 +41,10 @@ def test_key_changes_with_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for name in image.SOURCES:
         (tmp_path / name).write_text((image.SOURCE_DIR / name).read_text())
     monkeypatch.setattr(image, "SOURCE_DIR", tmp_path)
+    monkeypatch.setattr(image, "_keys", {})
     before = image.image_key()
     (tmp_path / "redirect.c").write_text((tmp_path / "redirect.c").read_text() + "\n")
+    image._keys.clear()  # the key is computed once per process: a new process sees the edit
     assert image.image_key() != before
 
 
