@@ -7,6 +7,7 @@ plugin entry. Invalid values raise :class:`ConfigError` naming the variable.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -27,6 +28,20 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false")
 
 
+# In a source checkout, `make plugin` leaves the executable here.
+DEV_BUILD_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build")
+
+
+def default_source_dir() -> str:
+    """The image's /opt/cni/bin, or the checkout's build/ when only that has istio-cni."""
+    image_dir = "/opt/cni/bin"
+    if not os.path.exists(os.path.join(image_dir, "istio-cni")) and os.path.exists(
+        os.path.join(DEV_BUILD_DIR, "istio-cni")
+    ):
+        return DEV_BUILD_DIR
+    return image_dir
+
+
 @dataclass(frozen=True)
 class InstallConfig:
     mounted_cni_net_dir: str = "/host/etc/cni/net.d"
@@ -44,6 +59,8 @@ class InstallConfig:
     kube_ca_file: str = f"{SA_DIR}/ca.crt"
     skip_tls_verify: bool = False
     sa_token_file: str = f"{SA_DIR}/token"
+    # Outside a pod (development, the testbed): credentials from this kubeconfig instead.
+    fallback_kubeconfig: str = ""
     # Repairs happen at most once per this many seconds (SPEC §7).
     min_repair_interval_s: float = 5.0
     plugin_binaries: tuple[str, ...] = field(default=("istio-cni",))
@@ -62,7 +79,7 @@ class InstallConfig:
             mounted_cni_net_dir=env.get("MOUNTED_CNI_NET_DIR") or d.mounted_cni_net_dir,
             cni_conf_name=env.get("CNI_CONF_NAME", ""),
             chained=chained,
-            cni_bin_source_dir=env.get("CNI_BIN_SOURCE_DIR") or d.cni_bin_source_dir,
+            cni_bin_source_dir=env.get("CNI_BIN_SOURCE_DIR") or default_source_dir(),
             cni_bin_target_dirs=(
                 tuple(t for t in targets.split(",") if t) if targets else d.cni_bin_target_dirs
             ),
@@ -76,4 +93,5 @@ class InstallConfig:
             kube_ca_file=env.get("KUBE_CA_FILE") or d.kube_ca_file,
             skip_tls_verify=_bool(env, "SKIP_TLS_VERIFY", d.skip_tls_verify),
             sa_token_file=env.get("SA_TOKEN_FILE") or d.sa_token_file,
+            fallback_kubeconfig=env.get("KUBECONFIG", ""),
         )

@@ -178,15 +178,17 @@ class Installer:
         self.write_kubeconfig()
         return self.write_conflist()
 
-    def write_kubeconfig(self) -> None:
+    def _credentials(self) -> tuple[str, bytes | None, str]:
+        """(token, CA PEM or None for skip-verify, server URL) for the plugin's kubeconfig."""
         cfg = self.config
         token_bytes = read_bytes(cfg.sa_token_file)
+        if token_bytes is None and cfg.fallback_kubeconfig:
+            return self._credentials_from_kubeconfig(cfg.fallback_kubeconfig)
         if token_bytes is None:
             raise ConfigError(
                 f"service account token {cfg.sa_token_file} does not exist: run inside a pod "
-                "with a service account (or set SA_TOKEN_FILE)"
+                "with a service account (or set SA_TOKEN_FILE, or KUBECONFIG outside a pod)"
             )
-        token = token_bytes.decode().strip()
         ca = None
         if not cfg.skip_tls_verify:
             ca = read_bytes(cfg.kube_ca_file)
@@ -195,9 +197,38 @@ class Installer:
                     f"CA file {cfg.kube_ca_file} does not exist: set KUBE_CA_FILE or "
                     "SKIP_TLS_VERIFY=true"
                 )
-        text = kubeconfig.render(
-            kubeconfig.server_url(cfg.k8s_service_host, cfg.k8s_service_port), token, ca
-        ).encode()
+        server = kubeconfig.server_url(cfg.k8s_service_host, cfg.k8s_service_port)
+        return token_bytes.decode().strip(), ca, server
+
+    def _credentials_from_kubeconfig(self, path: str) -> tuple[str, bytes | None, str]:
+        import yaml
+
+        cfg = self.config
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f)
+            cluster = doc["clusters"][0]["cluster"]
+            token = str(doc["users"][0]["user"]["token"])
+        except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+            raise ConfigError(
+                f"no service account token, and KUBECONFIG {path} has no usable cluster and "
+                f"token user ({e}); run inside a pod or point KUBECONFIG at a token kubeconfig"
+            ) from None
+        ca: bytes | None = None
+        if cluster.get("certificate-authority-data"):
+            ca = base64.b64decode(cluster["certificate-authority-data"])
+        elif cluster.get("certificate-authority"):
+            ca = read_bytes(str(cluster["certificate-authority"]))
+        if cfg.k8s_service_host and cfg.k8s_service_port:
+            server = kubeconfig.server_url(cfg.k8s_service_host, cfg.k8s_service_port)
+        else:
+            server = str(cluster["server"])
+        return token.strip(), ca, server
+
+    def write_kubeconfig(self) -> None:
+        cfg = self.config
+        token, ca, server = self._credentials()
+        text = kubeconfig.render(server, token, ca).encode()
         os.makedirs(cfg.run_dir, exist_ok=True)
         current = read_bytes(self.kubeconfig_path)
         if current != text or os.stat(self.kubeconfig_path).st_mode & 0o777 != 0o600:

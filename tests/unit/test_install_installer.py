@@ -287,3 +287,35 @@ def test_config_from_env_uses_istio_names() -> None:
 
     with pytest.raises(ConfigError, match="AMBIENT_ENABLED"):
         InstallConfig.from_env({"AMBIENT_ENABLED": "maybe"})
+
+
+def test_outside_a_pod_credentials_come_from_kubeconfig(node: dict[str, str]) -> None:
+    import json
+
+    put(os.path.join(node["net"], "10-list.conflist"), ref("list.conflist"))
+    admin = os.path.join(node["sa"], "admin.kubeconfig")
+    put(
+        admin,
+        json.dumps(
+            {
+                "clusters": [
+                    {
+                        "name": "x",
+                        "cluster": {
+                            "server": "https://10.0.0.9:6443",
+                            "certificate-authority": os.path.join(node["sa"], "ca.crt"),
+                        },
+                    }
+                ],
+                "users": [{"name": "admin", "user": {"token": "service_account_token_string"}}],
+            }
+        ).encode(),
+    )
+    cfg = config(node, sa_token_file=os.path.join(node["sa"], "absent"), fallback_kubeconfig=admin)
+    Installer(cfg).install_once()
+    with open(os.path.join(node["run"], "istio-cni-kubeconfig"), "rb") as f:
+        assert f.read() == ref("kubeconfig-tls")  # host/port from KUBERNETES_SERVICE_*
+    from cni_plugin.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="service account token"):
+        Installer(config(node, sa_token_file=os.path.join(node["sa"], "absent"))).install_once()
