@@ -42,6 +42,11 @@ bench-iptables: setup
 	$(PY) -m bench.iptables_install --samples 200 --backend
 	$(PY) -m bench.iptables_install --samples 200 --ipv4-only
 
+# ZDS Add round trips and the ztunnel stand-in's proxy overhead (docs/benchmarks.md, "ZDS").
+.PHONY: bench-zds
+bench-zds: setup
+	$(PY) -m bench.zds_bench --pods 50 --requests 300
+
 # The self-contained CNI plugin executable the installer copies (no Python needed on the host).
 # `plugin-forms` builds every candidate measured in docs/benchmarks.md.
 PLUGIN_SOURCES := $(wildcard cni_plugin/*.py) scripts/build-plugin.sh
@@ -68,3 +73,8 @@ vm-test-one: setup
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
+
+# eBPF vs iptables redirection: per-pod install time and data path (docs/benchmarks.md).
+.PHONY: bench-ebpf
+bench-ebpf: setup
+	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000

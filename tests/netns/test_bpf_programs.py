@@ -81,11 +81,13 @@ def harness(make_netns: Callable[[str], str]) -> Iterator[Harness]:
     subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
                     "veth1"], check=True)  # fmt: skip
     pin_root = Path(f"/sys/fs/bpf/icnit-prog-{secrets.token_hex(4)}")
-    h = Harness(ns, pin_root, image.load_image(CACHE_DIR))
+    h: Harness | None = None
     try:
+        h = Harness(ns, pin_root, image.load_image(CACHE_DIR))
         yield h
     finally:
-        h.close()
+        if h is not None:
+            h.close()
         shutil.rmtree(pin_root, ignore_errors=True)
     assert not pin_root.exists()
 
