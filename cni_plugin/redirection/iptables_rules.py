@@ -15,14 +15,17 @@ also knows the canonical form ``iptables-save`` prints for it (:meth:`Rule.save_
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass
 
 from cni_plugin import constants as c
 from cni_plugin.redirection.settings import RedirectSettings
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
-# Chains this project owns, in every table; removal deletes them wherever they appear.
+# Chains this project owns inside a pod namespace, in every table; removal deletes them
+# wherever they appear. In the node namespace only the host probe chain is ours.
 OWN_CHAINS = (c.CHAIN_PREROUTING, c.CHAIN_OUTPUT)
+HOST_CHAINS = (c.CHAIN_POSTROUTING,)
 INPOD_TABLES = ("mangle", "nat", "raw")
 
 
@@ -66,37 +69,41 @@ class Rule:
     def save_line(self, family: Family) -> str:
         """The line ``iptables-save`` prints for this rule once installed.
 
-        The kernel round trip adds the host prefix to bare addresses, makes the implicit
-        protocol match explicit (``-p tcp --dport`` becomes ``-p tcp -m tcp --dport``) and
-        spells ``--to-port`` as ``--to-ports``. A netns test checks this against real output
-        for every variant, with both xtables backends.
+        The kernel round trip puts the address/interface/protocol part first (in the order
+        ``-s -d -i -o -p``), adds the host prefix to bare addresses, makes an implicit
+        protocol match explicit where its first port option stands (``-p tcp --dport`` is
+        printed ``-p tcp -m tcp --dport``) and spells ``--to-port`` as ``--to-ports``. A netns
+        test checks this against real output for every variant, with both xtables backends.
         """
+        header: dict[str, list[str]] = {}
+        rest: list[str] = []
         args = list(self.args)
-        out: list[str] = []
-        has_proto_match = any(
-            a == "-m" and i + 1 < len(args) and args[i + 1] in ("tcp", "udp")
-            for i, a in enumerate(args)
-        )
-        uses_ports = any(a in ("--dport", "--sport") for a in args)
         i = 0
         while i < len(args):
-            a = args[i]
-            if a in ("-s", "-d") and i + 1 < len(args):
-                addr = args[i + 1]
-                if "/" not in addr:
-                    addr = f"{addr}/{family.host_prefix}"
-                out += [a, addr]
-                i += 2
+            negated = args[i] == "!" and i + 1 < len(args) and args[i + 1] in _HEADER_FLAGS
+            flag = args[i + 1] if negated else args[i]
+            if flag in _HEADER_FLAGS and (negated or args[i] != "!"):
+                value = args[i + 2] if negated else args[i + 1]
+                if flag in ("-s", "-d") and "/" not in value:
+                    value = f"{value}/{family.host_prefix}"
+                header[flag] = (["!"] if negated else []) + [flag, value]
+                i += 3 if negated else 2
                 continue
-            if a == "-p" and i + 1 < len(args):
-                out += [a, args[i + 1]]
-                if uses_ports and not has_proto_match:
-                    out += ["-m", args[i + 1]]
-                i += 2
-                continue
-            out.append("--to-ports" if a == "--to-port" else a)
+            rest.append("--to-ports" if args[i] == "--to-port" else args[i])
             i += 1
-        return " ".join(("-A", self.chain, *out))
+        proto = header.get("-p", [""])[-1]
+        explicit = any(a == "-m" and b == proto for a, b in itertools.pairwise(rest))
+        if proto in ("tcp", "udp") and not explicit:
+            for j, word in enumerate(rest):
+                if word in ("--dport", "--sport"):
+                    at = j - 1 if j and rest[j - 1] == "!" else j
+                    rest[at:at] = ["-m", proto]
+                    break
+        words = [w for flag in _HEADER_FLAGS if flag in header for w in header[flag]]
+        return " ".join(("-A", self.chain, *words, *rest))
+
+
+_HEADER_FLAGS = ("-s", "-d", "-i", "-o", "-p")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Used by both appliers and by ``check``: parse the save output, compare it with a
 :class:`~cni_plugin.redirection.iptables_rules.RuleSet`, and derive the exact deletions that
 remove everything of ours (our chains, and every jump into them from a built-in chain) while
-leaving every other rule untouched.
+leaving every other rule untouched. The same works for the host probe rule in the node
+namespace: parse with ``own=HOST_CHAINS``.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from cni_plugin.redirection.iptables_rules import BUILTIN_CHAINS, OWN_CHAINS, Ru
 @dataclass
 class SavedTables:
     """Parsed ``iptables-save``: per table, the declared chains and each chain's rule lines
-    (``-A CHAIN ...`` exactly as printed)."""
+    (``-A CHAIN ...`` exactly as printed). ``own`` names the chains that are ours: the
+    in-pod chains by default, :data:`HOST_CHAINS` when reading the node namespace."""
 
     chains: dict[str, list[str]] = field(default_factory=dict)
     rules: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    own: tuple[str, ...] = OWN_CHAINS
 
     def own_chains(self, table: str) -> list[str]:
-        return [ch for ch in self.chains.get(table, []) if ch in OWN_CHAINS]
+        return [ch for ch in self.chains.get(table, []) if ch in self.own]
 
     def jumps_to_own(self, table: str) -> list[str]:
         """Rule lines in built-in chains whose target is one of our chains."""
         out = []
         for chain, lines in self.rules.get(table, {}).items():
             if chain in BUILTIN_CHAINS:
-                out += [ln for ln in lines if _target(ln) in OWN_CHAINS]
+                out += [ln for ln in lines if _target(ln) in self.own]
         return out
 
     def holds_ours(self) -> bool:
@@ -45,8 +48,8 @@ def _target(line: str) -> str | None:
     return None
 
 
-def parse_save(text: str) -> SavedTables:
-    saved = SavedTables()
+def parse_save(text: str, own: tuple[str, ...] = OWN_CHAINS) -> SavedTables:
+    saved = SavedTables(own=own)
     table = ""
     for raw in text.splitlines():
         line = raw.strip()

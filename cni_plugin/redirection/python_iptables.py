@@ -23,10 +23,11 @@ import threading
 from typing import Any
 
 from cni_plugin.errors import RedirectionError
-from cni_plugin.redirection.iptables_rules import OWN_CHAINS, Family, RuleSet
+from cni_plugin.redirection.iptables_rules import Family, RuleSet
 from cni_plugin.redirection.iptables_state import SavedTables, parse_save
 
 _LOCK = threading.Lock()
+_STANDARD = ("ACCEPT", "RETURN", "DROP")
 _ADDRESS_FLAGS = {"-s": "src", "-d": "dst", "-p": "protocol", "-i": "in_interface",
                   "-o": "out_interface"}  # fmt: skip
 
@@ -65,7 +66,7 @@ def _ensure_target(iptc: Any, family: Family, name: str) -> None:
 
 def _extension_targets(ruleset: RuleSet) -> list[str]:
     names = {r.args[r.args.index("-j") + 1] for r in ruleset.rules if "-j" in r.args}
-    return sorted(n for n in names if n not in OWN_CHAINS and n not in ("ACCEPT", "RETURN", "DROP"))
+    return sorted(n for n in names if not n.startswith("ISTIO_") and n not in _STANDARD)
 
 
 def _rule_factory(iptc: Any, family: Family, table: Any) -> Any:

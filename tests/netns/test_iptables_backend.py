@@ -94,3 +94,36 @@ def test_failed_routes_undo_the_installed_rules(
     for v in ("-4", "-6"):
         rules = subprocess.run(["ip", v, "-n", ns, "rule"], capture_output=True, text=True)
         assert "fwmark" not in rules.stdout
+
+
+@pytest.mark.parametrize("applier", APPLIERS)
+def test_host_probe_rule_installs_checks_and_removes(
+    make_netns: Callable[[str], str], applier: str
+) -> None:
+    """The node-side rule through the same appliers (a namespace stands in for the node)."""
+    from cni_plugin.netns import run_in_netns
+    from cni_plugin.redirection.iptables_backend import make_applier
+    from cni_plugin.redirection.iptables_rules import HOST_CHAINS, host_probe_rules
+    from cni_plugin.redirection.iptables_state import diff
+
+    ns = make_netns("node")
+    for fam, name in (
+        (Family.IPV4, "istio-inpod-probes-v4"),
+        (Family.IPV6, "istio-inpod-probes-v6"),
+    ):
+        kind = ["family", "inet6"] if fam is Family.IPV6 else []
+        subprocess.run(["ip", "netns", "exec", ns, "ipset", "create", name, "hash:ip", *kind],
+                       check=True)  # fmt: skip
+    impl = make_applier(applier)
+
+    def work() -> list[tuple[list[str], list[str]]]:
+        out = []
+        for fam in Family:
+            rs = host_probe_rules(RedirectSettings(), fam)
+            impl.install(rs)
+            out.append(diff(rs, parse_save(impl.save(fam), own=HOST_CHAINS)))
+            impl.uninstall(fam, parse_save(impl.save(fam), own=HOST_CHAINS))
+            assert not parse_save(impl.save(fam), own=HOST_CHAINS).holds_ours()
+        return out
+
+    assert run_in_netns(f"/run/netns/{ns}", work) == [([], []), ([], [])]

@@ -100,3 +100,14 @@ def test_chain_declaration_order_follows_first_use() -> None:
     # ISTIO_PRERT holds no rule in the ingress variant: declared after ISTIO_OUTPUT.
     assert rs.chains("nat") == ["ISTIO_OUTPUT", "ISTIO_PRERT"]
     assert rs.tables() == ["mangle", "nat"]
+
+
+def test_save_form_puts_the_protocol_before_matches() -> None:
+    from cni_plugin.redirection.iptables_rules import host_probe_rules
+
+    rule = host_probe_rules(RedirectSettings(), Family.IPV4).rules[-1]
+    # As iptables-nft-save prints the hostprobe golden rule once installed.
+    assert rule.save_line(Family.IPV4) == (
+        "-A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set "
+        "istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127"
+    )

@@ -56,3 +56,15 @@ def test_removal_deletes_jumps_and_our_chains_only() -> None:
     assert "-X ISTIO_OUTPUT" in script and "-F ISTIO_PRERT" in script
     assert "--dport 9" not in script
     assert removal_script(parse_save("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")) == ""
+
+
+def test_host_probe_state_uses_the_host_chain() -> None:
+    from cni_plugin.redirection.iptables_rules import HOST_CHAINS, host_probe_rules
+
+    rs = host_probe_rules(RedirectSettings(), Family.IPV4)
+    text = "*nat\n:POSTROUTING ACCEPT [0:0]\n:ISTIO_POSTRT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n"
+    text += "\n".join(r.save_line(Family.IPV4) for r in rs.rules) + "\nCOMMIT\n"
+    saved = parse_save(text, own=HOST_CHAINS)
+    assert diff(rs, saved) == ([], [])
+    script = removal_script(saved)
+    assert "-X ISTIO_POSTRT" in script and "ISTIO_OUTPUT" not in script
