@@ -95,7 +95,7 @@ class IptablesBackend:
             return run_in_netns(netns_path, work, host_netns=self.host_netns)
         except IstioCniError:
             raise
-        except OSError as e:
+        except Exception as e:  # netlink, subprocess, ctypes: one clear error, no traceback
             raise RedirectionError(f"{what} in {netns_path} failed: {e}") from None
 
     def _check_inside(self, settings: RedirectSettings, ipr: Any = None) -> CheckReport:
