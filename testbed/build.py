@@ -201,7 +201,7 @@ def _make(tree: Path, cache: Path, version: str) -> None:
     )
     what = " ".join(f"cmd/{c}" for c in COMPONENTS)
     argv = ["make", f"WHAT={what}"]
-    _log(f"building {what} (cold: ~15 min on 2 cores; progress every {PROGRESS_EVERY:.0f}s)")
+    _log(f"building {what} (cold: ~6 min on 2 idle cores; progress every {PROGRESS_EVERY:.0f}s)")
     started = time.monotonic()
     tail: list[str] = []
     proc = subprocess.Popen(

@@ -49,7 +49,7 @@ def _ns_of(pid: int, kind: str) -> int | None:
     return int(link.split("[", 1)[1].rstrip("]")) if "[" in link else None
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -76,7 +76,7 @@ def node_processes(layout: Layout, recorded: list[int] | None = None) -> set[int
     """Every live process belonging to the node (never this process itself)."""
     me = os.getpid()
     mnt, net = _ns_inode(layout.mnt_ns), _ns_inode(layout.node_netns)
-    found = {p for p in recorded or [] if _alive(p)}
+    found = {p for p in recorded or [] if alive(p)}
     if mnt is not None or net is not None:
         for pid in _pids():
             if pid == me:
@@ -87,7 +87,7 @@ def node_processes(layout: Layout, recorded: list[int] | None = None) -> set[int
                 found.add(pid)
     found |= _cgroup_pids(layout)
     found.discard(me)
-    return {p for p in found if _alive(p)}
+    return {p for p in found if alive(p)}
 
 
 def kill_processes(layout: Layout, recorded: list[int], grace: float = 5.0) -> list[str]:
@@ -97,7 +97,7 @@ def kill_processes(layout: Layout, recorded: list[int], grace: float = 5.0) -> l
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        targets = {p for p in targets if _alive(p)} | node_processes(layout)
+        targets = {p for p in targets if alive(p)} | node_processes(layout)
         if not targets:
             return []
         time.sleep(0.1)
@@ -106,7 +106,7 @@ def kill_processes(layout: Layout, recorded: list[int], grace: float = 5.0) -> l
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.3)
-        targets = {p for p in targets if _alive(p)} | node_processes(layout)
+        targets = {p for p in targets if alive(p)} | node_processes(layout)
         if not targets:
             return []
     return [f"process {p} still alive" for p in sorted(targets)]

@@ -17,22 +17,32 @@ from collections.abc import Sequence
 
 from testbed.build import BuildError, ensure_binaries
 from testbed.images import ImageError, build_images
+from testbed.layout import Layout
 from testbed.mesh import MeshUnavailable
 from testbed.node import BACKENDS, Testbed, TestbedError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="istio-cni-testbed", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--instance",
+        help="node instance (default: $ISTIO_CNI_TESTBED_INSTANCE or 'node' = icni-tb-node)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build/cache the Kubernetes binaries and images")
     up = sub.add_parser("up", help="bring the node up; prints one JSON object")
     up.add_argument("--mesh", action="store_true", help="also start installer, agent, stand-in")
     up.add_argument("--backend", choices=BACKENDS, default="iptables")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for Ready")
+    up.add_argument("--replace", action="store_true", help="replace a running node")
     sub.add_parser("down", help="remove everything the testbed made")
     sub.add_parser("status", help="what is running (JSON)")
     args = p.parse_args(argv)
-    bed = Testbed()
+    try:
+        bed = Testbed(Layout.for_instance(args.instance))
+    except ValueError as e:
+        print(f"istio-cni-testbed: {e}", file=sys.stderr)
+        return 2
     try:
         if args.command == "build":
             bins = ensure_binaries(bed.cache)
@@ -48,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
         elif args.command == "up":
-            info = bed.up(mesh=args.mesh, backend=args.backend, timeout=args.timeout)
+            info = bed.up(
+                mesh=args.mesh, backend=args.backend, timeout=args.timeout, replace=args.replace
+            )
             print(json.dumps(info, indent=2))
         elif args.command == "down":
             problems = bed.down()

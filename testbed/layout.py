@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PREFIX = "icni-tb"
 STATE_DIR = Path(os.environ.get("ISTIO_CNI_TESTBED_DIR", "/var/tmp/icni-tb"))
+DEFAULT_INSTANCE = "node"
 CNI_PLUGINS_DIR = Path("/usr/lib/cni")
 CGROUP_FS = Path("/sys/fs/cgroup")
 
@@ -48,6 +50,30 @@ class Layout:
     etcd_port: int = 2379
     network_name: str = f"{PREFIX}-net"
     extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def for_instance(cls, instance: str | None = None) -> Layout:
+        """The layout of a named node. The default instance (``node``, or
+        ``$ISTIO_CNI_TESTBED_INSTANCE``) is ``icni-tb-node`` in ``/var/tmp/icni-tb``; any
+        other instance ``X`` is ``icni-tb-X`` in ``/var/tmp/icni-tb-X`` with cgroup root
+        ``/icni-tb-X``, so several nodes (e.g. two engineers' test sessions) never collide."""
+        inst = instance or os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") or DEFAULT_INSTANCE
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?", inst):
+            raise ValueError(f"testbed instance name {inst!r}: use 1-22 of [a-z0-9-]")
+        if inst == DEFAULT_INSTANCE:
+            return cls()
+        name = f"{PREFIX}-{inst}"
+        return cls(
+            state_dir=STATE_DIR.with_name(f"{STATE_DIR.name}-{inst}"),
+            node_name=name,
+            netns_name=name,
+            cgroup_root=f"/{name}",
+        )
+
+    @property
+    def lock_file(self) -> Path:
+        """Serialises ``up``/``down`` of this instance (beside, not inside, the state dir)."""
+        return self.state_dir.with_name(self.state_dir.name + ".lock")
 
     # --- host-side paths -------------------------------------------------------------------
     @property
@@ -244,6 +270,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 [{cri}]
   sandbox_image = "{sandbox_image}"
   enable_selinux = false
+  # This machine's root lacks CAP_SYS_RESOURCE: a negative oom_score_adj (pause wants -998)
+  # is refused and runc fails with "can't get final child's PID from pipe". Clamp instead.
+  restrict_oom_score_adj = true
   [{cri}.containerd]
     snapshotter = "native"
     default_runtime_name = "runc"
@@ -264,6 +293,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "cgroupDriver": "cgroupfs",
             "cgroupRoot": self.cgroup_root,
             "failSwapOn": False,
+            "oomScoreAdj": 0,  # no CAP_SYS_RESOURCE here: cannot go below 0
             "address": self.node_ip,
             "port": 10250,
             "readOnlyPort": 0,

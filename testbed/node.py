@@ -14,14 +14,17 @@ found again by ``down`` from well-known names, even without the state file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,15 +61,21 @@ class Testbed:
     __test__ = False
 
     def __init__(self, layout: Layout | None = None, cache: Path = CACHE_DIR) -> None:
-        self.layout = layout or Layout()
+        self.layout = layout or Layout.for_instance()
         self.cache = cache
         self._launcher = daemons.Launcher(self.layout)
 
     # --- public API -------------------------------------------------------------------------
     def up(
-        self, mesh: bool = False, backend: str = "iptables", timeout: float = 180.0
+        self,
+        mesh: bool = False,
+        backend: str = "iptables",
+        timeout: float = 180.0,
+        replace: bool = False,
     ) -> dict[str, Any]:
-        """Bring the node up (cleaning any previous run first); returns :meth:`info`."""
+        """Bring the node up and return :meth:`info`. Leftovers of a crashed run are cleaned
+        first; a node of this instance that is still running is an error unless ``replace``
+        (someone else may be using it). ``timeout`` counts from after the (cached) build."""
         if backend not in BACKENDS:
             raise TestbedError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if os.geteuid() != 0:
@@ -78,31 +87,59 @@ class Testbed:
                     "mount namespace hides: set ISTIO_CNI_TESTBED_DIR elsewhere "
                     "(default /var/tmp/icni-tb)"
                 )
-        started = time.monotonic()
-        if cleanup.leftovers(self.layout):
-            _log("cleaning up after a previous run")
-            self._teardown_or_raise()
         bins = ensure_binaries(self.cache)
         images = build_images(self.cache / "images")
-        try:
-            info = self._up(bins, images, mesh, backend, started + timeout)
-        except BaseException:
-            _log(f"up failed; logs were in {self.layout.logs_dir}, tearing down")
-            self._dump_failed_logs()
-            cleanup.teardown(self.layout)
-            raise
+        with self._locked():
+            if self.running() and not replace:
+                raise TestbedError(
+                    f"testbed {self.layout.node_name} is already running (maybe someone else's): "
+                    "`istio-cni-testbed down` first, use `up --replace`, or pick another "
+                    "instance with ISTIO_CNI_TESTBED_INSTANCE=<name>"
+                )
+            started = time.monotonic()
+            if cleanup.leftovers(self.layout):
+                _log("cleaning up after a previous run")
+                self._teardown_or_raise()
+            try:
+                info = self._up(bins, images, mesh, backend, started + timeout)
+            except BaseException:
+                _log(f"up failed; logs were in {self.layout.logs_dir}, tearing down")
+                self._dump_failed_logs()
+                cleanup.teardown(self.layout)
+                raise
         _log(f"node {self.layout.node_name} Ready in {time.monotonic() - started:.1f}s")
         return info
 
     def down(self) -> list[str]:
         """Remove everything; returns what could not be removed (empty list = clean)."""
         started = time.monotonic()
-        problems = cleanup.teardown(self.layout)
+        with self._locked():
+            problems = cleanup.teardown(self.layout)
+            self.layout.lock_file.unlink(missing_ok=True)
         _log(
             f"down in {time.monotonic() - started:.1f}s"
             + (f"; problems: {problems}" if problems else "")
         )
         return problems
+
+    def running(self) -> bool:
+        """True when this instance's state file exists and every recorded daemon is alive."""
+        try:
+            pids = self.info().get("pids", {})
+        except TestbedError:
+            return False
+        return bool(pids) and all(cleanup.alive(int(p)) for p in pids.values())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.layout.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.lock_file, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _log(f"waiting for another up/down of {self.layout.node_name} to finish")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
     def info(self) -> dict[str, Any]:
         """The info dict of the running node (from its state file)."""
@@ -155,6 +192,26 @@ class Testbed:
                 f"on node: {' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}"
             )
         return proc
+
+    def node_http_get(self, host: str, port: int, path: str = "/", timeout: float = 5.0) -> str:
+        """HTTP/1.0 GET from the node's network namespace (where kubelet probes come from);
+        returns the body, raises :class:`TestbedError` on a non-200 status."""
+        from cni_plugin.netns import run_in_netns
+
+        def get() -> bytes:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                chunks = []
+                while data := s.recv(65536):
+                    chunks.append(data)
+            return b"".join(chunks)
+
+        raw = run_in_netns(str(self.layout.node_netns), get)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+        if " 200 " not in status + " ":
+            raise TestbedError(f"GET http://{host}:{port}{path} from the node: {status}")
+        return body.decode(errors="replace")
 
     def node_popen(self, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in the node's namespaces; ``down`` kills it if the caller doesn't."""
