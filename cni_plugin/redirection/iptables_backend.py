@@ -61,7 +61,7 @@ def make_applier(name: str, variant: str | None = None) -> RuleApplier:
         return IptablesRestoreApplier(variant)
     if name == "python-iptables":
         if variant not in (None, "legacy"):
-            raise ConfigError("python-iptables only drives legacy xtables: drop --variant")
+            raise ConfigError("python-iptables only drives legacy xtables: use variant legacy")
         from cni_plugin.redirection.python_iptables import PythonIptablesApplier
 
         return PythonIptablesApplier()
