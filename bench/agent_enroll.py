@@ -50,6 +50,14 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """(own, reaped children) CPU seconds of ``pid`` (utime+stime, cutime+cstime)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    f = text[text.rindex(")") + 2 :].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[12])) / tick, (int(f[13]) + int(f[14])) / tick
+
+
 def _pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
@@ -85,7 +93,9 @@ class EnabledWatch:
         self._stop.set()
 
 
-def run(pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None) -> dict[str, Any]:
+def run(
+    pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None, backend: str
+) -> dict[str, Any]:
     core = _core(kubeconfig)
     ln = LightNode(core)
     tmp = Path(f"/var/tmp/icnia-bench-{ln.tag}")
@@ -94,7 +104,10 @@ def run(pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None
     subprocess.run(["ip", "netns", "add", node_ns], check=True)
     agent: subprocess.Popen[bytes] | None = None
     rec: ZdsRecorder | None = None
-    result: dict[str, Any] = {"pods": pods, "rss_pods": rss_pods, "workers": workers}
+    result: dict[str, Any] = {
+        "pods": pods, "rss_pods": rss_pods, "workers": workers, "backend": backend,
+        "load_avg_at_start": os.getloadavg()[0],
+    }  # fmt: skip
     try:
         ln.create_node()
         ns = f"icnia-bench-{ln.tag}"
@@ -115,6 +128,7 @@ def run(pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None
             HEALTH_PORT="0",
             MONITORING_PORT="0",
             AGENT_WORKERS=str(workers),
+            REDIRECTION_BACKEND=backend,
             LOG_LEVEL="warning",
         )
         log = open(tmp / "agent.log", "w")  # noqa: SIM115 (closed with the process)
@@ -130,9 +144,15 @@ def run(pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None
         watcher = EnabledWatch(core, ns)
         watcher.start()
         time.sleep(0.5)
+        cpu0 = _cpu_s(agent.pid)
         t_label = time.monotonic()
         ln.label_namespace(ns, dict(AMBIENT))
         wait_until(lambda: len(watcher.seen) >= pods, 300, f"{pods} pods enabled", step=0.02)
+        cpu1 = _cpu_s(agent.pid)
+        result["agent_cpu_ms_per_pod"] = {
+            "own": round((cpu1[0] - cpu0[0]) * 1000 / pods, 1),
+            "subprocesses": round((cpu1[1] - cpu0[1]) * 1000 / pods, 1),
+        }
         total = max(watcher.seen.values()) - t_label
         lat = [(t - t_label) * 1000 for t in watcher.seen.values()]
         watcher.stop()
@@ -198,6 +218,7 @@ def main() -> int:
     p.add_argument("--rss-pods", type=int, default=1000)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--out", help="write the result JSON here")
+    p.add_argument("--backend", default="iptables", choices=("iptables", "nftables", "ebpf"))
     args = p.parse_args()
     from testbed.node import Testbed
 
@@ -207,7 +228,14 @@ def main() -> int:
         bed.up()
         brought_up = True
     try:
-        run(args.pods, args.rss_pods, args.workers, str(bed.layout.kubeconfig), args.out)
+        run(
+            args.pods,
+            args.rss_pods,
+            args.workers,
+            str(bed.layout.kubeconfig),
+            args.out,
+            args.backend,
+        )
     finally:
         if brought_up:
             bed.down()

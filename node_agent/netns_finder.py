@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass
 
 from cni_plugin.netns import NetnsId
@@ -56,10 +58,20 @@ class NetnsFinder:
     path whose dev/inode is never a pod's (config, else our own)."""
 
     def __init__(
-        self, proc_root: str = "/host/proc", host_netns: str = "/proc/self/ns/net"
+        self,
+        proc_root: str = "/host/proc",
+        host_netns: str = "/proc/self/ns/net",
+        reuse_seconds: float = 2.0,
     ) -> None:
         self.proc_root = proc_root
         self.host_netns = host_netns
+        # find() shares one walk among concurrent and closely following callers (a namespace
+        # labelled with hundreds of running pods would otherwise walk /proc once per pod).
+        self.reuse_seconds = reuse_seconds
+        self._lock = threading.Lock()
+        self._recent: dict[str, FoundNetns] = {}
+        self._recent_at = 0.0
+        self.scans = 0
 
     def _host_id(self) -> NetnsId | None:
         try:
@@ -70,6 +82,7 @@ class NetnsFinder:
 
     def scan(self, wanted: set[str] | None = None) -> dict[str, FoundNetns]:
         """Map pod UID -> its namespace for every pod process found (or only ``wanted``)."""
+        self.scans += 1
         host = self._host_id()
         seen: set[NetnsId] = set()
         found: dict[str, FoundNetns] = {}
@@ -104,4 +117,17 @@ class NetnsFinder:
         return found
 
     def find(self, uid: str) -> FoundNetns | None:
-        return self.scan({uid}).get(uid)
+        """The pod's namespace, from a walk at most ``reuse_seconds`` old when that walk saw
+        the pod and its process is still in the same namespace; else from a fresh walk."""
+        with self._lock:
+            hit = self._recent.get(uid)
+            if hit is not None and time.monotonic() - self._recent_at < self.reuse_seconds:
+                try:
+                    st = os.stat(hit.path)
+                except OSError:
+                    st = None
+                if st is not None and NetnsId(st.st_dev, st.st_ino) == hit.ident:
+                    return hit
+            self._recent = self.scan()
+            self._recent_at = time.monotonic()
+            return self._recent.get(uid)

@@ -92,3 +92,20 @@ def test_scan_skips_host_and_prefers_oldest(tmp_path: Path) -> None:
 
 def test_scan_of_missing_root_is_empty(tmp_path: Path) -> None:
     assert NetnsFinder(str(tmp_path / "nope")).scan() == {}
+
+
+def test_find_shares_a_recent_walk_and_rescans_when_stale(tmp_path: Path) -> None:
+    t = ProcTree(tmp_path)
+    host = t.netns("host")
+    uids = [f"{i:08x}-0000-1111-2222-333344445555" for i in range(3)]
+    for i, uid in enumerate(uids):
+        t.proc(10 + i, t.netns(f"p{i}"), f"1:cpu:/kubepods/pod{uid}/x", 5)
+    f = NetnsFinder(str(tmp_path / "proc"), host_netns=str(host), reuse_seconds=60)
+    assert all(f.find(u) is not None for u in uids)
+    assert f.scans == 1  # one walk served every pod
+    # The pod's process went away (sandbox replaced): the cached answer is not reused.
+    (tmp_path / "proc" / "10" / "ns" / "net").unlink()
+    t.proc(20, t.netns("p0-new"), f"1:cpu:/kubepods/pod{uids[0]}/x", 9)
+    found = f.find(uids[0])
+    assert found is not None and found.pid == 20 and f.scans == 2
+    assert f.find("ffffffff-0000-1111-2222-333344445555") is None and f.scans == 3
