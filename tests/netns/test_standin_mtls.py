@@ -49,8 +49,10 @@ def mesh(tmp_path: Path) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
         server.add("uid-a", pods.a.path, WorkloadInfo("client", "ns-a", "client-sa"))
         server.add("uid-b", pods.b.path, WorkloadInfo("server", "ns-b", "server-sa"))
         app = AppServer(pods.b.path, pods.b.ip, 8080, "b")
+        _SERVERS[server.socket_path] = server
         yield pods, standin, app
     finally:
+        _SERVERS.pop(server.socket_path, None)
         if app is not None:
             app.close()
         standin.stop()
@@ -187,6 +189,96 @@ def test_dns_on_15053_is_forwarded_to_the_resolver(
         answer, answered_from = client.recvfrom(512)
         assert answer == b"321-yreuq"
         assert answered_from == (pods.b.ip, 53)  # un-NATed: looks like the resolver replied
+    finally:
+        client.close()
+        resolver.close()
+
+
+def test_outbound_to_a_pod_outside_the_mesh_passes_through(
+    mesh: tuple[TwoPods, StandinProcess, AppServer], tmp_path: Path
+) -> None:
+    pods, standin, _ = mesh
+    # B leaves the mesh: no proxy, no rules. A's outbound is still caught, and sent as is.
+    standin_agent_delete(mesh, "uid-b")
+    make_backend("iptables", applier="iptables-restore").remove(pods.b.path, SETTINGS)
+    pcap = tmp_path / "plain.pcap"
+    cap = _capture(pods.b.name, pods.b.dev, pcap)
+    try:
+        reply = http_get(client_socket(pods.a.path), pods.b.ip, 8080, f"/{MARKER}")
+    finally:
+        time.sleep(0.2)
+        cap.send_signal(signal.SIGINT)
+        cap.wait(5)
+    assert f"hello from b: GET /{MARKER}".encode() in reply
+    assert any(MARKER.encode() in p for s, d, p in _packets(pcap) if d == 8080)
+    assert wait_for(lambda: any(ln["direction"] == "outbound" for ln in _log_lines(standin)))
+    line = next(ln for ln in _log_lines(standin) if ln["direction"] == "outbound")
+    assert line["dst.addr"] == f"{pods.b.ip}:8080" and line["dst.hbone_addr"] is None
+    assert line["src.identity"] == spiffe_id("ns-a", "client-sa") and line["dst.identity"] is None
+
+
+def standin_agent_delete(mesh: tuple[TwoPods, StandinProcess, AppServer], uid: str) -> None:
+    _SERVERS[mesh[1].sock].delete(uid)
+
+
+_SERVERS: dict[str, ZdsServer] = {}  # the agent serving each stand-in (by socket path)
+
+
+def test_del_closes_the_pods_open_connections(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, _, _ = mesh
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((pods.b.ip, 9090))
+        s.listen(4)
+        return s
+
+    app = run_in_netns(pods.b.path, listen)
+    client = client_socket(pods.a.path)
+    try:
+        app.settimeout(5)
+        client.settimeout(5)
+        client.connect((pods.b.ip, 9090))
+        conn, _ = app.accept()  # through 15001 -> HBONE -> 15008 -> app
+        with conn:
+            client.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            standin_agent_delete(mesh, "uid-a")
+            try:
+                got = client.recv(16)  # A's proxy is gone: EOF ...
+            except ConnectionResetError:
+                got = b""  # ... or reset
+            assert got == b"", "the connection outlived its pod's proxy"
+    finally:
+        client.close()
+        app.close()
+
+
+def test_dns_over_tcp_goes_to_the_resolver_the_pod_dialled(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, _, _ = mesh
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((pods.b.ip, 53))
+        s.listen(4)
+        return s
+
+    resolver = run_in_netns(pods.b.path, listen)
+    client = client_socket(pods.a.path)
+    try:
+        resolver.settimeout(5)
+        client.settimeout(5)
+        client.connect((pods.b.ip, 53))  # caught by A's rules -> 15053 (TCP)
+        conn, _ = resolver.accept()
+        with conn:
+            client.sendall(b"\x00\x05query")
+            assert conn.recv(7) == b"\x00\x05query"
+            conn.sendall(b"\x00\x06answer")
+            assert client.recv(8) == b"\x00\x06answer"
     finally:
         client.close()
         resolver.close()
