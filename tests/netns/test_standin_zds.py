@@ -6,6 +6,7 @@ the testbed; what it opened inside a pod is read with ``ss`` inside that namespa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -322,3 +323,52 @@ def _bound(port: int) -> socket.socket:
     s.bind(("::", port))
     s.listen(1)
     return s
+
+
+def test_standin_backs_off_10ms_doubling_until_the_agent_appears(
+    tmp_path: Path, make_netns: Callable[[str], str]
+) -> None:
+    sock = str(tmp_path / "late" / "ztunnel.sock")
+    standin = StandinProcess(sock, tmp_path)
+    standin.start()
+    server = ZdsServer(sock, ListSource(), accept_rate=1000)
+    try:
+        time.sleep(1.0)  # no agent yet: the stand-in keeps retrying
+        t0 = time.monotonic()
+        server.start()
+        assert wait_for(lambda: server.connected, 5), standin.log()
+        # The next retry was due within the last wait (0.64 s after 1 s of retries).
+        assert time.monotonic() - t0 < 1.5
+        waits = [
+            float(json.loads(ln)["retry_in_s"])
+            for ln in standin.log().splitlines()
+            if '"retry_in_s"' in ln
+        ]
+        assert waits[:6] == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64]
+        pod = make_netns("pod")
+        server.add("uid-1", f"/run/netns/{pod}", info("a"))
+        assert listeners(pod) == ZTUNNEL_PORTS
+    finally:
+        assert standin.stop() == 0
+        server.stop()
+
+
+def test_standin_closes_every_fd_it_took(
+    agent: tuple[ZdsServer, ListSource],
+    standin: StandinProcess,
+    make_netns: Callable[[str], str],
+) -> None:
+    server, _ = agent
+    assert wait_for(lambda: server.connected, 10)
+    assert standin.proc is not None
+    fds = f"/proc/{standin.proc.pid}/fd"
+    before = len(os.listdir(fds))
+    pods = [make_netns("pod") for _ in range(3)]
+    for i, p in enumerate(pods):
+        server.add(f"uid-{i}", f"/run/netns/{p}", info("a"))
+        server.add(f"uid-{i}", f"/run/netns/{p}", info("a"))  # no-op: its fd is closed
+    # Per pod: five listeners and the pod netns handle.
+    assert len(os.listdir(fds)) == before + 6 * len(pods)
+    for i in range(len(pods)):
+        server.delete(f"uid-{i}")
+    assert wait_for(lambda: len(os.listdir(fds)) == before)

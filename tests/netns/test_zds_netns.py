@@ -199,3 +199,20 @@ def test_add_goes_to_newest_connection_only(
     assert old.nothing_for(0.1)
     old.close()
     new.close()
+
+
+def test_socket_group_lets_ztunnels_group_connect_only(tmp_path: Path) -> None:
+    import grp
+    import stat
+
+    gid = grp.getgrnam("nogroup").gr_gid
+    path = str(tmp_path / "zt" / "ztunnel.sock")
+    s = ZdsServer(path, ListSource(), socket_group="nogroup")
+    s.start()
+    try:
+        st, dst = os.stat(path), os.stat(os.path.dirname(path))
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, 0, gid)
+        # Group members may traverse the directory but not list or replace its entries.
+        assert (stat.S_IMODE(dst.st_mode), dst.st_gid) == (0o710, gid)
+    finally:
+        s.stop()
