@@ -36,6 +36,7 @@ from cni_plugin.bpf.netlink import (
     Link,
     Rtnl,
 )
+from cni_plugin.constants import DEFAULT_RUN_DIR
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection import policy_routes
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-cni"
+DEFAULT_CACHE_DIR = f"{DEFAULT_RUN_DIR}/bpf-cache"  # compiled image, reused across restarts
 _HOST_NETNS = "/proc/self/ns/net"
 _BPF_FS_MAGIC = 0xCAFE4A11
 _CGROUP2_MAGIC = 0x63677270
@@ -141,7 +143,7 @@ class EbpfBackend:
     def __init__(
         self,
         pin_root: str = DEFAULT_PIN_ROOT,
-        cache_dir: str | None = None,
+        cache_dir: str | None = DEFAULT_CACHE_DIR,
         host_netns: str | None = _HOST_NETNS,
         cgroup: str | None = None,
     ) -> None:
@@ -222,6 +224,17 @@ class EbpfBackend:
     # -- helpers -------------------------------------------------------------------------
     def probe(self) -> Availability:
         return probe(str(self.pin_root), self.cache_dir, self.cgroup)
+
+    def prune(self, live_netns_inodes: set[int]) -> list[int]:
+        """Delete the pins of pods whose namespace is gone (the agent removes rules only from
+        pods that still exist): every ``pods/<inode>`` not in ``live_netns_inodes``."""
+        pruned: list[int] = []
+        pods = self.pin_root / "pods"
+        for d in pods.iterdir() if pods.is_dir() else []:
+            if d.name.isdigit() and int(d.name) not in live_netns_inodes:
+                pod.delete(d)
+                pruned.append(int(d.name))
+        return pruned
 
     def uninstall_node(self) -> bool:
         """Remove the node-wide and variant objects once no pod uses them (agent uninstall,
