@@ -20,7 +20,7 @@ from cni_plugin import http_wire
 from cni_plugin.constants import PLUGIN_EVENT_SOCKET, PLUGIN_LOG_SOCKET
 
 AGENT_TIMEOUT_S = 5.0
-QUERY_TIMEOUT_S = 2.0
+QUERY_TIMEOUT_S = 5.0  # a busy agent is still the better judge than an API round trip
 LOG_TIMEOUT_S = 0.2  # logging must never hold up a pod sandbox
 
 

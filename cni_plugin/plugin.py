@@ -116,7 +116,12 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         agent_down = e
         log.warn("node agent unreachable; asking the api server", error=str(e))
     if verdict == _Verdict.UNKNOWN:
-        verdict, reason = _ask_api(inv, ns, name, log)
+        try:
+            verdict, reason = _ask_api(inv, ns, name, log)
+        except CniError as e:
+            if agent_down is not None:  # say why the API was needed at all
+                e.msg = f"{e.msg} (asked because {agent_down})"
+            raise
     if verdict == _Verdict.NOT_AMBIENT:
         log.debug("pod not ambient, passing through", reason=reason)
         return result

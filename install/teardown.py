@@ -20,9 +20,14 @@ def is_upgrade(namespace: str, api: Any | None = None, name: str = DAEMONSET_NAM
     """True when the DaemonSet is still present (a rollout), False otherwise."""
     try:
         if api is None:
+            import os
+
             from kubernetes import client, config
 
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
+            if os.environ.get("KUBECONFIG"):  # outside a pod (development, the testbed)
+                config.load_kube_config(os.environ["KUBECONFIG"])  # type: ignore[no-untyped-call]
+            else:
+                config.load_incluster_config()  # type: ignore[no-untyped-call]
             api = client.AppsV1Api()
         ds = api.read_namespaced_daemon_set(name, namespace)
     except Exception as e:  # the API's own error types vary; any failure means "not sure"
