@@ -1,5 +1,6 @@
-"""Shared fixtures. Namespaces made by tests carry the prefix ``icnit-`` so that a sweep at
-session start and end (and on Ctrl-C, via atexit) removes anything a crashed run left."""
+"""Shared fixtures. Namespaces made by tests are named ``icnit-<pid>-<tag>-<hex>`` so that a
+sweep at session start and end (and on Ctrl-C, via atexit) removes what this run or a
+crashed run left, and never a namespace that another live pytest process is still using."""
 
 from __future__ import annotations
 
@@ -14,14 +15,34 @@ import pytest
 NETNS_PREFIX = "icnit-"
 
 
-def _sweep_netns() -> None:
+def _owner(name: str) -> int | None:
+    """The pid encoded in a test namespace's name, or None for names of another shape."""
+    parts = name[len(NETNS_PREFIX) :].split("-", 1)
+    return int(parts[0]) if parts[0].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_netns(include_own: bool = True) -> None:
     try:
         out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     except FileNotFoundError:
         return
+    me = os.getpid()
     for line in out.splitlines():
         name = line.split()[0] if line.strip() else ""
-        if name.startswith(NETNS_PREFIX):
+        pid = _owner(name) if name.startswith(NETNS_PREFIX) else None
+        if pid is None:
+            continue
+        if (pid == me and include_own) or (pid != me and not _alive(pid)):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
@@ -36,7 +57,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if os.geteuid() == 0:
-        _sweep_netns()
+        _sweep_netns(include_own=False)
         atexit.register(_sweep_netns)
 
 
@@ -52,7 +73,7 @@ def make_netns() -> Iterator[Callable[[str], str]]:
     created: list[str] = []
 
     def make(tag: str = "ns") -> str:
-        name = f"{NETNS_PREFIX}{tag}-{secrets.token_hex(3)}"
+        name = f"{NETNS_PREFIX}{os.getpid()}-{tag}-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", name], check=True)
         created.append(name)
         subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
