@@ -192,3 +192,42 @@ def test_probe_and_config_errors_name_the_fix(tmp_path: Path) -> None:
         _require_bpffs(tmp_path)
     with pytest.raises(ConfigError, match="cgroup2"):
         cgroup2_root(str(tmp_path))
+
+
+def test_bulk_transfer_through_outbound_capture(pod: Pod) -> None:
+    """Large (GSO-sized) segments survive the egress rewrite and the turn back into lo."""
+    pod.backend.apply(pod.path, SETTINGS)
+    blob = bytes(range(256)) * 16384  # 4 MiB
+    with _listener(pod.path, 15001) as outbound:
+        app = run_in_netns(pod.path, socket.socket)
+        with app:
+            app.settimeout(10)
+            app.connect((PEER, 80))
+            conn, _ = outbound.accept()
+            with conn:
+                conn.settimeout(10)
+                sender = threading.Thread(target=app.sendall, args=(blob,))
+                sender.start()
+                got = bytearray()
+                while len(got) < len(blob):
+                    got += conn.recv(1 << 16)
+                sender.join()
+                assert bytes(got) == blob
+                replier = threading.Thread(target=conn.sendall, args=(blob,))
+                replier.start()
+                back = bytearray()
+                while len(back) < len(blob):
+                    back += app.recv(1 << 16)
+                replier.join()
+                assert bytes(back) == blob
+
+
+def test_prune_deletes_pins_of_vanished_pods(pod: Pod) -> None:
+    pod.backend.apply(pod.path, SETTINGS)
+    with Netns.open(pod.path) as ns:
+        inode = ns.inode
+    stale = pod.pin_root / "pods" / "12345"
+    stale.mkdir()
+    assert pod.backend.prune({inode}) == [12345]
+    assert not stale.exists()
+    assert (pod.pin_root / "pods" / str(inode) / "state").exists()
