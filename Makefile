@@ -77,7 +77,7 @@ clean:
 # eBPF vs iptables redirection: per-pod install time and data path (docs/benchmarks.md).
 .PHONY: bench-ebpf
 bench-ebpf: setup
-	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000
+	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000 --rounds 3
 
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` is cached under
 # /var/cache/istio-cni-testbed (cold ~6-8 min on 2 cores, then seconds): run it before the

@@ -10,8 +10,8 @@ Invariants:
   (or ``/etc/apt/sources.list``), never in the machine's, and no mirror address is written
   anywhere in the repository.
 - The cache is keyed by the source package version; a finished build is marked by a stamp file
-  written last, so an interrupted build is simply resumed (Go's build cache under
-  ``<cache>/gocache`` keeps the work already done).
+  written last, so an interrupted build is simply resumed (kube's make keeps Go's build cache
+  in ``<source>/_output/local/go/cache``, a stable path, so the work already done is kept).
 - A cold build prints a progress line at least every ``PROGRESS_EVERY`` seconds.
 """
 
@@ -145,8 +145,14 @@ def _fetch_source(cache: Path) -> tuple[str, Path]:
         return version, tree
     dl = cache / f"kubernetes-{version}" / "download"
     dl.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading source package kubernetes {version}")
-    _run(["apt-get", "source", "--download-only", "-q", f"kubernetes={version}"], env=env, cwd=dl)
+    _log(f"downloading source package kubernetes {version} (~35 MB)")
+    stop = _progress("downloading", time.monotonic(), [])
+    try:
+        _run(
+            ["apt-get", "source", "--download-only", "-q", f"kubernetes={version}"], env=env, cwd=dl
+        )
+    finally:
+        stop()
     dscs = sorted(dl.glob("kubernetes_*.dsc"))
     if not dscs:
         raise BuildError(f"apt-get source left no .dsc in {dl}")
@@ -155,6 +161,9 @@ def _fetch_source(cache: Path) -> tuple[str, Path]:
     _log(f"unpacking {dscs[-1].name} (upstream {upstream})")
     _run(["dpkg-source", "--no-check", "-x", str(dscs[-1]), str(tmp)])
     tmp.rename(tree)
+    # dpkg-source leaves a copy of the orig tarball beside the tree; the one in dl/ suffices.
+    for stray in tree.parent.glob("kubernetes_*.orig.tar.*"):
+        stray.unlink()
     return version, tree
 
 
@@ -170,13 +179,14 @@ def _patch_reflect2(tree: Path) -> None:
     shutil.copytree(REFLECT2_SRC, dest, symlinks=False)
 
 
-def _progress(proc: subprocess.Popen[str], started: float, tail: list[str]) -> Callable[[], None]:
+def _progress(what: str, started: float, tail: list[str]) -> Callable[[], None]:
+    """Print a line every PROGRESS_EVERY seconds until the returned function is called."""
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(PROGRESS_EVERY):
             last = tail[-1][:120] if tail else "(no output yet)"
-            _log(f"still building, {time.monotonic() - started:.0f}s elapsed; last: {last}")
+            _log(f"still {what}, {time.monotonic() - started:.0f}s elapsed; last: {last}")
 
     t = threading.Thread(target=loop, daemon=True)
     t.start()
@@ -194,7 +204,6 @@ def _make(tree: Path, cache: Path, version: str) -> None:
         GOROOT=str(GO_ROOT),
         GOPROXY="off",
         CGO_ENABLED="0",
-        GOCACHE=str(cache / "gocache"),
         KUBE_GIT_VERSION=f"v{upstream}",
         KUBE_GIT_TREE_STATE="clean",
         KUBE_GIT_COMMIT="0" * 40,
@@ -207,7 +216,7 @@ def _make(tree: Path, cache: Path, version: str) -> None:
     proc = subprocess.Popen(
         argv, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    stop = _progress(proc, started, tail)
+    stop = _progress("building", started, tail)
     assert proc.stdout is not None
     for line in proc.stdout:
         tail.append(line.rstrip())

@@ -192,10 +192,13 @@ def _busybox_rootfs() -> dict[str, Entry]:
 def build_images(cache: Path) -> dict[str, Image]:
     """Build (or reuse from cache) every testbed image; returns name -> Image."""
     cache.mkdir(parents=True, exist_ok=True)
-    key_src = PAUSE_SRC.read_bytes() + BUSYBOX.read_bytes() if BUSYBOX.exists() else b""
-    key = hashlib.sha256(
-        key_src + (HTTPD_SCRIPT + IDLE_SCRIPT + IMAGE_FORMAT).encode()
-    ).hexdigest()[:12]
+    if not BUSYBOX.exists():
+        raise ImageError(f"{BUSYBOX} missing: install busybox-static (make setup)")
+    # The tag is a hash of every input, so a changed input is a new image, never a stale one.
+    inputs = PAUSE_SRC.read_bytes() + BUSYBOX.read_bytes()
+    key = hashlib.sha256(inputs + (HTTPD_SCRIPT + IDLE_SCRIPT + IMAGE_FORMAT).encode()).hexdigest()[
+        :12
+    ]
     tag = key
     refs = {
         "pause": f"{REGISTRY}/pause:{tag}",

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from testbed.node import Testbed
 
 AGENT_COMMANDS = ("install", "run")
+HEALTH_PORT = 8000
 STANDIN_MODULE = "testbed.ztunnel_standin"
 
 
@@ -58,7 +59,7 @@ def mesh_env(info: dict[str, Any], backend: str) -> dict[str, str]:
     """The DaemonSet's environment, with host paths pointing at the node's."""
     return {
         "NODE_NAME": info["node"],
-        "POD_NAMESPACE": "istio-system",
+        "POD_NAMESPACE": "istio-cni",
         "KUBECONFIG": info["kubeconfig_node"],
         "KUBERNETES_SERVICE_HOST": info["node_ip"],
         "KUBERNETES_SERVICE_PORT": info["server_in_node"].rsplit(":", 1)[1],
@@ -89,8 +90,39 @@ def start_mesh(bed: Testbed, info: dict[str, Any], backend: str) -> dict[str, in
     launch.start("istio-cni-install", [*agent, "install"], env=env)
     _wait_conflist(Path(info["cni_conflist"]).parent, launch, timeout=60.0)
     launch.start("istio-cni-agent", [*agent, "run"], env=env)
-    launch.start("ztunnel-standin", [sys.executable, "-m", STANDIN_MODULE], env=env)
+    _wait_agent_ready(bed, launch, timeout=60.0)
+    standin = [
+        sys.executable, "-m", STANDIN_MODULE,
+        f"--socket={info['ztunnel_socket_in_node']}",
+        f"--access-log={info['ztunnel_access_log']}",
+        f"--ca-dir={info['ztunnel_ca_dir']}",
+    ]  # fmt: skip
+    launch.start("ztunnel-standin", standin, env=env)
+    time.sleep(1.0)  # a bad flag or import error shows within a second
+    for name in ("istio-cni-agent", "ztunnel-standin"):
+        rc = launch.exited().get(name)
+        if rc is not None:
+            raise MeshUnavailable(f"{name} exited {rc}:\n{launch.log_tail(name)}")
     return {n: launch.pids[n] for n in ("istio-cni-install", "istio-cni-agent", "ztunnel-standin")}
+
+
+def _wait_agent_ready(bed: Testbed, launch: Any, timeout: float) -> None:
+    """Until the agent's ``/readyz`` (health port 8000 in the node netns) answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rc = launch.exited().get("istio-cni-agent")
+        if rc is not None:
+            raise MeshUnavailable(
+                f"istio-cni-agent exited {rc}:\n{launch.log_tail('istio-cni-agent')}"
+            )
+        try:
+            bed.node_http_get("127.0.0.1", HEALTH_PORT, "/readyz", timeout=1.0)
+            return
+        except Exception:  # not listening / not ready yet
+            time.sleep(0.2)
+    raise MeshUnavailable(
+        f"istio-cni-agent not ready after {timeout}s:\n{launch.log_tail('istio-cni-agent')}"
+    )
 
 
 def _wait_conflist(conf_dir: Path, launch: Any, timeout: float) -> None:

@@ -467,6 +467,8 @@ class Testbed:
             "istio_cni_run_dir_in_node": lay.istio_cni_run_in_node,
             "ztunnel_socket": str(lay.ztunnel_socket),
             "ztunnel_socket_in_node": lay.ztunnel_socket_in_node,
+            "ztunnel_access_log": str(lay.logs_dir / "ztunnel-access.log"),
+            "ztunnel_ca_dir": str(lay.state_dir / "ztunnel-ca"),
             "containerd_socket": str(lay.containerd_socket),
             "kubelet_root": str(lay.kubelet_dir / "root"),
             "images": {name: image.ref for name, image in images.items()},
