@@ -48,10 +48,8 @@ import contextlib
 import grp
 import logging
 import os
-import queue
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -60,18 +58,16 @@ from typing import Protocol
 
 from cni_plugin.errors import (
     ConfigError,
-    IstioCniError,
-    NetnsError,
     ZtunnelRejectedError,
     ZtunnelUnavailableError,
 )
 from cni_plugin.netns import Netns
 from node_agent import zds_wire as wire
+from node_agent.zds_connection import Connection, Request, peer_creds
 
 log = logging.getLogger("node_agent.zds")
 
 KEEPALIVE_INTERVAL = 5.0  # Istio's defaultZTunnelKeepAliveCheckInterval
-KEEPALIVE_READ = 0.01  # Istio's CheckAlive(time.Second / 100)
 
 
 @dataclass(frozen=True)
@@ -92,214 +88,6 @@ class SnapshotEntry:
 
 class SnapshotSource(Protocol):
     def snapshot(self) -> list[SnapshotEntry]: ...
-
-
-class _Request:
-    """One message for one connection, answered once. The netns (if any) is shared by the
-    caller and the connection thread and closed by whichever releases it last, so the fd can
-    never be closed (and its number reused) while a ``sendmsg`` may still attach it."""
-
-    def __init__(self, data: bytes, what: str, netns: Netns | None = None) -> None:
-        self.data = data
-        self.what = what
-        self._netns = netns
-        self._refs = 2 if netns is not None else 0
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self.cancelled = False
-        self.ack_error: str | None = None
-        self.failure: IstioCniError | None = None
-
-    @property
-    def fd(self) -> int | None:
-        return self._netns.fd if self._netns is not None else None
-
-    def take(self) -> bool:
-        """Connection thread: claim the request for sending (False when the caller gave up)."""
-        with self._lock:
-            return not self.cancelled
-
-    def resolve(self, ack_error: str | None, failure: IstioCniError | None = None) -> None:
-        self.ack_error, self.failure = ack_error, failure
-        self._done.set()
-        self.release()
-
-    def wait(self, timeout: float) -> bool:
-        done = self._done.wait(timeout)
-        if not done:
-            with self._lock:
-                self.cancelled = True
-        self.release()
-        return done
-
-    def release(self) -> None:
-        with self._lock:
-            if self._refs == 0:
-                return
-            self._refs -= 1
-            if self._refs == 0 and self._netns is not None:
-                self._netns.close()
-
-
-_STOP = object()
-
-
-class _Connection:
-    """One accepted ztunnel connection, served by its own thread."""
-
-    def __init__(self, server: ZdsServer, sock: socket.socket, number: int) -> None:
-        self.server = server
-        self.sock = sock
-        self.peer = f"conn={number} {_peer_creds(sock)}"
-        self.requests: queue.SimpleQueue[_Request | object] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name=f"zds-{number}", daemon=True)
-        self._closing = False
-
-    def submit(self, req: _Request) -> None:
-        self.requests.put(req)
-
-    def shutdown(self) -> None:
-        """From another thread: wake the connection thread so it ends (it closes the fd)."""
-        self._closing = True
-        self.requests.put(_STOP)
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-    def _run(self) -> None:
-        registered = False
-        try:
-            pkt = wire.recv_packet(self.sock, timeout=self.server.hello_timeout)
-            if pkt.fds:
-                pkt.close_fds()
-                raise wire.ZdsProtocolError("ztunnel attached an fd to its hello")
-            version = wire.decode_hello(pkt.data)
-            log.info(
-                "ztunnel said hello", extra={"fields": {"peer": self.peer, "version": version}}
-            )
-            self.server._register(self)
-            registered = True
-            self._send_snapshot()
-            self._serve()
-        except (wire.ZdsProtocolError, wire.ZdsClosedError) as e:
-            if not self._closing:
-                level = logging.INFO if isinstance(e, wire.ZdsClosedError) else logging.WARNING
-                log.log(
-                    level,
-                    "ztunnel connection dropped",
-                    extra={"fields": {"peer": self.peer, "reason": str(e)}},
-                )
-        except Exception as e:  # never let one connection take the agent down
-            log.error(
-                "ztunnel connection failed unexpectedly",
-                extra={"fields": {"peer": self.peer, "reason": f"{type(e).__name__}: {e}"}},
-            )
-        finally:
-            if registered:
-                self.server._unregister(self)
-            self.server._forget(self)
-            self._fail_queued()
-            self.sock.close()
-
-    def _send_snapshot(self) -> None:
-        entries = self.server.snapshot_source.snapshot()
-        for e in entries:
-            req = self._snapshot_request(e)
-            err = self._exchange(req)
-            if err:
-                log.error(
-                    "ztunnel rejected a snapshot entry",
-                    extra={"fields": {"peer": self.peer, "uid": e.uid, "ack_error": err}},
-                )
-        self._exchange(_Request(wire.encode_snapshot_sent(), "snapshot_sent"))
-        log.info(
-            "snapshot sent to ztunnel",
-            extra={"fields": {"peer": self.peer, "pods": len(entries)}},
-        )
-
-    def _snapshot_request(self, e: SnapshotEntry) -> _Request:
-        i = e.info
-        if e.netns_path is not None:
-            try:
-                ns = Netns.open(e.netns_path)
-            except NetnsError as err:
-                log.warning(
-                    "pod netns unavailable for snapshot, sending keep",
-                    extra={"fields": {"uid": e.uid, "reason": str(err)}},
-                )
-            else:
-                req = _Request(
-                    wire.encode_add(e.uid, i.name, i.namespace, i.service_account),
-                    f"add {e.uid}",
-                    ns,
-                )
-                req.release()  # the snapshot has no waiting caller
-                return req
-        return _Request(wire.encode_keep(e.uid), f"keep {e.uid}")
-
-    def _exchange(self, req: _Request) -> str:
-        """Send one request and return its ack text; the connection is dropped on failure."""
-        try:
-            wire.send_packet(self.sock, req.data, req.fd, timeout=self.server.ack_timeout)
-            while True:
-                pkt = wire.recv_packet(self.sock, timeout=self.server.ack_timeout)
-                if pkt.fds:
-                    pkt.close_fds()
-                    raise wire.ZdsProtocolError(
-                        f"ztunnel attached an fd to its answer to {req.what}"
-                    )
-                err = wire.decode_ack(pkt.data)
-                req.resolve(err)
-                return err
-        except (wire.ZdsProtocolError, wire.ZdsClosedError) as e:
-            req.resolve(
-                None,
-                ZtunnelUnavailableError(
-                    f"ztunnel ({self.peer}) did not acknowledge {req.what}: {e}; the connection "
-                    "was dropped, retry once ztunnel reconnects"
-                ),
-            )
-            raise
-
-    def _serve(self) -> None:
-        interval = self.server.keepalive_interval
-        while True:
-            try:
-                item = self.requests.get(timeout=interval)
-            except queue.Empty:
-                self._check_alive()
-                continue
-            if item is _STOP:
-                raise wire.ZdsClosedError("server stopping")
-            assert isinstance(item, _Request)
-            if item.take():
-                self._exchange(item)
-            else:
-                item.release()  # the caller gave up before it was sent
-
-    def _check_alive(self) -> None:
-        try:
-            pkt = wire.recv_packet(self.sock, timeout=KEEPALIVE_READ)
-        except wire.ZdsClosedError as e:
-            if isinstance(e.__cause__, TimeoutError):
-                return  # nothing to read: alive
-            raise
-        pkt.close_fds()
-        raise wire.ZdsProtocolError(f"unexpected unprompted message {pkt.data[:32].hex()!r}")
-
-    def _fail_queued(self) -> None:
-        while True:
-            try:
-                item = self.requests.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Request):
-                item.resolve(
-                    None,
-                    ZtunnelUnavailableError(
-                        f"ztunnel connection {self.peer} closed before {item.what} was sent; "
-                        "retry once ztunnel reconnects"
-                    ),
-                )
 
 
 class ZdsServer:
@@ -326,8 +114,8 @@ class ZdsServer:
         self._on_connected_change = on_connected_change
         self._gid = _resolve_group(socket_group)
         self._lock = threading.Lock()
-        self._ready: list[_Connection] = []  # said hello, oldest first
-        self._all: set[_Connection] = set()
+        self._ready: list[Connection] = []  # said hello, oldest first
+        self._all: set[Connection] = set()
         self._listener: socket.socket | None = None
         self._bound_ino: int | None = None
         self._accept_thread: threading.Thread | None = None
@@ -416,7 +204,7 @@ class ZdsServer:
                 "ztunnel connects (check that ztunnel runs on this node)"
             )
         ns = Netns.open(netns_path)
-        req = _Request(data, f"add {uid}", ns)
+        req = Request(data, f"add {uid}", ns)
         conn.submit(req)
         if not req.wait(timeout):
             raise ZtunnelUnavailableError(
@@ -434,7 +222,7 @@ class ZdsServer:
             conns = list(self._ready)
         pending = []
         for c in conns:
-            req = _Request(data, f"del {uid}")
+            req = Request(data, f"del {uid}")
             c.submit(req)
             pending.append((c, req))
         deadline = time.monotonic() + 2 * self.ack_timeout + 1
@@ -482,12 +270,12 @@ class ZdsServer:
                     sock.close()
                     return
                 self._count += 1
-                conn = _Connection(self, sock, self._count)
+                conn = Connection(self, sock, self._count)
                 self._all.add(conn)
             log.debug("ztunnel connection accepted", extra={"fields": {"peer": conn.peer}})
             conn.thread.start()
 
-    def _register(self, conn: _Connection) -> None:
+    def connection_ready(self, conn: Connection) -> None:
         with self._lock:
             self._ready.append(conn)
             first = len(self._ready) == 1
@@ -495,17 +283,19 @@ class ZdsServer:
         if first:
             self._notify(True)
 
-    def _unregister(self, conn: _Connection) -> None:
+    def connection_ended(self, conn: Connection, was_ready: bool) -> None:
+        with self._lock:
+            self._all.discard(conn)
+        if was_ready:
+            self._unregister(conn)
+
+    def _unregister(self, conn: Connection) -> None:
         with self._lock:
             self._ready.remove(conn)
             last = not self._ready
         log.info("ztunnel disconnected", extra={"fields": {"peer": conn.peer}})
         if last:
             self._notify(False)
-
-    def _forget(self, conn: _Connection) -> None:
-        with self._lock:
-            self._all.discard(conn)
 
     def _notify(self, connected: bool) -> None:
         if self._on_connected_change is None:
@@ -555,22 +345,13 @@ class ZdsServer:
         except OSError:
             return  # ECONNREFUSED: nobody listens, the file is stale
         else:
-            holder = _peer_creds(probe)
+            holder = peer_creds(probe)
             raise ConfigError(
                 f"another live node agent ({holder}) is serving ZDS on {path}: stop it first "
                 "or choose another ZTUNNEL_UDS_ADDRESS"
             )
         finally:
             probe.close()
-
-
-def _peer_creds(sock: socket.socket) -> str:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-    except OSError:
-        return "pid=? uid=?"
-    return f"pid={pid} uid={uid} gid={gid}"
 
 
 def _resolve_group(group: int | str | None) -> int | None:

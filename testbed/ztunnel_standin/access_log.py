@@ -25,9 +25,10 @@ class ConnRecord:
     dst_identity: str | None = None
     bytes_sent: int = 0
     bytes_recv: int = 0
+    error: str | None = None  # set when the connection failed before carrying data
 
     def fields(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "src.addr": self.src_addr,
             "src.workload": self.src_workload,
             "src.namespace": self.src_namespace,
@@ -43,6 +44,9 @@ class ConnRecord:
             "bytes_recv": self.bytes_recv,
             "duration": f"{(time.monotonic() - self.start) * 1000:.0f}ms",
         }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 class AccessLog:

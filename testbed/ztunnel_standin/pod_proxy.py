@@ -28,6 +28,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from cni_plugin import constants as c
 from cni_plugin.netns import Netns
@@ -146,7 +147,7 @@ class PodProxy:
             self._writers.add(writer)
             try:
                 await handler(reader, writer)
-            except (asyncio.CancelledError, ConnectionError, OSError, TimeoutError):
+            except (_Logged, asyncio.CancelledError, ConnectionError, OSError, TimeoutError):
                 pass
             except Exception:
                 log.exception("proxy handler failed", extra={"fields": {"uid": self.wl.uid}})
@@ -158,10 +159,15 @@ class PodProxy:
         return run
 
     async def _dial(
-        self, host: str, port: int, tls: ssl.SSLContext | None = None
+        self, rec: ConnRecord, host: str, port: int, tls: ssl.SSLContext | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect from inside the pod with SO_MARK 1337. On failure the connection's
+        access-log line is written (with the error) and :class:`_Logged` raised."""
         loop = asyncio.get_running_loop()
-        s = await loop.run_in_executor(None, marked_socket_in, self.wl.netns, family_of(host))
+        try:
+            s = await loop.run_in_executor(None, marked_socket_in, self.wl.netns, family_of(host))
+        except OSError as e:
+            self._fail(rec, f"socket: {e}")
         try:
             await asyncio.wait_for(loop.sock_connect(s, (host, port)), 5)
             if tls is None:
@@ -171,6 +177,9 @@ class PodProxy:
                 reader, writer = await asyncio.open_connection(
                     sock=s, ssl=tls, server_hostname="", ssl_handshake_timeout=5
                 )
+        except (OSError, TimeoutError) as e:
+            s.close()
+            self._fail(rec, f"connect {fmt_addr(host, port)}: {e or type(e).__name__}")
         except BaseException:
             s.close()
             raise
@@ -192,6 +201,11 @@ class PodProxy:
             self._writers.discard(b[1])
             await _close(b[1])
             self.access_log.write(rec)
+
+    def _fail(self, rec: ConnRecord, error: str) -> NoReturn:
+        rec.error = error
+        self.access_log.write(rec)
+        raise _Logged(error)
 
     def _record(self, direction: str, src: str, dst: str) -> ConnRecord:
         return ConnRecord(direction=direction, src_addr=src, dst_addr=dst, start=time.monotonic())
@@ -218,35 +232,35 @@ class PodProxy:
         self._fill_src(rec, self.wl, None)
         target = self.mesh.by_ip.get(dst_ip)
         if target is None:
-            upstream = await self._dial(dst_ip, dst_port)
+            upstream = await self._dial(rec, dst_ip, dst_port)
             await self._splice(rec, (reader, writer), upstream)
             return
         self._fill_dst(rec, target)
         rec.dst_addr = fmt_addr(dst_ip, c.ZTUNNEL_HBONE_PORT)
         rec.dst_hbone_addr = fmt_addr(dst_ip, dst_port)
-        ur, uw = await self._dial(dst_ip, c.ZTUNNEL_HBONE_PORT, self.wl.tls.client)
+        ur, uw = await self._dial(rec, dst_ip, c.ZTUNNEL_HBONE_PORT, self.wl.tls.client)
+        self._writers.discard(uw)
         got = peer_identity(uw.get_extra_info("peercert"))
         if got != target.tls.identity:
-            log.warning(
-                "hbone peer identity mismatch",
-                extra={"fields": {"want": target.tls.identity, "got": got}},
-            )
             uw.transport.abort()
-            return
-        authority = rec.dst_hbone_addr
-        uw.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-        head = await asyncio.wait_for(ur.readuntil(b"\r\n\r\n"), 5)
+            self._fail(rec, f"hbone peer is {got}, want {target.tls.identity}")
+        try:
+            head = await self._connect_request(ur, uw, rec.dst_hbone_addr)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            uw.transport.abort()
+            self._fail(rec, f"hbone connect: {e or type(e).__name__}")
         status = head.split(b"\r\n", 1)[0].split()
         if len(status) < 2 or status[1] != b"200":
-            log.warning(
-                "hbone connect refused",
-                extra={
-                    "fields": {"target": authority, "status": head[:64].decode(errors="replace")}
-                },
-            )
             uw.transport.abort()
-            return
+            self._fail(rec, f"hbone connect refused: {head[:64].decode(errors='replace')!r}")
+        self._writers.add(uw)
         await self._splice(rec, (reader, writer), (ur, uw))
+
+    async def _connect_request(
+        self, ur: asyncio.StreamReader, uw: asyncio.StreamWriter, authority: str
+    ) -> bytes:
+        uw.write(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        return await asyncio.wait_for(ur.readuntil(b"\r\n\r\n"), 5)
 
     async def _inbound(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         dst_ip, dst_port = original_destination(writer.get_extra_info("socket"))
@@ -255,7 +269,7 @@ class PodProxy:
         self._fill_src(rec, self.mesh.by_ip.get(unmap(peer[0])), None)
         rec.src_identity = None  # plaintext: no verified identity
         self._fill_dst(rec, self.wl)
-        app = await self._dial(dst_ip, dst_port)
+        app = await self._dial(rec, dst_ip, dst_port)
         await self._splice(rec, (reader, writer), app)
 
     async def _hbone(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -278,11 +292,10 @@ class PodProxy:
         self._fill_src(rec, self.mesh.by_ip.get(src_ip), identity)
         self._fill_dst(rec, self.wl)
         try:
-            app = await self._dial(host, int(port_s))
-        except (OSError, TimeoutError):
+            app = await self._dial(rec, host, int(port_s))
+        except _Logged:
             writer.write(b"HTTP/1.1 503 Service Unavailable\r\n\r\n")
             await writer.drain()
-            self.access_log.write(rec)
             return
         writer.write(b"HTTP/1.1 200 OK\r\n\r\n")
         await self._splice(rec, (reader, writer), app)
@@ -296,7 +309,7 @@ class PodProxy:
             "outbound", fmt_addr(unmap(peer[0]), peer[1]), fmt_addr(dst_ip, dst_port)
         )
         self._fill_src(rec, self.wl, None)
-        upstream = await self._dial(dst_ip, dst_port)
+        upstream = await self._dial(rec, dst_ip, dst_port)
         await self._splice(rec, (reader, writer), upstream)
 
     def _dns_udp_readable(self) -> None:
@@ -330,6 +343,10 @@ class PodProxy:
             anc = [(socket.IPPROTO_IPV6, _IPV6_PKTINFO, pktinfo)] if pktinfo else []
             with contextlib.suppress(OSError):
                 self._udp.sendmsg([reply], anc, 0, client)
+
+
+class _Logged(Exception):
+    """A connection failed and its access-log line (with the error) is already written."""
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> int:

@@ -282,3 +282,17 @@ def test_dns_over_tcp_goes_to_the_resolver_the_pod_dialled(
     finally:
         client.close()
         resolver.close()
+
+
+def test_failed_connection_still_gets_its_access_log_line(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, standin, _ = mesh
+    # Nothing listens on 8081 in B: B's side answers the CONNECT with 503, both sides log.
+    reply = http_get(client_socket(pods.a.path), pods.b.ip, 8081, "/nobody")
+    assert reply == b""
+    assert wait_for(lambda: len(_log_lines(standin)) >= 2)
+    lines = {str(ln["direction"]): ln for ln in _log_lines(standin)}
+    assert "503" in str(lines["outbound"]["error"])
+    assert f"connect {pods.b.ip}:8081" in str(lines["inbound"]["error"])
+    assert lines["inbound"]["src.identity"] == spiffe_id("ns-a", "client-sa")

@@ -6,6 +6,7 @@ the testbed; what it opened inside a pod is read with ``ss`` inside that namespa
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -332,19 +333,24 @@ def test_standin_backs_off_10ms_doubling_until_the_agent_appears(
     standin = StandinProcess(sock, tmp_path)
     standin.start()
     server = ZdsServer(sock, ListSource(), accept_rate=1000)
-    try:
-        time.sleep(1.0)  # no agent yet: the stand-in keeps retrying
-        t0 = time.monotonic()
-        server.start()
-        assert wait_for(lambda: server.connected, 5), standin.log()
-        # The next retry was due within the last wait (0.64 s after 1 s of retries).
-        assert time.monotonic() - t0 < 1.5
-        waits = [
+
+    def waits() -> list[float]:
+        return [
             float(json.loads(ln)["retry_in_s"])
             for ln in standin.log().splitlines()
             if '"retry_in_s"' in ln
         ]
-        assert waits[:6] == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64]
+
+    try:
+        # No agent yet: the stand-in keeps retrying, each wait twice the one before.
+        assert wait_for(lambda: len(waits()) >= 6, 20), standin.log()
+        t0 = time.monotonic()
+        server.start()
+        assert wait_for(lambda: server.connected, 5), standin.log()
+        seen = waits()
+        assert time.monotonic() - t0 < 2 * seen[-1] + 1.0  # the next retry found it
+        assert seen[:6] == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64]
+        assert all(b == min(15.0, 2 * a) for a, b in itertools.pairwise(seen))
         pod = make_netns("pod")
         server.add("uid-1", f"/run/netns/{pod}", info("a"))
         assert listeners(pod) == ZTUNNEL_PORTS
