@@ -200,6 +200,14 @@ def _bad_peer_cases() -> dict[str, Callable[[RawPeer], None]]:
         os.close(r)
         os.close(wr)
 
+    def truncated_hello(p: RawPeer) -> None:
+        p.send(b"\x08")  # the version's varint is cut off
+
+    def truncated_ack(p: RawPeer) -> None:
+        p.send(w.encode_hello())
+        assert p.recv().data == w.encode_snapshot_sent()
+        p.send(w.encode_ack("bad")[:-2])  # length says 5, 3 bytes follow
+
     def never_hello(p: RawPeer) -> None:
         pass
 
@@ -217,6 +225,8 @@ def _bad_peer_cases() -> dict[str, Callable[[RawPeer], None]]:
         "fd_on_hello": fd_on_hello,
         "fd_on_ack": fd_on_ack,
         "never_hello": never_hello,
+        "truncated_hello": truncated_hello,
+        "truncated_ack": truncated_ack,
         "never_acks": never_acks,
         "unprompted": unprompted,
     }
