@@ -12,6 +12,7 @@ that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also af
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import subprocess
 import time
@@ -44,6 +45,8 @@ class LightNode:
         self.namespaces: list[str] = []
         self._netns: list[str] = []
         self._n = 0
+        self._k = 0
+        self._procs: list[subprocess.Popen[bytes]] = []
 
     def create_node(self) -> None:
         from kubernetes import client
@@ -65,20 +68,56 @@ class LightNode:
         )
         self.namespaces.append(name)
 
-    def add_pod(self, namespace: str, name: str, labels: dict[str, str] | None = None) -> LightPod:
-        self._n += 1
-        ip = f"10.{200 + self._n // 62500 % 50}.{self._n // 250 % 250}.{self._n % 250 + 2}"
-        netns_name = f"icnia-lp-{self.tag}-{self._n}"
+    def _new_netns(self, ip: str) -> str:
+        self._k += 1
+        netns_name = f"icnia-lp-{self.tag}-{self._k}"
         subprocess.run(["ip", "netns", "add", netns_name], check=True)
         self._netns.append(netns_name)
-        netns = f"/run/netns/{netns_name}"
         subprocess.run(["ip", "-n", netns_name, "link", "set", "lo", "up"], check=True)
         subprocess.run(["ip", "-n", netns_name, "addr", "add", f"{ip}/32", "dev", "lo"], check=True)
+        return f"/run/netns/{netns_name}"
+
+    def _spawn(self, netns: str, uid: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(["nsenter", f"--net={netns}", "sleep", "100000"])
+        self._procs.append(proc)
+        # Move it only once nsenter has exec'd sleep inside the namespace.
+        target = os.stat(netns).st_ino
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == target:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.005)
+        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}"
+        cg.mkdir(parents=True, exist_ok=True)
+        (cg / "cgroup.procs").write_text(str(proc.pid))
+        return proc
+
+    def add_pod(
+        self,
+        namespace: str,
+        name: str,
+        labels: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
+        host_netns: str | None = None,
+    ) -> LightPod:
+        """A running light pod; ``host_netns`` makes it a hostNetwork pod living there."""
+        self._n += 1
+        ip = f"10.{200 + self._n // 62500 % 50}.{self._n // 250 % 250}.{self._n % 250 + 2}"
+        netns = host_netns or self._new_netns(ip)
         body = {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": labels or {},
+                "annotations": annotations or {},
+            },
             "spec": {
+                "hostNetwork": host_netns is not None,
                 "nodeName": self.node_name,
                 "terminationGracePeriodSeconds": 0,
                 "tolerations": [{"operator": "Exists"}],
@@ -87,10 +126,7 @@ class LightNode:
         }
         created = self.core.create_namespaced_pod(namespace, body)
         uid = created.metadata.uid
-        proc = subprocess.Popen(["nsenter", f"--net={netns}", "sleep", "100000"])
-        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}"
-        cg.mkdir(parents=True, exist_ok=True)
-        (cg / "cgroup.procs").write_text(str(proc.pid))
+        proc = self._spawn(netns, uid)
         pod = LightPod(namespace, name, uid, ip, netns, proc)
         self.pods.append(pod)
         self.core.patch_namespaced_pod_status(
@@ -99,6 +135,20 @@ class LightNode:
             {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}},
         )
         return pod
+
+    def replace_netns(self, pod: LightPod) -> str:
+        """The sandbox re-created under the same UID: the old process dies, a new one runs
+        in a new namespace (same IP). Returns the new namespace path."""
+        pod.proc.kill()
+        pod.proc.wait()
+        pod.netns = self._new_netns(pod.ip)
+        pod.proc = self._spawn(pod.netns, pod.uid)
+        return pod.netns
+
+    def delete_pod(self, pod: LightPod) -> None:
+        self.core.delete_namespaced_pod(pod.name, pod.namespace, grace_period_seconds=0)
+        pod.proc.kill()
+        pod.proc.wait()
 
     def label_namespace(self, name: str, labels: dict[str, str | None]) -> None:
         self.core.patch_namespace(name, {"metadata": {"labels": labels}})
@@ -119,10 +169,10 @@ class LightNode:
                 self.core.delete_namespace(ns, grace_period_seconds=0)
         with contextlib.suppress(Exception):
             self.core.delete_node(self.node_name)
-        for p in self.pods:
-            p.proc.kill()
-        for p in self.pods:
-            p.proc.wait()
+        for proc in self._procs:
+            proc.kill()
+        for proc in self._procs:
+            proc.wait()
         if self.cgroup.exists():
             for d in sorted(self.cgroup.rglob("*"), key=lambda q: -len(q.parts)):
                 if d.is_dir():

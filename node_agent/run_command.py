@@ -353,6 +353,10 @@ class Agent:
             "ready": self.ready.is_set(),
             "ztunnel_connected": self.ztunnel.connected,
             "started_at": self.started_at,
+            "informers": {
+                i.name: {"relists": i.relists, "errors": i.errors, "synced": i.synced.is_set()}
+                for i in (self.pod_informer, self.ns_informer)
+            },
             "pods": pods,
         }
 
