@@ -32,11 +32,14 @@ read; a timeout means alive, EOF means gone, any data is a protocol error. Istio
 rate-limits accepts to 5 per second (burst 1) so a ztunnel reconnecting in a loop cannot
 exhaust the agent; ``accept_rate`` keeps that, defaulting to the same.
 
-Socket permissions: ztunnel runs as root in Istio's chart, so by default the socket is
-``0600`` and, when this server creates its directory, the directory is ``0700``: only root
-may connect. With ``socket_group`` (a gid or group name: for a ztunnel running as another
-user) the socket is ``0660`` and a created directory ``0710`` with that group: members may
-connect but not list or replace entries. The socket is bound under a temporary name,
+Socket permissions: ztunnel runs as root in Istio's chart (``runAsUser: 0``, ``runAsGroup:
+1337``, capabilities instead of privileged), so by default the socket is ``0600`` and, when
+this server creates its directory, the directory is ``0700``: only root may connect. An
+existing directory (the ``/var/run/ztunnel`` hostPath, which kubelet creates ``0755``) is
+left as is, with a warning if others could write to it and so replace the socket. With
+``socket_group`` (a gid or group name: for a ztunnel running as another user) the socket
+is ``0660`` and a created directory ``0710`` with that group: members may connect but not
+list or replace entries. The socket is bound under a temporary name,
 given its mode and group, then renamed over the final path, so it is never connectable with
 looser permissions, and a stale file is replaced atomically. A path a live agent still
 serves (a connect succeeds) is refused with :class:`ConfigError`.
