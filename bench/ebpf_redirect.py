@@ -11,7 +11,8 @@ app's connection captured to a ztunnel stand-in on 15001 that learns the origina
 destination as ztunnel does (SO_ORIGINAL_DST, else the local address) and relays to it
 with SO_MARK 1337. Measured per mode: connections per second (connect, 64-byte request,
 reply, close, for ``--seconds``) and request latency on one connection (median and p99 of
-``--requests`` round trips). Ratios are to ``direct``.
+``--requests`` round trips), modes interleaved over ``--rounds`` rounds, medians
+reported. Ratios are to ``direct``.
 
 Run as root: ``.venv/bin/python -m bench.ebpf_redirect [--samples 100] [--seconds 2]``.
 Namespaces are named ``icnbench-*``; bpffs pins go under a per-run root; all removed.
@@ -284,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3, help="data path rounds (median taken)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("run as root (namespaces, bpf)", file=sys.stderr)
@@ -296,11 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, xs in times.items():
             med = statistics.median(xs)
             print(f"| {name} | {med * 1e3:.2f} | {_pct(xs, 90) * 1e3:.2f} | {med / ref:.2f}x |")
-        results = {m: datapath(m, args.seconds, args.requests) for m in
-                   ("direct", "iptables", "ebpf")}  # fmt: skip
+        modes = ("direct", "iptables", "ebpf")
+        rounds = [{m: datapath(m, args.seconds, args.requests) for m in modes}
+                  for _ in range(args.rounds)]  # fmt: skip
+        results = {m: {k: statistics.median(r[m][k] for r in rounds) for k in rounds[0][m]}
+                   for m in modes}  # fmt: skip
         d = results["direct"]
-        print(f"\n## data path, IPv4, {args.seconds:g} s of connections, {args.requests} "
-              "requests on one connection\n")  # fmt: skip
+        print(f"\n## data path, IPv4, median of {args.rounds} interleaved rounds: "
+              f"{args.seconds:g} s of connections, {args.requests} requests on one "
+              "connection\n")  # fmt: skip
         print("| mode | conn/s | vs direct | latency median us | vs direct | p99 us | vs direct |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for m, r in results.items():

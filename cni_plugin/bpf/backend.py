@@ -161,8 +161,8 @@ class EbpfBackend:
             f"programs (shared by this variant): {self.pin_root}/progs/<build>-"
             f"f{programs.settings_flags(settings)}-<probe addresses in hex>/"
             "{istio_ingress,istio_egress,cfg,counters}",
-            f"node: {self.pin_root}/node/{{nat,getsockopt_link}}: istio_getsockopt on cgroup "
-            f"{self.cgroup or 'v2 root'} answers SO_ORIGINAL_DST for 15001/15053",
+            f"node: {self.pin_root}/node-<build>/{{nat,getsockopt_link}}: istio_getsockopt on "
+            f"cgroup {self.cgroup or 'v2 root'} answers SO_ORIGINAL_DST for 15001/15053",
             f"cfg: dns_capture={settings.dns_capture} bypass_inbound={settings.bypass_inbound} "
             f"ipv6={settings.ipv6} probe={settings.probe_snat_ipv4},{settings.probe_snat_ipv6}",
             "tc qdisc add dev lo clsact (unless present)",

@@ -1,6 +1,6 @@
 """Loaded, pinned BPF objects shared by pods: the node's and each settings variant's.
 
-Node-wide (``<pin_root>/node/``): the ``nat`` map (captured connections' original
+Node-wide (``<pin_root>/node-<build>/``): the ``nat`` map (captured connections' original
 destinations; pod addresses are unique on a node) and ``istio_getsockopt`` attached to
 the cgroup v2 root through a pinned link, answering ztunnel's ``SO_ORIGINAL_DST``.
 
@@ -137,7 +137,9 @@ def load_program(image: ProgramImage, name: str, map_fds: dict[str, int]) -> int
 def node_objects(image: ProgramImage, pin_root: Path, cgroup: str) -> Pinned:
     """The node's ``nat`` map, creating it and attaching ``istio_getsockopt`` to
     ``cgroup`` (a cgroup v2 directory) the first time."""
-    final = pin_root / "node"
+    # Per build: an upgraded agent's programs never share a map whose layout may differ;
+    # pods still on the old build keep the old map and getsockopt program.
+    final = pin_root / f"node-{image.version:08x}"
     names = [*NODE_MAPS, GETSOCKOPT_LINK]
     if final.is_dir():
         try:
