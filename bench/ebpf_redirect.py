@@ -140,6 +140,7 @@ def _echo_server(path: str, stop: threading.Event) -> socket.socket:
     srv = run_in_netns(path, make, host_netns=None)
 
     def serve(conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             while data := conn.recv(4096):
                 conn.sendall(data)
@@ -184,6 +185,9 @@ def _standin(path: str, stop: threading.Event) -> socket.socket:
         dst = _original_dst(conn)
         up = run_in_netns(path, _marked_socket)
         with conn, up:
+            # No Nagle on either leg: small request/reply pairs would stall on delayed ACKs.
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             up.connect(dst)
             socks = [conn, up]
             while True:
