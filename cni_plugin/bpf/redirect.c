@@ -399,6 +399,12 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
     if (family == AF_INET && ctx->level == SOL_IP_LEVEL) {
         k.family = 4;
         k.addr[0] = sk->dst_ip4;
+    } else if (family == AF_INET6 && ctx->level == SOL_IP_LEVEL && sk->dst_ip6[0] == 0 &&
+               sk->dst_ip6[1] == 0 && sk->dst_ip6[2] == htonl(0xffff)) {
+        /* an IPv4 connection accepted by a dual-stack [::] listener (ztunnel's default):
+         * ::ffff:a.b.c.d; SOL_IP is what ztunnel asks first, answered as for IPv4 */
+        k.family = 4;
+        k.addr[0] = sk->dst_ip6[3];
     } else if (family == AF_INET6 && ctx->level == SOL_IPV6_LEVEL) {
         k.family = 6;
         k.addr[0] = sk->dst_ip6[0];

@@ -231,3 +231,31 @@ def test_prune_deletes_pins_of_vanished_pods(pod: Pod) -> None:
     assert pod.backend.prune({inode}) == [12345]
     assert not stale.exists()
     assert (pod.pin_root / "pods" / str(inode) / "state").exists()
+
+
+def test_dual_stack_listener_gets_ipv4_original_destination(pod: Pod) -> None:
+    """ztunnel binds [::]:15001 dual-stack; an IPv4 connection accepted there has a
+    v4-mapped peer, and SO_ORIGINAL_DST (SOL_IP, asked first) must still answer."""
+    pod.backend.apply(pod.path, SETTINGS)
+
+    def make() -> socket.socket:
+        s = socket.socket(socket.AF_INET6)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 15001))
+        s.listen(8)
+        s.settimeout(5)
+        return s
+
+    with run_in_netns(pod.path, make) as outbound:
+        app = run_in_netns(pod.path, socket.socket)
+        with app:
+            app.settimeout(5)
+            app.connect((PEER, 8443))
+            conn, peer = outbound.accept()
+            with conn:
+                assert peer[0] == f"::ffff:{POD}"
+                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+                assert int.from_bytes(raw[0:2], "little") == socket.AF_INET
+                assert socket.inet_ntoa(raw[4:8]) == PEER
+                assert int.from_bytes(raw[2:4], "big") == 8443
