@@ -2,7 +2,9 @@
 
 - Add: start the pod's proxy. Same uid and same netns inode: a no-op (the new fd is closed).
   Same uid, new inode (the sandbox was re-created): the old proxy is dropped, a new one
-  started. A proxy that cannot start is a transient error: nack, stay connected.
+  started. A proxy that cannot start is a transient error: nack, stay connected, keep the
+  pod pending and retry it every 5 s (``retry_pending``) until it starts, is deleted, or
+  the connection ends.
 - Keep: only before SnapshotSent (a protocol error after it).
 - Del: only after SnapshotSent (a protocol error before it, as in ztunnel).
 - SnapshotSent: only once per connection; workloads neither added nor kept during this
@@ -51,16 +53,19 @@ class WorkloadManager:
         self.dns_upstream = dns_upstream
         self.mesh = Mesh()
         self.proxies: dict[str, PodProxy] = {}
+        self.pending: dict[str, tuple[str, str, str, Netns]] = {}  # uid -> failed to start
         self.snapshot_received = False
         self.snapshot_names: set[str] = set()
 
     def reset_snapshot(self) -> None:
-        """A new ZDS connection: a new snapshot follows."""
+        """A new ZDS connection: a new snapshot follows (pending pods come again with it)."""
         self.snapshot_received = False
         self.snapshot_names.clear()
+        for uid in list(self.pending):
+            self._forget_pending(uid)
 
     def add(self, uid: str, name: str, namespace: str, sa: str, netns_fd: int) -> None:
-        """Takes ownership of ``netns_fd`` (closed on every path that does not keep it)."""
+        """Takes ownership of ``netns_fd`` (kept by a proxy or a pending entry, else closed)."""
         if not self.snapshot_received:
             self.snapshot_names.add(uid)
         st = os.fstat(netns_fd)
@@ -73,27 +78,50 @@ class WorkloadManager:
                 return
             log.info("netns changed: replacing proxy", extra={"fields": {"uid": uid}})
             self._drop(uid)
+        self._forget_pending(uid)
+        try:
+            self._start(uid, name, namespace, sa, netns)
+        except ProxyStartError:
+            # As ztunnel: keep it and retry every RETRY_INTERVAL while connected.
+            self.pending[uid] = (name, namespace, sa, netns)
+            raise
+
+    def retry_pending(self) -> None:
+        for uid, (name, namespace, sa, netns) in list(self.pending.items()):
+            try:
+                self._start(uid, name, namespace, sa, netns)
+            except ProxyStartError as e:
+                log.info("retrying proxy failed", extra={"fields": {"uid": uid, "error": str(e)}})
+            else:
+                del self.pending[uid]
+
+    def _start(self, uid: str, name: str, namespace: str, sa: str, netns: Netns) -> None:
+        """Open the pod's listeners and start its proxy; on failure nothing stays open
+        except ``netns`` itself (the caller decides about it)."""
         try:
             socks = listeners_in(netns, LISTEN_PORTS)
-        except OSError as e:
-            netns.close()
+        except Exception as e:
             raise ProxyStartError(f"failure to start proxy: listeners: {e}") from None
         try:
             ips = netns.run(_pod_ips)
             tls = self.ca.issue(uid, namespace, sa)
             wl = Workload(uid, name, namespace, sa, netns, ips, tls)
             proxy = PodProxy(wl, self.mesh, self.access_log, self.dns_upstream)
-            self._call(self._start(proxy, socks))
+            self._call(self._serve(proxy, socks))
         except Exception as e:
             for s in socks:
                 s.close()
-            netns.close()
             raise ProxyStartError(f"failure to start proxy: {e}") from None
         self.proxies[uid] = proxy
         log.info(
             "proxy started",
             extra={"fields": {"uid": uid, "pod": f"{namespace}/{name}", "ips": list(ips)}},
         )
+
+    def _forget_pending(self, uid: str) -> None:
+        entry = self.pending.pop(uid, None)
+        if entry is not None:
+            entry[3].close()
 
     def keep(self, uid: str) -> None:
         if self.snapshot_received:
@@ -103,6 +131,7 @@ class WorkloadManager:
     def delete(self, uid: str) -> None:
         if not self.snapshot_received:
             raise ZdsProtocolError(f"del for {uid} before the snapshot was sent")
+        self._forget_pending(uid)
         self._drop(uid)
 
     def snapshot_sent(self) -> None:
@@ -115,6 +144,8 @@ class WorkloadManager:
         self.snapshot_received = True
 
     def close_all(self) -> None:
+        for uid in list(self.pending):
+            self._forget_pending(uid)
         for uid in list(self.proxies):
             self._drop(uid)
 
@@ -127,7 +158,7 @@ class WorkloadManager:
         self._call(self._stop(proxy))
         log.info("proxy stopped", extra={"fields": {"uid": uid}})
 
-    async def _start(self, proxy: PodProxy, socks: list[socket.socket]) -> None:
+    async def _serve(self, proxy: PodProxy, socks: list[socket.socket]) -> None:
         await proxy.start(socks)
         self.mesh.put(proxy.wl)
 

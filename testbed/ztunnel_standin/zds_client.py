@@ -7,7 +7,7 @@ wait, capped at 15 s), says ``ZdsHello{V1}`` and answers every request with one 
   Add without fd) -> nack ``failure to read message`` and reconnect;
 - a protocol error (Add without workload_info, second SnapshotSent, Keep after the
   snapshot, Del before it) -> nack and reconnect;
-- a proxy that cannot start -> nack, stay connected;
+- a proxy that cannot start -> nack, stay connected, retry it every 5 s;
 - otherwise an empty ack once the work is done (listeners open, proxy stopped).
 """
 
@@ -27,6 +27,7 @@ log = logging.getLogger("testbed.ztunnel_standin")
 INITIAL_BACKOFF = 0.01
 MAX_BACKOFF = 15.0
 WRITE_TIMEOUT = 5.0
+RETRY_INTERVAL = 5.0  # ztunnel's RETRY_DURATION for proxies that failed to start
 
 
 class ZdsClient:
@@ -49,6 +50,9 @@ class ZdsClient:
             except (wire.ZdsClosedError, wire.ZdsProtocolError) as e:
                 if not self._stop.is_set():
                     log.info("zds stream ended", extra={"fields": {"reason": str(e)}})
+            except Exception:  # never let the stand-in stop serving: reconnect
+                log.exception("zds stream failed")
+                self._stop.wait(INITIAL_BACKOFF)
             finally:
                 with self._lock:
                     self._sock = None
@@ -90,7 +94,15 @@ class ZdsClient:
         self.manager.reset_snapshot()
         wire.send_packet(sock, wire.encode_hello(), timeout=WRITE_TIMEOUT)
         while True:
-            pkt = wire.recv_packet(sock, timeout=None)
+            try:
+                # With pods pending, wake up to retry them (ztunnel: every 5 s).
+                wait = RETRY_INTERVAL if self.manager.pending else None
+                pkt = wire.recv_packet(sock, timeout=wait)
+            except wire.ZdsClosedError as e:
+                if isinstance(e.__cause__, TimeoutError):
+                    self.manager.retry_pending()
+                    continue
+                raise
             try:
                 req = wire.decode_request(pkt.data)
                 kind = req.WhichOneof("payload")
@@ -111,6 +123,10 @@ class ZdsClient:
             except wire.ZdsProtocolError as e:
                 self._nack(sock, f"failure to process message: {e}")
                 raise
+            except Exception as e:  # a bug or an odd fd: report it, keep serving
+                log.exception("request failed", extra={"fields": {"kind": kind}})
+                self._nack(sock, f"failure to process message: {type(e).__name__}: {e}")
+                continue
             wire.send_packet(sock, wire.encode_ack(), timeout=WRITE_TIMEOUT)
 
     def _handle(self, req: WorkloadRequest, kind: str | None, fds: list[int]) -> None:

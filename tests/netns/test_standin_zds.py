@@ -291,7 +291,7 @@ def test_standin_enforces_ztunnel_protocol_rules(
         agent.close()
 
 
-def test_proxy_error_is_a_nack_that_keeps_the_stream(
+def test_proxy_error_is_a_nack_then_retried_while_connected(
     tmp_path: Path, make_netns: Callable[[str], str]
 ) -> None:
     path = str(tmp_path / "raw.sock")
@@ -302,18 +302,27 @@ def test_proxy_error_is_a_nack_that_keeps_the_stream(
     # A plain (non-reuseport) socket already on 15008 in the pod: the proxy cannot start.
     blocker = run_in_netns(f"/run/netns/{pod}", lambda: _bound(15008))
     fd = os.open(f"/run/netns/{pod}", os.O_RDONLY)
+    pipe_r, pipe_w = os.pipe()
     try:
         conn = agent.accept_hello()
         assert agent.ask(conn, w.encode_snapshot_sent()) == ""
         err = agent.ask(conn, w.encode_add("u", "a", "demo", "sa"), fd)
         assert "failure to start proxy" in err
+        # An fd that is not a network namespace: also just a failed proxy, stream kept.
+        err = agent.ask(conn, w.encode_add("v", "b", "demo", "sa"), pipe_r)
+        assert "failure to start proxy" in err
+        assert agent.ask(conn, w.encode_del("v")) == ""
+        # Like ztunnel, the stand-in retries the pending pod (every 5 s) on its own.
         blocker.close()
-        assert agent.ask(conn, w.encode_add("u", "a", "demo", "sa"), fd) == ""
-        assert listeners(pod) == ZTUNNEL_PORTS
+        assert wait_for(lambda: listeners(pod) == ZTUNNEL_PORTS, 12), standin.log()
+        assert agent.ask(conn, w.encode_add("u", "a", "demo", "sa"), fd) == ""  # same inode
+        assert agent.ask(conn, w.encode_del("u")) == ""
+        assert listeners(pod) == set()
         conn.close()
     finally:
         blocker.close()
-        os.close(fd)
+        for f in (fd, pipe_r, pipe_w):
+            os.close(f)
         standin.stop()
         agent.close()
 
