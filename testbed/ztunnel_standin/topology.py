@@ -1,7 +1,8 @@
 """Two pods on one wire, an app in one of them, clients in the other: for tests and benches.
 
 ``TwoPods`` builds network namespaces ``<prefix>a-<id>`` and ``<prefix>b-<id>`` joined by a
-veth pair (``10.77.<n>.1/24`` and ``.2/24``), loopback up, and removes both on ``close()``
+veth pair (``10.<n>.0.1/24`` and ``.2/24``, plus ``fd00:<n>::1/64`` and ``::2`` with ``ipv6``),
+loopback up, and removes both on ``close()``
 (the veth goes with them). ``AppServer`` is a tiny HTTP/1.1 server whose listening socket
 lives in a pod namespace; ``http_get`` is a client whose socket lives in another. Nothing
 here touches the host's namespace.
@@ -31,6 +32,7 @@ class Pod:
     name: str  # netns name
     ip: str
     dev: str
+    ip6: str | None = None
 
     @property
     def path(self) -> str:
@@ -38,10 +40,11 @@ class Pod:
 
 
 class TwoPods:
-    def __init__(self, prefix: str = "icnit-", subnet: int = 77) -> None:
+    def __init__(self, prefix: str = "icnit-", subnet: int = 77, ipv6: bool = False) -> None:
         tag = secrets.token_hex(3)
-        self.a = Pod(f"{prefix}a-{tag}", f"10.{subnet}.0.1", f"va{tag}")
-        self.b = Pod(f"{prefix}b-{tag}", f"10.{subnet}.0.2", f"vb{tag}")
+        v6 = (f"fd00:{subnet}::1", f"fd00:{subnet}::2") if ipv6 else (None, None)
+        self.a = Pod(f"{prefix}a-{tag}", f"10.{subnet}.0.1", f"va{tag}", v6[0])
+        self.b = Pod(f"{prefix}b-{tag}", f"10.{subnet}.0.2", f"vb{tag}", v6[1])
         made: list[str] = []
         try:
             for p in (self.a, self.b):
@@ -64,6 +67,8 @@ class TwoPods:
             )
             for p in (self.a, self.b):
                 _ip("-n", p.name, "addr", "add", f"{p.ip}/24", "dev", p.dev)
+                if p.ip6:
+                    _ip("-n", p.name, "addr", "add", f"{p.ip6}/64", "dev", p.dev, "nodad")
                 _ip("-n", p.name, "link", "set", p.dev, "up")
         except BaseException:
             for name in made:
@@ -84,7 +89,7 @@ class AppServer:
         self.clients: list[tuple[str, int]] = []
 
         def listen() -> socket.socket:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind((ip, port))
             s.listen(128)
@@ -128,11 +133,11 @@ class AppServer:
         self._thread.join(5)
 
 
-def client_socket(netns_path: str, *, marked: bool = False) -> socket.socket:
+def client_socket(netns_path: str, *, marked: bool = False, ipv6: bool = False) -> socket.socket:
     """A TCP socket inside a pod; ``marked`` sets SO_MARK 1337 (bypasses the pod's capture)."""
 
     def make() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
         if marked:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, c.ZTUNNEL_MARK)
         return s
@@ -145,7 +150,8 @@ def http_get(sock: socket.socket, ip: str, port: int, path: str, timeout: float 
     with sock:
         sock.settimeout(timeout)
         sock.connect((ip, port))
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {ip}:{port}\r\n\r\n".encode())
+        host = f"[{ip}]" if ":" in ip else ip
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
         out = b""
         while True:
             chunk = sock.recv(65536)

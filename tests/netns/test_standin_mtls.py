@@ -14,6 +14,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,25 +31,27 @@ from tests.unit.test_zds_server import ListSource, wait_for
 pytestmark = pytest.mark.netns
 
 MARKER = "PLAINTEXT-MARKER-7f3a9c"
-SETTINGS = RedirectSettings(dns_capture=True, ipv6=False)
+SETTINGS = RedirectSettings(dns_capture=True, ipv6=False)  # what `mesh` applies
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
-    pods = TwoPods()
+@contextmanager
+def _mesh(tmp_path: Path, ipv6: bool) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
+    pods = TwoPods(ipv6=ipv6)
     server = ZdsServer(str(tmp_path / "zt" / "ztunnel.sock"), ListSource(), accept_rate=1000)
     backend = make_backend("iptables", applier="iptables-restore")
+    settings = RedirectSettings(dns_capture=True, ipv6=ipv6)
     standin = StandinProcess(server.socket_path, tmp_path, "--dns-upstream", f"{pods.b.ip}:53")
     app = None
     try:
         for p in (pods.a, pods.b):
-            backend.apply(p.path, SETTINGS)
+            backend.apply(p.path, settings)
         server.start()
         standin.start()
         assert wait_for(lambda: server.connected, 10), standin.log()
         server.add("uid-a", pods.a.path, WorkloadInfo("client", "ns-a", "client-sa"))
         server.add("uid-b", pods.b.path, WorkloadInfo("server", "ns-b", "server-sa"))
-        app = AppServer(pods.b.path, pods.b.ip, 8080, "b")
+        app_ip = pods.b.ip6 if ipv6 and pods.b.ip6 else pods.b.ip
+        app = AppServer(pods.b.path, app_ip, 8080, "b")
         _SERVERS[server.socket_path] = server
         yield pods, standin, app
     finally:
@@ -58,6 +61,12 @@ def mesh(tmp_path: Path) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
         standin.stop()
         server.stop()
         pods.close()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
+    with _mesh(tmp_path, ipv6=False) as m:
+        yield m
 
 
 def _capture(pod_name: str, dev: str, out: Path) -> subprocess.Popen[bytes]:
@@ -71,7 +80,7 @@ def _capture(pod_name: str, dev: str, out: Path) -> subprocess.Popen[bytes]:
 
 
 def _packets(pcap: Path) -> list[tuple[int, int, bytes]]:
-    """(src port, dst port, transport payload) of every IPv4 TCP/UDP packet in a pcap."""
+    """(src port, dst port, transport payload) of every IPv4/IPv6 TCP/UDP packet in a pcap."""
     data = pcap.read_bytes()
     assert struct.unpack_from("<I", data)[0] == 0xA1B2C3D4  # microsecond pcap, LE
     assert struct.unpack_from("<I", data, 20)[0] == 1  # ethernet
@@ -80,18 +89,16 @@ def _packets(pcap: Path) -> list[tuple[int, int, bytes]]:
         incl = struct.unpack_from("<I", data, off + 8)[0]
         frame = data[off + 16 : off + 16 + incl]
         off += 16 + incl
-        if len(frame) < 34 or frame[12:14] != b"\x08\x00":
-            continue
-        ihl = (frame[14] & 0x0F) * 4
-        proto = frame[23]
-        l4 = frame[14 + ihl :]
-        sport, dport = struct.unpack_from("!HH", l4)
-        if proto == 6:
-            payload = l4[(l4[12] >> 4) * 4 :]
-        elif proto == 17:
-            payload = l4[8:]
+        if frame[12:14] == b"\x08\x00":  # IPv4
+            proto, l4 = frame[23], frame[14 + (frame[14] & 0x0F) * 4 :]
+        elif frame[12:14] == b"\x86\xdd":  # IPv6 (no extension headers here)
+            proto, l4 = frame[20], frame[54:]
         else:
             continue
+        if proto not in (6, 17) or len(l4) < 8:
+            continue
+        sport, dport = struct.unpack_from("!HH", l4)
+        payload = l4[(l4[12] >> 4) * 4 :] if proto == 6 else l4[8:]
         out.append((sport, dport, payload))
     return out
 
@@ -296,3 +303,26 @@ def test_failed_connection_still_gets_its_access_log_line(
     assert "503" in str(lines["outbound"]["error"])
     assert f"connect {pods.b.ip}:8081" in str(lines["inbound"]["error"])
     assert lines["inbound"]["src.identity"] == spiffe_id("ns-a", "client-sa")
+
+
+def test_ipv6_request_crosses_both_sides_as_mtls(tmp_path: Path) -> None:
+    with _mesh(tmp_path, ipv6=True) as (pods, standin, _):
+        assert pods.a.ip6 and pods.b.ip6
+        pcap = tmp_path / "veth-b6.pcap"
+        cap = _capture(pods.b.name, pods.b.dev, pcap)
+        try:
+            sock = client_socket(pods.a.path, ipv6=True)
+            reply = http_get(sock, pods.b.ip6, 8080, f"/{MARKER}")
+        finally:
+            time.sleep(0.2)
+            cap.send_signal(signal.SIGINT)
+            cap.wait(5)
+        assert f"hello from b: GET /{MARKER}".encode() in reply
+        packets = _packets(pcap)
+        assert any(d == 15008 and p[:1] == b"\x16" for _, d, p in packets)
+        assert all(MARKER.encode() not in p for _, _, p in packets)
+        assert wait_for(lambda: len(_log_lines(standin)) >= 2)
+        out = next(ln for ln in _log_lines(standin) if ln["direction"] == "outbound")
+        # The original destination came back through IP6T_SO_ORIGINAL_DST.
+        assert out["dst.hbone_addr"] == f"[{pods.b.ip6}]:8080"
+        assert out["dst.identity"] == spiffe_id("ns-b", "server-sa")
