@@ -382,11 +382,14 @@ int istio_ingress(struct __sk_buff *skb)
     return TC_ACT_UNSPEC;
 }
 
-/* ztunnel asks SO_ORIGINAL_DST of a connection it accepted on 15001/15053; without
- * conntrack the kernel fails it, and the answer is in our NAT map (keyed by the client). */
+/* ztunnel asks SO_ORIGINAL_DST of a connection it accepted on 15001/15053. Without
+ * conntrack the kernel fails it; with conntrack active in the pod (some other netfilter
+ * user) it answers the loopback address itself, having seen only the rewritten packets.
+ * Either way the answer is in our NAT map (keyed by the client). A different conntrack
+ * answer means someone else's NAT really happened: it is kept. */
 int istio_getsockopt(struct bpf_sockopt *ctx)
 {
-    if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0)
+    if (ctx->optname != SO_ORIGINAL_DST)
         return 1;
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
@@ -417,9 +420,13 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
     struct nat_val *v = nat.lookup(&k);
     if (!v || v->target != local_port)
         return 1;
+    int answered = ctx->retval == 0;
     if (k.family == 4) {
         struct sockaddr_in *sa = ctx->optval;
         if ((void *)(sa + 1) > ctx->optval_end)
+            return 1;
+        if (answered && (sa->sin_addr.s_addr != htonl(0x7f000001) ||
+                         sa->sin_port != htons(local_port)))
             return 1;
         sa->sin_family = AF_INET;
         sa->sin_port = v->port;
@@ -428,6 +435,12 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
     } else {
         struct sockaddr_in6 *sa6 = ctx->optval;
         if ((void *)(sa6 + 1) > ctx->optval_end)
+            return 1;
+        if (answered && (sa6->sin6_port != htons(local_port) ||
+                         sa6->sin6_addr.in6_u.u6_addr32[0] != 0 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[1] != 0 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[2] != 0 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[3] != htonl(1)))
             return 1;
         sa6->sin6_family = AF_INET6;
         sa6->sin6_port = v->port;

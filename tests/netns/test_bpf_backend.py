@@ -259,3 +259,28 @@ def test_dual_stack_listener_gets_ipv4_original_destination(pod: Pod) -> None:
                 assert int.from_bytes(raw[0:2], "little") == socket.AF_INET
                 assert socket.inet_ntoa(raw[4:8]) == PEER
                 assert int.from_bytes(raw[2:4], "big") == 8443
+
+
+def test_original_destination_with_conntrack_active_in_the_pod(pod: Pod) -> None:
+    """Another netfilter user in the pod (here: conntrack matches) activates conntrack; it
+    then answers SO_ORIGINAL_DST itself with the loopback address it saw (checked by hand:
+    127.0.0.1:15001 without the getsockopt program). The program must still answer the
+    real original destination."""
+    for chain in ("OUTPUT", "INPUT"):
+        _sh("ip", "netns", "exec", pod.ns, "iptables-legacy", "-A", chain, "-m", "conntrack",
+            "--ctstate", "NEW", "-j", "ACCEPT")  # fmt: skip
+    pod.backend.apply(pod.path, SETTINGS)
+    with _listener(pod.path, 15001) as outbound:
+        app = run_in_netns(pod.path, socket.socket)
+        with app:
+            app.settimeout(5)
+            app.connect((PEER, 8443))
+            conn, _ = outbound.accept()
+            with conn:
+                tracked = _sh("ip", "netns", "exec", pod.ns, "cat", "/proc/net/nf_conntrack")
+                assert "dport=15001" in tracked, "conntrack must be tracking the connection"
+                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+                assert (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")) == (
+                    PEER,
+                    8443,
+                )
