@@ -102,17 +102,26 @@ class PodProxy:
         """Serve the listeners ``sockets.listeners_in`` made for LISTEN_PORTS, in order."""
         out, inbound, hbone, dns_tcp, dns_udp = socks
         loop = asyncio.get_running_loop()
-        self._servers = [
-            await asyncio.start_server(self._tracked(self._outbound), sock=out),
-            await asyncio.start_server(self._tracked(self._inbound), sock=inbound),
-            await asyncio.start_server(
-                self._tracked(self._hbone),
-                sock=hbone,
-                ssl=self.wl.tls.server,
-                ssl_handshake_timeout=10,
-            ),
-            await asyncio.start_server(self._tracked(self._dns_tcp), sock=dns_tcp),
-        ]
+        try:
+            for sock, handler, tls in (
+                (out, self._outbound, None),
+                (inbound, self._inbound, None),
+                (hbone, self._hbone, self.wl.tls.server),
+                (dns_tcp, self._dns_tcp, None),
+            ):
+                self._servers.append(
+                    await asyncio.start_server(
+                        self._tracked(handler),
+                        sock=sock,
+                        ssl=tls,
+                        ssl_handshake_timeout=10 if tls else None,
+                    )
+                )
+        except BaseException:
+            for s in self._servers:  # all or nothing: the caller closes the raw sockets
+                s.close()
+            self._servers = []
+            raise
         # UDP DNS is read with recvmsg to learn each query's local address (IPV6_PKTINFO):
         # the answer must leave from it, or conntrack cannot un-NAT it back to the resolver
         # address the app asked (REDIRECT rewrote that to a local address).
@@ -147,7 +156,15 @@ class PodProxy:
             self._writers.add(writer)
             try:
                 await handler(reader, writer)
-            except (_Logged, asyncio.CancelledError, ConnectionError, OSError, TimeoutError):
+            except (
+                _Logged,
+                asyncio.CancelledError,
+                asyncio.IncompleteReadError,  # the peer closed mid-request
+                asyncio.LimitOverrunError,  # an oversized CONNECT head
+                ConnectionError,
+                OSError,
+                TimeoutError,
+            ):
                 pass
             except Exception:
                 log.exception("proxy handler failed", extra={"fields": {"uid": self.wl.uid}})

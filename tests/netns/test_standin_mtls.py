@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -23,7 +24,7 @@ from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.zds_server import WorkloadInfo, ZdsServer
-from testbed.ztunnel_standin.identity import spiffe_id
+from testbed.ztunnel_standin.identity import MeshCa, spiffe_id
 from testbed.ztunnel_standin.topology import AppServer, TwoPods, client_socket, http_get
 from tests.netns.test_standin_zds import StandinProcess
 from tests.unit.test_zds_server import ListSource, wait_for
@@ -326,3 +327,36 @@ def test_ipv6_request_crosses_both_sides_as_mtls(tmp_path: Path) -> None:
         # The original destination came back through IP6T_SO_ORIGINAL_DST.
         assert out["dst.hbone_addr"] == f"[{pods.b.ip6}]:8080"
         assert out["dst.identity"] == spiffe_id("ns-b", "server-sa")
+
+
+def _hbone_connect(pods: TwoPods, ctx: ssl.SSLContext) -> bytes:
+    """CONNECT to B's app through B's 15008 from a marked (uncaptured) socket in A."""
+    raw = client_socket(pods.a.path, marked=True)
+    raw.settimeout(5)
+    raw.connect((pods.b.ip, 15008))
+    try:
+        with ctx.wrap_socket(raw) as tls:
+            tls.sendall(f"CONNECT {pods.b.ip}:8080 HTTP/1.1\r\n\r\n".encode())
+            return tls.recv(64)
+    except (ssl.SSLError, OSError) as e:
+        return f"refused: {e}".encode()
+    finally:
+        raw.close()
+
+
+def test_hbone_port_requires_a_mesh_certificate(
+    mesh: tuple[TwoPods, StandinProcess, AppServer], tmp_path: Path
+) -> None:
+    pods, standin, _ = mesh
+    anonymous = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anonymous.check_hostname = False
+    anonymous.verify_mode = ssl.CERT_NONE
+    assert not _hbone_connect(pods, anonymous).startswith(b"HTTP/1.1 200")
+
+    # A certificate from the mesh CA for an identity outside these pods is accepted, and
+    # that identity (read from the certificate) is what B's side logs.
+    other = MeshCa(str(standin.workdir / "ca")).issue("outsider", "ns-x", "x-sa")
+    assert _hbone_connect(pods, other.client).startswith(b"HTTP/1.1 200 OK")
+    assert wait_for(lambda: any(ln["direction"] == "inbound" for ln in _log_lines(standin)))
+    line = next(ln for ln in _log_lines(standin) if ln["direction"] == "inbound")
+    assert line["src.identity"] == spiffe_id("ns-x", "x-sa")
