@@ -23,7 +23,7 @@ import pytest
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.zds_server import WorkloadInfo, ZdsServer
+from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from testbed.ztunnel_standin.identity import MeshCa, spiffe_id
 from testbed.ztunnel_standin.topology import AppServer, TwoPods, client_socket, http_get
 from tests.netns.test_standin_zds import StandinProcess
@@ -360,3 +360,46 @@ def test_hbone_port_requires_a_mesh_certificate(
     assert wait_for(lambda: any(ln["direction"] == "inbound" for ln in _log_lines(standin)))
     line = next(ln for ln in _log_lines(standin) if ln["direction"] == "inbound")
     assert line["src.identity"] == spiffe_id("ns-x", "x-sa")
+
+
+def test_agent_restart_keeps_open_connections(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, standin, _ = mesh
+    server = _SERVERS[standin.sock]
+    src = server.snapshot_source
+    assert isinstance(src, ListSource)
+    src.entries = [
+        SnapshotEntry("uid-a", WorkloadInfo("client", "ns-a", "client-sa"), pods.a.path),
+        SnapshotEntry("uid-b", WorkloadInfo("server", "ns-b", "server-sa"), pods.b.path),
+    ]
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((pods.b.ip, 9091))
+        s.listen(4)
+        return s
+
+    app = run_in_netns(pods.b.path, listen)
+    client = client_socket(pods.a.path)
+    try:
+        app.settimeout(5)
+        client.settimeout(5)
+        client.connect((pods.b.ip, 9091))
+        conn, _ = app.accept()
+        with conn:
+            client.sendall(b"before")
+            assert conn.recv(6) == b"before"
+            # The agent goes away and comes back: the stand-in reconnects, the snapshot's
+            # Adds carry the same netns inodes, so they are no-ops and no proxy restarts.
+            server.stop()
+            server.start()
+            assert wait_for(lambda: server.connected, 10)
+            assert wait_for(lambda: standin.log().count("add for a known netns: no-op") >= 2)
+            client.sendall(b"after")
+            assert conn.recv(5) == b"after"
+            conn.sendall(b"back")
+            assert client.recv(4) == b"back"
+    finally:
+        client.close()
+        app.close()
