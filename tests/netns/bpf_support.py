@@ -28,11 +28,26 @@ def options() -> dict[str, Any]:
     return {"pin_root": PIN_ROOT, "cache_dir": CACHE_DIR}
 
 
-def unavailable() -> str | None:
-    from cni_plugin.bpf.backend import probe
+_reason: list[str | None] = []
 
-    avail = probe(PIN_ROOT, CACHE_DIR)
-    return None if avail.ok else avail.reason
+
+def unavailable() -> str | None:
+    """Why the eBPF backend cannot run here (e.g. a kernel without headers under qemu), or
+    None. Probed once per process."""
+    if not _reason:
+        from cni_plugin.bpf.backend import probe
+
+        avail = probe(PIN_ROOT, CACHE_DIR)
+        _reason.append(None if avail.ok else avail.reason)
+    return _reason[0]
+
+
+def skip_if_unavailable() -> None:
+    import pytest
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"ebpf backend unavailable on this machine: {reason}")
 
 
 def delete_lo_filter(backend: object, ns: str) -> str:

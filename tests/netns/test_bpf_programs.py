@@ -22,7 +22,7 @@ from cni_plugin.bpf.backend import cgroup2_root
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.settings import RedirectSettings
 from tests.netns import bpf_packets as pk
-from tests.netns.bpf_support import CACHE_DIR
+from tests.netns.bpf_support import CACHE_DIR, skip_if_unavailable
 
 pytestmark = pytest.mark.netns
 
@@ -77,6 +77,7 @@ class Harness:
 
 @pytest.fixture
 def harness(make_netns: Callable[[str], str]) -> Iterator[Harness]:
+    skip_if_unavailable()
     ns = make_netns("bpfprog")
     subprocess.run(["ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name",
                     "veth1"], check=True)  # fmt: skip
