@@ -13,6 +13,7 @@ import binascii
 import json
 import os
 import socket
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,14 +69,25 @@ def add_event_body(
 
 
 def _connect(path: str, timeout: float) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    try:
-        sock.connect(path)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """Connect, waiting out a full listen backlog (EAGAIN on a unix socket) until
+    ``timeout``: many sandboxes created at once all knock at the same moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"the agent's listen backlog stayed full for {timeout:g}s"
+                ) from None
+            time.sleep(0.005)
+        except BaseException:
+            sock.close()
+            raise
 
 
 def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) -> None:

@@ -277,3 +277,50 @@ def test_plugin_logs_reach_the_agent_log_socket(agent: AgentStub, run_dir: str) 
     records = [json.loads(s) for s in lines]
     assert all({"level", "time", "msg"} <= set(r) for r in records)
     assert any(r["msg"] == "node agent answered the add" for r in records)
+
+
+def test_a_full_agent_backlog_is_waited_out_not_reported_as_down(tmp_path: Any) -> None:
+    import socket
+    import threading
+    import time
+
+    from cni_plugin import agent_client
+
+    path = str(tmp_path / "s.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # fill the backlog: further non-blocking connects get EAGAIN
+            f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            f.setblocking(False)
+            try:
+                f.connect(path)
+            except BlockingIOError:
+                f.close()
+                break
+            fillers.append(f)
+
+        def drain() -> None:
+            time.sleep(0.3)
+            srv.settimeout(2)
+            for _ in range(len(fillers) + 1):
+                conn, _ = srv.accept()
+                conn.close()
+
+        t = threading.Thread(target=drain)
+        t.start()
+        t0 = time.monotonic()
+        sock = agent_client._connect(path, 3.0)
+        sock.close()
+        assert 0.2 < time.monotonic() - t0 < 3.0
+        t.join()
+        with pytest.raises(TimeoutError, match="backlog"):
+            for _ in range(8):  # nobody accepts any more: the deadline is honoured
+                s = agent_client._connect(path, 0.2)
+                fillers.append(s)
+    finally:
+        for f in fillers:
+            f.close()
+        srv.close()
