@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from cni_plugin import constants as c
@@ -94,7 +94,6 @@ class AgentConfig:
     reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS
     workers: int = 8
     install_cni: bool = False
-    install_options: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
 
     @classmethod

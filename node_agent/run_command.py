@@ -221,6 +221,7 @@ class Agent:
         self.started_at = time.time()
         self.health_port = 0
         self.metrics_port = 0
+        self._install_seen: dict[str, int] = {}
 
     # -- wiring helpers -------------------------------------------------------------------
     def settings_for(self, pod: PodInfo) -> RedirectSettings:
@@ -317,7 +318,23 @@ class Agent:
         log.info("agent stopped; pod rules left in place")
 
     # -- state export ---------------------------------------------------------------------
+    def sync_install_metrics(self) -> None:
+        """Mirror the in-process installer's counters into the SPEC metric names. Without an
+        in-process installer (``istio-cni-agent install`` runs apart), ready = agent ready."""
+        inst = self.installer
+        if inst is None:
+            self.metrics.install_ready.set(1 if self.ready.is_set() else 0)
+            return
+        self.metrics.install_ready.set(1 if getattr(inst, "ready", False) else 0)
+        totals = dict(getattr(inst, "installs_total", {}) or {})
+        for result, n in totals.items():
+            delta = int(n) - self._install_seen.get(result, 0)
+            if delta > 0:
+                self.metrics.installs.labels(result=result).inc(delta)
+                self._install_seen[result] = int(n)
+
     def snapshot_state(self) -> dict[str, Any]:
+        self.sync_install_metrics()
         pods = []
         for p in self.pod_informer.items():
             entry = self.cache.get(p.uid)
@@ -427,8 +444,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _make_installer(cfg: AgentConfig) -> Any:
+    """Istio's agent runs the installer in-process; ours does when INSTALL_CNI/--install
+    says so. The installer reads its own (Istio-named) environment."""
     try:
-        from install.installer import Installer  # type: ignore[import-not-found,unused-ignore]
+        from install.installer import Installer
     except ImportError as e:
         raise ConfigError(f"--install given but the installer is not available: {e}") from None
-    return Installer(**dict(cfg.install_options))
+    return Installer()

@@ -339,3 +339,57 @@ def test_plugin_cmdadd_enrolls_before_reply_and_410_relists(env: Env) -> None:
     env.kube.drop_watches()
     wait_for(lambda: pod.uid in {s.uid for s in zt.of("del")}, what="Del after relist")
     assert agent.pod_informer.relists >= 2
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+def test_health_readiness_and_metrics(env: Env) -> None:
+    # Not ready while the API cannot be listed (cache never syncs): /readyz 503, /healthz 200.
+    env.kube.fail_lists = 10_000
+    agent = Agent(env.cfg, kube=env.kube, rules=env.backend)
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            agent.start(sync_timeout=3)
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=start)
+    t.start()
+    wait_for(lambda: agent.health_port != 0, what="health server up")
+    assert _get(agent.health_port, "/healthz") == (200, "ok")
+    assert _get(agent.health_port, "/readyz")[0] == 503
+    t.join()
+    assert errors and "could not sync" in str(errors[0])
+    agent.stop()
+
+    env.kube.fail_lists = 0
+    env.kube.put_namespace("shop", AMBIENT)
+    p = env.stage("shop", "m")
+    zt = env.start_ztunnel()
+    agent = env.start_agent()
+    wait_for(lambda: env.enrolled(p), what="enrolled")
+    wait_for(lambda: zt.of("snapshot_sent"), what="ztunnel connected")
+    assert _get(agent.health_port, "/readyz") == (200, "ready")
+    _post(env.cfg.plugin_event_socket, "/cmdadd", {"PodName": ""})  # a 400, counted
+    agent.state.write_now()  # also syncs the install gauge
+    code, text = _get(agent.metrics_port, "/metrics")
+    assert code == 200
+    for line in (
+        "istio_cni_install_ready 1.0",
+        "ztunnel_connected 1.0",
+        'istio_cni_plugin_requests_total{response_code="400"} 1.0',
+        "nodeagent_enrollment_duration_seconds_count 1.0",
+    ):
+        assert line in text, f"{line!r} not in metrics"
+    assert 'nodeagent_reconcile_events_total{type="add"}' in text
+    assert "istio_cni_installs_total" in text
