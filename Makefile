@@ -94,3 +94,9 @@ testbed-down: setup
 
 testbed-test: testbed-build
 	bash scripts/pytest.sh -m testbed tests/testbed $(PYTEST_ARGS)
+
+# Node agent: label a namespace of 200 running pods -> all enrolled, and RSS at 1000 pods
+# (light pods on the real testbed API server; docs/benchmarks.md, "Node agent").
+.PHONY: bench-agent
+bench-agent: testbed-build
+	$(PY) -m bench.agent_enroll --pods 200 --rss-pods 1000 --workers 16

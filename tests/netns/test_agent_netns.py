@@ -177,7 +177,9 @@ def _post(sock: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
         conn.close()
 
 
-def test_label_enrolls_unlabel_removes_and_skips_are_never_touched(env: Env) -> None:
+def test_label_enrolls_unlabel_removes_and_skips_are_never_touched(
+    env: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
     env.kube.put_namespace("shop")
     env.kube.put_namespace("kube-system", AMBIENT)  # excluded even when labelled
     pods = [env.stage("shop", f"web-{i}") for i in range(5)]
@@ -222,6 +224,17 @@ def test_label_enrolls_unlabel_removes_and_skips_are_never_touched(env: Env) -> 
     assert all(
         ("HBONE" in line) == line.split()[1].startswith("web-") for line in table.splitlines()[1:]
     )
+    from node_agent.cli import main as cli_main
+
+    web0 = pods[0]
+    code = cli_main(["pod", "shop/web-0", "--run-dir", env.cfg.run_dir])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"UID:           {web0.uid}" in out
+    assert f"Netns inode:   {os.stat(web0.netns).st_ino}" in out
+    assert "State:         enabled" in out and "ZDS:           acked" in out
+    assert "-j REDIRECT --to-ports 15001" in out  # the rules its backend installs
+    assert cli_main(["pod", "shop/nope", "--run-dir", env.cfg.run_dir]) == 1
 
     env.kube.put_namespace("shop")
     wait_for(lambda: all(env.kube.annotation(p.uid) is None for p in pods), what="annotations null")
