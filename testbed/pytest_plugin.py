@@ -9,6 +9,9 @@ mark the tests ``@pytest.mark.testbed``.
   end, and the teardown FAILS if anything is left behind (processes, mounts, cgroups, netns,
   files). Its instance is ``pytest<pid>`` (node ``icni-tb-pytest<pid>``) unless
   ``ISTIO_CNI_TESTBED_INSTANCE`` is set; leftovers of killed sessions are removed first.
+  For fast iteration: ``istio-cni-testbed up`` once, then run pytest with
+  ``ISTIO_CNI_TESTBED_INSTANCE=node``: a running node of that instance is used as it is and
+  left running.
 - ``testbed_info`` (session): the dict ``istio-cni-testbed up`` prints.
 - ``kube_api`` (session): a ``kubernetes.client.ApiClient`` (admin).
 - ``kube_namespace`` (function): a fresh namespace ``icni-tb-t-<hex>`` (with its default
@@ -36,7 +39,7 @@ from testbed.layout import Layout
 from testbed.node import Testbed
 
 _lock = threading.Lock()
-_shared: dict[str, Any] = {"bed": None, "refs": 0}
+_shared: dict[str, Any] = {"bed": None, "refs": 0, "owned": True}
 
 
 def session_instance() -> str:
@@ -68,7 +71,12 @@ def acquire() -> Testbed:
             for stale in stale_session_instances():
                 Testbed(Layout.for_instance(stale)).down()
             bed = Testbed(Layout.for_instance(session_instance()))
-            bed.up()
+            if os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") and bed.running():
+                # A node brought up by hand for fast iteration: use it, leave it running.
+                _shared["owned"] = False
+            else:
+                bed.up()
+                _shared["owned"] = True
             _shared["bed"] = bed
         _shared["refs"] += 1
         node: Testbed = _shared["bed"]
@@ -83,6 +91,8 @@ def release() -> list[str]:
         if _shared["refs"] > 0 or bed is None:
             return []
         _shared["bed"] = None
+        if not _shared["owned"]:
+            return []
         problems = bed.down()
         return problems + cleanup.leftovers(bed.layout)
 
