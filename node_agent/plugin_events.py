@@ -7,11 +7,13 @@ Endpoints (the CNI plugin is the client; SPEC §3):
   which); 500 with a one-line message = enrollment failed (the plugin fails the ADD, the
   runtime retries); 400 with a message = malformed body.
 - ``POST /log``: the plugin's log lines (a JSON array of strings, each a JSON object with
-  ``level``, ``time``, ``msg``), re-emitted in the agent's log; 200.
+  ``level``, ``time``, ``msg``), re-emitted in the agent's log; 200. Served on
+  ``pluginevent.sock`` and on ``<run_dir>/log.sock`` (where the plugin sends its logs,
+  SPEC §3) alike.
 - ``GET /pod?ns=<namespace>&name=<name>`` (extension, lets the plugin skip an API call):
   200 with ``{"known": bool, "ambient": bool, "reason": str, "uid"?: str, "state"?: str}``
   from the agent's informer caches; ``known`` false when the agent has not seen the pod.
-The socket is unlinked and re-created on start, mode 0600, removed on stop.
+Sockets are unlinked and re-created on start, mode 0600, removed on stop.
 """
 
 from __future__ import annotations
@@ -84,18 +86,17 @@ class PluginEventServer:
         on_add: Callable[[PluginAdd], str],
         pod_status: Callable[[str, str], Mapping[str, Any]],
         on_request: Callable[[int], None] = lambda code: None,
+        log_socket_path: str | None = None,
     ) -> None:
         self.socket_path = socket_path
+        self.log_socket_path = log_socket_path
+        self._servers: list[tuple[str, _UnixHTTPServer]] = []
         self.on_add = on_add
         self.pod_status = pod_status
         self.on_request = on_request
-        self._server: _UnixHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -162,19 +163,27 @@ class PluginEventServer:
                     return
                 self._reply(200, json.dumps(outer.pod_status(ns, name)), "application/json")
 
+        paths = [self.socket_path] + ([self.log_socket_path] if self.log_socket_path else [])
         try:
-            server = _UnixHTTPServer(self.socket_path, Handler)
-        except OSError as e:
-            raise ConfigError(
-                f"cannot listen on {self.socket_path}: {e.strerror}; check the run dir mount"
-            ) from None
-        os.chmod(self.socket_path, 0o600)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="plugin-events", daemon=True
-        )
-        self._thread.start()
-        log.info("plugin event server listening", extra={"fields": {"socket": self.socket_path}})
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                try:
+                    server = _UnixHTTPServer(path, Handler)
+                except OSError as e:
+                    raise ConfigError(
+                        f"cannot listen on {path}: {e.strerror}; check the run dir mount"
+                    ) from None
+                os.chmod(path, 0o600)
+                self._servers.append((path, server))
+                threading.Thread(
+                    target=server.serve_forever, name=f"plugin-events:{os.path.basename(path)}",
+                    daemon=True,
+                ).start()  # fmt: skip
+        except BaseException:
+            self.stop()
+            raise
+        log.info("plugin event server listening", extra={"fields": {"sockets": paths}})
 
     def _log(self, body: bytes) -> None:
         try:
@@ -198,9 +207,9 @@ class PluginEventServer:
             )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        servers, self._servers = self._servers, []
+        for path, server in servers:
+            server.shutdown()
+            server.server_close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

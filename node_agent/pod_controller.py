@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import Decision, EnablementPolicy, decide
+from cni_plugin.enablement import Decision, EnablementPolicy, bypass_inbound, decide
 from cni_plugin.errors import IstioCniError, NetnsError
 from cni_plugin.netns import Netns
 from node_agent.enrollment import Enroller
@@ -155,9 +155,12 @@ class PodController:
             and entry.state == "enabled"
             and entry.netns is not None
             and pod.redirection_annotation == c.REDIRECTION_ENABLED
+            and entry.bypass_inbound == bypass_inbound(pod.annotations)
         ):
             self._done(uid)
             return  # already enrolled: nothing to do (the reconciler checks drift)
+        # New, pending, failed, annotation lost, or the bypass-inbound annotation toggled
+        # (the rules variant changes): (re-)add, idempotently.
         netns = self._netns_for(pod)
         try:
             self.enroller.add(pod, netns)

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import ConfigError, IstioCniError
 from cni_plugin.redirection.registry import make_backend
@@ -214,6 +215,7 @@ class Agent:
             on_request=lambda code: self.metrics.plugin_requests.labels(
                 response_code=str(code)
             ).inc(),
+            log_socket_path=os.path.join(cfg.run_dir, c.PLUGIN_LOG_SOCKET),
         )
         self.health = HealthServer(self.is_ready, cfg.health_port, cfg.listen_address)
         self.state = StateExporter(cfg.state_file, self.snapshot_state)

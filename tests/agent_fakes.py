@@ -254,7 +254,7 @@ class FakeProbes:
             self.members.pop(ip, None)
 
 
-def wait_for(cond: Any, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():

@@ -164,11 +164,11 @@ def _post(sock: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
     class Conn(http.client.HTTPConnection):
         def connect(self) -> None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
+            s.settimeout(30)
             s.connect(sock)
             self.sock = s
 
-    conn = Conn("localhost", timeout=10)
+    conn = Conn("localhost", timeout=30)
     try:
         conn.request("POST", path, body=json.dumps(body))
         r = conn.getresponse()
@@ -406,3 +406,18 @@ def test_health_readiness_and_metrics(env: Env) -> None:
         assert line in text, f"{line!r} not in metrics"
     assert 'nodeagent_reconcile_events_total{type="add"}' in text
     assert "istio_cni_installs_total" in text
+
+
+def test_bypass_inbound_annotation_selects_and_switches_the_ingress_variant(env: Env) -> None:
+    env.kube.put_namespace("shop", AMBIENT)
+    p = env.stage("shop", "gw", annotations={c.BYPASS_INBOUND_ANNOTATION: "true"})
+    env.start_ztunnel()
+    env.start_agent()
+    ingress = RedirectSettings(dns_capture=False, ipv6=True, bypass_inbound=True)
+    wait_for(lambda: env.enrolled(p), what="enrolled")
+    assert env.backend.check(p.netns, ingress).ok  # no inbound capture
+    pod = env.kube.pod(p.uid)
+    pod["metadata"]["annotations"].pop(c.BYPASS_INBOUND_ANNOTATION)
+    env.kube.put_pod(pod)
+    wait_for(lambda: env.rules_ok(p), what="default variant after the annotation went away")
+    assert not env.backend.check(p.netns, ingress).ok

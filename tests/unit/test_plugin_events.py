@@ -65,13 +65,17 @@ def server(tmp_path: Path) -> Iterator[tuple[PluginEventServer, list[Any]]]:
         return {"known": name == "web-0", "ambient": True, "reason": "ambient"}
 
     codes: list[int] = []
-    s = PluginEventServer(str(tmp_path / "run" / "pluginevent.sock"), on_add, status, codes.append)
+    s = PluginEventServer(
+        str(tmp_path / "run" / "pluginevent.sock"), on_add, status, codes.append,
+        log_socket_path=str(tmp_path / "run" / "log.sock"),
+    )  # fmt: skip
     s.start()
     try:
         yield s, calls
     finally:
         s.stop()
     assert not (tmp_path / "run" / "pluginevent.sock").exists()
+    assert not (tmp_path / "run" / "log.sock").exists()
 
 
 def test_cmdadd_enrolls_before_replying(server: tuple[PluginEventServer, list[Any]]) -> None:
@@ -122,6 +126,10 @@ def test_log_and_pod_endpoints(
         assert _req(s.socket_path, "POST", "/log", json.dumps(lines).encode())[0] == 200
     assert any(r.getMessage() == "hello from plugin" for r in caplog.records)
     assert _req(s.socket_path, "POST", "/log", b"{}")[0] == 400
+    assert s.log_socket_path is not None
+    with caplog.at_level("DEBUG", logger="node_agent.plugin"):
+        assert _req(s.log_socket_path, "POST", "/log", json.dumps(lines).encode())[0] == 200
+    assert sum(r.getMessage() == "hello from plugin" for r in caplog.records) == 2
     code, text = _req(s.socket_path, "GET", "/pod?ns=shop&name=web-0")
     assert code == 200 and json.loads(text)["known"] is True
     assert _req(s.socket_path, "GET", "/pod?ns=shop")[0] == 400
