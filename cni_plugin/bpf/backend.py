@@ -20,16 +20,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from cni_plugin.bpf import image as image_mod
-from cni_plugin.bpf import pod, programs, routes, syscall, tc
-from cni_plugin.bpf.image import PROGRAMS, TC_PROGRAMS, ProgramImage
+from cni_plugin.bpf import pod, programs, routes, tc
+from cni_plugin.bpf.availability import (
+    DEFAULT_PIN_ROOT,
+    Availability,
+    cgroup2_root,
+    probe,
+    require_bpffs,
+)
+from cni_plugin.bpf.image import TC_PROGRAMS, ProgramImage
 from cni_plugin.bpf.netlink import (
     IPV4_DEVCONF_ACCEPT_LOCAL,
     IPV4_DEVCONF_ROUTE_LOCALNET,
@@ -43,96 +48,18 @@ from cni_plugin.redirection import policy_routes
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
 
+__all__ = ["Availability", "EbpfBackend", "cgroup2_root", "probe"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/istio-cni"
 DEFAULT_CACHE_DIR = f"{DEFAULT_RUN_DIR}/bpf-cache"  # compiled image, reused across restarts
 _HOST_NETNS = "/proc/self/ns/net"
-_BPF_FS_MAGIC = 0xCAFE4A11
-_CGROUP2_MAGIC = 0x63677270
-CGROUP2_CANDIDATES = ("/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 LO = (1, "lo")
 # lo's devconf values apply sets to 1 (and the PodState field keeping the value before)
 DEVCONF = (
     (IPV4_DEVCONF_ACCEPT_LOCAL, "accept_local_orig"),
     (IPV4_DEVCONF_ROUTE_LOCALNET, "route_localnet_orig"),
 )
-
-
-@dataclass(frozen=True)
-class Availability:
-    """Whether the backend can run here, and if not, exactly why and what to install."""
-
-    ok: bool
-    reason: str = ""
-
-
-def probe(
-    pin_root: str = DEFAULT_PIN_ROOT, cache_dir: str | None = None, cgroup: str | None = None
-) -> Availability:
-    """Cheap readiness test: bpffs, a program image (cache or bcc + headers), and the
-    kernel's acceptance of both programs (helpers sk_assign, skc_lookup_tcp, redirect)."""
-    try:
-        _require_bpffs(Path(pin_root))
-        cgroup2_root(cgroup)
-        img = image_mod.load_image(cache_dir)
-        fds = {m.name: syscall.map_create(m.map_type, m.key_size, m.value_size, 1, m.name)
-               for m in img.maps}  # fmt: skip
-        try:
-            for name in PROGRAMS:
-                try:
-                    fd = programs.load_program(img, name, fds)
-                except OSError as e:
-                    raise ConfigError(
-                        f"the kernel refused the {name} program ({e}): the ebpf backend "
-                        "needs Linux >= 5.10 with CONFIG_BPF_SYSCALL, CONFIG_NET_CLS_BPF, "
-                        "CONFIG_NET_SCH_INGRESS, CONFIG_NET_CLS_ACT and CONFIG_CGROUP_BPF, "
-                        "and CAP_BPF/CAP_NET_ADMIN (or root); otherwise use --backend iptables"
-                    ) from None
-                os.close(fd)
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    except ConfigError as e:
-        return Availability(False, str(e))
-    except OSError as e:
-        return Availability(False, f"bpf(2) failed: {e}: run as root with CAP_BPF/CAP_SYS_ADMIN")
-    return Availability(True)
-
-
-def cgroup2_root(configured: str | None = None) -> str:
-    """The cgroup v2 directory ``istio_getsockopt`` is attached to (the hierarchy's root
-    unless configured), or a :class:`ConfigError` naming what to mount."""
-    for path in [configured] if configured else list(CGROUP2_CANDIDATES):
-        if path and _fs_magic(Path(path)) == _CGROUP2_MAGIC:
-            return path
-    raise ConfigError(
-        f"no cgroup v2 hierarchy at {configured or ' or '.join(CGROUP2_CANDIDATES)}: the "
-        "ebpf backend answers ztunnel's SO_ORIGINAL_DST from a cgroup getsockopt program; "
-        "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified) or set its path"
-    )
-
-
-def _require_bpffs(pin_root: Path) -> None:
-    probe_dir = pin_root
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    if _fs_magic(probe_dir) != _BPF_FS_MAGIC:
-        raise ConfigError(
-            f"{pin_root} is not on a bpf filesystem: mount it with "
-            "'mount -t bpf bpf /sys/fs/bpf' (and mount /sys/fs/bpf into the agent's container)"
-        )
-
-
-def _fs_magic(path: Path) -> int:
-    import ctypes
-
-    buf = ctypes.create_string_buffer(120)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.statfs(str(path).encode(), buf) != 0:
-        return 0
-    return int.from_bytes(buf.raw[:8], "little")
 
 
 class EbpfBackend:
@@ -192,7 +119,7 @@ class EbpfBackend:
             return cached
         if cached is not None:
             cached.close()
-        _require_bpffs(self.pin_root)
+        require_bpffs(self.pin_root)
         cgroup = cgroup2_root(self.cgroup)
         try:
             node = programs.node_objects(img, self.pin_root, cgroup)

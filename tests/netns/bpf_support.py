@@ -35,7 +35,7 @@ def unavailable() -> str | None:
     """Why the eBPF backend cannot run here (e.g. a kernel without headers under qemu), or
     None. Probed once per process."""
     if not _reason:
-        from cni_plugin.bpf.backend import probe
+        from cni_plugin.bpf.availability import probe
 
         avail = probe(PIN_ROOT, CACHE_DIR)
         _reason.append(None if avail.ok else avail.reason)

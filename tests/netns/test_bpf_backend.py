@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.bpf import image
-from cni_plugin.bpf.backend import EbpfBackend, _require_bpffs, cgroup2_root
+from cni_plugin.bpf.availability import cgroup2_root, require_bpffs
+from cni_plugin.bpf.backend import EbpfBackend
 from cni_plugin.errors import ConfigError
 from cni_plugin.netns import Netns, run_in_netns
 from cni_plugin.redirection.settings import RedirectSettings
@@ -201,7 +202,7 @@ def test_probe_and_config_errors_name_the_fix(tmp_path: Path) -> None:
     assert EbpfBackend(pin_root=f"/sys/fs/bpf/icnit-probe-{secrets.token_hex(3)}",
                        cache_dir=CACHE_DIR).probe().ok  # fmt: skip
     with pytest.raises(ConfigError, match="mount -t bpf"):
-        _require_bpffs(tmp_path)
+        require_bpffs(tmp_path)
     with pytest.raises(ConfigError, match="cgroup2"):
         cgroup2_root(str(tmp_path))
 

@@ -18,7 +18,7 @@ import pytest
 
 from cni_plugin import constants as c
 from cni_plugin.bpf import image, programs, syscall
-from cni_plugin.bpf.backend import cgroup2_root
+from cni_plugin.bpf.availability import cgroup2_root
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.settings import RedirectSettings
 from tests.netns import bpf_packets as pk
