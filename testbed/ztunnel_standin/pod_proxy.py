@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -52,6 +53,7 @@ LISTEN_PORTS: list[tuple[int, int]] = [
     (c.ZTUNNEL_DNS_PORT, socket.SOCK_DGRAM),
 ]
 _Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+_PROXY_PORTS = frozenset(port for port, _ in LISTEN_PORTS)
 _CHUNK = 65536
 _IPV6_RECVPKTINFO = 49  # linux/in6.h
 _IPV6_PKTINFO = 50
@@ -222,6 +224,12 @@ class PodProxy:
             await _close(b[1])
             self.access_log.write(rec)
 
+    def _refuse_self(self, rec: ConnRecord, ip: str, port: int) -> None:
+        """A connection whose destination is one of this proxy's own listeners (no NAT and
+        no original destination, e.g. dialled directly) would loop through us forever."""
+        if port in _PROXY_PORTS and (ip in self.wl.ips or ipaddress.ip_address(ip).is_loopback):
+            self._fail(rec, f"no original destination: {fmt_addr(ip, port)} is the proxy itself")
+
     def _fail(self, rec: ConnRecord, error: str) -> NoReturn:
         rec.error = error
         self.access_log.write(rec)
@@ -250,6 +258,7 @@ class PodProxy:
             "outbound", fmt_addr(unmap(peer[0]), peer[1]), fmt_addr(dst_ip, dst_port)
         )
         self._fill_src(rec, self.wl, None)
+        self._refuse_self(rec, dst_ip, dst_port)
         target = self.mesh.by_ip.get(dst_ip)
         if target is None:
             upstream = await self._dial(rec, dst_ip, dst_port)
@@ -289,6 +298,7 @@ class PodProxy:
         self._fill_src(rec, self.mesh.by_ip.get(unmap(peer[0])), None)
         rec.src_identity = None  # plaintext: no verified identity
         self._fill_dst(rec, self.wl)
+        self._refuse_self(rec, dst_ip, dst_port)
         app = await self._dial(rec, dst_ip, dst_port)
         await self._splice(rec, (reader, writer), app)
 
@@ -302,7 +312,7 @@ class PodProxy:
         target = parts[1] if len(parts) == 3 and parts[0] == "CONNECT" else ""
         host, _, port_s = target.rpartition(":")
         host = host.strip("[]")
-        if not port_s.isdigit() or host not in self.wl.ips:
+        if not port_s.isdigit() or host not in self.wl.ips or int(port_s) in _PROXY_PORTS:
             writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
             await writer.drain()
             return

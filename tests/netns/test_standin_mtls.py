@@ -403,3 +403,20 @@ def test_agent_restart_keeps_open_connections(
     finally:
         client.close()
         app.close()
+
+
+def test_direct_dial_of_the_proxy_port_is_refused_not_looped(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, standin, _ = mesh
+    # A marked socket is not redirected, so 15001 sees no NAT: the local-address fallback
+    # names the proxy itself. It must be refused, not dialled again (a loop).
+    sock = client_socket(pods.a.path, marked=True)
+    try:
+        reply = http_get(sock, pods.a.ip, 15001, "/loop")
+    except ConnectionResetError:
+        reply = b""  # closed with our request unread: a reset
+    assert reply == b""
+    assert wait_for(lambda: bool(_log_lines(standin)))
+    (line,) = _log_lines(standin)
+    assert "is the proxy itself" in str(line["error"])
