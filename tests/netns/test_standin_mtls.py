@@ -420,3 +420,51 @@ def test_direct_dial_of_the_proxy_port_is_refused_not_looped(
     assert wait_for(lambda: bool(_log_lines(standin)))
     (line,) = _log_lines(standin)
     assert "is the proxy itself" in str(line["error"])
+
+
+def test_standin_sockets_carry_mark_1337_apps_do_not(
+    mesh: tuple[TwoPods, StandinProcess, AppServer],
+) -> None:
+    pods, _, _ = mesh
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((pods.b.ip, 9092))
+        s.listen(4)
+        return s
+
+    app = run_in_netns(pods.b.path, listen)
+    client = client_socket(pods.a.path)
+    try:
+        app.settimeout(5)
+        client.connect((pods.b.ip, 9092))
+        conn, _ = app.accept()
+        with conn:
+            marks = _marks(pods.a.name)
+            # In A: the app's socket to B:9092 is unmarked; the stand-in's HBONE leg to
+            # B:15008 carries 0x539 so A's rules let it pass.
+            assert marks[("tcp", f"{pods.b.ip}:9092")] == 0
+            assert marks[("tcp", f"{pods.b.ip}:15008")] == 0x539
+            # In B: the stand-in's leg to the app is marked too.
+            assert _marks(pods.b.name)[("tcp", f"{pods.b.ip}:9092")] == 0x539
+    finally:
+        client.close()
+        app.close()
+
+
+def _marks(netns_name: str) -> dict[tuple[str, str], int]:
+    """(proto, peer) -> fwmark of the established sockets, from ``ss -tne`` in the netns
+    (the highest mark when several sockets share a peer)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns_name, "ss", "-Htne", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    marks: dict[tuple[str, str], int] = {}
+    for line in out.splitlines():
+        cols = line.split()
+        peer = cols[3].replace("[::ffff:", "").replace("]", "")
+        mark = next((int(c.split(":")[1], 16) for c in cols if c.startswith("fwmark:")), 0)
+        marks[("tcp", peer)] = max(mark, marks.get(("tcp", peer), 0))
+    return marks
