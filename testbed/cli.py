@@ -20,6 +20,7 @@ from testbed.images import ImageError, build_images
 from testbed.layout import Layout
 from testbed.mesh import MeshUnavailable
 from testbed.node import BACKENDS, Testbed, TestbedError
+from testbed.provision import ProvisionError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -70,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
         else:
             print(json.dumps(bed.status(), indent=2))
-    except (TestbedError, BuildError, ImageError, MeshUnavailable) as e:
+    except (TestbedError, BuildError, ImageError, MeshUnavailable, ProvisionError) as e:
         print(f"istio-cni-testbed {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,11 +27,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from testbed import cleanup, daemons
+from testbed import cleanup, daemons, provision
 from testbed.build import CACHE_DIR, KubeBinaries, ensure_binaries
 from testbed.images import Image, build_images
-from testbed.layout import CNI_PLUGINS_DIR, Layout
-from testbed.pki import Pki, kubeconfig, make_pki
+from testbed.layout import Layout
+from testbed.pki import kubeconfig
 
 BACKENDS = ("iptables", "nftables", "ebpf")
 _FORBIDDEN_STATE_PARENTS = ("/run", "/var/run", "/var/lib", "/var/log")
@@ -256,9 +255,9 @@ class Testbed:
         deadline: float,
     ) -> dict[str, Any]:
         lay = self.layout
-        pki = self._write_files(images)
-        self._make_namespaces()
-        self._make_cgroups()
+        pki = provision.write_files(lay, images)
+        provision.make_namespaces(lay)
+        provision.make_cgroups(lay)
         launch = self._launcher
         launch.start(
             "forward",
@@ -300,88 +299,6 @@ class Testbed:
             info["pids"].update(info["mesh_pids"])
             self._save(info)
         return info
-
-    def _write_files(self, images: dict[str, Image]) -> Pki:
-        lay = self.layout
-        for d in (
-            lay.state_dir,
-            lay.logs_dir,
-            lay.cni_bin_dir,
-            lay.cni_conf_dir,
-            lay.var_lib_cni,
-            lay.var_log,
-            lay.istio_cni_run,
-            lay.ztunnel_run,
-            lay.sysctl_dir,
-            lay.etcd_dir,
-            lay.containerd_dir,
-            lay.kubelet_dir,
-            lay.ns_dir,
-        ):
-            d.mkdir(parents=True, exist_ok=True)
-        lay.etcd_dir.chmod(0o700)
-        pki = make_pki(
-            lay.pki_dir,
-            lay.node_name,
-            [lay.node_ip, "127.0.0.1", "10.96.0.1"],
-            [
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ],
-        )
-        lay.kubeconfig_node.write_text(
-            kubeconfig(lay.api_server_in_node(), pki.ca_cert, pki.admin_token, "admin")
-        )
-        lay.kubelet_kubeconfig.write_text(
-            kubeconfig(
-                lay.api_server_in_node(),
-                pki.ca_cert,
-                pki.node_token,
-                f"system:node:{lay.node_name}",
-            )
-        )
-        for plugin in sorted(CNI_PLUGINS_DIR.iterdir()):
-            shutil.copy2(plugin, lay.cni_bin_dir / plugin.name)
-        lay.cni_conflist.write_text(lay.cni_conflist_json())
-        (lay.containerd_dir / "config.toml").write_text(lay.containerd_toml(images["pause"].ref))
-        (lay.kubelet_dir / "config.json").write_text(lay.kubelet_config_json())
-        for name, value in lay.sysctls().items():
-            (lay.sysctl_dir / name).write_text(value + "\n")
-        return pki
-
-    def _make_namespaces(self) -> None:
-        lay = self.layout
-        _run(["mount", "--bind", str(lay.ns_dir), str(lay.ns_dir)])
-        _run(["mount", "--make-private", str(lay.ns_dir)])
-        lay.mnt_ns.touch()
-        _run(["ip", "netns", "add", lay.netns_name])
-        n = ["ip", "-n", lay.netns_name]
-        _run([*n, "link", "set", "lo", "up"])
-        _run([*n, "link", "add", lay.node_if, "type", "veth", "peer", "name", lay.node_peer_if])
-        _run([*n, "addr", "add", f"{lay.node_ip}/{lay.node_prefix_len}", "dev", lay.node_if])
-        _run([*n, "link", "set", lay.node_if, "up"])
-        _run([*n, "link", "set", lay.node_peer_if, "up"])
-        _run(
-            [
-                "unshare",
-                f"--mount={lay.mnt_ns}",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                lay.mount_script(),
-            ]
-        )
-
-    def _make_cgroups(self) -> None:
-        for d in self.layout.cgroup_dirs():
-            d.mkdir(exist_ok=True)
-            for f in ("cpuset.cpus", "cpuset.mems"):  # a v1 cpuset child starts empty
-                if (d / f).exists() and not (d / f).read_text().strip():
-                    (d / f).write_text((d.parent / f).read_text())
 
     def _wait(self, what: str, deadline: float, probe: Callable[[], object]) -> object:
         started = time.monotonic()
