@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for conc in args.concurrency:
             samples: list[float] = []
             failures: list[str] = []
+            level_uids: list[str] = []
             for _ in range(max(1, args.pods // conc)):
                 batch = []
                 for _ in range(conc):
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                     ip = f"10.88.{seq // 250}.{seq % 250 + 2}"
                     kube.put_pod(make_pod("demo", f"p{seq}", uid=uid, ip=None))
                     batch.append((uid, "/run/netns/" + netns("pod"), ip))
+                    level_uids.append(uid)
                 # Let the agent's informer see the pods first, as it would have before the
                 # kubelet creates their sandboxes.
                 names = [f"p{s}" for s in range(seq - len(batch) + 1, seq + 1)]
@@ -129,8 +131,20 @@ def main(argv: list[str] | None = None) -> int:
                     samples.append((time.perf_counter() - t0) * 1000)
                     if proc.returncode != 0:
                         failures.append(out.decode()[:300])
+            # The agent's share: from the /cmdadd request to its 200, per step.
+            agent_ms: list[float] = []
+            steps: dict[str, list[float]] = {}
+            for uid in level_uids:
+                entry = agent.cache.get(uid)
+                if entry is None or entry.latency_s is None:
+                    continue
+                agent_ms.append(entry.latency_s * 1000)
+                for k, v in entry.steps_ms.items():
+                    steps.setdefault(k, []).append(v)
             s = sorted(samples)
             results["levels"][str(conc)] = {
+                "agent_median_ms": statistics.median(agent_ms) if agent_ms else None,
+                "agent_steps_median_ms": {k: statistics.median(v) for k, v in steps.items()},
                 "pods": len(s),
                 "median_ms": statistics.median(s),
                 "p99_ms": s[min(len(s) - 1, int(len(s) * 0.99))],
