@@ -108,8 +108,11 @@ class EbpfBackend:
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
         img = self._image()
-        shared = self._variant(img, settings)
-        self._in_netns(netns_path, lambda d: self._converge(d, img, shared, settings))
+        # The namespace is validated before anything is loaded or pinned for it.
+        with Netns.open(netns_path, host_netns=self.host_netns) as ns:
+            shared = self._variant(img, settings)
+            directory = pod.pod_dir(self.pin_root, ns.inode)
+            ns.run(lambda: self._converge(directory, img, shared, settings))
 
     def _variant(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
         """The variant's programs, kept open while their pins exist (one stat per apply)."""
