@@ -13,10 +13,12 @@ Invariants:
   written last, so an interrupted build is simply resumed (kube's make keeps Go's build cache
   in ``<source>/_output/local/go/cache``, a stable path, so the work already done is kept).
 - A cold build prints a progress line at least every ``PROGRESS_EVERY`` seconds.
+- One build at a time per cache (``<cache>/build.lock``); a waiter reuses the result.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -250,6 +252,19 @@ def ensure_binaries(cache: Path = CACHE_DIR) -> KubeBinaries:
     if not (GO_ROOT / "bin" / "go").exists():
         raise BuildError(f"{GO_ROOT}/bin/go missing: install golang-1.19-go (make setup)")
     cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / "build.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log("another process is building the testbed; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        found = find_binaries(cache)  # it may have finished while we waited
+        if found is not None:
+            return found
+        return _build(cache)
+
+
+def _build(cache: Path) -> KubeBinaries:
     started = time.monotonic()
     version, tree = _fetch_source(cache)
     _patch_reflect2(tree)
