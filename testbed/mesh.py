@@ -45,14 +45,18 @@ def missing_pieces() -> list[str]:
         module = COMMANDS.get(cmd)
         if module is None:
             missing.append(f"`istio-cni-agent {cmd}` (no entry in node_agent.cli.COMMANDS)")
-        elif importlib.util.find_spec(module) is None:
+        elif not _module_exists(module):
             missing.append(f"`istio-cni-agent {cmd}` (module {module} does not exist yet)")
-    if (
-        importlib.util.find_spec(f"{STANDIN_MODULE}.__main__") is None
-        and importlib.util.find_spec(STANDIN_MODULE) is None
-    ):
+    if not _module_exists(STANDIN_MODULE):
         missing.append(f"`python -m {STANDIN_MODULE}` (module not there yet)")
     return missing
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a missing parent package
+        return False
 
 
 def mesh_env(info: dict[str, Any], backend: str) -> dict[str, str]:

@@ -64,3 +64,16 @@ def test_instances_never_share_names() -> None:
     assert not str(other.state_dir).startswith(str(default.state_dir) + "/")
     with pytest.raises(ValueError):
         Layout.for_instance("Bad_Name")
+
+
+def test_mesh_hook_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from node_agent import cli
+    from testbed import mesh
+
+    monkeypatch.setattr(cli, "COMMANDS", {"run": "node_agent.run_command"})
+    monkeypatch.setattr(mesh, "STANDIN_MODULE", "testbed.no_such_standin")
+    missing = mesh.missing_pieces()
+    assert any("istio-cni-agent install" in m for m in missing)
+    assert any("testbed.no_such_standin" in m for m in missing)
+    with pytest.raises(mesh.MeshUnavailable, match="istio-cni-agent install"):
+        mesh.start_mesh(None, {}, "iptables")  # type: ignore[arg-type]
