@@ -14,7 +14,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import subprocess
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 
 from cni_plugin import constants as c
 from cni_plugin.errors import RedirectionError
@@ -31,6 +33,43 @@ def render_hostprobe(
     newline they are exactly ``hostprobe*.golden`` (the iptables rule model renders them)."""
     settings = RedirectSettings(ipv6=ipv6, probe_snat_ipv4=snat_v4, probe_snat_ipv6=snat_v6)
     return [host_probe_rules(settings, f).restore_text() for f in families(settings)]
+
+
+class CoalescingWriter:
+    """Applies line batches through one ``write(lines)`` call at a time, merging the batches
+    of callers that arrive while a write runs (leader/follower, no extra thread). Each
+    caller returns only once its own lines were written, or raises the write's error: so a
+    burst of enrolments costs a few ``ipset restore`` runs instead of one per pod."""
+
+    def __init__(self, write: Callable[[list[str]], None]) -> None:
+        self._write = write
+        self._lock = threading.Lock()
+        self._pending: list[tuple[list[str], Future[None]]] = []
+        self._busy = False
+        self.writes = 0
+
+    def submit(self, lines: list[str]) -> None:
+        done: Future[None] = Future()
+        with self._lock:
+            self._pending.append((lines, done))
+            leader = not self._busy
+            self._busy = True
+        while leader:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._busy = False
+                    break
+            try:
+                self.writes += 1
+                self._write([ln for lines_, _ in batch for ln in lines_])
+            except BaseException as e:
+                for _, f in batch:
+                    f.set_exception(e)
+            else:
+                for _, f in batch:
+                    f.set_result(None)
+        done.result()
 
 
 class HostProbe:
@@ -50,6 +89,7 @@ class HostProbe:
         self.snat_v4 = snat_v4
         self.snat_v6 = snat_v6
         self.iptables = iptables
+        self._writer = CoalescingWriter(self._restore)
 
     def _cmd(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
         full = list(argv)
@@ -110,7 +150,7 @@ class HostProbe:
             self._cmd(["ipset", "destroy", ipset], check=False)
 
     def _batch(self, verb: str, uid: str, ips: tuple[str, ...]) -> None:
-        lines = []
+        lines: list[str] = []
         for ip in ips:
             try:
                 v6 = ipaddress.ip_address(ip).version == 6
@@ -122,7 +162,10 @@ class HostProbe:
             extra = f' comment "{uid}"' if verb == "add" else ""
             lines.append(f"{verb} {name} {ip}{extra}")
         if lines:
-            self._cmd(["ipset", "-exist", "restore"], stdin="\n".join(lines) + "\n")
+            self._writer.submit(lines)
+
+    def _restore(self, lines: list[str]) -> None:
+        self._cmd(["ipset", "-exist", "restore"], stdin="\n".join(lines) + "\n")
 
     def add(self, uid: str, ips: tuple[str, ...]) -> None:
         self._batch("add", uid, ips)
