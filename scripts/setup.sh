@@ -74,6 +74,6 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want_stam
   echo "$want_stamp" > "$stamp"
 fi
 
-# The protobuf module for ZDS is generated at build time (see node_agent/zds_proto.py).
+# ZDS bindings: regenerated from node_agent/zds.proto only when they changed (fast).
 if [ -x scripts/gen-proto.sh ]; then scripts/gen-proto.sh; fi
 log "ready ($venv)"
