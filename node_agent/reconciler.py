@@ -145,6 +145,8 @@ class Reconciler:
                 PodLogger(log, pod.namespace, pod.name, pod.uid).warning(
                     "drift repair failed", extra={"fields": {"error": str(e)}}
                 )
+        for uid in [u for u in self.checks if u not in self.cache]:
+            del self.checks[uid]  # pods gone since: keep the record bounded
         report.seconds = time.monotonic() - t0
         self.last_pass = report
         log.info(
