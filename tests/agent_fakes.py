@@ -188,10 +188,11 @@ class FakeKube:
 class FakeRules:
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, order: list[str] | None = None) -> None:
         self.installed: dict[str, RedirectSettings] = {}  # netns inode (str) -> settings
         self.fail = False
         self.calls: list[tuple[str, str]] = []
+        self.order = order if order is not None else []
 
     @staticmethod
     def _key(path: str) -> str:
@@ -201,12 +202,14 @@ class FakeRules:
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
         self.calls.append(("apply", netns_path))
+        self.order.append("rules")
         if self.fail:
             raise RedirectionError("fake rule failure")
         self.installed[self._key(netns_path)] = settings
 
     def remove(self, netns_path: str, settings: RedirectSettings) -> None:
         self.calls.append(("remove", netns_path))
+        self.order.append("rules-remove")
         self.installed.pop(self._key(netns_path), None)
 
     def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
@@ -218,8 +221,9 @@ class FakeRules:
 
 
 class FakeZtunnel:
-    def __init__(self, connected: bool = True) -> None:
+    def __init__(self, connected: bool = True, order: list[str] | None = None) -> None:
         self._connected = connected
+        self.order = order if order is not None else []
         self.adds: list[tuple[str, int]] = []  # uid, netns inode
         self.dels: list[str] = []
 
@@ -233,23 +237,28 @@ class FakeZtunnel:
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
         import os
 
+        self.order.append("zds-add")
         if not self._connected:
             raise ZtunnelUnavailableError("fake: no ztunnel")
         self.adds.append((pod.uid, os.stat(netns_path).st_ino))
 
     def delete(self, uid: str) -> None:
+        self.order.append("zds-del")
         self.dels.append(uid)
 
 
 class FakeProbes:
-    def __init__(self) -> None:
+    def __init__(self, order: list[str] | None = None) -> None:
         self.members: dict[str, str] = {}
+        self.order = order if order is not None else []
 
     def add(self, uid: str, ips: tuple[str, ...]) -> None:
+        self.order.append("probe-add")
         for ip in ips:
             self.members[ip] = uid
 
     def remove(self, uid: str, ips: tuple[str, ...]) -> None:
+        self.order.append("probe-remove")
         for ip in ips:
             self.members.pop(ip, None)
 
