@@ -44,6 +44,9 @@ class KernelResult:
     failures: list[str] = field(default_factory=list)
     missing_modules: list[str] = field(default_factory=list)
     error: str = ""
+    # The host's 1-minute load average at start and end: TCG timings on a shared machine
+    # mean little without it.
+    host_load: tuple[float, float] = (0.0, 0.0)
 
     @property
     def totals(self) -> Counts:

@@ -15,7 +15,9 @@ Kernels run one after another: qemu TCG is CPU-bound and the machine has two cor
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -73,7 +75,7 @@ def _print_result(r: KernelResult) -> None:
     print(
         f"{r.kernel} ({r.backend}): {status}: {t.passed} passed, {t.skipped} skipped, "
         f"{t.failed} failed; exit {code}; {r.wall_seconds:.0f} s wall, "
-        f"{r.test_seconds:.0f} s in pytest"
+        f"{r.test_seconds:.0f} s in pytest; host load {r.host_load[0]:.1f} -> {r.host_load[1]:.1f}"
     )
     for backend, c in r.by_backend.items():
         print(f"    {backend:9} {c.passed} passed, {c.skipped} skipped, {c.failed} failed")
@@ -87,11 +89,29 @@ def _print_result(r: KernelResult) -> None:
         print(f"    error: {r.error}")
 
 
+def _exclusive(out: Path) -> int | None:
+    """An flock on ``out/.lock``, held until exit (two runs would clobber each other's
+    results), or None when another run holds it."""
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = _parse(sys.argv[1:] if argv is None else argv)
     cache = KernelCache(AptSource(), args.cache)
     results: list[KernelResult] = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    lock = _exclusive(args.out)
+    if lock is None:
+        print(f"another run is using {args.out}: wait for it, or give --out DIR", file=sys.stderr)
+        return 2
     for spec in _expand(args.kernels):
+        load_start = os.getloadavg()[0]
         if spec == "host":
             out = args.out / "host"
             r = run_on_host(REPO, out, pytest_args, args.timeout)
@@ -115,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory=args.memory,
                 timeout=args.timeout,
             )
+        r.host_load = (load_start, os.getloadavg()[0])
         (out / "summary.json").write_text(json.dumps(r.to_json(), indent=2) + "\n")
         results.append(r)
         _print_result(r)

@@ -93,7 +93,20 @@ def test_ok_needs_tests_and_exit_zero() -> None:
 
 def test_guest_script_loads_modules_and_reports_exit_code(tmp_path: Path) -> None:
     script = guest_script(Path("/repo"), tmp_path, ["-m", "netns", "-k", "a or b"])
-    assert f"for m in {' '.join(GUEST_MODULES)}; do" in script
+    assert f"modprobe -a {' '.join(GUEST_MODULES)} 2>&1" in script
     assert "-m pytest -p no:cacheprovider --junitxml" in script
     assert "-m netns -k 'a or b'" in script
     assert script.rstrip().endswith(f"echo $rc > {tmp_path}/rc")
+    check = subprocess.run(["sh", "-n"], input=script, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def test_results_dir_inside_the_repo_is_put_back_over_the_cached_view() -> None:
+    out = Path("/repo/build/vm/6.1.0-56-amd64")
+    script = guest_script(Path("/repo"), out, [])
+    lines = script.splitlines()
+    moved = lines.index(f"  mkdir -p /run/icni-out && mount --move {out} /run/icni-out")
+    repo_bind = lines.index("  [ -d $fast/repo ] && mount --bind $fast/repo /repo")
+    back = lines.index(f"  mount --bind /run/icni-out {out}")
+    assert moved < repo_bind < back
+    assert "--move" not in guest_script(Path("/repo"), Path("/tmp/elsewhere"), [])
