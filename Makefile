@@ -59,14 +59,15 @@ plugin-forms: setup
 	bash scripts/build-plugin.sh nuitka-onefile nuitka-standalone pyinstaller-onefile pyinstaller-onedir zipapp
 
 # Other kernels (docs/kernels.md): Debian's 6.1 and 6.12 booted under qemu TCG with virtme-ng,
-# running the netns suite inside; `host` is the same run on this machine's kernel, for scale.
-# Slow (CPU-bound): the full matrix takes tens of minutes. One kernel: make vm-test-one KERNEL=6.12
+# running the netns suite inside (tests/vm, marker vm); then the table of results in build/vm.
+# Slow (CPU-bound): tens of minutes per kernel. One kernel: make vm-test-one KERNEL=6.12
 # (a series, an exact release such as 6.12.117+deb12-amd64, or host). VM_PYTEST_ARGS replaces
 # the default pytest selection (-m netns) inside the guest.
 KERNEL ?= 6.1
 VM_PYTEST_ARGS ?=
 vm-test: setup
-	$(PY) -m vagrant.run_kernels all host --markdown $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
+	bash scripts/pytest.sh -m vm tests/vm $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m vagrant.run_kernels --report; exit $$rc
 
 vm-test-one: setup
 	$(PY) -m vagrant.run_kernels $(KERNEL) $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))

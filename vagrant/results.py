@@ -47,6 +47,7 @@ class KernelResult:
     # The host's 1-minute load average at start and end: TCG timings on a shared machine
     # mean little without it.
     host_load: tuple[float, float] = (0.0, 0.0)
+    command: str = ""  # the command line that produced it, for docs/kernels.md
 
     @property
     def totals(self) -> Counts:
@@ -66,6 +67,14 @@ class KernelResult:
         d["totals"] = asdict(self.totals)
         d["ok"] = self.ok
         return d
+
+
+def result_from_json(d: dict[str, Any]) -> KernelResult:
+    """The inverse of :meth:`KernelResult.to_json` (summary.json files)."""
+    fields = {k: v for k, v in d.items() if k not in ("totals", "ok")}
+    fields["by_backend"] = {b: Counts(**c) for b, c in d.get("by_backend", {}).items()}
+    fields["host_load"] = tuple(d.get("host_load", (0.0, 0.0)))
+    return KernelResult(**fields)
 
 
 def backend_of(classname: str, name: str) -> str:
@@ -106,18 +115,26 @@ def _skip_reason(message: str) -> str:
     return re.sub(r"^\S+\.py:\d+: ", "", message).strip() or "(no reason given)"
 
 
-def markdown_rows(results: list[KernelResult], command: str) -> list[str]:
+TABLE_HEADER = [
+    "| kernel | where | backend | passed | skipped | failed | run time | host load | command |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def markdown_rows(results: list[KernelResult]) -> list[str]:
     """Table rows for docs/kernels.md: one per kernel and backend with tests."""
     rows = []
     for r in results:
+        command = r.command
+        load = f"{r.host_load[0]:.0f}-{r.host_load[1]:.0f}"
         for backend, c in r.by_backend.items():
             rows.append(
                 f"| {r.kernel} | {r.backend} | {backend} | {c.passed} | {c.skipped} | "
-                f"{c.failed} | {r.wall_seconds:.0f} s | `{command}` |"
+                f"{c.failed} | {r.wall_seconds:.0f} s | {load} | `{command}` |"
             )
         if not r.by_backend:
             rows.append(
                 f"| {r.kernel} | {r.backend} | (no results: {r.error or 'see log'}) | - | - | - "
-                f"| {r.wall_seconds:.0f} s | `{command}` |"
+                f"| {r.wall_seconds:.0f} s | {load} | `{command}` |"
             )
     return rows

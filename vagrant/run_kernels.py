@@ -30,7 +30,7 @@ from vagrant.kernel_cache import (
     KernelCache,
     KernelCacheError,
 )
-from vagrant.results import KernelResult, markdown_rows
+from vagrant.results import TABLE_HEADER, KernelResult, markdown_rows, result_from_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_PYTEST_ARGS = ["-m", "netns"]
@@ -48,7 +48,7 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument(
         "kernels",
-        nargs="+",
+        nargs="*",
         help="'all' (= 6.1 6.12), a series (6.1), a release (6.12.117+deb12-amd64), or 'host'",
     )
     p.add_argument("--cache", type=Path, default=DEFAULT_ROOT, help="kernel package cache")
@@ -58,7 +58,15 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--memory", default="2G")
     p.add_argument("--json", type=Path, help="also write every kernel's summary to this file")
     p.add_argument("--markdown", action="store_true", help="print docs/kernels.md table rows")
-    return p.parse_args(argv), pytest_args
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: print the docs/kernels.md table from OUT/*/summary.json",
+    )
+    args = p.parse_args(argv)
+    if not args.kernels and not args.report:
+        p.error("name at least one kernel (or 'all'), or give --report")
+    return args, pytest_args
 
 
 def _expand(specs: list[str]) -> list[str]:
@@ -101,8 +109,23 @@ def _exclusive(out: Path) -> int | None:
     return fd
 
 
+def _report(out: Path) -> int:
+    summaries = sorted(out.glob("*/summary.json"))
+    if not summaries:
+        print(f"no results under {out}: run some kernels first", file=sys.stderr)
+        return 1
+    results = [result_from_json(json.loads(f.read_text())) for f in summaries]
+    print("\n".join([*TABLE_HEADER, *markdown_rows(results)]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = _parse(sys.argv[1:] if argv is None else argv)
+    if args.report:
+        return _report(args.out)
+    command = "python -m vagrant.run_kernels " + shlex.join(args.kernels)
+    if pytest_args != DEFAULT_PYTEST_ARGS:
+        command += " -- " + shlex.join(pytest_args)
     cache = KernelCache(AptSource(), args.cache)
     results: list[KernelResult] = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -136,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 timeout=args.timeout,
             )
         r.host_load = (load_start, os.getloadavg()[0])
+        r.command = command
         (out / "summary.json").write_text(json.dumps(r.to_json(), indent=2) + "\n")
         results.append(r)
         _print_result(r)
@@ -143,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([r.to_json() for r in results], indent=2) + "\n")
     if args.markdown:
-        cmd = "python -m vagrant.run_kernels " + shlex.join(args.kernels)
-        if pytest_args != DEFAULT_PYTEST_ARGS:
-            cmd += " -- " + shlex.join(pytest_args)
-        print("\n".join(markdown_rows(results, cmd)))
+        print("\n".join([*TABLE_HEADER, *markdown_rows(results)]))
     bad = [r.kernel for r in results if not r.ok]
     if bad:
         print(f"kernels with failures or no results: {' '.join(bad)}", file=sys.stderr)

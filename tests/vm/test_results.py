@@ -3,6 +3,7 @@ output (produced here by a real pytest run, not written by hand)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from vagrant.guest_run import GUEST_MODULES, guest_script
 from vagrant.kernel_cache import is_release, newest_release, series_of
-from vagrant.results import KernelResult, backend_of, markdown_rows, read_junit
+from vagrant.results import KernelResult, backend_of, markdown_rows, read_junit, result_from_json
 
 APT_NAMES = [
     "linux-image-6.1.0-9-amd64",
@@ -82,8 +83,16 @@ def test_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
     assert result.skip_reasons == {"kernel 6.1 lacks hook X": 1}
     assert len(result.failures) == 1 and "test_rule[nftables]" in result.failures[0]
     assert not result.ok
-    rows = markdown_rows([result], "python -m vagrant.run_kernels 6.1")
-    assert "| 6.1.0-56-amd64 | qemu-tcg | nftables | 0 | 0 | 1 | 12 s |" in rows[3]
+    result.command = "python -m vagrant.run_kernels 6.1"
+    result.host_load = (1.5, 3.0)
+    rows = markdown_rows([result])
+    assert rows[3] == (
+        "| 6.1.0-56-amd64 | qemu-tcg | nftables | 0 | 0 | 1 | 12 s | 2-3 "
+        "| `python -m vagrant.run_kernels 6.1` |"
+    )
+    # summary.json round trip (what `--report` reads back).
+    again = result_from_json(json.loads(json.dumps(result.to_json())))
+    assert again == result
 
 
 def test_ok_needs_tests_and_exit_zero() -> None:
