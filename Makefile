@@ -29,7 +29,8 @@ unit: setup
 netns: setup
 	bash scripts/pytest.sh -m netns $(PYTEST_ARGS)
 
-# Until the demo issue lands: a small end-to-end show of the redirection backend.
+# Istio's ambient walkthrough with bookinfo on the testbed node, torn down at the end
+# (testbed/demo.py). Other backends: make demo DEMO_ARGS='--backend ebpf' (or nftables).
 demo: setup
 	$(PY) -m testbed.demo $(DEMO_ARGS)
 

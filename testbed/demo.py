@@ -1,126 +1,178 @@
-"""A short, honest end-to-end show of what exists today (``make demo``).
+"""``make demo`` = ``python -m testbed.demo [--backend iptables|nftables|ebpf]``: Istio's
+ambient walkthrough, end to end, on the testbed's real single-node Kubernetes.
 
-Two throwaway namespaces ("pod" and "peer") joined by a veth; in the pod a stand-in for
-ztunnel's outbound listener (15001), on the peer a server on port 80. Then, with the real
-operator command: ``istio-cni-agent redirect apply`` installs Istio's rules in the pod; a
-connection from the pod to peer:80 is captured by 15001, which recovers the original
-destination with SO_ORIGINAL_DST; ``check`` confirms; ``remove`` deletes everything and
-``check`` shows it gone. The namespaces are always deleted, even on failure or Ctrl-C.
-(The full walkthrough on a real Kubernetes node replaces this later.)
+1. the node: API server, kubelet, containerd; our installer chains our CNI plugin after
+   bridge; our agent runs; the ztunnel stand-in is connected;
+2. bookinfo starts in namespace ``bookinfo``, outside the mesh;
+3. ``istio-cni-agent pods`` shows PROTOCOL TCP for every pod;
+4. ``kubectl label namespace bookinfo istio.io/dataplane-mode=ambient``: no restarts;
+5. the table shows HBONE; the stand-in's listeners are inside productpage's namespace;
+6. requests cross the mesh: access log per hop with SPIFFE ids, TLS on the wire;
+7. reviews-v4, added now, is enrolled by the CNI plugin before its app starts;
+8. the label is removed: TCP again, rules gone, traffic flows directly;
+9. everything is torn down and the host is shown to be as it was.
+
+Step 9 always runs (``finally``; SIGINT/SIGTERM/SIGHUP end the walkthrough early and are
+ignored while tearing down). The node is the testbed instance ``demo``
+(``icni-tb-demo``, or ``$ISTIO_CNI_TESTBED_INSTANCE``), so a node someone brought up by
+hand is never touched. ``--facts FILE`` writes each step's evidence as JSON (the test
+reads it). Exit 0 only when every step's facts held and nothing was left behind.
 """
 
 from __future__ import annotations
 
-import secrets
-import socket
-import subprocess
+import argparse
+import functools
+import json
+import os
+import shutil
+import signal
 import sys
-import threading
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
 
-from cni_plugin.netns import run_in_netns
+from testbed import demo_node as N
+from testbed.build import BuildError
+from testbed.demo_ambient import AMBIENT_STEPS
+from testbed.demo_cluster import DemoError
+from testbed.demo_node import ObservationError
+from testbed.demo_steps import Walkthrough, heading, note, show
+from testbed.images import ImageError
+from testbed.layout import Layout
+from testbed.mesh import MeshUnavailable
+from testbed.node import BACKENDS, Testbed, TestbedError
 
-POD_IP, PEER_IP = "198.51.100.2", "198.51.100.1"  # documentation prefix, namespaces only
-SO_ORIGINAL_DST = 80
-
-
-def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=check)
-
-
-def agent(*args: str) -> subprocess.CompletedProcess[str]:
-    done = sh(sys.executable, "-m", "node_agent.cli", "redirect", *args, check=False)
-    print(f"$ istio-cni-agent redirect {' '.join(args)}   (exit {done.returncode})")
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    for line in lines[:4]:
-        print(f"    {line}")
-    if len(lines) > 5:
-        print(f"    ... ({len(lines) - 5} more lines)")
-    if len(lines) > 4:
-        print(f"    {lines[-1]}")
-    return done
+INSTANCE = "demo"
+BPF_PIN_ROOT = "/sys/fs/bpf/istio-cni"
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def listener(ns_path: str, port: int) -> socket.socket:
-    def make() -> socket.socket:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
-        s.listen(8)
-        s.settimeout(5)
-        return s
-
-    return run_in_netns(ns_path, make)
+class Interrupted(BaseException):
+    """A signal asked the demo to stop; raised in the main thread, tears down on the way."""
 
 
-def serve_once(sock: socket.socket, name: str, seen: list[str]) -> None:
-    conn, _ = sock.accept()
-    with conn:
-        raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        orig = f"{socket.inet_ntoa(raw[4:8])}:{int.from_bytes(raw[2:4], 'big')}"
-        seen.append(f"{name} accepted a connection; SO_ORIGINAL_DST = {orig}")
-        conn.sendall(name.encode())
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
 
 
-def main() -> int:
-    tag = secrets.token_hex(3)
-    pod, peer = f"icndemo-pod-{tag}", f"icndemo-peer-{tag}"
-    pod_path, peer_path = f"/run/netns/{pod}", f"/run/netns/{peer}"
-    socks: list[socket.socket] = []
+def teardown(bed: Testbed, owned: bool, before: N.HostSnapshot) -> dict[str, Any]:
+    """Step 9: bring the node down (if this run brought it up) and compare the host."""
+    heading(9, "Everything torn down: the host's namespaces, rules, bpffs and processes are "
+               "as before the demo")  # fmt: skip
+    problems: list[str] = []
+    if owned:
+        print("$ istio-cni-testbed down", flush=True)
+        started = time.monotonic()
+        problems = bed.down()
+        note(f"node down in {time.monotonic() - started:.1f}s")
+    after = N.HostSnapshot.take()
+    markers = (bed.layout.node_name, str(bed.layout.state_dir), BPF_PIN_ROOT)
+    left = N.leftovers(before, after, markers)
+    note(
+        f"ip netns: {len(after.netns)} namespaces, new ones of the demo: {left['netns'] or 'none'}"
+    )
+    changed = ", ".join(left["host_rules_changed"]) or "unchanged"
+    note(f"host rules (iptables-save, legacy, ip6tables, nft list ruleset): {changed}")
+    note(f"/sys/fs/bpf: new entries of the demo: {left['bpffs'] or 'none'}")
+    note(f"processes of the demo still running: {left['processes'] or 'none'}")
+    if problems:
+        note(f"testbed down reported: {problems}")
+    return {"down_problems": problems, "leftovers": left, "owned": owned}
+
+
+def _failure_context(layout: Layout) -> None:
+    """The log lines that usually explain a failed step (the logs go with the node)."""
+    wanted = {
+        "kubelet": ("probe for",),
+        "istio-cni-agent": ('"level": "error"', '"level": "warning"'),
+        "ztunnel-standin": ('"level": "error"', '"level": "warning"'),
+    }
+    for name, needles in wanted.items():
+        try:
+            lines = (layout.logs_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        hits = [ln for ln in lines if any(n in ln for n in needles)][-6:]
+        if hits:
+            note(f"last relevant lines of {name}.log (the node's logs go with it; "
+                 "--keep-logs DIR keeps them):")  # fmt: skip
+            show("\n".join(ln[:300] for ln in hits))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=BACKENDS, default="iptables")
+    p.add_argument("--facts", help="write each step's evidence to this JSON file")
+    p.add_argument("--keep-logs", help="copy the node's logs to this directory before teardown")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("make demo: needs root (namespaces, mounts, cgroups): run it with sudo",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    layout = Layout.for_instance(os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") or INSTANCE)
+    bed = Testbed(layout)
+    if bed.running():
+        print(f"make demo: a demo node {layout.node_name} is already running (another demo?). "
+              f"Wait for it, or remove it: istio-cni-testbed --instance "
+              f"{layout.node_name.removeprefix('icni-tb-')} down", file=sys.stderr)  # fmt: skip
+        return 2
+    started = time.monotonic()
+    before = N.HostSnapshot.take()
+    walk = Walkthrough(bed, args.backend)
+    old = {s: signal.signal(s, _interrupt) for s in _SIGNALS}
+    rc, failure = 1, ""
     try:
-        print(f"1. throwaway namespaces {pod} and {peer}, joined by a veth")
-        for ns in (pod, peer):
-            sh("ip", "netns", "add", ns)
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "link", "add", "eth0", "netns", pod, "type", "veth",
-           "peer", "name", "eth0", "netns", peer)  # fmt: skip
-        for ns, ip in ((pod, POD_IP), (peer, PEER_IP)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-        standin, server = listener(pod_path, 15001), listener(peer_path, 80)
-        socks += [standin, server]
-        print("   pod: ztunnel stand-in on :15001; peer: a server on :80")
-
-        print("\n2. install Istio's in-pod redirection with the operator command")
-        if agent("apply", "--netns", pod_path, "--dns-capture").returncode != 0:
-            return 1
-
-        print(f"\n3. the pod's app connects to {PEER_IP}:80")
-        seen: list[str] = []
-        threads = [threading.Thread(target=serve_once, args=(s, n, seen), daemon=True)
-                   for s, n in ((standin, "ztunnel:15001"), (server, "peer:80"))]  # fmt: skip
-        for t in threads:
-            t.start()
-        client = run_in_netns(pod_path, socket.socket)
-        with client:
-            client.settimeout(5)
-            client.connect((PEER_IP, 80))
-            answered = client.recv(64).decode()
-        threads[0].join(timeout=5)
-        print(f"   answered by {answered!r}; {seen[0] if seen else 'nothing recorded'}")
-        captured = answered == "ztunnel:15001" and f"{PEER_IP}:80" in (seen or [""])[0]
-
-        print("\n4. check: is everything apply installs in place?")
-        agent("check", "--netns", pod_path, "--dns-capture")
-
-        print("\n5. remove, then check again: everything must be gone")
-        agent("remove", "--netns", pod_path)
-        after = agent("check", "--netns", pod_path, "--dns-capture")
-        leftovers = [ln for ln in after.stdout.splitlines() if ln.startswith("extra:")]
-        save = sh("ip", "netns", "exec", pod, "iptables-save").stdout
-        rules = sh("ip", "-n", pod, "rule").stdout
-        left = [ln for ln in save.splitlines() + rules.splitlines() if "ISTIO" in ln or
-                "lookup 100" in ln]  # fmt: skip
-        print(f"   ISTIO chains/rules or table-100 rules left in the pod: {len(left)}")
-        ok = captured and after.returncode == 1 and not leftovers and not left
-        print(f"\n{'demo OK' if ok else 'demo FAILED'}: captured={captured}, clean after remove="
-              f"{not leftovers and not left}")  # fmt: skip
-        return 0 if ok else 1
+        steps: list[Callable[[], None]] = [
+            walk.step1_node,
+            walk.step2_bookinfo,
+            walk.step3_table_tcp,
+            walk.step4_label,
+            *(functools.partial(f, walk) for f in AMBIENT_STEPS),
+        ]
+        for step in steps:
+            step()
+            walk.k.assert_mesh_alive()  # a crashed agent or stand-in fails the step it hit
+        rc = 0
+    except (DemoError, ObservationError) as e:
+        failure = str(e)
+    except (TestbedError, MeshUnavailable, BuildError, ImageError) as e:
+        failure = f"the testbed could not provide the node: {e}"
+    except Interrupted as e:
+        failure, rc = f"interrupted ({e})", 130
+    except Exception as e:  # a defect of the demo itself: still one line, still torn down
+        failure = f"unexpected {type(e).__name__}: {e} (a bug in the demo: please report it)"
     finally:
-        for s in socks:
-            s.close()
-        for ns in (pod, peer):
-            sh("ip", "netns", "del", ns, check=False)
-        print(f"(namespaces {pod} and {peer} deleted)")
+        for s in _SIGNALS:  # teardown must finish: a second Ctrl-C must not cut it short
+            signal.signal(s, signal.SIG_IGN)
+        if failure:
+            print(f"\nDEMO FAILED: {failure}", flush=True)
+            _failure_context(layout)
+        if args.keep_logs and layout.logs_dir.exists():
+            shutil.copytree(layout.logs_dir, args.keep_logs, dirs_exist_ok=True)
+            note(f"node logs copied to {args.keep_logs}")
+        end = teardown(bed, owned=True, before=before)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    left = end["leftovers"]
+    clean = not end["down_problems"] and not any(left.values())
+    elapsed = time.monotonic() - started
+    walk.facts["9"] = end
+    walk.facts["summary"] = {"backend": args.backend, "seconds": round(elapsed, 1),
+                             "clean": clean, "failure": failure, "rc": rc}  # fmt: skip
+    if args.facts:
+        with open(args.facts, "w") as f:
+            json.dump(walk.facts, f, indent=2, default=str)
+    if not clean:
+        instance = layout.node_name.removeprefix("icni-tb-")
+        print(
+            f"\nLEFT BEHIND: {end['down_problems'] or left}. Remove it with: "
+            f"istio-cni-testbed --instance {instance} down"
+        )
+        rc = rc or 1
+    print(f"\n{'demo OK' if rc == 0 else 'demo FAILED'} ({args.backend} backend) in {elapsed:.0f}s")
+    return rc
 
 
 if __name__ == "__main__":
