@@ -61,14 +61,21 @@ def alive(pid: int) -> bool:
     return True
 
 
+def _cgroup_tree(root: Path) -> list[Path]:
+    """Every directory under ``root`` (itself included), deepest first. Cgroups vanish while
+    we look (kubelet and runc remove them), so a vanished directory is simply skipped."""
+    dirs: list[Path] = []
+    for parent, _subdirs, _files in os.walk(root, onerror=lambda _e: None):
+        dirs.append(Path(parent))
+    return sorted(dirs, key=lambda d: -len(d.parts))
+
+
 def _cgroup_pids(layout: Layout) -> set[int]:
     found: set[int] = set()
     for root in layout.cgroup_dirs():
-        if not root.is_dir():
-            continue
-        for procs in root.rglob("cgroup.procs"):
-            with contextlib.suppress(OSError):
-                found.update(int(x) for x in procs.read_text().split())
+        for d in _cgroup_tree(root):
+            with contextlib.suppress(OSError, ValueError):
+                found.update(int(x) for x in (d / "cgroup.procs").read_text().split())
     return found
 
 
@@ -115,10 +122,7 @@ def kill_processes(layout: Layout, recorded: list[int], grace: float = 5.0) -> l
 def remove_cgroups(layout: Layout) -> list[str]:
     problems: list[str] = []
     for root in layout.cgroup_dirs():
-        if not root.is_dir():
-            continue
-        dirs = sorted((d for d in root.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts))
-        for d in [*dirs, root]:
+        for d in _cgroup_tree(root):
             for _ in range(20):
                 try:
                     d.rmdir()

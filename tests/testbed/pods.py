@@ -7,6 +7,7 @@ mount namespace, and host-local's reservations under the node's ``/var/lib/cni``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -92,15 +93,19 @@ def pod_cgroup_dirs(bed: Testbed, uid: str, v1_only: bool = False) -> list[Path]
     for root in bed.layout.cgroup_dirs():
         if v1_only and root.parent.name == "unified":
             continue
-        found += [d for d in root.glob(f"kubepods/**/pod{uid}") if d.is_dir()]
+        # os.walk, not glob: cgroups vanish while we look, and a vanished one is just skipped.
+        for parent, subdirs, _ in os.walk(root / "kubepods", onerror=lambda _e: None):
+            found += [Path(parent) / d for d in subdirs if d == f"pod{uid}"]
     return found
 
 
 def pod_pids(bed: Testbed, uid: str) -> set[int]:
     pids: set[int] = set()
     for d in pod_cgroup_dirs(bed, uid):
-        for procs in d.rglob("cgroup.procs"):
-            pids.update(int(x) for x in procs.read_text().split())
+        for parent, _, files in os.walk(d, onerror=lambda _e: None):
+            if "cgroup.procs" in files:
+                with contextlib.suppress(OSError):
+                    pids.update(int(x) for x in (Path(parent) / "cgroup.procs").read_text().split())
     return pids
 
 
