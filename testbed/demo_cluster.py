@@ -111,6 +111,11 @@ class Cluster:
 
     def assert_mesh_alive(self) -> None:
         dead = self.dead_mesh_processes()
+        deadline = time.monotonic() + 3
+        while any("not running" in how for how in dead.values()) and time.monotonic() < deadline:
+            # a crashing process shows as a zombie before its exit status can be collected
+            time.sleep(0.2)
+            dead = self.dead_mesh_processes()
         if dead:
             tails = "\n".join(f"--- {n} log tail ---\n{self.log_tail(n, 6)}" for n in dead)
             raise DemoError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -188,3 +189,41 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     assert str(lay.state_dir) not in ps and lay.node_name not in ps
     assert host_rules() == rules_before
     assert facts["summary"]["rc"] == 0 and facts["summary"]["clean"] is True
+
+
+def test_ctrl_c_mid_walkthrough_still_tears_everything_down(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) once bookinfo runs: the demo stops, runs step 9, exits 130, and the
+    node, its namespaces, cgroups, files and processes are gone."""
+    instance = f"di{os.getpid()}"
+    env = {**os.environ, "ISTIO_CNI_TESTBED_INSTANCE": instance, "PYTHONPATH": str(REPO)}
+    rules_before = host_rules()
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "testbed.demo"], stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("== 3/9"):
+                proc.send_signal(signal.SIGINT)
+                break
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave it running, whatever failed above
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + rest
+    print(out[-3000:])
+    assert any(ln.startswith("== 3/9") for ln in seen), out
+    assert proc.returncode == 130, out
+    assert "DEMO FAILED: interrupted (SIGINT)" in out and "== 9/9" in out
+    assert "processes of the demo still running: none" in out
+    lay = Layout.for_instance(instance)
+    assert lay.node_name not in subprocess.run(["ip", "netns"], capture_output=True,
+                                               text=True).stdout  # fmt: skip
+    assert not lay.state_dir.exists() and not any(d.exists() for d in lay.cgroup_dirs())
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(lay.state_dir) not in ps and lay.node_name not in ps
+    assert host_rules() == rules_before
