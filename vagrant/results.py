@@ -2,8 +2,8 @@
 
 Counts are split by redirection backend: a test belongs to a backend when its id (pytest
 parameter, function, class or module name) names exactly one of ``iptables``, ``nftables``,
-``ebpf``; everything else is ``common``. Skips keep their reason, so "the kernel lacks X"
-is visible in the summary instead of disappearing into a count.
+``ebpf`` (or ``bpf``); everything else is ``common``. Skips keep their reason, so "the
+kernel lacks X" is visible in the summary instead of disappearing into a count.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 BACKENDS = ("iptables", "nftables", "ebpf")
-_BACKEND_WORD = re.compile(r"(?<![a-z])(iptables|nftables|ebpf)(?![a-z])")
+# "bpf" alone (test_bpf_programs.py) is the ebpf backend's too; "bpffs" is not a match.
+_BACKEND_WORD = re.compile(r"(?<![a-z])(iptables|nftables|e?bpf)(?![a-z])")
 
 
 @dataclass
@@ -78,7 +79,9 @@ def result_from_json(d: dict[str, Any]) -> KernelResult:
 
 
 def backend_of(classname: str, name: str) -> str:
-    found = set(_BACKEND_WORD.findall(f"{classname}.{name}".lower()))
+    found = {
+        "ebpf" if w == "bpf" else w for w in _BACKEND_WORD.findall(f"{classname}.{name}".lower())
+    }
     return found.pop() if len(found) == 1 else "common"
 
 

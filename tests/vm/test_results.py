@@ -44,6 +44,8 @@ def test_backend_is_taken_from_the_test_id() -> None:
     assert backend_of("tests.behaviour.test_table", "test_outbound[nftables-v4]") == "nftables"
     assert backend_of("tests.netns.test_iptables_backend", "test_apply") == "iptables"
     assert backend_of("tests.netns.test_ebpf", "test_attach") == "ebpf"
+    assert backend_of("tests.netns.test_bpf_programs", "test_outbound") == "ebpf"
+    assert backend_of("tests.netns.test_bpffs_pins", "test_x") == "common"
     assert backend_of("tests.netns.test_netns", "test_entry") == "common"
     # Naming two backends is ambiguous (a comparison test): not credited to either.
     assert backend_of("tests.x", "test_iptables_vs_nftables") == "common"
