@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import ConfigError, IstioCniError
+from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent import logs
@@ -87,6 +88,32 @@ class _Namespaces:
         return self.kube.watch_namespaces(resource_version, timeout_seconds)
 
 
+# Backends whose libraries are not safe to call from several threads at once (bcc keeps
+# process-wide state: concurrent loads corrupted the heap here). Their calls are serialised.
+SERIAL_BACKENDS = ("ebpf",)
+
+
+class SerialRules:
+    """A backend behind one lock: one apply/remove/check at a time."""
+
+    def __init__(self, inner: Rules) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._lock = threading.Lock()
+
+    def apply(self, netns_path: str, settings: RedirectSettings) -> None:
+        with self._lock:
+            self.inner.apply(netns_path, settings)
+
+    def remove(self, netns_path: str, settings: RedirectSettings) -> None:
+        with self._lock:
+            self.inner.remove(netns_path, settings)
+
+    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
+        with self._lock:
+            return self.inner.check(netns_path, settings)
+
+
 class ZdsZtunnel:
     """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
 
@@ -140,6 +167,8 @@ class Agent:
             kube = KubeApi(cfg.kubeconfig)
         self.kube = kube
         self.rules: Rules = rules if rules is not None else make_backend(cfg.backend)
+        if self.rules.name in SERIAL_BACKENDS:
+            self.rules = SerialRules(self.rules)
         self.host_probe: HostProbe | None = None
         if probes is None:
             self.host_probe = HostProbe(

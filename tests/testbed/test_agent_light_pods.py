@@ -27,23 +27,19 @@ SETTINGS = RedirectSettings(dns_capture=False, ipv6=True)
 BACKEND = make_backend("iptables")
 
 
-def rules_ok(pod: LightPod) -> bool:
-    return BACKEND.check(pod.netns, SETTINGS).ok
-
-
-def rules_absent(pod: LightPod) -> bool:
-    rep = BACKEND.check(pod.netns, SETTINGS)
-    return (
-        not rep.extra
-        and len(rep.missing) > 0
-        and all("ISTIO" not in m or True for m in rep.missing)
-    )
+def rules_ok(pod: LightPod, backend: Any = BACKEND) -> bool:
+    return bool(backend.check(pod.netns, SETTINGS).ok)
 
 
 class Rig:
-    def __init__(self, bed: Testbed, info: dict[str, Any], core: Any, reconcile: float) -> None:
+    def __init__(
+        self, bed: Testbed, info: dict[str, Any], core: Any, reconcile: float, backend: str
+    ) -> None:
         self.ln = LightNode(core)
-        self.agent = NodeAgent(bed, info, node_name=self.ln.node_name, reconcile_seconds=reconcile)
+        self.agent = NodeAgent(
+            bed, info, node_name=self.ln.node_name, reconcile_seconds=reconcile, backend=backend
+        )
+        self.backend = make_backend(backend)
         self.core = core
         self.node_netns = info["node_netns"]
 
@@ -71,8 +67,8 @@ def rig_factory(
     core = client.CoreV1Api(kube_api)
     rigs: list[Rig] = []
 
-    def make(reconcile: float = 60.0) -> Rig:
-        r = Rig(testbed_node, testbed_info, core, reconcile)
+    def make(reconcile: float = 60.0, backend: str = "iptables") -> Rig:
+        r = Rig(testbed_node, testbed_info, core, reconcile, backend)
         rigs.append(r)
         r.ln.create_node()
         return r
@@ -85,8 +81,11 @@ def rig_factory(
     assert problems == []
 
 
-def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(rig_factory: Any) -> None:
-    rig: Rig = rig_factory()
+@pytest.mark.parametrize("backend", ["iptables", "nftables", "ebpf"])
+def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(
+    rig_factory: Any, backend: str
+) -> None:
+    rig: Rig = rig_factory(backend=backend)
     ln = rig.ln
     ns = f"icnia-app-{ln.tag}"
     ln.create_namespace(ns)
@@ -106,7 +105,7 @@ def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(rig_fact
     ln.label_namespace(ns, dict(AMBIENT))
     wait(lambda: all(rig.ann(p) == "enabled" for p in pods), 60, "all enabled", rig.agent)
     for p in pods:
-        assert rules_ok(p), f"rules missing in {p.name}"
+        assert rules_ok(p, rig.backend), f"rules missing in {p.name}"
     wait(lambda: {p.uid for p in pods} <= rig.proxies(), 30, "stand-in proxies for every pod")
     adds = {e["uid"]: e for e in rig.agent.standin_events("proxy started")}
     for p in pods:
@@ -115,7 +114,7 @@ def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(rig_fact
         assert rig.ann(p) is None, f"{p.name} annotated"
         assert p.uid not in adds, f"{p.name} sent to ztunnel"
     for p in skipped[:2] + skipped[3:]:
-        assert not rules_ok(p) and not BACKEND.check(p.netns, SETTINGS).extra
+        assert not rules_ok(p, rig.backend) and not rig.backend.check(p.netns, SETTINGS).extra
 
     gone = pods.pop()
     ln.delete_pod(gone)
@@ -124,7 +123,7 @@ def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(rig_fact
     ln.label_namespace(ns, {c.DATAPLANE_MODE_LABEL: None})
     wait(lambda: all(rig.ann(p) is None for p in pods), 60, "annotations null", rig.agent)
     for p in pods:
-        rep = BACKEND.check(p.netns, SETTINGS)
+        rep = rig.backend.check(p.netns, SETTINGS)
         assert rep.missing and not rep.extra, f"rules left in {p.name}"
     wait(lambda: not ({p.uid for p in pods} & rig.proxies()), 30, "Del for every pod")
 
