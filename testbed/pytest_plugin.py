@@ -17,12 +17,15 @@ mark the tests ``@pytest.mark.testbed``.
 - ``kube_namespace`` (function): a fresh namespace ``icni-tb-t-<hex>`` (with its default
   service account ready), deleted afterwards.
 
-Bring-up is tens of seconds warm; a cold cache first builds Kubernetes (many minutes), so run
-``make testbed-build`` before the suite (CI does) to keep per-test timeouts meaningful.
+Bring-up is tens of seconds warm. A cold cache first builds Kubernetes (many minutes):
+:func:`prebuild`, called from ``pytest_collection_finish`` in ``tests/testbed/conftest.py``,
+does that before the first test when any ``testbed`` test is selected, outside per-test
+timeouts, with its progress lines visible.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -40,6 +43,26 @@ from testbed.node import Testbed
 
 _lock = threading.Lock()
 _shared: dict[str, Any] = {"bed": None, "refs": 0, "owned": True}
+
+
+def prebuild(session: pytest.Session) -> None:
+    """Build (or find) the Kubernetes binaries and images before any test runs, when a
+    ``testbed`` test is selected: a cold build takes minutes and must not count against a
+    test's timeout. Capture is suspended so its progress lines show."""
+    if session.config.option.collectonly or os.geteuid() != 0:
+        return
+    if not any(item.get_closest_marker("testbed") for item in session.items):
+        return
+    from testbed.build import CACHE_DIR, ensure_binaries, find_binaries
+    from testbed.images import build_images
+
+    if find_binaries(CACHE_DIR) is not None:
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        print("\ntestbed: building Kubernetes once (cached afterwards)...", flush=True)
+        ensure_binaries(CACHE_DIR)
+        build_images(CACHE_DIR / "images")
 
 
 def session_instance() -> str:
