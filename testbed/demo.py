@@ -57,18 +57,18 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-def teardown(bed: Testbed, owned: bool, before: N.HostSnapshot) -> dict[str, Any]:
-    """Step 9: bring the node down (if this run brought it up) and compare the host."""
+def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, Any]:
+    """Step 9: bring the node down; compare the host with the snapshot taken before step 1."""
     heading(9, "Everything torn down: the host's namespaces, rules, bpffs and processes are "
                "as before the demo")  # fmt: skip
-    problems: list[str] = []
-    if owned:
-        print("$ istio-cni-testbed down", flush=True)
-        started = time.monotonic()
-        problems = bed.down()
-        note(f"node down in {time.monotonic() - started:.1f}s")
+    print("$ istio-cni-testbed down", flush=True)
+    started = time.monotonic()
+    problems = bed.down()
+    note(f"node down in {time.monotonic() - started:.1f}s")
     after = N.HostSnapshot.take()
-    markers = (bed.layout.node_name, str(bed.layout.state_dir), BPF_PIN_ROOT)
+    markers: tuple[str, ...] = (bed.layout.node_name, str(bed.layout.state_dir))
+    if backend == "ebpf":  # only the ebpf backend pins; others' pins are not ours to report
+        markers += (BPF_PIN_ROOT,)
     left = N.leftovers(before, after, markers)
     note(
         f"ip netns: {len(after.netns)} namespaces, new ones of the demo: {left['netns'] or 'none'}"
@@ -79,7 +79,7 @@ def teardown(bed: Testbed, owned: bool, before: N.HostSnapshot) -> dict[str, Any
     note(f"processes of the demo still running: {left['processes'] or 'none'}")
     if problems:
         note(f"testbed down reported: {problems}")
-    return {"down_problems": problems, "leftovers": left, "owned": owned}
+    return {"down_problems": problems, "leftovers": left}
 
 
 def _failure_context(layout: Layout) -> None:
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.keep_logs and layout.logs_dir.exists():
             shutil.copytree(layout.logs_dir, args.keep_logs, dirs_exist_ok=True)
             note(f"node logs copied to {args.keep_logs}")
-        end = teardown(bed, owned=True, before=before)
+        end = teardown(bed, args.backend, before)
         for s, handler in old.items():
             signal.signal(s, handler)
     left = end["leftovers"]

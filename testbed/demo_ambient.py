@@ -129,6 +129,8 @@ def step6_traffic(w: Walkthrough) -> None:
         f"{_hop(w, r):32} {r.get('direction')}  src.identity={r.get('src.identity')}  "
         f"dst.identity={r.get('dst.identity')}  bytes={r.get('bytes_sent')}/"
         f"{r.get('bytes_recv')}  duration={r.get('duration')}" for r in recs), 12)  # fmt: skip
+    note("one of them as the stand-in wrote it:")
+    show(json.dumps(recs[0]), 3)
     bad = [r for r in recs if not (_spiffe(r, "src") and _spiffe(r, "dst"))]
     if bad:
         raise DemoError(f"access-log lines without both SPIFFE identities: {bad[:2]}")
