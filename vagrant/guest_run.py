@@ -55,8 +55,16 @@ def guest_script(repo: Path, out: Path, pytest_args: list[str]) -> str:
     q = shlex.quote
     # The host root arrives over 9p without caching: every Python import costs many round
     # trips (importing pyroute2 took 35-65 s). A second, read-only export mounted with
-    # cache=loose is laid over the trees Python reads; the rw results dir is put back on top.
-    fast_dirs = [f"/usr/lib/python3.{sys.version_info.minor}", "/usr/lib/python3", str(repo)]
+    # cache=loose is laid over the trees Python reads and the tools and libraries the tests
+    # run hundreds of times (ip, iptables, nft); the rw results dir is put back on top.
+    fast_dirs = [
+        f"/usr/lib/python3.{sys.version_info.minor}",
+        "/usr/lib/python3",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/bin",
+        "/usr/sbin",
+        str(repo),
+    ]
     move_out = out.is_relative_to(repo)
     binds = "\n".join(f"  [ -d $fast{q(d)} ] && mount --bind $fast{q(d)} {q(d)}" for d in fast_dirs)
     return f"""#!/bin/sh
@@ -73,6 +81,7 @@ mkdir -p $fast
 if mount -t 9p -o ro,trans=virtio,version=9p2000.L,cache=loose,msize=524288 {FAST_TAG} $fast; then
   {"mkdir -p /run/icni-out && mount --move " + q(str(out)) + " /run/icni-out" if move_out else ":"}
 {binds}
+  echo "cached view of the host filesystem under: {" ".join(fast_dirs)}"
   {"mount --bind /run/icni-out " + q(str(out)) if move_out else ":"}
 else
   echo "no cached view of the host filesystem: running over plain 9p (slow)"
