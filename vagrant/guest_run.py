@@ -153,6 +153,7 @@ def run_in_guest(
     cpus: int = 2,
     memory: str = "2G",
     timeout: float = DEFAULT_TIMEOUT,
+    nice: int = 19,
 ) -> KernelResult:
     """Boot ``kernel`` under qemu TCG and run pytest with ``pytest_args`` inside."""
     _fresh_out(out)
@@ -166,10 +167,10 @@ def run_in_guest(
         )
     env = dict(os.environ, PATH=f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     cmd = [
-        # Lowest priority: qemu TCG is CPU-bound and the machine is shared.
+        # Low priority by default: qemu TCG is CPU-bound and the machine is shared.
         "nice",
         "-n",
-        "19",
+        str(nice),
         str(vng),
         "--run",
         str(kernel.vmlinuz),

@@ -56,6 +56,12 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per kernel")
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--memory", default="2G")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=int(os.environ.get("ICNI_VM_NICE", "19")),
+        help="qemu's niceness (default 19, or $ICNI_VM_NICE): lower it on an idle machine",
+    )
     p.add_argument("--json", type=Path, help="also write every kernel's summary to this file")
     p.add_argument("--markdown", action="store_true", help="print docs/kernels.md table rows")
     p.add_argument(
@@ -157,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpus=args.cpus,
                 memory=args.memory,
                 timeout=args.timeout,
+                nice=args.nice,
             )
         r.host_load = (load_start, os.getloadavg()[0])
         r.command = command
