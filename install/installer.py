@@ -139,11 +139,14 @@ class Installer:
             self._stopping.wait(wait)
 
     def _watch_paths(self) -> list[str]:
-        return [
-            *self.config.cni_bin_target_dirs,
-            self.config.mounted_cni_net_dir,
-            os.path.dirname(self.config.sa_token_file),
-        ]
+        paths = [self.config.mounted_cni_net_dir, os.path.dirname(self.config.sa_token_file)]
+        for target in self.config.cni_bin_target_dirs:
+            # The bin dir, and the installed version directory of a directory-form plugin.
+            versions = os.path.join(target, binaries.VERSIONS_DIR)
+            paths += [target, versions]
+            if os.path.isdir(versions):
+                paths += [os.path.join(versions, v) for v in sorted(os.listdir(versions))]
+        return paths
 
     def _install_counted(self) -> bool:
         self._last_install = self._clock()

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build the self-contained istio-cni plugin executable(s) for the CNI bin dir.
-#   scripts/build-plugin.sh [FORM...]     (default: nuitka-onefile -> build/istio-cni)
+#   scripts/build-plugin.sh [FORM...]     (default: nuitka-standalone -> build/istio-cni)
 # Forms (measured in docs/benchmarks.md, `make plugin-forms` builds them all):
+#   nuitka-standalone  a directory (binary with libpython linked in + extension modules):
+#                      the shipped form, build/istio-cni.d + the link build/istio-cni
 #   nuitka-onefile     one ELF file; payload unpacked once into a cached dir, then reused
-#   nuitka-standalone  a directory (binary + libpython + extension modules)
 #   pyinstaller-onefile, pyinstaller-onedir
 #   zipapp             a .pyz that needs a python3 on the host (reference point only)
 # The entry point is cni_plugin.plugin:main; only stdlib modules are pulled in.
@@ -33,9 +34,9 @@ build() {
   local form=$1
   case "$form" in
     nuitka-onefile|nuitka-standalone)
-      if [ "$form" = nuitka-onefile ] && [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.$form" ] \
+      if [ "$form" = nuitka-standalone ] && [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.d/istio-cni" ] \
          && [ "$(cat "$out/istio-cni.src-hash" 2>/dev/null)" = "$src_hash" ]; then
-        echo "nuitka-onefile up to date ($src_hash)" >&2
+        echo "nuitka-standalone up to date ($src_hash)" >&2
         return 0
       fi
       local mode=(--standalone)
@@ -47,7 +48,7 @@ build() {
         # The dir is named after a hash of the sources, so a new plugin never runs an old
         # unpacked payload.
         cache=(--onefile-tempdir-spec="{CACHE_DIR}/istio-cni/{PRODUCT}"
-               --onefile-cache-mode=cached)
+               --onefile-cache-mode=cached --onefile-no-compression)
       fi
       local nofollow=()
       for m in "${excludes[@]}"; do nofollow+=(--nofollow-import-to="$m"); done
@@ -58,10 +59,17 @@ build() {
         --output-dir="$work/$form" --output-filename=istio-cni "$entry" >&2
       if [ "$form" = nuitka-onefile ]; then
         install -m 0755 "$work/$form/istio-cni" "$out/istio-cni.$form"
-        echo "$src_hash" > "$out/istio-cni.src-hash"
       else
         rm -rf "$out/istio-cni.$form.d"
         mv "$work/$form/istio_cni_entry.dist" "$out/istio-cni.$form.d"
+        # The shipped form: build/istio-cni.d/ and build/istio-cni -> istio-cni.d/istio-cni
+        # (the installer copies the directory and links the name the runtime execs).
+        rm -rf "$out/istio-cni.d.new"
+        cp -a "$out/istio-cni.$form.d" "$out/istio-cni.d.new"
+        rm -rf "$out/istio-cni.d" "$out/istio-cni"
+        mv "$out/istio-cni.d.new" "$out/istio-cni.d"
+        ln -s istio-cni.d/istio-cni "$out/istio-cni"
+        echo "$src_hash" > "$out/istio-cni.src-hash"
       fi
       ;;
     pyinstaller-onefile|pyinstaller-onedir)
@@ -96,8 +104,5 @@ build() {
 }
 
 forms=("$@")
-[ ${#forms[@]} -eq 0 ] && forms=(nuitka-onefile)
+[ ${#forms[@]} -eq 0 ] && forms=(nuitka-standalone)
 for f in "${forms[@]}"; do build "$f"; done
-# build/istio-cni is what the installer copies in development: the chosen form.
-install -m 0755 "$out/istio-cni.nuitka-onefile" "$out/istio-cni.tmp" 2>/dev/null \
-  && mv "$out/istio-cni.tmp" "$out/istio-cni" || true

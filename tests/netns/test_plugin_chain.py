@@ -63,7 +63,7 @@ def built_plugin() -> str:
             fresh = f.read().strip() == source_hash()
     if not fresh:
         subprocess.run(
-            ["bash", os.path.join(ROOT, "scripts", "build-plugin.sh"), "nuitka-onefile"],
+            ["bash", os.path.join(ROOT, "scripts", "build-plugin.sh"), "nuitka-standalone"],
             check=True,
             cwd=ROOT,
             timeout=1200,
@@ -78,7 +78,8 @@ def plugin_bin(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     d.mkdir()
     target = d / "istio-cni"
     if request.param == "built":
-        shutil.copy(request.getfixturevalue("built_plugin"), target)
+        # The shipped form is a directory: link to its binary, as the installer does.
+        os.symlink(os.path.realpath(request.getfixturevalue("built_plugin")), target)
     else:
         # The source form needs a python3: the runtime's PATH-less env gets an absolute one.
         target.write_text(
@@ -86,7 +87,7 @@ def plugin_bin(request: pytest.FixtureRequest, tmp_path: Path) -> str:
             f"import sys; sys.path.insert(0, {ROOT!r})\n"
             "from cni_plugin.plugin import main\nmain()\n"
         )
-    target.chmod(0o755)
+        target.chmod(0o755)
     return str(d)
 
 
@@ -276,7 +277,8 @@ def test_built_plugin_runs_where_there_is_no_python(built_plugin: str, tmp_path:
     root = tmp_path / "root"
     for d in ("bin", "lib/x86_64-linux-gnu", "lib64", "tmp", "proc"):
         (root / d).mkdir(parents=True)
-    shutil.copy(built_plugin, root / "bin" / "istio-cni")
+    shutil.copytree(os.path.dirname(os.path.realpath(built_plugin)), root / "bin" / "istio-cni.d")
+    os.symlink("istio-cni.d/istio-cni", root / "bin" / "istio-cni")
     for lib in ("libc.so.6", "libm.so.6", "libz.so.1", "libdl.so.2", "libpthread.so.0"):
         src = f"/lib/x86_64-linux-gnu/{lib}"
         if os.path.exists(src):

@@ -343,3 +343,54 @@ def test_upgrade_or_uninstall_is_read_from_the_daemonset() -> None:
     deleting = Api(SimpleNamespace(metadata=SimpleNamespace(deletion_timestamp="2026-01-01")))
     assert is_upgrade("istio-cni", deleting) is False
     assert is_upgrade("istio-cni", Api(RuntimeError("404 Not Found"))) is False
+
+
+def make_tree_plugin(src: str, marker: str) -> None:
+    """The shipped shape: src/istio-cni.d/{istio-cni,lib} and src/istio-cni -> into it."""
+    tree = os.path.join(src, "istio-cni.d")
+    os.makedirs(tree, exist_ok=True)
+    with open(os.path.join(tree, "istio-cni"), "w") as f:
+        f.write('#!/bin/sh\nd=$(dirname "$(readlink -f "$0")")\ncat "$d/lib.txt"\n')
+    os.chmod(os.path.join(tree, "istio-cni"), 0o755)
+    with open(os.path.join(tree, "lib.txt"), "w") as f:
+        f.write(marker)
+    link = os.path.join(src, "istio-cni")
+    if os.path.lexists(link):
+        os.unlink(link)
+    os.symlink("istio-cni.d/istio-cni", link)
+
+
+def test_directory_plugin_is_installed_as_a_version_dir_and_a_link(
+    node: dict[str, str], started: Callable[[Installer], Installer]
+) -> None:
+    import subprocess
+
+    make_tree_plugin(node["src"], "v1")
+    put(os.path.join(node["net"], "10-list.conflist"), ref("list.conflist"))
+    before = snapshot(node["net"], node["bin"])
+    inst = started(Installer(config(node)))
+    assert inst.wait_ready(5)
+    link = os.path.join(node["bin"], "istio-cni")
+    assert os.path.islink(link) and not os.path.isabs(os.readlink(link))
+    assert subprocess.run([link], capture_output=True, text=True).stdout == "v1"
+    assert inst.check() is None
+    inst.stop(uninstall=False)
+
+    make_tree_plugin(node["src"], "v2")  # an upgrade brings a new plugin version
+    nxt = started(Installer(config(node)))
+    assert nxt.wait_ready(5)
+    assert subprocess.run([link], capture_output=True, text=True).stdout == "v2"
+    assert len(os.listdir(os.path.join(node["bin"], ".istio-cni.d"))) == 1  # old one gone
+    os.unlink(
+        os.path.join(
+            node["bin"],
+            ".istio-cni.d",
+            os.listdir(os.path.join(node["bin"], ".istio-cni.d"))[0],
+            "lib.txt",
+        )
+    )  # tampering is repaired
+    wait_for(lambda: nxt.check() is None and nxt.ready, 8.0)
+    assert subprocess.run([link], capture_output=True, text=True).stdout == "v2"
+    nxt.stop(uninstall=True)
+    assert snapshot(node["net"], node["bin"]) == before
+    assert not os.path.exists(os.path.join(node["bin"], ".istio-cni.d"))

@@ -201,8 +201,11 @@ def test_istiocni_resource_mapping() -> None:
 def test_containerfile_ships_agent_and_plugin() -> None:
     with open(CONTAINERFILE) as f:
         text = f.read()
-    assert re.search(r"^COPY --from=build /src/build/istio-cni /opt/cni/bin/istio-cni$", text, re.M)
-    assert "scripts/build-plugin.sh nuitka-onefile" in text
+    assert re.search(
+        r"^COPY --from=build /src/build/istio-cni.d /opt/cni/bin/istio-cni.d$", text, re.M
+    )
+    assert "RUN ln -s istio-cni.d/istio-cni /opt/cni/bin/istio-cni" in text
+    assert "scripts/build-plugin.sh nuitka-standalone" in text
     assert re.search(r'^ENTRYPOINT \["istio-cni-agent"\]$', text, re.M)
     from install.config import InstallConfig
 
