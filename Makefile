@@ -52,12 +52,12 @@ bench-zds: setup
 # `plugin-forms` builds every candidate measured in docs/benchmarks.md.
 PLUGIN_SOURCES := $(wildcard cni_plugin/*.py) scripts/build-plugin.sh
 build/istio-cni: $(PLUGIN_SOURCES)
-	bash scripts/build-plugin.sh nuitka-onefile
+	bash scripts/build-plugin.sh nuitka-standalone
 
 plugin: setup build/istio-cni
 
 plugin-forms: setup
-	bash scripts/build-plugin.sh nuitka-onefile nuitka-standalone pyinstaller-onefile pyinstaller-onedir zipapp
+	bash scripts/build-plugin.sh nuitka-standalone nuitka-onefile pyinstaller-onefile pyinstaller-onedir zipapp
 
 # Other kernels (docs/kernels.md): Debian's 6.1 and 6.12 booted under qemu TCG with virtme-ng,
 # running the netns suite inside (tests/vm, marker vm); then the table of results in build/vm.
