@@ -2,8 +2,10 @@
 
 ``python -m bench.plugin_startup [--runs N] [--json OUT]`` (build the forms first:
 ``make plugin-forms``). Every run is a fresh exec with a CNI environment and stdin, timed
-from spawn to exit, as a container runtime sees it. Floors: ``python3 -I -S -c pass`` (the
-bare interpreter start) and a trivial static C program. Two non-ambient cases:
+from spawn to exit, as a container runtime sees it, plus its CPU time (user + sys from
+``wait4``, which a busy machine inflates far less than wall time). Candidates run round-robin
+so drift hits all alike. Floors: ``python3 -I -S -c pass`` (the bare interpreter start) and a
+trivial static C program. Two non-ambient cases:
 - ``skip``: a pod in an excluded namespace (no I/O at all, the common kube-system case);
 - ``agent``: ambient enabled, the agent (the real :class:`PluginEventServer` over its unix
   socket, with a pod cache that says "not ambient") is asked and the pod passed through.
@@ -50,24 +52,38 @@ def static_true() -> list[str]:
     return [path]
 
 
-def time_runs(cmd: Sequence[str], env: dict[str, str], stdin: bytes, runs: int) -> list[float]:
-    out = []
-    for _ in range(3):  # warm the page cache (and the onefile unpack cache)
-        subprocess.run(cmd, input=stdin, env=env, capture_output=True)
-    for _ in range(runs):
+def run_once(cmd: Sequence[str], env: dict[str, str], stdin: bytes) -> tuple[float, float, int]:
+    """(wall ms, CPU ms = user + sys of the child, exit status) of one exec."""
+    r_in, w_in = os.pipe()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, input=stdin, env=env, capture_output=True)
-        out.append((time.perf_counter() - t0) * 1000)
-        if proc.returncode != 0 and cmd[-1] != "pass":
-            raise RuntimeError(f"{cmd[0]} failed: {proc.stdout!r} {proc.stderr[-300:]!r}")
-    return out
+        pid = os.posix_spawn(
+            cmd[0], list(cmd), env,
+            file_actions=[(os.POSIX_SPAWN_DUP2, r_in, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                          (os.POSIX_SPAWN_DUP2, devnull, 2)],
+        )  # fmt: skip
+        os.close(r_in)
+        r_in = -1
+        os.write(w_in, stdin)
+        os.close(w_in)
+        w_in = -1
+        _, status, usage = os.wait4(pid, 0)
+        wall = (time.perf_counter() - t0) * 1000
+    finally:
+        for fd in (r_in, w_in):
+            if fd >= 0:
+                os.close(fd)
+        os.close(devnull)
+    return wall, (usage.ru_utime + usage.ru_stime) * 1000, os.waitstatus_to_exitcode(status)
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    s = sorted(samples)
+def summary(wall: list[float], cpu: list[float]) -> dict[str, float]:
+    s = sorted(wall)
     return {
         "median_ms": statistics.median(s),
         "p99_ms": s[min(len(s) - 1, int(len(s) * 0.99))],
+        "cpu_median_ms": statistics.median(cpu),
     }
 
 
@@ -122,36 +138,49 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     results: dict[str, Any] = {"runs": args.runs, "forms": {}}
     try:
-        env0 = {"PATH": "/nonexistent"}
-        floor_py = summary(
-            time_runs([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], env0, b"", args.runs)
-        )
-        floor_c = summary(time_runs(static_true(), env0, b"", args.runs))
-        results["python3 -I -S -c pass"] = floor_py
-        results["static C"] = floor_c
         stdin = stdin_for(run_dir)
+        env0 = {"PATH": "/nonexistent"}
+        # Every candidate once per round, rounds repeated: machine drift hits all alike.
+        cases: dict[tuple[str, str], tuple[list[str], dict[str, str], bytes]] = {
+            ("python3 -I -S -c pass", ""): ([SYSTEM_PYTHON, "-I", "-S", "-c", "pass"], env0, b""),
+            ("static C", ""): (static_true(), env0, b""),
+        }
         for form, cmd in FORMS.items():
             if not os.path.exists(cmd[0]):
                 print(f"skip {form}: {cmd[0]} not built (make plugin-forms)", file=sys.stderr)
                 continue
-            exe = cmd[0] if cmd[0] != SYSTEM_PYTHON else None
-            row: dict[str, Any] = {}
-            if exe is not None:
-                row["size_bytes"] = (
-                    sum(
-                        os.path.getsize(os.path.join(d, f))
-                        for d, _, fs in os.walk(os.path.dirname(exe))
-                        for f in fs
-                    )
-                    if exe.endswith(".d/istio-cni")
-                    else os.path.getsize(exe)
-                )
             for case, ns in (("skip", "kube-system"), ("agent", "demo")):
-                s = summary(time_runs(cmd, cni_env(run_dir, ns), stdin, args.runs))
-                s["x_python"] = s["median_ms"] / floor_py["median_ms"]
-                s["x_static_c"] = s["median_ms"] / floor_c["median_ms"]
-                row[case] = s
-            results["forms"][form] = row
+                cases[(form, case)] = (cmd, cni_env(run_dir, ns), stdin)
+        wall: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+        cpu: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+        for i in range(args.runs + 3):
+            for key, (cmd, env, data) in cases.items():
+                w, c, rc = run_once(cmd, env, data)
+                if rc != 0:
+                    raise RuntimeError(f"{key} exited {rc}")
+                if i >= 3:  # the first rounds warm caches (and the onefile unpack)
+                    wall[key].append(w)
+                    cpu[key].append(c)
+        floor_py = summary(wall[("python3 -I -S -c pass", "")], cpu[("python3 -I -S -c pass", "")])
+        floor_c = summary(wall[("static C", "")], cpu[("static C", "")])
+        results["python3 -I -S -c pass"] = floor_py
+        results["static C"] = floor_c
+        for (form, case), samples in wall.items():
+            if not case:
+                continue
+            row = results["forms"].setdefault(form, {})
+            exe = FORMS[form][0]
+            if exe != SYSTEM_PYTHON and "size_bytes" not in row:
+                row["size_bytes"] = (
+                    sum(os.path.getsize(os.path.join(d, f))
+                        for d, _, fs in os.walk(os.path.dirname(exe)) for f in fs)
+                    if exe.endswith(".d/istio-cni") else os.path.getsize(exe)
+                )  # fmt: skip
+            s = summary(samples, cpu[(form, case)])
+            s["x_python"] = s["median_ms"] / floor_py["median_ms"]
+            s["x_static_c"] = s["median_ms"] / floor_c["median_ms"]
+            s["cpu_x_python"] = s["cpu_median_ms"] / floor_py["cpu_median_ms"]
+            row[case] = s
     finally:
         server.stop()
         os.rmdir(run_dir)
