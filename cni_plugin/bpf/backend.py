@@ -73,11 +73,15 @@ class EbpfBackend:
         cache_dir: str | None = DEFAULT_CACHE_DIR,
         host_netns: str | None = _HOST_NETNS,
         cgroup: str | None = None,
+        inbound_nat: bool = False,
     ) -> None:
         self.pin_root = Path(pin_root)
         self.cache_dir = cache_dir
         self.host_netns = host_netns
         self.cgroup = cgroup
+        # Inbound by port rewrite even where bpf_sk_assign accepts ztunnel's SO_REUSEPORT
+        # listeners (the path Linux < 6.5 takes anyway); for tests and as an escape hatch.
+        self.inbound_nat = inbound_nat
         self._variants: dict[str, programs.Pinned] = {}  # open across applies (no reload)
 
     # -- protocol ------------------------------------------------------------------------
@@ -86,7 +90,7 @@ class EbpfBackend:
         lines = [
             f"# ebpf backend: programs from {image_mod.SOURCE_DIR / 'redirect.c'}",
             f"programs (shared by this variant): {self.pin_root}/progs/<build>-"
-            f"f{programs.settings_flags(settings)}-<probe addresses in hex>/"
+            f"f{programs.settings_flags(settings, self.inbound_nat)}-<probe addresses in hex>/"
             "{istio_ingress,istio_egress,cfg,counters}",
             f"node: {self.pin_root}/node-<build>/{{nat,getsockopt_link}}: istio_getsockopt on "
             f"cgroup {self.cgroup or 'v2 root'} answers SO_ORIGINAL_DST for 15001/15053",
@@ -116,7 +120,7 @@ class EbpfBackend:
 
     def _variant(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
         """The variant's programs, kept open while their pins exist (one stat per apply)."""
-        name = programs.variant_name(img, settings)
+        name = programs.variant_name(img, settings, self.inbound_nat)
         cached = self._variants.get(name)
         if cached is not None and (cached.path / "istio_ingress").exists():
             return cached
@@ -127,7 +131,9 @@ class EbpfBackend:
         try:
             node = programs.node_objects(img, self.pin_root, cgroup)
             try:
-                shared = programs.variant_objects(img, settings, self.pin_root, node)
+                shared = programs.variant_objects(
+                    img, settings, self.pin_root, node, self.inbound_nat
+                )
             finally:
                 node.close()  # the pinned link keeps istio_getsockopt attached
         except OSError as e:
@@ -144,7 +150,7 @@ class EbpfBackend:
 
     def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
         img = self._image()
-        shared = programs.existing_variant(img, settings, self.pin_root)
+        shared = programs.existing_variant(img, settings, self.pin_root, self.inbound_nat)
         try:
             return self._in_netns(netns_path, lambda d: _check(d, img, shared, settings))
         finally:
@@ -177,7 +183,7 @@ class EbpfBackend:
 
     def counters(self, settings: RedirectSettings) -> dict[str, int]:
         """The variant's packet counters (shared by its pods), or {} when not loaded."""
-        shared = programs.existing_variant(self._image(), settings, self.pin_root)
+        shared = programs.existing_variant(self._image(), settings, self.pin_root, self.inbound_nat)
         if shared is None:
             return {}
         try:

@@ -29,8 +29,9 @@ from cni_plugin.redirection.settings import RedirectSettings
 F_DNS_CAPTURE = 1
 F_BYPASS_INBOUND = 2
 F_IPV6 = 4
+F_INBOUND_NAT = 8
 SETTINGS_FORMAT = "<II16sII"  # struct settings in redirect.h
-NAT_KEY_FORMAT = "<16sHBB"  # struct nat_key
+NAT_KEY_FORMAT = "<16sHBB16s"  # struct nat_key
 NAT_VAL_FORMAT = "<16sHH"  # struct nat_val
 COUNTER_NAMES = (
     "outbound",
@@ -45,27 +46,29 @@ CGROUP_GETSOCKOPT = 21
 GETSOCKOPT_LINK = "getsockopt_link"
 
 
-def settings_flags(s: RedirectSettings) -> int:
+def settings_flags(s: RedirectSettings, inbound_nat: bool = False) -> int:
     return (
         (F_DNS_CAPTURE if s.dns_capture else 0)
         | (F_BYPASS_INBOUND if s.bypass_inbound else 0)
         | (F_IPV6 if s.ipv6 else 0)
+        | (F_INBOUND_NAT if inbound_nat else 0)
     )
 
 
-def settings_value(s: RedirectSettings, version: int) -> bytes:
+def settings_value(s: RedirectSettings, version: int, inbound_nat: bool = False) -> bytes:
     """The ``cfg`` map's value for ``s`` (addresses in network byte order)."""
     probe4 = int.from_bytes(ipaddress.IPv4Address(s.probe_snat_ipv4).packed, "little")
     probe6 = ipaddress.IPv6Address(s.probe_snat_ipv6).packed
-    return struct.pack(SETTINGS_FORMAT, settings_flags(s), probe4, probe6, version, 0)
+    flags = settings_flags(s, inbound_nat)
+    return struct.pack(SETTINGS_FORMAT, flags, probe4, probe6, version, 0)
 
 
-def variant_name(image: ProgramImage, s: RedirectSettings) -> str:
+def variant_name(image: ProgramImage, s: RedirectSettings, inbound_nat: bool = False) -> str:
     """Directory name of the variant: build id, flags, the probe addresses in hex (bpffs
     refuses dots in names)."""
     v4 = ipaddress.IPv4Address(s.probe_snat_ipv4).packed.hex()
     v6 = ipaddress.IPv6Address(s.probe_snat_ipv6).packed.hex()
-    return f"{image.version:08x}-f{settings_flags(s)}-{v4}-{v6}"
+    return f"{image.version:08x}-f{settings_flags(s, inbound_nat)}-{v4}-{v6}"
 
 
 @dataclass
@@ -183,10 +186,14 @@ def _scratch_maps(image: ProgramImage, have: dict[str, int]) -> dict[str, int]:
 
 
 def variant_objects(
-    image: ProgramImage, s: RedirectSettings, pin_root: Path, node: Pinned
+    image: ProgramImage,
+    s: RedirectSettings,
+    pin_root: Path,
+    node: Pinned,
+    inbound_nat: bool = False,
 ) -> Pinned:
     """Adopt the pinned variant for ``s`` if present, else load and pin it."""
-    final = pin_root / "progs" / variant_name(image, s)
+    final = pin_root / "progs" / variant_name(image, s, inbound_nat)
     names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
     if final.is_dir():
         try:
@@ -200,7 +207,8 @@ def variant_objects(
                 made.fds[m.name] = syscall.map_create(
                     m.map_type, m.key_size, m.value_size, m.max_entries, m.name
                 )
-        syscall.map_update(made.fds["cfg"], struct.pack("<I", 0), settings_value(s, image.version))
+        value = settings_value(s, image.version, inbound_nat)
+        syscall.map_update(made.fds["cfg"], struct.pack("<I", 0), value)
         maps = {**made.fds, **{n: node.fds[n] for n in NODE_MAPS}}
         for name in TC_PROGRAMS:
             made.fds[name] = load_program(image, name, maps)
@@ -210,9 +218,11 @@ def variant_objects(
     return _publish(final, made, names)
 
 
-def existing_variant(image: ProgramImage, s: RedirectSettings, pin_root: Path) -> Pinned | None:
+def existing_variant(
+    image: ProgramImage, s: RedirectSettings, pin_root: Path, inbound_nat: bool = False
+) -> Pinned | None:
     """The pinned variant for ``s`` if present (never loads or pins anything)."""
-    path = pin_root / "progs" / variant_name(image, s)
+    path = pin_root / "progs" / variant_name(image, s, inbound_nat)
     names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
     try:
         return _open(path, names)
@@ -220,7 +230,12 @@ def existing_variant(image: ProgramImage, s: RedirectSettings, pin_root: Path) -
         return None
 
 
-def nat_entry(node: Pinned, family: int, proto: int, addr: bytes, port: int) -> bytes | None:
-    """The raw ``nat`` value for a client (tests and diagnostics)."""
-    key = struct.pack(NAT_KEY_FORMAT, addr.ljust(16, b"\0"), port, family, proto)
+def nat_entry(
+    node: Pinned, family: int, proto: int, addr: bytes, port: int, local: bytes = b""
+) -> bytes | None:
+    """The raw ``nat`` value for a client (tests and diagnostics); ``local`` is the pod
+    address for inbound entries."""
+    key = struct.pack(
+        NAT_KEY_FORMAT, addr.ljust(16, b"\0"), port, family, proto, local.ljust(16, b"\0")
+    )
     return syscall.map_lookup(node.fds["nat"], key, struct.calcsize(NAT_VAL_FORMAT))

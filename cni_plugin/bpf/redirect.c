@@ -165,8 +165,11 @@ static __always_inline int owned_locally(struct __sk_buff *skb, __u8 family,
     return !listening;
 }
 
-/* Hand a SYN to the listener on `port`, keeping the packet's destination (transparent). */
-static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 port)
+/* Hand a SYN to the listener on `port`, keeping the packet's destination (transparent);
+ * with `check_only`, just confirm the listener exists. 0, -1 when there is no listener,
+ * or the helper's error. */
+static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 port,
+                                  int check_only)
 {
     struct bpf_sock *sk = lookup(skb, f->family, f->src, f->sport, f->dst, htons(port));
     if (!sk)
@@ -175,9 +178,9 @@ static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 p
         bpf_sk_release(sk);
         return -1;
     }
-    long err = bpf_sk_assign(skb, sk, 0);
+    long err = check_only ? 0 : bpf_sk_assign(skb, sk, 0);
     bpf_sk_release(sk);
-    return err ? -1 : 0;
+    return (int)err;
 }
 
 /* Turn an outgoing packet back into this namespace: lo's receive path, marked so the
@@ -301,6 +304,44 @@ static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
     return TC_ACT_UNSPEC;
 }
 
+/* Inbound by port rewrite (where bpf_sk_assign refuses SO_REUSEPORT listeners): the
+ * destination address stays the pod's own, so no routing changes; the port becomes 15006.
+ * `record` for the SYN; later packets must match the recorded conversation. */
+static __always_inline int inbound_nat(struct __sk_buff *skb, struct flow *f, int record)
+{
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, IPPROTO_TCP, f->src, f->sport);
+    __builtin_memcpy(k.local, f->dst, 16);
+    if (record) {
+        struct nat_val v = {};
+        __builtin_memcpy(v.addr, f->dst, 16);
+        v.port = f->dport;
+        v.target = ZTUNNEL_INBOUND_PORT;
+        nat.update(&k, &v);
+    } else {
+        struct nat_val *v = nat.lookup(&k);
+        if (!v || v->target != ZTUNNEL_INBOUND_PORT || v->port != f->dport)
+            return TC_ACT_UNSPEC;
+    }
+    if (set_port(skb, f, 1, f->dport, htons(ZTUNNEL_INBOUND_PORT)))
+        return TC_ACT_SHOT;
+    return TC_ACT_UNSPEC;
+}
+
+/* ztunnel's answer from 15006 on such a conversation leaves with the port it was sent to. */
+static __always_inline void inbound_reply(struct __sk_buff *skb, struct flow *f)
+{
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, IPPROTO_TCP, f->dst, f->dport);
+    __builtin_memcpy(k.local, f->src, 16);
+    struct nat_val *found = nat.lookup(&k);
+    if (!found || found->target != ZTUNNEL_INBOUND_PORT)
+        return;
+    __u16 port = found->port;
+    set_port(skb, f, 0, f->sport, port);
+    count(C_REPLY);
+}
+
 int istio_egress(struct __sk_buff *skb)
 {
     int zero = 0;
@@ -310,6 +351,8 @@ int istio_egress(struct __sk_buff *skb)
     struct flow f = {};
     if (parse(skb, &f, s->flags))
         return TC_ACT_UNSPEC;
+    if (f.proto == IPPROTO_TCP && f.sport == htons(ZTUNNEL_INBOUND_PORT))
+        inbound_reply(skb, &f); /* ztunnel's (marked) replies, before the mark test */
     if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
         return TC_ACT_UNSPEC; /* ztunnel's own traffic, its upstream DNS included */
     int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
@@ -351,8 +394,13 @@ int istio_ingress(struct __sk_buff *skb)
         if (r != TC_ACT_UNSPEC)
             return r;
     }
-    if (f.proto != IPPROTO_TCP || (f.tcp_flags & (TH_SYN | TH_ACK)) != TH_SYN)
-        return TC_ACT_UNSPEC; /* only new connections are steered; the rest finds its socket */
+    if (f.proto != IPPROTO_TCP)
+        return TC_ACT_UNSPEC;
+    if ((f.tcp_flags & (TH_SYN | TH_ACK)) != TH_SYN) {
+        /* Only new connections are steered; the rest finds its socket, except the later
+         * packets of an inbound conversation sent to 15006 by port rewrite. */
+        return on_lo ? TC_ACT_UNSPEC : inbound_nat(skb, &f, 0);
+    }
     __u32 mark = skb->mark & MARK_MASK;
     if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
         return TC_ACT_UNSPEC;
@@ -372,13 +420,19 @@ int istio_ingress(struct __sk_buff *skb)
     /* A retransmitted SYN of a conversation already under way takes the normal path. */
     if (owned_locally(skb, f.family, f.src, f.sport, f.dst, f.dport))
         return TC_ACT_UNSPEC;
-    if (assign(skb, &f, ZTUNNEL_INBOUND_PORT)) {
+    int nat_mode = s->flags & F_INBOUND_NAT;
+    int err = assign(skb, &f, ZTUNNEL_INBOUND_PORT, nat_mode);
+    if (err == -1) {
         /* No listener yet (ztunnel has not opened this namespace): drop, never deliver
          * around ztunnel; the client's SYN retransmission gets through once it listens. */
         count(C_NO_LISTENER);
         return TC_ACT_SHOT;
     }
     count(C_INBOUND);
+    if (nat_mode || err)
+        /* Linux < 6.5 refuses SO_REUSEPORT listeners such as ztunnel's (-ESOCKTNOSUPPORT):
+         * rewrite the port instead. */
+        return inbound_nat(skb, &f, 1);
     return TC_ACT_UNSPEC;
 }
 
@@ -399,21 +453,35 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
     k.port = sk->dst_port;
     k.proto = IPPROTO_TCP;
     __u16 local_port = sk->src_port;
+    /* Inbound entries also carry the pod address (the conversation's local address);
+     * outbound ones were made for the client's own address alone. */
+    int inbound = local_port == ZTUNNEL_INBOUND_PORT;
+    __u32 expect4 = htonl(0x7f000001); /* conntrack's answer when it saw only our rewrite */
     if (family == AF_INET && ctx->level == SOL_IP_LEVEL) {
         k.family = 4;
         k.addr[0] = sk->dst_ip4;
+        if (inbound)
+            k.local[0] = expect4 = sk->src_ip4;
     } else if (family == AF_INET6 && ctx->level == SOL_IP_LEVEL && sk->dst_ip6[0] == 0 &&
                sk->dst_ip6[1] == 0 && sk->dst_ip6[2] == htonl(0xffff)) {
         /* an IPv4 connection accepted by a dual-stack [::] listener (ztunnel's default):
          * ::ffff:a.b.c.d; SOL_IP is what ztunnel asks first, answered as for IPv4 */
         k.family = 4;
         k.addr[0] = sk->dst_ip6[3];
+        if (inbound)
+            k.local[0] = expect4 = sk->src_ip6[3];
     } else if (family == AF_INET6 && ctx->level == SOL_IPV6_LEVEL) {
         k.family = 6;
         k.addr[0] = sk->dst_ip6[0];
         k.addr[1] = sk->dst_ip6[1];
         k.addr[2] = sk->dst_ip6[2];
         k.addr[3] = sk->dst_ip6[3];
+        if (inbound) {
+            k.local[0] = sk->src_ip6[0];
+            k.local[1] = sk->src_ip6[1];
+            k.local[2] = sk->src_ip6[2];
+            k.local[3] = sk->src_ip6[3];
+        }
     } else {
         return 1;
     }
@@ -425,8 +493,7 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
         struct sockaddr_in *sa = ctx->optval;
         if ((void *)(sa + 1) > ctx->optval_end)
             return 1;
-        if (answered && (sa->sin_addr.s_addr != htonl(0x7f000001) ||
-                         sa->sin_port != htons(local_port)))
+        if (answered && (sa->sin_addr.s_addr != expect4 || sa->sin_port != htons(local_port)))
             return 1;
         sa->sin_family = AF_INET;
         sa->sin_port = v->port;
@@ -436,11 +503,18 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
         struct sockaddr_in6 *sa6 = ctx->optval;
         if ((void *)(sa6 + 1) > ctx->optval_end)
             return 1;
+        __u32 e0 = 0, e1 = 0, e2 = 0, e3 = htonl(1);
+        if (inbound) {
+            e0 = k.local[0];
+            e1 = k.local[1];
+            e2 = k.local[2];
+            e3 = k.local[3];
+        }
         if (answered && (sa6->sin6_port != htons(local_port) ||
-                         sa6->sin6_addr.in6_u.u6_addr32[0] != 0 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[1] != 0 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[2] != 0 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[3] != htonl(1)))
+                         sa6->sin6_addr.in6_u.u6_addr32[0] != e0 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[1] != e1 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[2] != e2 ||
+                         sa6->sin6_addr.in6_u.u6_addr32[3] != e3))
             return 1;
         sa6->sin6_family = AF_INET6;
         sa6->sin6_port = v->port;

@@ -39,6 +39,7 @@
 #define F_DNS_CAPTURE 1
 #define F_BYPASS_INBOUND 2
 #define F_IPV6 4
+#define F_INBOUND_NAT 8 /* inbound by port rewrite even where bpf_sk_assign would work */
 
 /* One entry (key 0) per pod: what the programs do in this namespace. */
 struct settings {
@@ -49,15 +50,17 @@ struct settings {
     __u32 reserved;
 };
 
-/* Our own NAT for outbound capture (no conntrack): a captured connection's client address
- * and port map to the destination it asked for and the ztunnel port it was sent to. The
- * replies get their source back from it, and ztunnel's SO_ORIGINAL_DST (answered by
- * istio_getsockopt) reads it. One node-wide map: pod addresses are unique on a node. */
+/* Our own NAT (no conntrack): a captured connection's client address and port map to the
+ * destination it asked for and the ztunnel port it was sent to. The replies get their
+ * source back from it, and ztunnel's SO_ORIGINAL_DST (answered by istio_getsockopt) reads
+ * it. Outbound always; inbound only where bpf_sk_assign refuses ztunnel's SO_REUSEPORT
+ * listeners (Linux < 6.5). One node-wide map: pod addresses are unique on a node. */
 struct nat_key {
-    __u32 addr[4];
+    __u32 addr[4];  /* the client */
     __u16 port;
     __u8 family;
     __u8 proto;
+    __u32 local[4]; /* inbound: the pod address it connected to; outbound: zero */
 };
 
 struct nat_val {

@@ -124,4 +124,13 @@ BACKENDS: list[BackendCase] = [
         unavailable=bpf.unavailable,
         tampers=bpf.TAMPERS,
     ),
+    # The same programs on the inbound path Linux < 6.5 takes (port rewrite instead of
+    # bpf_sk_assign, which refuses ztunnel's SO_REUSEPORT listeners there).
+    BackendCase(
+        "ebpf-inbound-nat",
+        "ebpf",
+        {**bpf.options(), "inbound_nat": True},
+        unavailable=bpf.unavailable,
+        tampers=bpf.TAMPERS,
+    ),
 ]

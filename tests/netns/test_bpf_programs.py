@@ -47,9 +47,9 @@ class Harness:
         )  # fmt: skip
         self.variants: list[programs.Pinned] = []
 
-    def variant(self, **settings: object) -> programs.Pinned:
+    def variant(self, *, inbound_nat: bool = False, **settings: object) -> programs.Pinned:
         wanted = RedirectSettings(**settings)  # type: ignore[arg-type]
-        v = programs.variant_objects(self.img, wanted, self.pin_root, self.node)
+        v = programs.variant_objects(self.img, wanted, self.pin_root, self.node, inbound_nat)
         self.variants.append(v)
         return v
 
@@ -59,9 +59,12 @@ class Harness:
         ctx = pk.skb_ctx(mark, ifindex)
         return run_in_netns(self.path, lambda: syscall.prog_test_run(v.fds[prog], data, ctx))
 
-    def nat(self, fam: int, proto: int, addr: str, port: int) -> tuple[str, int, int] | None:
+    def nat(
+        self, fam: int, proto: int, addr: str, port: int, local: str | None = None
+    ) -> tuple[str, int, int] | None:
+        pod = ipaddress.ip_address(local).packed if local else b""
         raw = programs.nat_entry(
-            self.node, fam, proto, ipaddress.ip_address(addr).packed, socket.htons(port)
+            self.node, fam, proto, ipaddress.ip_address(addr).packed, socket.htons(port), pod
         )
         if raw is None:
             return None
@@ -205,7 +208,7 @@ def test_inbound_syn_without_listener_is_dropped_not_delivered(harness: Harness)
 def test_ingress_leaves_alone(
     harness: Harness, what: str, frame: bytes, mark: int, settings: dict[str, object]
 ) -> None:
-    v = harness.variant(**settings)
+    v = harness.variant(**settings)  # type: ignore[arg-type]
     r = harness.run(v, "istio_ingress", frame, mark=mark, ifindex=harness.eth0)
     assert r.retval == TC_ACT_UNSPEC, what
     assert r.data == frame, what
@@ -236,3 +239,37 @@ def test_settings_map_layout_matches_header(harness: Harness) -> None:
     assert struct.pack("<I", probe4) == ipaddress.IPv4Address(c.HOST_PROBE_SNAT_IPV4).packed
     assert probe6 == ipaddress.IPv6Address(c.HOST_PROBE_SNAT_IPV6).packed
     assert version == harness.img.version
+
+
+def test_inbound_by_port_rewrite_where_sk_assign_refuses_reuseport(harness: Harness) -> None:
+    """The Linux < 6.5 path (forced here): the SYN keeps the pod address and gets port
+    15006, later packets follow, and ztunnel's (marked) replies leave with port 8080."""
+    v = harness.variant(inbound_nat=True)
+
+    def listen() -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("0.0.0.0", 15006))
+        s.listen(1)
+        return s
+
+    with run_in_netns(harness.path, listen):
+        syn = harness.run(v, "istio_ingress", pk.frame(PEER4, POD4, 50000, 8080),
+                          ifindex=harness.eth0)  # fmt: skip
+        assert syn.retval == TC_ACT_UNSPEC
+        out = pk.parse(syn.data)
+        assert (out.dst, out.dport) == (POD4, 15006) and out.l4_ok
+        assert harness.nat(4, socket.IPPROTO_TCP, PEER4, 50000, POD4) == (POD4, 8080, 15006)
+        later = harness.run(v, "istio_ingress", pk.frame(PEER4, POD4, 50000, 8080, flags=pk.ACK),
+                            ifindex=harness.eth0)  # fmt: skip
+        assert pk.parse(later.data).dport == 15006
+        reply = pk.frame(POD4, PEER4, 15006, 50000, flags=pk.SYN | pk.ACK)
+        r = harness.run(v, "istio_egress", reply, mark=c.ZTUNNEL_MARK)
+        assert r.retval == TC_ACT_UNSPEC
+        back = pk.parse(r.data)
+        assert (back.src, back.sport, back.dst, back.dport) == (POD4, 8080, PEER4, 50000)
+        assert back.l4_ok
+    # Without a listener the SYN is dropped, as on the sk_assign path.
+    gone = harness.run(v, "istio_ingress", pk.frame(PEER4, POD4, 50001, 8080),
+                       ifindex=harness.eth0)  # fmt: skip
+    assert gone.retval == TC_ACT_SHOT

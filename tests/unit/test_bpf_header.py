@@ -39,15 +39,16 @@ def test_flag_bits_and_counter_names_match_the_header() -> None:
     assert _define("F_DNS_CAPTURE") == programs.F_DNS_CAPTURE
     assert _define("F_BYPASS_INBOUND") == programs.F_BYPASS_INBOUND
     assert _define("F_IPV6") == programs.F_IPV6
+    assert _define("F_INBOUND_NAT") == programs.F_INBOUND_NAT
     names = ["C_OUTBOUND", "C_INBOUND", "C_DNS_TCP", "C_DNS_UDP", "C_REPLY", "C_NO_LISTENER",
              "C_LOCAL_REDIRECT"]  # fmt: skip
     assert [_define(n) for n in names] == list(range(len(programs.COUNTER_NAMES)))
 
 
 def test_struct_formats_have_the_c_sizes() -> None:
-    # struct settings: 2 + 4 + 2 u32; nat_key: 16 + 2 + 1 + 1; nat_val: 16 + 2 + 2.
+    # struct settings: 2 + 4 + 2 u32; nat_key: 16 + 2 + 1 + 1 + 16; nat_val: 16 + 2 + 2.
     assert struct.calcsize(programs.SETTINGS_FORMAT) == 32
-    assert struct.calcsize(programs.NAT_KEY_FORMAT) == 20
+    assert struct.calcsize(programs.NAT_KEY_FORMAT) == 36
     assert struct.calcsize(programs.NAT_VAL_FORMAT) == 20
 
 
