@@ -11,7 +11,6 @@ ipsets and annotations stay, so a restart does not touch a single pod's traffic.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -436,19 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--log-level", dest="log_level", help="debug, info, warning, error")
 
 
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each thread that allocates its own 64 MB malloc arena; with a dozen
-    worker and server threads that fragments into tens of MB of RSS for no gain here (the
-    work is I/O bound and serialised by the GIL). Same effect as MALLOC_ARENA_MAX=2."""
-    import ctypes
-
-    m_arena_max = -8
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(m_arena_max, arenas)
-
-
 def run(args: argparse.Namespace) -> int:
-    _limit_malloc_arenas()
     env_cfg = AgentConfig.from_env(
         {**os.environ, **({"NODE_NAME": args.node_name} if args.node_name else {})}
     )
