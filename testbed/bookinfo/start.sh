@@ -12,7 +12,7 @@ if [ -n "$STARTUP_CALL" ]; then
   fi
 fi
 # -ll: keep listening, one forked handler per connection.
-nc -ll -p "$PORT" -e /bookinfo/serve.sh &
+nc -ll -p "$PORT" -e "$(dirname "$0")/serve.sh" &
 pid=$!
 trap 'kill $pid 2>/dev/null; exit 0' TERM INT
 wait $pid
