@@ -16,7 +16,9 @@ Step 9 always runs (``finally``; SIGINT/SIGTERM/SIGHUP end the walkthrough early
 ignored while tearing down). The node is the testbed instance ``demo``
 (``icni-tb-demo``, or ``$ISTIO_CNI_TESTBED_INSTANCE``), so a node someone brought up by
 hand is never touched. ``--facts FILE`` writes each step's evidence as JSON (the test
-reads it). Exit 0 only when every step's facts held and nothing was left behind.
+reads it); ``--keep-logs DIR`` keeps the node's logs. ``DEMO_ENROLL_TIMEOUT`` (seconds,
+default 30) bounds each wait for the agent on a slow machine. Exit 0 only when every
+step's facts held and nothing was left behind.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def step7_late_pod(w: Walkthrough) -> None:
     offset = w.k.access_offset()
     env = M.upstream_env(late, w.ips)
     spec = M.pod(late, image, env)
-    command(f"kubectl apply -f reviews-v4.yaml    # its app first fetches {env['STARTUP_CALL']}")
+    command(f"kubectl apply -f -    # reviews-v4; its app first fetches {env['STARTUP_CALL']}")
     w.kubectl("apply", "-f", "-", stdin=json.dumps(M.as_list([spec])), echo=False)
     first_running: dict[str, Any] | None = None
     deadline = time.monotonic() + 60

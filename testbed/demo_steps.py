@@ -175,8 +175,10 @@ class Walkthrough:
         info = self.k.info
         image = info["images"]["busybox"]
         self.kubectl("create", "namespace", NS)
-        command(f"kubectl apply -f testbed/bookinfo  (service accounts, app scripts, pods in "
-                f"{len(M.waves())} waves: callees first)")  # fmt: skip
+        waves = len(M.waves())
+        command(f"kubectl apply -f -    # testbed/bookinfo: service accounts, the app scripts "
+                f"(a ConfigMap), then the pods in {waves} waves, callees first")  # fmt: skip
+        note("no kube-proxy or cluster DNS on the testbed: callers get their upstreams' pod IPs")
         self.kubectl("apply", "-f", "-", stdin=json.dumps(M.as_list(M.objects())), echo=False)
         first = True
         for wave in M.waves():
