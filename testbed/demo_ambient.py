@@ -123,8 +123,8 @@ def step6_traffic(w: Walkthrough) -> None:
     recs = _wait("access-log lines for every hop", 10, inbound,
                  f"See {w.k.access_log} and {w.k.log_path('ztunnel-standin')}.")  # fmt: skip
     every = w.k.access_records(offset)
-    command(f"tail {w.k.access_log}    # inbound side of each hop ({len(every)} lines in all, "
-            f"the sending side logs each hop as outbound too)")  # fmt: skip
+    note(f"the stand-in's access log {w.k.access_log}: {len(every)} lines; below, the "
+         "receiving side of each hop (the sending side logs it again as outbound)")  # fmt: skip
     show("\n".join(
         f"{_hop(w, r):32} {r.get('direction')}  src.identity={r.get('src.identity')}  "
         f"dst.identity={r.get('dst.identity')}  bytes={r.get('bytes_sent')}/"
@@ -194,7 +194,8 @@ def step7_late_pod(w: Walkthrough) -> None:
     note(f"annotation {c.REDIRECTION_ANNOTATION} when first seen running: "
          f"{(first_running or {}).get('annotation')}; at first Ready: {at_ready}")  # fmt: skip
     agent_lines = [r for r in w.k.log_records("istio-cni-agent") if _pod_name(r) == late.name]
-    command(f"grep {late.name} {w.k.log_path('istio-cni-agent')}")
+    note(f"{late.name} in the agent's log {w.k.log_path('istio-cni-agent')} (the plugin's "
+         "own lines are forwarded there):")  # fmt: skip
     show("\n".join(f"{r.get('time')} {r.get('scope') or r.get('logger')}: {r.get('msg')}"
                    for r in agent_lines), 8)  # fmt: skip
     msgs = [r.get("msg") for r in agent_lines]
