@@ -10,14 +10,13 @@ is listening) versus answered-but-failed.
 from __future__ import annotations
 
 import binascii
-import json
 import os
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from cni_plugin import http_wire
+from cni_plugin import http_wire, json_codec
 from cni_plugin.constants import PLUGIN_EVENT_SOCKET, PLUGIN_LOG_SOCKET
 
 AGENT_TIMEOUT_S = 5.0
@@ -63,7 +62,7 @@ def ip_configs(prev_result: Mapping[str, Any] | None) -> list[dict[str, Any]]:
 def add_event_body(
     netns: str, pod_name: str, pod_namespace: str, ips: Sequence[Mapping[str, Any]]
 ) -> bytes:
-    return json.dumps(
+    return json_codec.dumps(
         {"Netns": netns, "PodName": pod_name, "PodNamespace": pod_namespace, "IPs": list(ips)}
     ).encode()
 
@@ -152,7 +151,7 @@ def query_pod(
     if status != 200:
         return None
     try:
-        doc = json.loads(reply)
+        doc = json_codec.loads(reply)
     except ValueError:
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("known"), bool):
@@ -173,7 +172,7 @@ def push_logs(run_dir: str, records: Sequence[Mapping[str, Any]]) -> None:
     path = os.path.join(run_dir, PLUGIN_LOG_SOCKET)
     if not records or not os.path.exists(path):
         return
-    body = json.dumps([json.dumps(r) for r in records]).encode()
+    body = json_codec.dumps([json_codec.dumps(r) for r in records]).encode()
     try:
         sock = _connect(path, LOG_TIMEOUT_S)
     except OSError:

@@ -9,11 +9,13 @@ prints exactly one result or one error.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from typing import Any
-
+from cni_plugin import json_codec
 from cni_plugin.constants import SUPPORTED_CNI_VERSIONS
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: ``typing`` imports ``re`` (ms per pod sandbox)
+    from collections.abc import Mapping
+    from typing import Any
 
 # Error codes of the CNI spec ("Error" section); 100+ are ours.
 ERR_INCOMPATIBLE_VERSION = 1
@@ -49,7 +51,7 @@ class CniError(Exception):
         self.cni_version: str | None = None  # the config's version, once known
 
     def to_json(self, cni_version: str) -> str:
-        return json.dumps(
+        return json_codec.dumps(
             {"cniVersion": cni_version, "code": self.code, "msg": self.msg, "details": self.details}
         )
 
@@ -125,7 +127,7 @@ def parse_config(stdin: bytes, command: str) -> dict[str, Any]:
             ERR_DECODE, "empty network configuration on stdin: the runtime must pass the config"
         )
     try:
-        conf = json.loads(stdin)
+        conf = json_codec.loads(stdin)
     except (ValueError, UnicodeDecodeError) as e:
         raise CniError(
             ERR_DECODE, f"network configuration on stdin is not JSON ({e}): fix the conflist"
@@ -170,7 +172,8 @@ def _check_types(conf: Mapping[str, Any]) -> None:
         if key in conf and conf[key] is not None and not isinstance(conf[key], want):
             raise CniError(
                 ERR_INVALID_CONFIG,
-                f"field {key!r} must be {described}, got {json.dumps(conf[key])}: fix the conflist",
+                f"field {key!r} must be {described}, got {json_codec.dumps(conf[key])}: "
+                "fix the conflist",
             )
     excluded = conf.get("exclude_namespaces") or []
     if not all(isinstance(n, str) for n in excluded):
@@ -208,7 +211,9 @@ def parse(env: Mapping[str, str], stdin: bytes) -> Invocation:
 def version_result(config: Mapping[str, Any]) -> str:
     requested = config.get("cniVersion")
     version = requested if isinstance(requested, str) and requested else LATEST_VERSION
-    return json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_CNI_VERSIONS)})
+    return json_codec.dumps(
+        {"cniVersion": version, "supportedVersions": list(SUPPORTED_CNI_VERSIONS)}
+    )
 
 
 def _is_v1(version: str) -> bool:

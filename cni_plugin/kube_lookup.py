@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import binascii
 import errno
-import json
 import os
 import socket
 from typing import Any
 
-from cni_plugin import http_wire
+from cni_plugin import http_wire, json_codec
 from cni_plugin.constants import KUBECONFIG_NAME
 
 API_TIMEOUT_S = 3.0
@@ -159,7 +158,7 @@ def _get(ctx: Any, kc: Kubeconfig, path: str, timeout: float) -> dict[str, Any]:
             f"GET {where} returned HTTP {status}: {body[:200].decode('utf-8', 'replace')}"
         )
     try:
-        obj = json.loads(body)
+        obj = json_codec.loads(body)
     except ValueError:
         raise ApiUnavailableError(f"GET {where} returned a body that is not JSON") from None
     if not isinstance(obj, dict):

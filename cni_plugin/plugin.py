@@ -23,16 +23,18 @@ DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec ver
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Mapping
-from typing import Any, BinaryIO, TextIO
 
-from cni_plugin import cni_spec
+from cni_plugin import cni_spec, json_codec
 from cni_plugin.cni_spec import CniError, Invocation
 from cni_plugin.constants import DEFAULT_RUN_DIR, PLUGIN_LOG_SOCKET
 from cni_plugin.plugin_log import PluginLog
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: ``typing`` imports ``re`` (ms per pod sandbox)
+    from collections.abc import Mapping
+    from typing import Any, BinaryIO, TextIO
 
 AGENT_POD_PREFIX = "istio-cni-node-"
 
@@ -178,7 +180,7 @@ def run(env: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:
             return 0
         if inv.command == "ADD":
             result = cmd_add(inv, log)
-            out.write(json.dumps(result))
+            out.write(json_codec.dumps(result))
         # DEL, CHECK, STATUS, GC: nothing to undo or verify (the agent owns the pod's rules
         # and removes them when the pod goes away); they succeed with no output.
         return 0

@@ -8,10 +8,14 @@ stdout belongs to the CNI result, so logs never go there. Each record is ``{"lev
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from typing import Any, TextIO
+
+from cni_plugin import json_codec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: ``typing`` imports ``re`` (ms per pod sandbox)
+    from typing import Any, TextIO
 
 _LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "none": 100}
 
@@ -41,7 +45,7 @@ class PluginLog:
         record.update(fields)
         self.records.append(record)
         try:
-            self.stream.write(json.dumps(record) + "\n")
+            self.stream.write(json_codec.dumps(record) + "\n")
             self.stream.flush()
         except (OSError, ValueError):
             pass  # a closed stderr must not turn into a failed ADD
