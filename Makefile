@@ -31,7 +31,7 @@ netns: setup
 
 # Istio's ambient walkthrough with bookinfo on the testbed node, torn down at the end
 # (testbed/demo.py). Other backends: make demo DEMO_ARGS='--backend ebpf' (or nftables).
-demo: setup
+demo: setup build/istio-cni
 	$(PY) -m testbed.demo $(DEMO_ARGS)
 
 bench: setup
