@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -83,6 +84,7 @@ class EbpfBackend:
         # listeners (the path Linux < 6.5 takes anyway); for tests and as an escape hatch.
         self.inbound_nat = inbound_nat
         self._variants: dict[str, programs.Pinned] = {}  # open across applies (no reload)
+        self._variants_lock = threading.Lock()  # applies run on several agent threads
 
     # -- protocol ------------------------------------------------------------------------
     def render(self, settings: RedirectSettings) -> str:
@@ -120,6 +122,10 @@ class EbpfBackend:
 
     def _variant(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
         """The variant's programs, kept open while their pins exist (one stat per apply)."""
+        with self._variants_lock:
+            return self._variant_locked(img, settings)
+
+    def _variant_locked(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
         name = programs.variant_name(img, settings, self.inbound_nat)
         cached = self._variants.get(name)
         if cached is not None and (cached.path / "istio_ingress").exists():

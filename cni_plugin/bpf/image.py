@@ -17,6 +17,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,10 +145,19 @@ def _bcc_version() -> str:
 
 
 _loaded: dict[str, ProgramImage] = {}
+# bcc keeps process-wide state (LLVM, its module registry): two compiles at once corrupt the
+# heap. Agents enrol pods on several threads, so loading the image is serialised.
+_lock = threading.Lock()
 
 
 def load_image(cache_dir: str | None = None) -> ProgramImage:
-    """The image for this node: from memory, then ``cache_dir``, else compiled by bcc."""
+    """The image for this node: from memory, then ``cache_dir``, else compiled by bcc.
+    Thread-safe: concurrent callers wait for one compile."""
+    with _lock:
+        return _load_image(cache_dir)
+
+
+def _load_image(cache_dir: str | None) -> ProgramImage:
     key = image_key()
     if key in _loaded:
         return _loaded[key]

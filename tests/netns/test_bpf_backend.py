@@ -297,3 +297,34 @@ def test_original_destination_with_conntrack_active_in_the_pod(pod: Pod) -> None
                     PEER,
                     8443,
                 )
+
+
+def test_concurrent_applies_compile_once_and_all_succeed(
+    make_netns: Callable[[str], str], tmp_path: Path
+) -> None:
+    """An agent enrols pods on several threads: with nothing compiled yet, concurrent
+    applies must not run bcc twice at once (it corrupts its heap) and must all succeed."""
+    skip_if_unavailable()
+    names = [make_netns("bpfconc") for _ in range(4)]
+    pin_root = Path(f"/sys/fs/bpf/icnit-conc-{secrets.token_hex(4)}")
+    backend = EbpfBackend(pin_root=str(pin_root), cache_dir=str(tmp_path))
+    image._loaded.clear()
+    errors: list[BaseException] = []
+
+    def apply(ns: str) -> None:
+        try:
+            backend.apply(f"/run/netns/{ns}", SETTINGS)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=apply, args=(ns,)) for ns in names]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors
+        assert all(backend.check(f"/run/netns/{ns}", SETTINGS).ok for ns in names)
+        assert len(list(tmp_path.glob("redirect-*.json"))) == 1, "compiled once, cached once"
+    finally:
+        shutil.rmtree(pin_root, ignore_errors=True)
