@@ -1,10 +1,11 @@
 """Informers: keep a local copy of pods (of this node) and namespaces, and report changes.
 
 Each :class:`Informer` lists, then watches from the list's resourceVersion; when the watch
-ends it resumes from the last version seen, and on 410 Gone (or any error) it relists and
-turns the difference between its store and the fresh list into synthetic events, so a
-missed delete is still delivered. Handlers run on the informer's thread and must be quick
-(the agent's handlers only enqueue). The list/watch source is a Protocol; the real one is
+ends, or the API server is unreachable, it resumes from the last version seen; on 410 Gone
+(that version is too old) or any other failure it relists and turns the difference between
+its store and the fresh list into synthetic events, so a missed delete is still delivered.
+Handlers run on the informer's thread and must be quick (the agent's handlers only
+enqueue). The list/watch source is a Protocol; the real one is
 :class:`node_agent.kube.KubeApi`.
 """
 
@@ -24,6 +25,10 @@ T = TypeVar("T")
 
 class ResourceExpired(IstioCniError):
     """The watch's resourceVersion is too old (410 Gone): relist."""
+
+
+class ApiUnavailable(IstioCniError):
+    """The API server could not be reached (connection refused, reset, timed out)."""
 
 
 @dataclass(frozen=True)
@@ -94,27 +99,40 @@ class Informer(Generic[T]):
 
     def _run(self) -> None:
         need_list = True
+        failures = 0
         while not self._stop.is_set():
             try:
                 if need_list:
                     self.relist()
                     need_list = False
                 self.watch_once()
+                failures = 0
             except ResourceExpired as e:
                 log.info(
                     "watch expired, relisting",
                     extra={"fields": {"informer": self.name, "reason": str(e)}},
                 )
                 need_list = True
-            except Exception as e:
+            except ApiUnavailable as e:
+                # As client-go's reflector: the server is most likely restarting; relisting
+                # everything would not help, so resume the watch from the last version seen
+                # once it answers (if that version is gone by then, it says 410: relist).
                 self.errors += 1
+                failures += 1
                 log.warning(
-                    "list/watch failed, retrying",
+                    "api server unreachable, will resume the watch",
                     extra={"fields": {"informer": self.name, "error": str(e)}},
                 )
-                # After an error we cannot know what was missed: relist (events are diffed).
-                need_list = True
-                self._stop.wait(self._retry_delay)
+                self._stop.wait(min(self._retry_delay * failures, 5.0))
+            except Exception as e:
+                self.errors += 1
+                failures += 1
+                need_list = True  # unknown failure: we cannot know what was missed
+                log.warning(
+                    "list/watch failed, relisting",
+                    extra={"fields": {"informer": self.name, "error": str(e)}},
+                )
+                self._stop.wait(min(self._retry_delay * failures, 5.0))
 
     def relist(self) -> None:
         """List everything and deliver the difference with the store as events."""

@@ -14,12 +14,13 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.watch import watch as _watch_mod
 
 from cni_plugin import constants as c
 from cni_plugin.errors import ConfigError, IstioCniError
-from node_agent.informers import ResourceExpired, WatchEvent
+from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
 
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -156,6 +157,8 @@ class KubeApi:
                 _request_timeout=(self._timeout, timeout_seconds + 15),
                 **kw,
             )
+        except urllib3.exceptions.HTTPError as e:  # refused, reset, timed out
+            raise ApiUnavailable(f"cannot {what}: {e}") from None
         except Exception as e:
             raise KubeError(f"cannot {what}: {e}") from None
         _check(resp, what)
@@ -175,6 +178,8 @@ class KubeApi:
                 yield WatchEvent(kind, obj)
         except (ResourceExpired, KubeError):
             raise
+        except urllib3.exceptions.HTTPError as e:
+            raise ApiUnavailable(f"{what} interrupted: {e}") from None
         except Exception as e:
             raise KubeError(f"{what} interrupted: {e}") from None
         finally:

@@ -17,7 +17,7 @@ from cni_plugin import constants as c
 from cni_plugin.errors import RedirectionError, ZtunnelUnavailableError
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.informers import ResourceExpired, WatchEvent
+from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
 from node_agent.pod_cache import CachedPod
 
 
@@ -68,12 +68,18 @@ class FakeKube:
         self.expire_next_watch = False
         self.patches: list[tuple[str, str, str | None]] = []
         self.fail_lists = 0
+        self.fail_watches = 0
+        self._history: dict[int, list[tuple[int, WatchEvent]]] = {}
 
     def _bump(self, obj: dict[str, Any]) -> None:
         self.rv += 1
         obj["metadata"]["resourceVersion"] = str(self.rv)
 
     def _emit(self, streams: list[_Stream], kind: str, obj: dict[str, Any]) -> None:
+        ev = WatchEvent(kind, copy.deepcopy(obj))
+        # History per stream list, so a watch from an older resourceVersion replays what it
+        # missed (as the API server's watch cache does).
+        self._history.setdefault(id(streams), []).append((self.rv, ev))
         for s in streams:
             s.q.put(WatchEvent(kind, copy.deepcopy(obj)))
 
@@ -131,13 +137,22 @@ class FakeKube:
         with self._lock:
             return [copy.deepcopy(n) for n in self.namespaces.values()], str(self.rv)
 
-    def _watch(self, streams: list[_Stream], timeout_seconds: int) -> Iterator[WatchEvent]:
+    def _watch(
+        self, streams: list[_Stream], timeout_seconds: int, resource_version: str = ""
+    ) -> Iterator[WatchEvent]:
         with self._lock:
             if self.expire_next_watch:
                 self.expire_next_watch = False
                 raise ResourceExpired("fake 410")
+            if self.fail_watches:
+                self.fail_watches -= 1
+                raise ApiUnavailable("fake watch connection refused")
             s = _Stream()
             streams.append(s)
+            since = int(resource_version) if resource_version.isdigit() else self.rv
+            for rv, old in self._history.get(id(streams), []):
+                if rv > since:
+                    s.q.put(WatchEvent(old.type, copy.deepcopy(old.obj)))
         deadline = time.monotonic() + min(timeout_seconds, 2)
         try:
             while time.monotonic() < deadline:
@@ -155,12 +170,12 @@ class FakeKube:
     def watch_pods(
         self, node_name: str, resource_version: str, timeout_seconds: int
     ) -> Iterator[WatchEvent]:
-        for ev in self._watch(self._pod_streams, timeout_seconds):
+        for ev in self._watch(self._pod_streams, timeout_seconds, resource_version):
             if ev.obj["spec"]["nodeName"] == node_name:
                 yield ev
 
     def watch_namespaces(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
-        return self._watch(self._ns_streams, timeout_seconds)
+        return self._watch(self._ns_streams, timeout_seconds, resource_version)
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:

@@ -127,12 +127,13 @@ class NodeAgent:
                 continue
         return out
 
-    def agent_log(self) -> str:
+    def agent_log(self, tail: int | None = 4000) -> str:
         parts = []
         for i in range(1, self.starts + 1):
             p = self.dir / f"agent-{i}.log"
             if p.exists():
-                parts.append(p.read_text(errors="replace")[-4000:])
+                text = p.read_text(errors="replace")
+                parts.append(text[-tail:] if tail else text)
         return "\n".join(parts)
 
     def cleanup(self) -> None:

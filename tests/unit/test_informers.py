@@ -87,3 +87,21 @@ def test_list_errors_retry_until_the_api_is_back() -> None:
         assert inf.errors == 3 and events == [("add", "a")]
     finally:
         inf.stop()
+
+
+def test_broken_watch_resumes_from_last_version_without_relisting() -> None:
+    kube = FakeKube()
+    kube.put_pod(make_pod("ns", "a"))
+    events: list[tuple[str, str]] = []
+    inf = _informer(kube, events)
+    inf.start()
+    try:
+        assert inf.synced.wait(5)
+        kube.fail_watches = 2
+        kube.drop_watches()  # the current watch ends; the next two attempts fail
+        wait_for(lambda: inf.errors == 2, what="two failed watch attempts")
+        kube.put_pod(make_pod("ns", "b"))
+        wait_for(lambda: ("add", "b") in events, what="b delivered by the resumed watch")
+        assert inf.relists == 1  # never relisted: resumed from the resourceVersion
+    finally:
+        inf.stop()
