@@ -126,6 +126,16 @@ class EbpfBackend:
             return self._variant_locked(img, settings)
 
     def _variant_locked(self, img: ProgramImage, settings: RedirectSettings) -> programs.Pinned:
+        node_dir = programs.node_dir(self.pin_root, img)
+        if not all((node_dir / n).exists() for n in programs.NODE_PINS):
+            # The node objects went (pins removed): programs bound to the old map go too,
+            # so the ones loaded next share the new map with the new getsockopt program.
+            for v in self._variants.values():
+                v.close()
+            self._variants.clear()
+            for d in (self.pin_root / "progs").glob(f"{img.version:08x}-*"):
+                shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(node_dir, ignore_errors=True)
         name = programs.variant_name(img, settings, self.inbound_nat)
         cached = self._variants.get(name)
         if cached is not None and (cached.path / "istio_ingress").exists():
@@ -343,6 +353,10 @@ def _check(
             missing.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
         for idx, d, prog, pid in sorted(present - wanted):
             extra.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
+        node_dir = programs.node_dir(directory.parent.parent, img)
+        for n in programs.NODE_PINS:
+            if not (node_dir / n).exists():
+                missing.append(f"node object {node_dir / n}")
         state = pod.read_state(directory)
         if state is None:
             missing.append(f"pod state map {directory / pod.STATE}")

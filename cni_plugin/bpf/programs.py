@@ -44,6 +44,7 @@ COUNTER_NAMES = (
 )
 CGROUP_GETSOCKOPT = 21
 GETSOCKOPT_LINK = "getsockopt_link"
+NODE_PINS = (*NODE_MAPS, GETSOCKOPT_LINK)
 
 
 def settings_flags(s: RedirectSettings, inbound_nat: bool = False) -> int:
@@ -137,13 +138,17 @@ def load_program(image: ProgramImage, name: str, map_fds: dict[str, int]) -> int
     return syscall.prog_load(ptype, image.instructions(name, fds), name, attach)
 
 
+def node_dir(pin_root: Path, image: ProgramImage) -> Path:
+    """Per build: an upgraded agent's programs never share a map whose layout may differ;
+    pods still on the old build keep the old map and getsockopt program."""
+    return pin_root / f"node-{image.version:08x}"
+
+
 def node_objects(image: ProgramImage, pin_root: Path, cgroup: str) -> Pinned:
     """The node's ``nat`` map, creating it and attaching ``istio_getsockopt`` to
     ``cgroup`` (a cgroup v2 directory) the first time."""
-    # Per build: an upgraded agent's programs never share a map whose layout may differ;
-    # pods still on the old build keep the old map and getsockopt program.
-    final = pin_root / f"node-{image.version:08x}"
-    names = [*NODE_MAPS, GETSOCKOPT_LINK]
+    final = node_dir(pin_root, image)
+    names = list(NODE_PINS)
     if final.is_dir():
         try:
             return _open(final, names)

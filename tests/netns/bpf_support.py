@@ -11,6 +11,7 @@ import atexit
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 PIN_ROOT = f"/sys/fs/bpf/icnit-{os.getpid()}"
@@ -70,8 +71,18 @@ def delete_policy_rule(backend: object, ns: str) -> str:
     return "deleted ip rule pref 32764"
 
 
+def delete_getsockopt_link(backend: object, ns: str) -> str:
+    """Unpin the node's getsockopt link (it detaches): outbound original destinations."""
+    root = Path(str(getattr(backend, "pin_root", PIN_ROOT)))
+    links = list(root.glob("node-*/getsockopt_link"))
+    for link in links:
+        link.unlink()
+    return f"unpinned {', '.join(map(str, links))}"
+
+
 TAMPERS = (
     ("tc-lo", delete_lo_filter),
     ("tc-egress", delete_egress_filter),
     ("policy-rule", delete_policy_rule),
+    ("getsockopt-link", delete_getsockopt_link),
 )

@@ -328,3 +328,25 @@ def test_concurrent_applies_compile_once_and_all_succeed(
         assert len(list(tmp_path.glob("redirect-*.json"))) == 1, "compiled once, cached once"
     finally:
         shutil.rmtree(pin_root, ignore_errors=True)
+
+
+def test_lost_node_objects_are_reported_and_rebuilt_by_apply(pod: Pod) -> None:
+    pod.backend.apply(pod.path, SETTINGS)
+    for link in pod.pin_root.glob("node-*/getsockopt_link"):
+        link.unlink()
+    report = pod.backend.check(pod.path, SETTINGS)
+    assert any("getsockopt_link" in m for m in report.missing), report
+    pod.backend.apply(pod.path, SETTINGS)
+    assert pod.backend.check(pod.path, SETTINGS).ok
+    with _listener(pod.path, 15001) as outbound:
+        app = run_in_netns(pod.path, socket.socket)
+        with app:
+            app.settimeout(5)
+            app.connect((PEER, 8443))
+            conn, _ = outbound.accept()
+            with conn:
+                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, rebuilt
+                assert (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")) == (
+                    PEER,
+                    8443,
+                )
