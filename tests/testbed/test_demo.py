@@ -72,16 +72,7 @@ def run_demo(backend: str, tmp_path: Path) -> tuple[dict[str, Any], str, float, 
     return json.loads(facts_file.read_text()), proc.stdout, elapsed, instance
 
 
-EBPF_CRASH = pytest.mark.xfail(
-    strict=True,
-    reason="the agent (ebpf backend) dies with SIGSEGV in libbcc.so when the label enrolls "
-    "several pods at once (dmesg: segfault in libbcc.so.0.26.0): owned by the eBPF backend",
-)
-
-
-@pytest.mark.parametrize(
-    "backend", ["iptables", "nftables", pytest.param("ebpf", marks=EBPF_CRASH)]
-)
+@pytest.mark.parametrize("backend", ["iptables", "nftables", "ebpf"])
 def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     rules_before = host_rules()
     facts, out, elapsed, instance = run_demo(backend, tmp_path)
