@@ -157,6 +157,15 @@ def test_ten_running_pods_enrolled_on_label_traffic_via_standin_removed_on_unlab
     # Real traffic web-0 -> web-1 goes through the stand-in (outbound capture + HBONE).
     assert http_get(pods.netns("web-0"), ips["web-1"])
     wait(lambda: outbound_to(node_agent, ips["web-1"]), 10, "access log record")
+    # Both legs logged (the inbound one may land a moment later) before counting below.
+    wait(
+        lambda: any(
+            r.get("direction") == "inbound" and r.get("dst.addr") == f"{ips['web-1']}:{PORT}"
+            for r in node_agent.access_records()
+        ),
+        10,
+        "inbound access log record",
+    )
     rec = outbound_to(node_agent, ips["web-1"])[-1]
     assert rec["src.workload"] == "web-0" and rec["dst.workload"] == "web-1"
 
