@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from vagrant.kernel_cache import CachedKernel
-from vagrant.results import KernelResult, read_junit
+from vagrant.results import KernelResult, read_junit, read_progress
 
 # Loaded up front so a missing one shows in the summary rather than as an odd test error.
 # Netfilter pieces cover Istio's rules (mark, connmark, conntrack/CT zones, REDIRECT, TPROXY,
@@ -50,7 +50,8 @@ def guest_script(repo: Path, out: Path, pytest_args: list[str]) -> str:
     python = repo / ".venv" / "bin" / "python"
     pytest = shlex.join(
         [str(python), "-m", "pytest", "-p", "no:cacheprovider", "--junitxml",
-         str(out / "junit.xml"), f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args]
+         str(out / "junit.xml"), "-p", "vagrant.guest_plugin",
+         f"--timeout={GUEST_TEST_TIMEOUT}", *pytest_args]
     )  # fmt: skip
     q = shlex.quote
     # The host root arrives over 9p without caching: every Python import costs many round
@@ -90,6 +91,7 @@ cd {q(str(repo))}
 export PYTHONDONTWRITEBYTECODE=1
 # Everything runs ~10x slower under TCG: tests with fixed deadlines may scale by this.
 export ICNI_TEST_TIME_SCALE={TIME_SCALE}
+export ICNI_VM_PROGRESS={q(str(out / "progress.jsonl"))}
 {pytest}
 rc=$?
 echo "pytest done at uptime: $(up) s"
@@ -99,7 +101,8 @@ echo $rc > {q(str(out / "rc"))}
 
 def _fresh_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("rc", "junit.xml", "guest.log", "modules-missing", "vng.log", "guest.sh"):
+    for name in ("rc", "junit.xml", "progress.jsonl", "guest.log", "modules-missing", "vng.log",
+                 "guest.sh"):  # fmt: skip
         (out / name).unlink(missing_ok=True)
 
 
@@ -110,9 +113,15 @@ def _collect(result: KernelResult, out: Path) -> KernelResult:
     missing = out / "modules-missing"
     if missing.is_file():
         result.missing_modules = missing.read_text().split()
-    junit = out / "junit.xml"
+    junit, progress = out / "junit.xml", out / "progress.jsonl"
     if junit.is_file():
         read_junit(junit, result)
+    elif progress.is_file():
+        read_progress(progress, result)
+        result.error = (
+            f"{result.error + ': ' if result.error else ''}pytest did not finish; counts are "
+            f"the {result.totals.total} tests that did"
+        )
     if result.exit_code is None and not result.error:
         result.error = f"the guest wrote no exit code; see {out}/guest.log and {out}/vng.log"
     elif result.exit_code == 5:

@@ -8,6 +8,7 @@ kernel lacks X" is visible in the summary instead of disappearing into a count.
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -109,6 +110,43 @@ def read_junit(path: Path, result: KernelResult) -> None:
                 reasons[_skip_reason(skip.get("message", ""))] += 1
             else:
                 counts.passed += 1
+    result.by_backend = dict(sorted(by_backend.items()))
+    result.skip_reasons = dict(reasons.most_common())
+
+
+def read_progress(path: Path, result: KernelResult) -> None:
+    """Fill ``result`` from the guest plugin's JSON lines (``vagrant/guest_plugin.py``):
+    what finished when pytest itself did not (no JUnit file)."""
+    outcome: dict[str, str] = {}
+    messages: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by the guest's end
+        node, state = rec["nodeid"], rec["outcome"]
+        result.test_seconds += float(rec.get("duration", 0))
+        # A test counts once: failed beats skipped beats passed, whichever phase said so.
+        if state == "failed" or (state == "skipped" and outcome.get(node) != "failed"):
+            outcome[node] = state
+            messages[node] = rec.get("message", "")
+        else:
+            outcome.setdefault(node, state)
+    by_backend: dict[str, Counts] = {}
+    reasons: Counter[str] = Counter()
+    for node, state in outcome.items():
+        path_part, _, name = node.partition("::")
+        counts = by_backend.setdefault(backend_of(path_part.replace("/", "."), name), Counts())
+        if state == "failed":
+            counts.failed += 1
+            text = messages[node].splitlines()
+            detail = next((ln for ln in text if ln.startswith("E ")), text[-1] if text else "")
+            result.failures.append(f"{node}: {detail.removeprefix('E').strip()}"[:300])
+        elif state == "skipped":
+            counts.skipped += 1
+            reasons[_skip_reason(messages[node].removeprefix("Skipped: "))] += 1
+        else:
+            counts.passed += 1
     result.by_backend = dict(sorted(by_backend.items()))
     result.skip_reasons = dict(reasons.most_common())
 

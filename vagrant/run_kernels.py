@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -127,6 +128,8 @@ def _report(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args, pytest_args = _parse(sys.argv[1:] if argv is None else argv)
+    # SIGTERM as an exception, so a running guest's qemu is killed with us (see guest_run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.report:
         return _report(args.out)
     command = "python -m vagrant.run_kernels " + shlex.join(args.kernels)

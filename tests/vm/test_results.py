@@ -4,6 +4,7 @@ output (produced here by a real pytest run, not written by hand)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,16 @@ from pathlib import Path
 
 from vagrant.guest_run import GUEST_MODULES, guest_script
 from vagrant.kernel_cache import is_release, newest_release, series_of
-from vagrant.results import KernelResult, backend_of, markdown_rows, read_junit, result_from_json
+from vagrant.results import (
+    KernelResult,
+    backend_of,
+    markdown_rows,
+    read_junit,
+    read_progress,
+    result_from_json,
+)
+
+REPO = Path(__file__).resolve().parents[2]
 
 APT_NAMES = [
     "linux-image-6.1.0-9-amd64",
@@ -66,13 +76,18 @@ def test_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
             pass
     """)
     )
-    junit = tmp_path / "junit.xml"
+    junit, progress = tmp_path / "junit.xml", tmp_path / "progress.jsonl"
+    env = dict(os.environ, PYTHONPATH=str(REPO), ICNI_VM_PROGRESS=str(progress))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--rootdir",
-         str(tmp_path), "--junitxml", str(junit), str(tmp_path / "test_sample.py")],
-        capture_output=True, text=True, cwd=tmp_path,
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "vagrant.guest_plugin",
+         "-q", "--rootdir", str(tmp_path), "--junitxml", str(junit),
+         str(tmp_path / "test_sample.py")],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout
+    # The guest plugin's lines (what survives a run cut short) say the same as the JUnit file.
+    partial = KernelResult("6.1.0-56-amd64", "qemu-tcg", None, 12.0)
+    read_progress(progress, partial)
     result = KernelResult("6.1.0-56-amd64", "qemu-tcg", proc.returncode, 12.0)
     read_junit(junit, result)
     counts = {b: (c.passed, c.skipped, c.failed) for b, c in result.by_backend.items()}
@@ -85,6 +100,10 @@ def test_junit_from_a_real_pytest_run(tmp_path: Path) -> None:
     assert result.skip_reasons == {"kernel 6.1 lacks hook X": 1}
     assert len(result.failures) == 1 and "test_rule[nftables]" in result.failures[0]
     assert not result.ok
+    assert partial.by_backend == result.by_backend
+    assert partial.skip_reasons == result.skip_reasons
+    assert len(partial.failures) == 1 and "test_rule[nftables]" in partial.failures[0]
+    assert "boom" in partial.failures[0]
     result.command = "python -m vagrant.run_kernels 6.1"
     result.host_load = (1.5, 3.0)
     rows = markdown_rows([result])
