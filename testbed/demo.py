@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -67,6 +68,7 @@ def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, An
     started = time.monotonic()
     problems = bed.down()
     note(f"node down in {time.monotonic() - started:.1f}s")
+    removed = _uninstall_ebpf_pins(before) if backend == "ebpf" else []
     after = N.HostSnapshot.take()
     markers: tuple[str, ...] = (bed.layout.node_name, str(bed.layout.state_dir))
     if backend == "ebpf":  # only the ebpf backend pins; others' pins are not ours to report
@@ -86,7 +88,34 @@ def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, An
     note(f"processes of the demo still running: {left['processes'] or 'none'}")
     if problems:
         note(f"testbed down reported: {problems}")
-    return {"down_problems": problems, "leftovers": left}
+    return {"down_problems": problems, "leftovers": left, "removed_pins": removed}
+
+
+def _uninstall_ebpf_pins(before: N.HostSnapshot) -> list[str]:
+    """The uninstall step for the ebpf backend: its node-wide pins (programs per variant,
+    the NAT map, the getsockopt link on the host's cgroup root) are kept when the agent
+    exits, by design (rules survive restarts), and ``istio-cni-testbed down`` does not
+    remove them. Only what appeared under the pin root during this run is removed."""
+    root = Path(BPF_PIN_ROOT)
+    if not root.exists():
+        return []
+    new = sorted(
+        (str(q) for q in root.rglob("*") if str(q) not in before.bpffs),
+        key=lambda x: x.count("/"),
+    )
+    tops = [q for q in new if not any(q.startswith(t + "/") for t in new if t != q)]
+    if str(root) not in before.bpffs:
+        tops = [str(root)]
+    if not tops:
+        return []
+    print(f"$ rm -r {' '.join(tops)}    # the ebpf backend's node-wide pins outlive the agent "
+          "by design; uninstalling removes them", flush=True)  # fmt: skip
+    for top in tops:  # what cannot be removed shows in the leftovers right after
+        if Path(top).is_dir():
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            Path(top).unlink(missing_ok=True)
+    return tops
 
 
 def _failure_context(layout: Layout) -> None:
