@@ -16,135 +16,41 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import ConfigError, IstioCniError
-from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent import logs
+from node_agent.adapters import (
+    SERIAL_BACKENDS,
+    KubeAccess,
+    NamespacesListWatch,
+    PodsListWatch,
+    SerialRules,
+    ZdsZtunnel,
+)
 from node_agent.config import AgentConfig
-from node_agent.enrollment import Annotator, Enroller, ProbeSet, Rules
+from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
 from node_agent.host_probe import HostProbe
-from node_agent.informers import Informer, WatchEvent
+from node_agent.informers import Informer
 from node_agent.metrics import AgentMetrics
 from node_agent.netns_finder import NetnsFinder
 from node_agent.plugin_events import PluginEventServer
-from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.pod_cache import PodCache
 from node_agent.pod_controller import PodController
 from node_agent.reconciler import Reconciler
 from node_agent.resources import NamespaceInfo, PodInfo
 from node_agent.state import StateExporter
 from node_agent.work_queue import WorkQueue
-from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+from node_agent.zds_server import ZdsServer
 
 log = logging.getLogger("node_agent.agent")
 
 HELP = "run the node agent: watch pods of this node and keep ambient pods enrolled"
-
-
-class KubeAccess(Annotator, Protocol):
-    """What the agent needs from the API (the real one is :class:`node_agent.kube.KubeApi`)."""
-
-    def list_pods(self, node_name: str) -> tuple[list[dict[str, Any]], str]: ...
-
-    def watch_pods(
-        self, node_name: str, resource_version: str, timeout_seconds: int
-    ) -> Iterator[WatchEvent]: ...
-
-    def list_namespaces(self) -> tuple[list[dict[str, Any]], str]: ...
-
-    def watch_namespaces(
-        self, resource_version: str, timeout_seconds: int
-    ) -> Iterator[WatchEvent]: ...
-
-    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
-
-
-class _Pods:
-    def __init__(self, kube: KubeAccess, node: str) -> None:
-        self.kube, self.node = kube, node
-
-    def list(self) -> tuple[list[dict[str, Any]], str]:
-        return self.kube.list_pods(self.node)
-
-    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
-        return self.kube.watch_pods(self.node, resource_version, timeout_seconds)
-
-
-class _Namespaces:
-    def __init__(self, kube: KubeAccess) -> None:
-        self.kube = kube
-
-    def list(self) -> tuple[list[dict[str, Any]], str]:
-        return self.kube.list_namespaces()
-
-    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
-        return self.kube.watch_namespaces(resource_version, timeout_seconds)
-
-
-# Backends whose libraries are not safe to call from several threads at once (bcc keeps
-# process-wide state: concurrent loads corrupted the heap here). Their calls are serialised.
-SERIAL_BACKENDS = ("ebpf",)
-
-
-class SerialRules:
-    """A backend behind one lock: one apply/remove/check at a time."""
-
-    def __init__(self, inner: Rules) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._lock = threading.Lock()
-
-    def apply(self, netns_path: str, settings: RedirectSettings) -> None:
-        with self._lock:
-            self.inner.apply(netns_path, settings)
-
-    def remove(self, netns_path: str, settings: RedirectSettings) -> None:
-        with self._lock:
-            self.inner.remove(netns_path, settings)
-
-    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
-        with self._lock:
-            return self.inner.check(netns_path, settings)
-
-
-class ZdsZtunnel:
-    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
-
-    def __init__(self, cache: PodCache) -> None:
-        self.cache = cache
-        self.server: ZdsServer | None = None
-
-    @property
-    def connected(self) -> bool:
-        return self.server is not None and self.server.connected
-
-    def add_pod(self, pod: CachedPod, netns_path: str) -> None:
-        from cni_plugin.errors import ZtunnelUnavailableError
-
-        if self.server is None:
-            raise ZtunnelUnavailableError("the ZDS server is not started yet; will retry")
-        self.server.add(
-            pod.uid, netns_path, WorkloadInfo(pod.name, pod.namespace, pod.service_account)
-        )
-
-    def delete(self, uid: str) -> None:
-        if self.server is not None:
-            self.server.delete(uid)
-
-    def snapshot(self) -> list[SnapshotEntry]:
-        out = []
-        for e in self.cache.entries():
-            if e.state not in ("enabled", "pending"):
-                continue
-            info = WorkloadInfo(e.name, e.namespace, e.service_account)
-            out.append(SnapshotEntry(e.uid, info, e.netns_path))
-        return out
 
 
 class Agent:
@@ -197,14 +103,14 @@ class Agent:
         )
         self.pod_informer: Informer[PodInfo] = Informer(
             "pods",
-            _Pods(self.kube, cfg.node_name),
+            PodsListWatch(self.kube, cfg.node_name),
             PodInfo.from_json,
             lambda p: p.uid,
             self._on_pod,
         )
         self.ns_informer: Informer[NamespaceInfo] = Informer(
             "namespaces",
-            _Namespaces(self.kube),
+            NamespacesListWatch(self.kube),
             NamespaceInfo.from_json,
             lambda n: n.name,
             self._on_namespace,

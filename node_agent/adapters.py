@@ -1,0 +1,120 @@
+"""Adapters between the real implementations and the agent's protocols.
+
+- :class:`KubeAccess`: what the agent needs from the API (``KubeApi`` is the real one), and
+  the two list/watch views of it the informers consume (pods of this node, namespaces);
+- :class:`SerialRules`: a redirection backend whose library is not thread-safe, behind a lock;
+- :class:`ZdsZtunnel`: the ZDS server as enrollment's ``Ztunnel``, and the pod cache as the
+  server's snapshot source.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from cni_plugin.errors import ZtunnelUnavailableError
+from cni_plugin.redirection.backend import CheckReport
+from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.enrollment import Annotator, Rules
+from node_agent.informers import WatchEvent
+from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+
+
+class KubeAccess(Annotator, Protocol):
+    """What the agent needs from the API (the real one is :class:`node_agent.kube.KubeApi`)."""
+
+    def list_pods(self, node_name: str) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch_pods(
+        self, node_name: str, resource_version: str, timeout_seconds: int
+    ) -> Iterator[WatchEvent]: ...
+
+    def list_namespaces(self) -> tuple[list[dict[str, Any]], str]: ...
+
+    def watch_namespaces(
+        self, resource_version: str, timeout_seconds: int
+    ) -> Iterator[WatchEvent]: ...
+
+    def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+class PodsListWatch:
+    def __init__(self, kube: KubeAccess, node: str) -> None:
+        self.kube, self.node = kube, node
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        return self.kube.list_pods(self.node)
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
+        return self.kube.watch_pods(self.node, resource_version, timeout_seconds)
+
+
+class NamespacesListWatch:
+    def __init__(self, kube: KubeAccess) -> None:
+        self.kube = kube
+
+    def list(self) -> tuple[list[dict[str, Any]], str]:
+        return self.kube.list_namespaces()
+
+    def watch(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
+        return self.kube.watch_namespaces(resource_version, timeout_seconds)
+
+
+# Backends whose libraries are not safe to call from several threads at once (bcc keeps
+# process-wide state: concurrent loads corrupted the heap here). Their calls are serialised.
+SERIAL_BACKENDS = ("ebpf",)
+
+
+class SerialRules:
+    """A backend behind one lock: one apply/remove/check at a time."""
+
+    def __init__(self, inner: Rules) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._lock = threading.Lock()
+
+    def apply(self, netns_path: str, settings: RedirectSettings) -> None:
+        with self._lock:
+            self.inner.apply(netns_path, settings)
+
+    def remove(self, netns_path: str, settings: RedirectSettings) -> None:
+        with self._lock:
+            self.inner.remove(netns_path, settings)
+
+    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
+        with self._lock:
+            return self.inner.check(netns_path, settings)
+
+
+class ZdsZtunnel:
+    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
+
+    def __init__(self, cache: PodCache) -> None:
+        self.cache = cache
+        self.server: ZdsServer | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.server is not None and self.server.connected
+
+    def add_pod(self, pod: CachedPod, netns_path: str) -> None:
+        if self.server is None:
+            raise ZtunnelUnavailableError("the ZDS server is not started yet; will retry")
+        self.server.add(
+            pod.uid, netns_path, WorkloadInfo(pod.name, pod.namespace, pod.service_account)
+        )
+
+    def delete(self, uid: str) -> None:
+        if self.server is not None:
+            self.server.delete(uid)
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        out = []
+        for e in self.cache.entries():
+            if e.state not in ("enabled", "pending"):
+                continue
+            info = WorkloadInfo(e.name, e.namespace, e.service_account)
+            out.append(SnapshotEntry(e.uid, info, e.netns_path))
+        return out
