@@ -155,6 +155,7 @@ class Enroller:
         # 4. annotation
         if pod.redirection_annotation != c.REDIRECTION_ENABLED:
             self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_ENABLED)
+            entry.annotated_at = time.monotonic()
         step("annotate")
         entry.state, entry.last_error = "enabled", ""
         entry.enrolled_at = time.time()

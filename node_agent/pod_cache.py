@@ -33,6 +33,7 @@ class CachedPod:
     enrolled_at: float = 0.0
     latency_s: float = 0.0
     steps_ms: dict[str, float] = field(default_factory=dict)  # last add, per SPEC step
+    annotated_at: float = 0.0  # monotonic time of our last "enabled" patch
     updated: float = field(default_factory=time.time)
 
     @property

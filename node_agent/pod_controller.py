@@ -39,8 +39,14 @@ class PodReader(Protocol):
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
+# How long our own annotation patch may take to show up in the informer's copy of the pod.
+ANNOTATION_LAG_S = 5.0
+
+
 class Enqueuer(Protocol):
     def add(self, key: str) -> None: ...
+
+    def add_after(self, key: str, delay: float) -> None: ...
 
     def retry(self, key: str) -> float: ...
 
@@ -154,11 +160,18 @@ class PodController:
             entry is not None
             and entry.state == "enabled"
             and entry.netns is not None
-            and pod.redirection_annotation == c.REDIRECTION_ENABLED
             and entry.bypass_inbound == bypass_inbound(pod.annotations)
         ):
-            self._done(uid)
-            return  # already enrolled: nothing to do (the reconciler checks drift)
+            if pod.redirection_annotation == c.REDIRECTION_ENABLED:
+                self._done(uid)
+                return  # already enrolled: nothing to do (the reconciler checks drift)
+            lag = time.monotonic() - entry.annotated_at
+            if lag < ANNOTATION_LAG_S and self.queue is not None:
+                # An event older than our own patch (the informer has not seen it yet):
+                # enrolling again would only repeat work. Look again once it must be there;
+                # if the annotation is still missing then (removed by someone), re-add.
+                self.queue.add_after(uid, ANNOTATION_LAG_S - lag)
+                return
         # New, pending, failed, annotation lost, or the bypass-inbound annotation toggled
         # (the rules variant changes): (re-)add, idempotently.
         netns = self._netns_for(pod)

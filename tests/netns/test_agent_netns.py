@@ -200,6 +200,7 @@ def test_label_enrolls_unlabel_removes_and_skips_are_never_touched(
         assert env.rules_ok(p), f"rules missing in {p.name}"
     adds = {s.uid: s.inode for s in zt.of("add")}
     assert adds == {p.uid: os.stat(p.netns).st_ino for p in pods}
+    assert len(zt.of("add")) == len(pods)  # one enrolment per pod, not one per event
     members = env.probe.members()
     assert {ip: uid for ip, uid in members.items()} == {p.ip: p.uid for p in pods}
     saved = subprocess.run(
