@@ -165,6 +165,7 @@ def run_in_guest(
     nice: int = 19,
 ) -> KernelResult:
     """Boot ``kernel`` under qemu TCG and run pytest with ``pytest_args`` inside."""
+    out, repo = out.resolve(), repo.resolve()
     _fresh_out(out)
     script = out / "guest.sh"
     script.write_text(guest_script(repo, out, pytest_args))

@@ -71,6 +71,9 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="run nothing: print the docs/kernels.md table from OUT/*/summary.json",
     )
     args = p.parse_args(argv)
+    # Absolute: the guest runs elsewhere in the tree, and a results dir inside the checkout
+    # has to be recognised as such (it is moved back above the cached view of the repo).
+    args.out = args.out.resolve()
     if not args.kernels and not args.report:
         p.error("name at least one kernel (or 'all'), or give --report")
     return args, pytest_args
