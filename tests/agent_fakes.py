@@ -141,7 +141,9 @@ class FakeKube:
         self, streams: list[_Stream], timeout_seconds: int, resource_version: str = ""
     ) -> Iterator[WatchEvent]:
         with self._lock:
-            if self.expire_next_watch:
+            # 410 is injected into the pods watch only (the namespaces watch would race
+            # for the flag otherwise).
+            if self.expire_next_watch and streams is self._pod_streams:
                 self.expire_next_watch = False
                 raise ResourceExpired("fake 410")
             if self.fail_watches:
