@@ -105,7 +105,8 @@ def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(
     ln.label_namespace(ns, dict(AMBIENT))
     wait(lambda: all(rig.ann(p) == "enabled" for p in pods), 60, "all enabled", rig.agent)
     for p in pods:
-        assert rules_ok(p, rig.backend), f"rules missing in {p.name}"
+        rep = rig.backend.check(p.netns, SETTINGS)
+        assert rep.ok, f"rules missing in {p.name}: missing={rep.missing} extra={rep.extra}"
     wait(lambda: {p.uid for p in pods} <= rig.proxies(), 30, "stand-in proxies for every pod")
     adds = {e["uid"]: e for e in rig.agent.standin_events("proxy started")}
     for p in pods:
