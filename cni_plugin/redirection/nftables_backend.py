@@ -185,16 +185,18 @@ def _first_line(err: str) -> str:
     return lines[0] if lines else "unknown error"
 
 
-def _our_tables(nft: NftContext) -> set[str]:
+def _our_tables(nft: NftContext) -> list[str]:
+    """Our tables present, in the kernel's listing order (a restore recreates them in that
+    order, so the namespace lists exactly as before)."""
     rc, out, err = nft.cmd("list tables")
     if rc != 0:
         raise RedirectionError(f"listing nftables tables failed: {_first_line(err)}")
-    names = set()
+    names: list[str] = []
     for line in out.splitlines():
         parts = line.split()
         if len(parts) == 3 and parts[0] == "table" and parts[1] == FAMILY:
-            names.add(parts[2])
-    return names & set(INPOD_TABLES)
+            names.append(parts[2])
+    return [n for n in names if n in INPOD_TABLES]
 
 
 ChainListing = dict[str, tuple[str | None, list[str]]]
