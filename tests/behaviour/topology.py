@@ -140,6 +140,12 @@ def _read_line(s: socket.socket) -> str:
 def build(make_netns: Callable[[str], str]) -> Topology:
     """Create the two namespaces, the veth, addresses, routes and all listeners."""
     pod, peer = make_netns("pod"), make_netns("peer")
+    for ns in (pod, peer):
+        # No duplicate address detection: link-local addresses (and their routes) exist as
+        # soon as the link is up, instead of appearing a second later in the middle of a
+        # test that compares the namespace before and after.
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True)  # fmt: skip
     subprocess.run(["ip", "link", "add", "eth0", "netns", pod, "type", "veth",
                     "peer", "name", "eth0", "netns", peer], check=True)  # fmt: skip
     for ns, who in ((pod, POD), (peer, PEER)):
