@@ -2,14 +2,16 @@
 (virtme-ng) over this machine's filesystem, by the runner users call
 (``python -m vagrant.run_kernels``). ``make vm-test`` runs this file.
 
-Slow (a boot is ~15 s, then roughly 10x the host's test time), hence marker ``vm``, which
-``make test`` leaves out. ``ICNI_VM_KERNELS`` picks the kernels (default ``6.1 6.12``).
+Slow (a boot is ~15 s, then 12x to 100x the host's test time), hence marker ``vm``, which
+``make test`` leaves out. ``ICNI_VM_KERNELS`` picks the kernels (default ``6.1 6.12``),
+``ICNI_VM_PYTEST_ARGS`` a pytest selection to run instead of ``-m netns``.
 Each kernel's logs, JUnit file and summary stay in ``build/vm/<release>/``."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.timeout(4 * 3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = os.environ.get("ICNI_VM_KERNELS", "6.1 6.12").split()
+# A pytest selection to run inside instead of the whole netns suite (e.g. a CI smoke subset).
+SELECTION = shlex.split(os.environ.get("ICNI_VM_PYTEST_ARGS", ""))
 
 
 def _run(out: Path, kernel: str, *pytest_args: str) -> tuple[int, dict[str, Any], str]:
@@ -69,7 +73,7 @@ def test_failures_in_the_guest_come_back_out(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_netns_suite_passes_on_another_kernel(kernel: str) -> None:
-    rc, r, output = _run(REPO / "build" / "vm", kernel)
+    rc, r, output = _run(REPO / "build" / "vm", kernel, *SELECTION)
     assert r["kernel"] != os.uname().release and r["backend"] == "qemu-tcg", output
     guest_log = (REPO / "build" / "vm" / r["kernel"] / "guest.log").read_text()
     assert f"guest kernel: {r['kernel']}" in guest_log, guest_log[-2000:]
