@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from cni_plugin.bpf.netlink import Rtnl
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection import policy_routes
@@ -43,6 +44,14 @@ class RuleApplier(Protocol):
 
     def save(self, family: Family) -> str:
         """``iptables-save`` text of the variant this applier writes to."""
+        ...
+
+    def save_all(self, families: list[Family]) -> list[str]:
+        """``save`` of each family (concurrently where the applier can), in order."""
+        ...
+
+    def install_all(self, rulesets: list[RuleSet]) -> None:
+        """``install`` of each rule set; on failure leave none of any of them."""
         ...
 
     def install(self, ruleset: RuleSet) -> None:
@@ -98,13 +107,13 @@ class IptablesBackend:
         except Exception as e:  # netlink, subprocess, ctypes: one clear error, no traceback
             raise RedirectionError(f"{what} in {netns_path} failed: {e}") from None
 
-    def _check_inside(self, settings: RedirectSettings, ipr: Any = None) -> CheckReport:
+    def _check_inside(self, settings: RedirectSettings, ipr: Rtnl | None = None) -> CheckReport:
         missing: list[str] = []
         extra: list[str] = []
         wanted = {f: inpod_rules(settings, f) for f in families(settings)}
-        for fam in (Family.IPV4, Family.IPV6):
-            saved = parse_save(self.applier.save(fam))
-            m, e = diff(wanted.get(fam, RuleSet(fam, ())), saved)
+        both = [Family.IPV4, Family.IPV6]
+        for fam, text in zip(both, self.applier.save_all(both), strict=True):
+            m, e = diff(wanted.get(fam, RuleSet(fam, ())), parse_save(text))
             missing += m
             extra += e
         m, e = policy_routes.check(settings, ipr)
@@ -112,9 +121,10 @@ class IptablesBackend:
             tuple(missing + m), tuple(extra + e), (f"applier: {self.applier.describe()}",)
         )
 
-    def _remove_inside(self, settings: RedirectSettings, ipr: Any = None) -> None:
-        for fam in (Family.IPV4, Family.IPV6):
-            saved = parse_save(self.applier.save(fam))
+    def _remove_inside(self, settings: RedirectSettings, ipr: Rtnl | None = None) -> None:
+        both = [Family.IPV4, Family.IPV6]
+        for fam, text in zip(both, self.applier.save_all(both), strict=True):
+            saved = parse_save(text)
             if saved.holds_ours():
                 self.applier.uninstall(fam, saved)
         policy_routes.uninstall(settings, ipr)
@@ -126,7 +136,7 @@ class IptablesBackend:
 
         self._run(netns_path, "applying redirection", work)
 
-    def _apply_inside(self, netns_path: str, settings: RedirectSettings, ipr: Any) -> None:
+    def _apply_inside(self, netns_path: str, settings: RedirectSettings, ipr: Rtnl) -> None:
         report = self._check_inside(settings, ipr)
         if report.ok:
             log.debug("redirection already in place", extra={"fields": {"netns": netns_path}})
@@ -135,8 +145,7 @@ class IptablesBackend:
             # Part of ours is there (drift or other settings): start from nothing.
             self._remove_inside(settings, ipr)
         try:
-            for fam in families(settings):
-                self.applier.install(inpod_rules(settings, fam))
+            self.applier.install_all([inpod_rules(settings, f) for f in families(settings)])
             policy_routes.install(settings, ipr)
         except BaseException as e:
             # Each step undoes itself; removing everything of ours also undoes the steps

@@ -5,14 +5,16 @@ pod's rules live where the node's tooling looks. The variant is detected once pe
 in the caller's own (host/node) namespace, and logged with the reason. Detection only reads:
 it never creates tables or rules in the host namespace.
 
-Each install is one restore invocation per family; if the kernel rejects any part, whatever
-part was committed is deleted again before the error is raised (atomic per call).
+Each install is one restore invocation per family, the families' processes running
+concurrently (they write disjoint tables); if the kernel rejects any part, whatever part was
+committed is deleted again before the error is raised (atomic per call).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import subprocess
 
@@ -80,30 +82,91 @@ class IptablesRestoreApplier:
         return f"{family.command}-{self.variant}-{verb}"
 
     def _run(self, argv: list[str], stdin: str | None = None) -> str:
+        return self._run_all([(argv, stdin)])[0]
+
+    def _run_all(self, jobs: list[tuple[list[str], str | None]]) -> list[str]:
+        """Run every job at once (one per family: the two restores or saves touch disjoint
+        tables, so they may overlap) and wait for all; stdout of each, in order. The first
+        failure is raised only after every process has been reaped."""
+        procs: list[tuple[list[str], subprocess.Popen[str] | None, str | None]] = []
         try:
-            done = subprocess.run(
-                argv, input=stdin, capture_output=True, text=True, timeout=_TIMEOUT_S
+            for argv, stdin in jobs:
+                procs.append((argv, *self._spawn(argv, stdin)))
+        finally:
+            outs, first_error = [], None
+            for argv, proc, error in procs:
+                out, err = "", error
+                if proc is not None:
+                    out, err = self._reap(argv, proc)
+                if err is not None and first_error is None:
+                    first_error = err
+                outs.append(out)
+        if first_error is not None:
+            raise RedirectionError(first_error)
+        return outs
+
+    @staticmethod
+    def _spawn(
+        argv: list[str], stdin: str | None
+    ) -> tuple[subprocess.Popen[str] | None, str | None]:
+        # The input is written to a pipe before the process starts (a rule set is far
+        # below the pipe's capacity), so several processes can run without a writer thread.
+        rfd = subprocess.DEVNULL
+        if stdin is not None:
+            rfd, wfd = os.pipe()
+            try:
+                os.write(wfd, stdin.encode())
+            finally:
+                os.close(wfd)
+        try:
+            return (
+                subprocess.Popen(
+                    argv, stdin=rfd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                ),
+                None,
             )
         except FileNotFoundError:
-            raise RedirectionError(
-                f"{argv[0]} is not installed: install the iptables package (make setup)"
-            ) from None
+            return None, f"{argv[0]} is not installed: install the iptables package (make setup)"
+        finally:
+            if stdin is not None:
+                os.close(rfd)
+
+    @staticmethod
+    def _reap(argv: list[str], proc: subprocess.Popen[str]) -> tuple[str, str | None]:
+        try:
+            out, err = proc.communicate(timeout=_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise RedirectionError(f"{argv[0]} did not finish within {_TIMEOUT_S:.0f}s") from None
-        if done.returncode != 0:
-            raise RedirectionError(f"{argv[0]} failed: {done.stderr.strip() or done.returncode}")
-        return done.stdout
+            proc.kill()
+            proc.communicate()
+            return "", f"{argv[0]} did not finish within {_TIMEOUT_S:.0f}s"
+        if proc.returncode != 0:
+            return out, f"{argv[0]} failed: {err.strip() or proc.returncode}"
+        return out, None
 
     def save(self, family: Family) -> str:
         return self._run([self._cmd(family, "save")])
 
+    def save_all(self, families: list[Family]) -> list[str]:
+        """``save`` of each family, the processes running concurrently."""
+        return self._run_all([([self._cmd(f, "save")], None) for f in families])
+
     def install(self, ruleset: RuleSet) -> None:
-        text = ruleset.restore_text() + "\n"
+        self.install_all([ruleset])
+
+    def install_all(self, rulesets: list[RuleSet]) -> None:
+        """``install`` of each family's rule set, the restores running concurrently; on any
+        failure every family's rules that made it in are deleted again."""
+        jobs: list[tuple[list[str], str | None]] = [
+            ([self._cmd(rs.family, "restore"), "--noflush", "-w", "5"], rs.restore_text() + "\n")
+            for rs in rulesets
+        ]
         try:
-            self._run([self._cmd(ruleset.family, "restore"), "--noflush", "-w", "5"], text)
+            self._run_all(jobs)
         except RedirectionError:
-            # Legacy commits table by table: undo any table that made it in.
-            self.uninstall(ruleset.family, parse_save(self.save(ruleset.family)))
+            # Legacy commits table by table, and one family may have succeeded: undo all.
+            fams = [rs.family for rs in rulesets]
+            for fam, text in zip(fams, self.save_all(fams), strict=True):
+                self.uninstall(fam, parse_save(text))
             raise
 
     def uninstall(self, family: Family, saved: SavedTables) -> None:

@@ -153,6 +153,15 @@ class PythonIptablesApplier:
             raise RedirectionError(f"{cmd} failed: {done.stderr.strip()}")
         return done.stdout
 
+    def save_all(self, families: list[Family]) -> list[str]:
+        return [self.save(f) for f in families]
+
+    def install_all(self, rulesets: list[RuleSet]) -> None:
+        """One family after the other (libiptc in process; the backend undoes a partial
+        apply when a later family fails)."""
+        for rs in rulesets:
+            self.install(rs)
+
     def install(self, ruleset: RuleSet) -> None:
         iptc = _iptc()
         committed: list[str] = []
