@@ -60,6 +60,18 @@ def _list(env: Mapping[str, str], name: str, default: tuple[str, ...]) -> tuple[
     return tuple(x.strip() for x in raw.split(",") if x.strip())
 
 
+def _fallback(env: Mapping[str, str]) -> str:
+    raw = (env.get("AMBIENT_REDIRECT_FALLBACK") or "").strip().lower()
+    if raw in ("", "none"):
+        return ""
+    if raw not in ("iptables", "nftables"):
+        raise ConfigError(
+            f"AMBIENT_REDIRECT_FALLBACK={raw!r}: set iptables, nftables or none (refuse to "
+            "start when the ebpf backend cannot run here)"
+        )
+    return raw
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything the running agent reads from its environment."""
@@ -90,7 +102,14 @@ class AgentConfig:
     # Where host-side probe rules go; empty = the namespace the agent runs in (the node).
     node_netns: str = ""
     kubeconfig: str = ""
+    # Redirection backend (iptables, nftables, ebpf) and what to do when ebpf cannot run
+    # here: "" = refuse to start, "iptables"/"nftables" = use that instead (logged).
     backend: str = "iptables"
+    backend_fallback: str = ""
+    # eBPF backend: pin root on the host's bpffs (mounted into the agent) and the host's
+    # cgroup v2 root as mounted into the agent ("" = autodetect, right outside a container).
+    bpf_pin_root: str = "/sys/fs/bpf/istio-cni"
+    host_cgroup2_root: str = ""
     reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS
     workers: int = 8
     install_cni: bool = False
@@ -128,7 +147,13 @@ class AgentConfig:
             host_netns=e.get("HOST_NETNS") or "/proc/self/ns/net",
             node_netns=e.get("NODE_NETNS", ""),
             kubeconfig=e.get("KUBECONFIG", ""),
-            backend=e.get("REDIRECTION_BACKEND") or "iptables",
+            # AMBIENT_REDIRECT_MODE pairs with the Helm value ambient.redirectMode (the
+            # name Istio 1.18-1.20 used for its own iptables|ebpf choice);
+            # REDIRECTION_BACKEND is the older name, still read (bench, rendered manifests).
+            backend=e.get("AMBIENT_REDIRECT_MODE") or e.get("REDIRECTION_BACKEND") or "iptables",
+            backend_fallback=_fallback(e),
+            bpf_pin_root=e.get("AMBIENT_EBPF_PIN_ROOT") or "/sys/fs/bpf/istio-cni",
+            host_cgroup2_root=e.get("HOST_CGROUP2_ROOT", ""),
             reconcile_seconds=_float(e, "RECONCILE_PERIOD_SECONDS", DEFAULT_RECONCILE_SECONDS),
             workers=_int(e, "AGENT_WORKERS", 8),
             install_cni=_bool(e, "INSTALL_CNI", False),

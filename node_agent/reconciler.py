@@ -75,6 +75,7 @@ class Reconciler:
         wants: Callable[[PodInfo], bool],
         period: float = 60.0,
         on_repair: Callable[[str], None] = lambda reason: None,
+        after_pass: Callable[[], object] | None = None,
     ) -> None:
         self.pods = pods
         self.cache = cache
@@ -85,6 +86,8 @@ class Reconciler:
         self.wants = wants
         self.period = period
         self.on_repair = on_repair
+        # Backend housekeeping once per pass (ebpf: delete pins of pods gone without DEL).
+        self.after_pass = after_pass
         self.checks: dict[str, dict[str, Any]] = {}
         self.last_pass: PassReport | None = None
         self._stop = threading.Event()
@@ -147,6 +150,11 @@ class Reconciler:
                 )
         for uid in [u for u in self.checks if u not in self.cache]:
             del self.checks[uid]  # pods gone since: keep the record bounded
+        if self.after_pass is not None:
+            try:
+                self.after_pass()
+            except (OSError, IstioCniError) as e:
+                log.warning("backend housekeeping failed", extra={"fields": {"error": str(e)}})
         report.seconds = time.monotonic() - t0
         self.last_pass = report
         log.info(

@@ -16,12 +16,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import ConfigError, IstioCniError
-from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent import logs
 from node_agent.adapters import (
@@ -32,6 +32,8 @@ from node_agent.adapters import (
     SerialRules,
     ZdsZtunnel,
 )
+from node_agent.backend_selection import select_backend
+from node_agent.bpf_pins import PinPruner
 from node_agent.config import AgentConfig
 from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
@@ -47,6 +49,9 @@ from node_agent.resources import NamespaceInfo, PodInfo
 from node_agent.state import StateExporter
 from node_agent.work_queue import WorkQueue
 from node_agent.zds_server import ZdsServer
+
+if TYPE_CHECKING:
+    from cni_plugin.bpf.backend import EbpfBackend
 
 log = logging.getLogger("node_agent.agent")
 
@@ -64,14 +69,21 @@ class Agent:
         rules: Rules | None = None,
         probes: ProbeSet | None = None,
         installer: Any = None,
+        is_upgrade: Callable[[], bool] | None = None,
     ) -> None:
         self.cfg = cfg
+        # Chosen first: an unusable backend refuses the start before anything is created.
+        self.ebpf: EbpfBackend | None = None
+        if rules is None:
+            selection = select_backend(cfg)
+            rules, self.ebpf = selection.rules, selection.ebpf
+        self.rules: Rules = rules
         if kube is None:
             from node_agent.kube import KubeApi
 
             kube = KubeApi(cfg.kubeconfig)
         self.kube = kube
-        self.rules: Rules = rules if rules is not None else make_backend(cfg.backend)
+        self._is_upgrade = is_upgrade or self._daemonset_still_present
         if self.rules.name in SERIAL_BACKENDS:
             self.rules = SerialRules(self.rules)
         self.host_probe: HostProbe | None = None
@@ -140,6 +152,7 @@ class Agent:
             wants=self.controller.wants,
             period=cfg.reconcile_seconds,
             on_repair=lambda reason: self.metrics.repairs.labels(reason=reason).inc(),
+            after_pass=self._prune_pins() if self.ebpf is not None else None,
         )
         self.zds: ZdsServer | None = None
         self.plugin_server = PluginEventServer(
@@ -160,6 +173,21 @@ class Agent:
         self._install_seen: dict[str, int] = {}
 
     # -- wiring helpers -------------------------------------------------------------------
+    def _prune_pins(self) -> Callable[[], object]:
+        assert self.ebpf is not None
+        pruner = PinPruner(
+            self.ebpf,
+            self.cfg.proc_root,
+            self.cfg.netns_dir,
+            held=lambda: [e.netns_inode for e in self.cache.entries()],
+        )
+        return pruner.run
+
+    def _daemonset_still_present(self) -> bool:
+        from install.teardown import is_upgrade
+
+        return is_upgrade(self.cfg.pod_namespace)
+
     def settings_for(self, pod: PodInfo) -> RedirectSettings:
         from cni_plugin.enablement import bypass_inbound
 
@@ -248,10 +276,37 @@ class Agent:
         self.state.stop()
         self.health.stop()
         self.metrics.stop()
+        # Uninstall or upgrade: decided once (SPEC §7, as the installer does) for both the
+        # installer's files and the ebpf backend's node-wide objects.
+        uninstall = None
+        if self.installer is not None or self.ebpf is not None:
+            uninstall = not self._is_upgrade()
         if self.installer is not None:
-            self.installer.stop()
+            self.installer.stop(uninstall=uninstall)
+        if self.ebpf is not None and uninstall:
+            self._uninstall_ebpf()
         self.cache.close()
         log.info("agent stopped; pod rules left in place")
+
+    def _uninstall_ebpf(self) -> None:
+        assert self.ebpf is not None
+        try:
+            removed = self.ebpf.uninstall_node()
+        except OSError as e:
+            log.warning(
+                "could not remove the ebpf node objects", extra={"fields": {"error": str(e)}}
+            )
+            return
+        if removed:
+            log.info(
+                "uninstall: ebpf node objects removed",
+                extra={"fields": {"pin_root": str(self.ebpf.pin_root)}},
+            )
+        else:
+            log.warning(
+                "uninstall: ebpf node objects kept, pods still redirected by them",
+                extra={"fields": {"pods": len(self.ebpf.pinned_pods())}},
+            )
 
     # -- state export ---------------------------------------------------------------------
     def sync_install_metrics(self) -> None:

@@ -177,15 +177,24 @@ class EbpfBackend:
     def probe(self) -> Availability:
         return probe(str(self.pin_root), self.cache_dir, self.cgroup)
 
-    def prune(self, live_netns_inodes: set[int]) -> list[int]:
-        """Delete the pins of pods whose namespace is gone (the agent removes rules only from
-        pods that still exist): every ``pods/<inode>`` not in ``live_netns_inodes``."""
-        pruned: list[int] = []
+    def pinned_pods(self) -> set[int]:
+        """Netns inodes of the pods that have pins (``pods/<inode>``)."""
         pods = self.pin_root / "pods"
-        for d in pods.iterdir() if pods.is_dir() else []:
-            if d.name.isdigit() and int(d.name) not in live_netns_inodes:
-                pod.delete(d)
-                pruned.append(int(d.name))
+        return {int(d.name) for d in (pods.iterdir() if pods.is_dir() else []) if d.name.isdigit()}
+
+    def prune(self, live_netns_inodes: set[int], candidates: set[int] | None = None) -> list[int]:
+        """Delete the pins of pods whose namespace is gone (the agent removes rules only from
+        pods that still exist): every ``pods/<inode>`` not in ``live_netns_inodes``.
+
+        ``candidates`` (from :meth:`pinned_pods`, taken *before* the live namespaces were
+        listed) limits the deletion to pins that existed then, so a pod enrolled while the
+        caller was listing namespaces is never pruned."""
+        pruned: list[int] = []
+        for inode in sorted(self.pinned_pods()):
+            if inode in live_netns_inodes or (candidates is not None and inode not in candidates):
+                continue
+            pod.delete(self.pin_root / "pods" / str(inode))
+            pruned.append(inode)
         return pruned
 
     def uninstall_node(self) -> bool:

@@ -100,3 +100,28 @@ def test_pods_table_shape() -> None:
     assert lines[1].split() == ["a", "p0", "-", "n", "TCP", "-", "opted-out"]
     assert lines[2].split() == ["a", "p1", "10.0.0.1", "n", "HBONE", "iptables", "enabled"]
     assert lines[3].split() == ["b", "p2", "10.0.0.2", "n", "TCP", "iptables", "pending"]
+
+
+def test_backend_settings_istio_names() -> None:
+    """AMBIENT_REDIRECT_MODE (Helm ambient.redirectMode) wins over the older
+    REDIRECTION_BACKEND; AMBIENT_REDIRECT_FALLBACK takes iptables, nftables or none."""
+    base = {"NODE_NAME": "n1"}
+    cfg = AgentConfig.from_env(base)
+    assert (cfg.backend, cfg.backend_fallback) == ("iptables", "")
+    assert cfg.bpf_pin_root == "/sys/fs/bpf/istio-cni" and cfg.host_cgroup2_root == ""
+    assert AgentConfig.from_env({**base, "REDIRECTION_BACKEND": "nftables"}).backend == "nftables"
+    cfg = AgentConfig.from_env(
+        {
+            **base,
+            "AMBIENT_REDIRECT_MODE": "ebpf",
+            "REDIRECTION_BACKEND": "nftables",
+            "AMBIENT_REDIRECT_FALLBACK": "IPTables",
+            "AMBIENT_EBPF_PIN_ROOT": "/sys/fs/bpf/x",
+            "HOST_CGROUP2_ROOT": "/host/sys/fs/cgroup",
+        }
+    )
+    assert (cfg.backend, cfg.backend_fallback) == ("ebpf", "iptables")
+    assert (cfg.bpf_pin_root, cfg.host_cgroup2_root) == ("/sys/fs/bpf/x", "/host/sys/fs/cgroup")
+    assert AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "none"}).backend_fallback == ""
+    with pytest.raises(ConfigError, match="AMBIENT_REDIRECT_FALLBACK='ebpf'"):
+        AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "ebpf"})

@@ -210,3 +210,51 @@ def test_containerfile_ships_agent_and_plugin() -> None:
     from install.config import InstallConfig
 
     assert InstallConfig().cni_bin_source_dir == "/opt/cni/bin"  # where the image puts it
+
+
+def _rendered(values: dict[str, Any]) -> list[dict[str, Any]]:
+    return docs("\n---\n".join(render_manifests.render(values, "istio-cni").values()))
+
+
+def test_backend_values_reach_the_agent_config() -> None:
+    """ambient.redirectMode / redirectFallback / ebpfPinRoot / hostCgroup2Root become the
+    environment the agent reads; BPF, PERFMON, bpffs and the host cgroup v2 root only with
+    the ebpf backend (SPEC §8)."""
+    from node_agent.config import AgentConfig
+
+    plain = _rendered({"profile": "ambient"})
+    (cm,) = by_kind(plain, "ConfigMap")
+    assert cm["data"]["AMBIENT_REDIRECT_MODE"] == "iptables"
+    assert not {"AMBIENT_REDIRECT_FALLBACK", "AMBIENT_EBPF_PIN_ROOT", "HOST_CGROUP2_ROOT"} & set(
+        cm["data"]
+    )
+    (ds,) = by_kind(plain, "DaemonSet")
+    c = ds["spec"]["template"]["spec"]["containers"][0]
+    assert not {"BPF", "PERFMON"} & set(c["securityContext"]["capabilities"]["add"])
+    assert not {"/sys/fs/bpf", "/host/sys/fs/cgroup"} & {m["mountPath"] for m in c["volumeMounts"]}
+
+    ebpf = _rendered(
+        {
+            "profile": "ambient",
+            "ambient": {
+                "redirectMode": "ebpf",
+                "redirectFallback": "iptables",
+                "hostCgroup2Root": "/sys/fs/cgroup/unified",
+            },
+        }
+    )
+    (cm,) = by_kind(ebpf, "ConfigMap")
+    cfg = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"})
+    assert (cfg.backend, cfg.backend_fallback) == ("ebpf", "iptables")
+    assert cfg.bpf_pin_root == "/sys/fs/bpf/istio-cni"
+    assert cfg.host_cgroup2_root == "/host/sys/fs/cgroup"
+    (ds,) = by_kind(ebpf, "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    assert c["securityContext"]["capabilities"]["add"][-2:] == ["BPF", "PERFMON"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["bpffs"]["mountPath"] == "/sys/fs/bpf"
+    assert mounts["host-cgroup2"]["mountPath"] == cfg.host_cgroup2_root
+    assert cfg.bpf_pin_root.startswith(mounts["bpffs"]["mountPath"] + "/")
+    paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    assert paths["bpffs"] == "/sys/fs/bpf" and paths["host-cgroup2"] == "/sys/fs/cgroup/unified"
