@@ -122,6 +122,8 @@ def test_backend_settings_istio_names() -> None:
     )
     assert (cfg.backend, cfg.backend_fallback) == ("ebpf", "iptables")
     assert (cfg.bpf_pin_root, cfg.host_cgroup2_root) == ("/sys/fs/bpf/x", "/host/sys/fs/cgroup")
-    assert AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "none"}).backend_fallback == ""
+    assert (
+        AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "none"}).backend_fallback == ""
+    )
     with pytest.raises(ConfigError, match="AMBIENT_REDIRECT_FALLBACK='ebpf'"):
         AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "ebpf"})
