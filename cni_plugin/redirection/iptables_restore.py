@@ -16,6 +16,8 @@ import functools
 import logging
 import os
 import re
+import socket
+import struct
 import subprocess
 
 from cni_plugin.errors import ConfigError, RedirectionError
@@ -26,6 +28,68 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("legacy", "nft")
 _TIMEOUT_S = 30.0
+
+NETLINK_NETFILTER = 12
+_NFT_MSG_GETTABLE = (10 << 8) | 1  # NFNL_SUBSYS_NFTABLES, NFT_MSG_GETTABLE
+_NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+# Per family: the nf_tables family iptables-nft writes, the legacy /proc table list.
+_NFPROTO = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
+_LEGACY_NAMES = {
+    Family.IPV4: "/proc/thread-self/net/ip_tables_names",
+    Family.IPV6: "/proc/thread-self/net/ip6_tables_names",
+}
+
+
+def _nft_table_families() -> set[int] | None:
+    """The nf_tables families that have at least one table in the calling thread's
+    namespace (one netlink dump), or None when that cannot be read."""
+    try:
+        with socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        ) as sock:
+            sock.bind((0, 0))
+            body = struct.pack("BBH", socket.AF_UNSPEC, 0, 0)
+            hdr = struct.pack(
+                "IHHII", 16 + len(body), _NFT_MSG_GETTABLE, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
+            )
+            sock.send(hdr + body)
+            found: set[int] = set()
+            while True:
+                data = sock.recv(1 << 16)
+                off = 0
+                while off + 16 <= len(data):
+                    n, mtype = struct.unpack_from("IH", data, off)
+                    if mtype == _NLMSG_DONE:
+                        return found
+                    if mtype == _NLMSG_ERROR or n < 20:
+                        return None
+                    found.add(data[off + 16])  # nfgenmsg.nfgen_family
+                    off += (n + 3) & ~3
+                if not data:
+                    return None
+    except OSError:
+        return None
+
+
+def _holds_no_tables(variant: str, families: list[Family]) -> list[bool]:
+    """Per family: True only when the calling thread's namespace certainly has no table of
+    that family in ``variant`` (so its save is empty and need not be run). Unknown = False."""
+    if variant == "nft":
+        present = _nft_table_families()
+        if present is None:
+            return [False] * len(families)
+        return [_NFPROTO[f] not in present for f in families]
+    out = []
+    for f in families:
+        try:
+            with open(_LEGACY_NAMES[f], encoding="ascii") as names:
+                out.append(not names.read().strip())
+        except FileNotFoundError:
+            out.append(True)  # the family's legacy tables module is not even loaded
+        except OSError:
+            out.append(False)
+    return out
 
 
 def _rule_count(cmd: str) -> int:
@@ -147,8 +211,13 @@ class IptablesRestoreApplier:
         return self._run([self._cmd(family, "save")])
 
     def save_all(self, families: list[Family]) -> list[str]:
-        """``save`` of each family, the processes running concurrently."""
-        return self._run_all([([self._cmd(f, "save")], None) for f in families])
+        """``save`` of each family, the processes running concurrently. A family with no
+        table at all in the namespace (every fresh pod) saves as empty text without a
+        process: the save would print nothing either."""
+        empty = _holds_no_tables(self.variant, families)
+        need = [f for f, e in zip(families, empty, strict=True) if not e]
+        texts = iter(self._run_all([([self._cmd(f, "save")], None) for f in need]))
+        return ["" if e else next(texts) for e in empty]
 
     def install(self, ruleset: RuleSet) -> None:
         self.install_all([ruleset])

@@ -127,3 +127,27 @@ def test_host_probe_rule_installs_checks_and_removes(
         return out
 
     assert run_in_netns(f"/run/netns/{ns}", work) == [([], []), ([], [])]
+
+
+@pytest.mark.parametrize("variant", ["nft", "legacy"])
+def test_save_skipped_only_when_the_namespace_has_no_tables(
+    make_netns: Callable[[str], str], variant: str
+) -> None:
+    """``save_all`` answers an empty save without a process only when there really is no
+    table of the family: after an IPv4-only apply the IPv4 save is real, the IPv6 one empty."""
+    from cni_plugin.netns import run_in_netns
+    from cni_plugin.redirection.iptables_restore import IptablesRestoreApplier, _holds_no_tables
+
+    ns = make_netns("ipt")
+    path = f"/run/netns/{ns}"
+    both = [Family.IPV4, Family.IPV6]
+    assert run_in_netns(path, lambda: _holds_no_tables(variant, both)) == [True, True]
+    backend = IptablesBackend(IptablesRestoreApplier(variant))
+    backend.apply(path, RedirectSettings(ipv6=False))
+    assert run_in_netns(path, lambda: _holds_no_tables(variant, both)) == [False, True]
+    texts = run_in_netns(path, lambda: backend.applier.save_all(both))
+    # Parsed: the save's header comments carry a timestamp.
+    assert parse_save(texts[0]) == parse_save(_save(ns, variant, Family.IPV4))
+    assert _save(ns, variant, Family.IPV6) == ""
+    assert parse_save(texts[0]).holds_ours() and texts[1] == ""
+    assert backend.check(path, RedirectSettings(ipv6=False)).ok
