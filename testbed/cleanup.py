@@ -6,6 +6,7 @@ only by what a state file says, and remove it in dependency order:
 1. processes: recorded daemon pids; every process whose mount or network namespace is the
    node's (containerd shims, the agent, strays); every process in the node's cgroup root
    (containers) -- SIGTERM, short grace, SIGKILL;
+   then the instance's ebpf pin root (``Layout.bpf_pin_root``), whatever a crash left;
 2. cgroups: ``<hierarchy>/icni-tb`` in every hierarchy, depth-first;
 3. mounts: the mount-namespace file and its private self-bind, anything else under the state
    dir in the host's mount table;
@@ -190,9 +191,21 @@ def recorded_pids(layout: Layout) -> list[int]:
     return sorted(pids)
 
 
+def remove_bpf_pins(layout: Layout) -> list[str]:
+    """The instance's ebpf pin root (programs, maps, per-pod state, the getsockopt link on
+    the host's cgroup root). Removing a pin drops the object once no process holds it, and
+    the node's processes are gone by now, so the link detaches as its pin goes."""
+    root = layout.bpf_pin_root
+    if not root.exists():
+        return []
+    shutil.rmtree(root, ignore_errors=True)
+    return [f"bpffs {root} remains"] if root.exists() else []
+
+
 def teardown(layout: Layout) -> list[str]:
     """Remove everything of the node; returns a list of problems (empty = all gone)."""
     problems = kill_processes(layout, recorded_pids(layout))
+    problems += remove_bpf_pins(layout)
     problems += remove_cgroups(layout)
     problems += unmount_all(layout)
     problems += remove_netns(layout)
@@ -211,6 +224,8 @@ def leftovers(layout: Layout) -> list[str]:
     out += [f"mount {m}" for m in mounts_under(layout.state_dir)]
     if layout.node_netns.exists():
         out.append(f"netns {layout.node_netns}")
+    if layout.bpf_pin_root.exists():
+        out.append(f"bpffs {layout.bpf_pin_root}")
     if layout.state_dir.exists():
         out.append(f"dir {layout.state_dir}")
     return out

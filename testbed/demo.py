@@ -32,7 +32,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -48,7 +47,6 @@ from testbed.mesh import MeshUnavailable
 from testbed.node import BACKENDS, Testbed, TestbedError
 
 INSTANCE = "demo"
-BPF_PIN_ROOT = "/sys/fs/bpf/istio-cni"
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -61,18 +59,19 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
 
 
 def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, Any]:
-    """Step 9: bring the node down; compare the host with the snapshot taken before step 1."""
+    """Step 9: bring the node down; compare the host with the snapshot taken before step 1.
+
+    The ebpf backend's pins (programs, NAT map, the getsockopt link on the host's cgroup
+    root) live under a pin root private to this testbed instance, named after the node
+    (``Layout.bpf_pin_root``), which ``down`` removes: nothing ebpf-specific to do here."""
     heading(9, "Everything torn down: the host's namespaces, rules, bpffs and processes are "
                "as before the demo")  # fmt: skip
     print("$ istio-cni-testbed down", flush=True)
     started = time.monotonic()
     problems = bed.down()
     note(f"node down in {time.monotonic() - started:.1f}s")
-    removed = _uninstall_ebpf_pins(before) if backend == "ebpf" else []
     after = N.HostSnapshot.take()
     markers: tuple[str, ...] = (bed.layout.node_name, str(bed.layout.state_dir))
-    if backend == "ebpf":  # only the ebpf backend pins; others' pins are not ours to report
-        markers += (BPF_PIN_ROOT,)
     left = N.leftovers(before, after, markers)
     note(
         f"ip netns: {len(after.netns)} namespaces, new ones of the demo: {left['netns'] or 'none'}"
@@ -80,42 +79,13 @@ def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, An
     changed = ", ".join(left["host_rules_changed"]) or "unchanged"
     note(f"host rules (iptables-save, legacy, ip6tables, nft list ruleset): {changed}")
     note(f"/sys/fs/bpf: new entries of the demo: {left['bpffs'] or 'none'}")
-    shared = [b for b in before.bpffs if b.startswith(BPF_PIN_ROOT + "/node-")]
-    if backend == "ebpf" and shared:
-        # The ebpf backend's node-wide pins (NAT map, getsockopt link) are made once per host
-        # and kept when an agent exits; ones there before the demo cannot be told apart.
-        note(f"  (already there before the demo, so not judged: {', '.join(shared)})")
+    if backend == "ebpf":
+        pins = bed.layout.bpf_pin_root
+        note(f"  the agent's pin root {pins}: {'still there' if pins.exists() else 'removed'}")
     note(f"processes of the demo still running: {left['processes'] or 'none'}")
     if problems:
         note(f"testbed down reported: {problems}")
-    return {"down_problems": problems, "leftovers": left, "removed_pins": removed}
-
-
-def _uninstall_ebpf_pins(before: N.HostSnapshot) -> list[str]:
-    """The uninstall step for the ebpf backend: its node-wide pins (programs per variant,
-    the NAT map, the getsockopt link on the host's cgroup root) are kept when the agent
-    exits, by design (rules survive restarts), and ``istio-cni-testbed down`` does not
-    remove them. Only what appeared under the pin root during this run is removed."""
-    root = Path(BPF_PIN_ROOT)
-    if not root.exists():
-        return []
-    new = sorted(
-        (str(q) for q in root.rglob("*") if str(q) not in before.bpffs),
-        key=lambda x: x.count("/"),
-    )
-    tops = [q for q in new if not any(q.startswith(t + "/") for t in new if t != q)]
-    if str(root) not in before.bpffs:
-        tops = [str(root)]
-    if not tops:
-        return []
-    print(f"$ rm -r {' '.join(tops)}    # the ebpf backend's node-wide pins outlive the agent "
-          "by design; uninstalling removes them", flush=True)  # fmt: skip
-    for top in tops:  # what cannot be removed shows in the leftovers right after
-        if Path(top).is_dir():
-            shutil.rmtree(top, ignore_errors=True)
-        else:
-            Path(top).unlink(missing_ok=True)
-    return tops
+    return {"down_problems": problems, "leftovers": left}
 
 
 def _failure_context(layout: Layout) -> None:

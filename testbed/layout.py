@@ -28,6 +28,7 @@ STATE_DIR = Path(os.environ.get("ISTIO_CNI_TESTBED_DIR", "/var/tmp/icni-tb"))
 DEFAULT_INSTANCE = "node"
 CNI_PLUGINS_DIR = Path("/usr/lib/cni")
 CGROUP_FS = Path("/sys/fs/cgroup")
+BPF_FS = Path("/sys/fs/bpf")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,13 @@ class Layout:
             netns_name=name,
             cgroup_root=f"/{name}",
         )
+
+    @property
+    def bpf_pin_root(self) -> Path:
+        """The ebpf backend's pin root of this instance's agent, on the host's bpffs: private
+        to the instance, so ``down`` removes exactly what this node's agents pinned (and the
+        getsockopt link on the host cgroup root goes with its pin)."""
+        return BPF_FS / f"istio-cni-{self.node_name}"
 
     @property
     def lock_file(self) -> Path:

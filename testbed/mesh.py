@@ -73,7 +73,11 @@ def mesh_env(info: dict[str, Any], backend: str) -> dict[str, str]:
         "CNI_BIN_TARGET_DIRS": info["cni_bin_dir"],
         "HOST_PROC": "/proc",
         "HOST_NETNS_DIR": info["cni_netns_dir_in_node"],
-        "REDIRECTION_BACKEND": backend,
+        "AMBIENT_REDIRECT_MODE": backend,
+        # The ebpf backend pins under a root private to this testbed instance (down removes
+        # it); the host's cgroup v2 root is visible as is in the node's mount namespace.
+        "AMBIENT_EBPF_PIN_ROOT": info.get("bpf_pin_root")
+        or f"/sys/fs/bpf/istio-cni-{info['node']}",
         "AMBIENT_ENABLED": "true",
         "CHAINED_CNI_PLUGIN": "true",
     }

@@ -392,6 +392,7 @@ class Testbed:
             "kubernetes_version": bins.version,
             "kubectl": str(bins.path("kubectl")),
             "backend": backend,
+            "bpf_pin_root": str(lay.bpf_pin_root),
             "mesh": mesh,
             "pids": dict(self._launcher.pids),
         }

@@ -18,6 +18,7 @@ from bench.agent_light_pods import LightNode, LightPod
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from testbed.mesh import mesh_env
 from testbed.node import Testbed
 from tests.testbed.agent_on_node import NodeAgent, wait
 
@@ -25,6 +26,12 @@ pytestmark = pytest.mark.testbed
 AMBIENT = {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT}
 SETTINGS = RedirectSettings(dns_capture=False, ipv6=True)
 BACKEND = make_backend("iptables")
+
+
+def ebpf_options(info: dict[str, Any]) -> dict[str, Any]:
+    from tests.netns.bpf_support import CACHE_DIR
+
+    return {"pin_root": mesh_env(info, "ebpf")["AMBIENT_EBPF_PIN_ROOT"], "cache_dir": CACHE_DIR}
 
 
 def rules_ok(pod: LightPod, backend: Any = BACKEND) -> bool:
@@ -39,7 +46,8 @@ class Rig:
         self.agent = NodeAgent(
             bed, info, node_name=self.ln.node_name, reconcile_seconds=reconcile, backend=backend
         )
-        self.backend = make_backend(backend)
+        # The agent's own pins: the testbed instance's private pin root (testbed.mesh).
+        self.backend = make_backend(backend, **ebpf_options(info) if backend == "ebpf" else {})
         self.core = core
         self.node_netns = info["node_netns"]
 

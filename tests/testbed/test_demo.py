@@ -175,6 +175,7 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     assert lay.node_name not in subprocess.run(["ip", "netns"], capture_output=True,
                                                text=True).stdout  # fmt: skip
     assert not lay.state_dir.exists()
+    assert not lay.bpf_pin_root.exists()  # ebpf: the instance's pins, getsockopt link included
     assert not any(d.exists() for d in lay.cgroup_dirs())
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(lay.state_dir) not in ps and lay.node_name not in ps
