@@ -42,8 +42,9 @@ def bpf_root() -> Iterator[Path]:
     assert not root.exists()
 
 
-def _cfg(run_dir: Path, pin_root: Path, fallback: str = "") -> AgentConfig:
+def _cfg(run_dir: Path, pin_root: Path, fallback: str = "", cgroup: str = "") -> AgentConfig:
     env = {
+        "HOST_CGROUP2_ROOT": cgroup,
         "NODE_NAME": "n1",
         "AMBIENT_REDIRECT_MODE": "ebpf",
         "AMBIENT_REDIRECT_FALLBACK": fallback,
@@ -77,6 +78,18 @@ def test_unavailable_ebpf_falls_back_only_when_configured(
     fields = cast(dict[str, str], rec.__dict__["fields"])
     assert fields["fallback"] == "iptables" and "not on a bpf filesystem" in fields["reason"]
     assert not not_bpffs.exists()
+
+
+def test_unavailable_cgroup2_root_names_the_mount(tmp_path: Path, bpf_root: Path) -> None:
+    """HOST_CGROUP2_ROOT pointing at something that is not a cgroup v2 hierarchy (the
+    DaemonSet mount missing): the refusal names the getsockopt hook's need and the fix."""
+    with pytest.raises(ConfigError) as refused:
+        select_backend(_cfg(tmp_path, bpf_root, cgroup=str(tmp_path)))
+    msg = str(refused.value)
+    assert f"no cgroup v2 hierarchy at {tmp_path}" in msg and "mount cgroup2" in msg, msg
+    sel = select_backend(_cfg(tmp_path, bpf_root, fallback="nftables", cgroup=str(tmp_path)))
+    assert sel.rules.name == "nftables" and sel.ebpf is None
+    assert not bpf_root.exists()
 
 
 def _agent_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -113,8 +126,10 @@ def test_agent_with_fallback_goes_on_with_iptables(tmp_path: Path) -> None:
     res = _agent_run(tmp_path, AMBIENT_REDIRECT_FALLBACK="iptables")
     assert "falling back" in res.stderr and "not on a bpf filesystem" in res.stderr, res.stderr
     assert "cannot run on this node" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith(
-        "istio-cni-agent run: cannot load Kubernetes credentials"
+    assert (
+        res.stderr.strip()
+        .splitlines()[-1]
+        .startswith("istio-cni-agent run: cannot load Kubernetes credentials")
     )
     assert not (tmp_path / "pins").exists()
 
