@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def run(
     ln = LightNode(core)
     tmp = Path(f"/var/tmp/icnia-bench-{ln.tag}")
     tmp.mkdir(parents=True)
+    pin_root = f"/sys/fs/bpf/icnia-bench-{ln.tag}"
     node_ns = f"icnia-bnode-{ln.tag}"
     subprocess.run(["ip", "netns", "add", node_ns], check=True)
     agent: subprocess.Popen[bytes] | None = None
@@ -129,6 +131,7 @@ def run(
             MONITORING_PORT="0",
             AGENT_WORKERS=str(workers),
             REDIRECTION_BACKEND=backend,
+            AMBIENT_EBPF_PIN_ROOT=pin_root,  # ebpf: this run's own pins, removed below
             LOG_LEVEL="warning",
         )
         log = open(tmp / "agent.log", "w")  # noqa: SIM115 (closed with the process)
@@ -206,6 +209,7 @@ def run(
             rec.stop()
         result["cleanup_problems"] = ln.cleanup()
         subprocess.run(["ip", "netns", "del", node_ns], capture_output=True)
+        shutil.rmtree(pin_root, ignore_errors=True)
     print(json.dumps(result), flush=True)
     if out:
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
