@@ -6,7 +6,8 @@ while the agent was down, or whose sandbox vanished without ``remove``, leaves t
 reconcile pass lists the pinned inodes first, then every network namespace still alive on
 the host (processes under ``proc_root``, bind mounts under ``netns_dir``, namespaces the
 agent holds open), and deletes the pins whose namespace is not among them. Listing the pins
-first means a pod enrolled meanwhile is never a candidate.
+first means a pod enrolled meanwhile is never a candidate. An unreadable proc root raises
+(the reconciler logs it): pruning against an empty view would delete every pod's pins.
 """
 
 from __future__ import annotations

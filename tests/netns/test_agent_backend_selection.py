@@ -45,6 +45,8 @@ def bpf_root() -> Iterator[Path]:
 def _cfg(run_dir: Path, pin_root: Path, fallback: str = "", cgroup: str = "") -> AgentConfig:
     env = {
         "HOST_CGROUP2_ROOT": cgroup,
+        "HOST_PROC": "/proc",
+        "HOST_NETNS_DIR": "/run/netns",
         "NODE_NAME": "n1",
         "AMBIENT_REDIRECT_MODE": "ebpf",
         "AMBIENT_REDIRECT_FALLBACK": fallback,
@@ -147,6 +149,10 @@ def test_pins_of_vanished_pods_are_pruned(make_netns: Callable[[str], str], bpf_
     assert backend.pinned_pods() == set(inodes.values())
     subprocess.run(["ip", "netns", "del", gone], check=True)  # a pod gone without CNI DEL
     assert inodes[gone] not in live_netns_inodes("/proc", "/run/netns")
+    # No view of the host's processes (proc root not mounted): an error, nothing pruned.
+    with pytest.raises(OSError):
+        PinPruner(backend, "/nonexistent-proc", "/run/netns").run()
+    assert backend.pinned_pods() == set(inodes.values())
     # Pins that appeared after the candidates were listed are never pruned.
     assert backend.prune(set(), candidates=set()) == []
     assert PinPruner(backend, "/proc", "/run/netns").run() == [inodes[gone]]
@@ -173,6 +179,13 @@ def test_agent_stop_uninstalls_node_objects_only_on_uninstall(
         assert agent.ebpf is not None and agent.rules.name == "ebpf"
         agent.ebpf.apply(f"/run/netns/{ns}", RedirectSettings())
         agent.ebpf.remove(f"/run/netns/{ns}", RedirectSettings())
+        # A pod deleted without DEL: the agent's own reconcile pass prunes its pins.
+        gone = make_netns("prpass")
+        agent.ebpf.apply(f"/run/netns/{gone}", RedirectSettings())
+        assert len(agent.ebpf.pinned_pods()) == 1
+        subprocess.run(["ip", "netns", "del", gone], check=True)
+        agent.reconciler.run_pass()
+        assert agent.ebpf.pinned_pods() == set()
         node_pins = sorted(p.name for p in bpf_root.iterdir())
         assert any(n.startswith("node-") for n in node_pins), node_pins
         agent.stop()
