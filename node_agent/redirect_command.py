@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
         if args.backend != "iptables":
             raise ConfigError("--applier only applies to --backend iptables")
         options["applier"] = args.applier
+    if args.backend == "ebpf":  # the running agent's pins and image cache (its env names)
+        run_dir = os.environ.get("CNI_AGENT_RUN_DIR") or c.DEFAULT_RUN_DIR
+        options["pin_root"] = os.environ.get("AMBIENT_EBPF_PIN_ROOT") or "/sys/fs/bpf/istio-cni"
+        options["cache_dir"] = os.path.join(run_dir, "bpf-cache")
+        options["cgroup"] = os.environ.get("HOST_CGROUP2_ROOT") or None
     backend = make_backend(args.backend, **options)
     if args.action == "render":
         print(backend.render(settings))

@@ -59,3 +59,18 @@ def test_bad_environment_boolean_is_reported(
     monkeypatch.setenv("AMBIENT_IPV6", "maybe")
     assert main(["redirect", "render"]) == 1
     assert "AMBIENT_IPV6='maybe' is not a boolean" in capsys.readouterr().err
+
+
+def test_ebpf_uses_the_agents_pin_root(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``redirect --backend ebpf`` looks where the running agent pins (its env names)."""
+    monkeypatch.delenv("AMBIENT_EBPF_PIN_ROOT", raising=False)
+    assert main(["redirect", "render", "--backend", "ebpf"]) == 0
+    assert "/sys/fs/bpf/istio-cni/pods/<netns inode>" in capsys.readouterr().out
+    monkeypatch.setenv("AMBIENT_EBPF_PIN_ROOT", "/sys/fs/bpf/istio-cni-x")
+    monkeypatch.setenv("HOST_CGROUP2_ROOT", "/host/sys/fs/cgroup")
+    assert main(["redirect", "render", "--backend", "ebpf"]) == 0
+    out = capsys.readouterr().out
+    assert "/sys/fs/bpf/istio-cni-x/pods/<netns inode>" in out
+    assert "cgroup /host/sys/fs/cgroup" in out
