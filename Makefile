@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit netns demo plugin plugin-forms bench clean vm-test vm-test-one
+.PHONY: setup test lint typecheck unit netns demo plugin plugin-forms bench clean vm-test vm-test-one vm-smoke
 
 setup:
 	@bash scripts/setup.sh
@@ -72,6 +72,13 @@ vm-test: setup
 
 vm-test-one: setup
 	$(PY) -m vagrant.run_kernels $(KERNEL) $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
+
+# CI-sized: the behaviour table's core cases for every backend (12 tests) on Debian 6.1.
+VM_SMOKE := tests/behaviour -k "((remove_restores and default) or outbound-captured-ipv4 \
+	or inbound-captured-ipv4) and not inbound-nat and not ingress"
+vm-smoke: setup
+	ICNI_VM_KERNELS=6.1 ICNI_VM_PYTEST_ARGS='$(VM_SMOKE)' \
+	bash scripts/pytest.sh -m vm tests/vm -k netns_suite $(PYTEST_ARGS)
 
 clean:
 	rm -rf build .mypy_cache .ruff_cache .pytest_cache
