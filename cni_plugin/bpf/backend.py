@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cni_plugin.bpf import image as image_mod
-from cni_plugin.bpf import pod, programs, routes, tc
+from cni_plugin.bpf import pod, programs, tc
 from cni_plugin.bpf.availability import (
     DEFAULT_PIN_ROOT,
     Availability,
@@ -36,18 +36,18 @@ from cni_plugin.bpf.availability import (
     require_bpffs,
 )
 from cni_plugin.bpf.image import TC_PROGRAMS, ProgramImage
-from cni_plugin.bpf.netlink import (
-    IPV4_DEVCONF_ACCEPT_LOCAL,
-    IPV4_DEVCONF_ROUTE_LOCALNET,
-    Link,
-    Rtnl,
-)
 from cni_plugin.constants import DEFAULT_RUN_DIR
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection import policy_routes
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.rtnetlink import (
+    IPV4_DEVCONF_ACCEPT_LOCAL,
+    IPV4_DEVCONF_ROUTE_LOCALNET,
+    Link,
+    Rtnl,
+)
 
 __all__ = ["Availability", "EbpfBackend", "cgroup2_root", "probe"]
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class EbpfBackend:
                 and all(_lo(links).devconf(k) == 1 for k, _ in DEVCONF)
                 and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in TC_PROGRAMS)
             ):
-                routes.install(nl, settings)  # adds only what is missing
+                policy_routes.install(settings, nl)  # adds only what is missing
                 return
             _teardown(nl, directory, settings)
             _install(nl, directory, img, shared, settings, nl.links())
@@ -289,8 +289,8 @@ def _install(
                 nl.set_devconf(LO[0], key, 1)
                 setattr(state, attr, old)
                 undo.append(lambda k=key, o=old: nl.set_devconf(LO[0], k, o))  # type: ignore[misc]
-        added = routes.install(nl, settings)
-        undo.append(lambda: routes.undo(nl, settings, added))
+        added = policy_routes.install(settings, nl)
+        undo.append(lambda: policy_routes.undo(added, settings, nl))
         ifaces, skipped = tc.pod_interfaces(links)
         if skipped:
             log.warning("not an Ethernet interface, left unredirected: %s", ", ".join(skipped))
@@ -332,7 +332,7 @@ def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
         old = getattr(state, attr) if state is not None else pod.UNTOUCHED
         if old != pod.UNTOUCHED:
             nl.set_devconf(LO[0], key, old)
-    routes.uninstall(nl, settings)
+    policy_routes.uninstall(settings, nl)
     pod.delete(directory)
 
 

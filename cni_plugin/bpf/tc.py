@@ -1,4 +1,4 @@
-"""tc clsact attachment of our programs (over :class:`~cni_plugin.bpf.netlink.Rtnl`).
+"""tc clsact attachment of our programs (over :class:`~cni_plugin.rtnetlink.Rtnl`).
 
 Must run on a thread already inside the pod namespace, with an ``Rtnl`` made there. Our
 filters are recognised by kind ``bpf``, priority :data:`PRIO` and a program name starting
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cni_plugin.bpf.netlink import Link, Rtnl
+from cni_plugin.rtnetlink import Link, Rtnl
 
 INGRESS = "ingress"
 EGRESS = "egress"

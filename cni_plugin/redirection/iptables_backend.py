@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
-from cni_plugin.bpf.netlink import Rtnl
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection import policy_routes
@@ -26,6 +25,7 @@ from cni_plugin.redirection.iptables_rules import Family, RuleSet, families, inp
 from cni_plugin.redirection.iptables_rules import render_inpod as render_rules
 from cni_plugin.redirection.iptables_state import SavedTables, diff, parse_save
 from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.rtnetlink import Rtnl
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -4,7 +4,7 @@ Replies to ztunnel's spoofed-source inbound connections carry the restored connm
 ``ip rule fwmark 0x111/0xfff lookup 100 pref 32764`` sends them to table 100, whose only
 route ``local 0.0.0.0/0 dev lo`` (``local ::/0`` for IPv6) delivers them locally, to ztunnel.
 
-The requests go through the hand-packed :class:`~cni_plugin.bpf.netlink.Rtnl` (tens of
+The requests go through the hand-packed :class:`~cni_plugin.rtnetlink.Rtnl` (tens of
 microseconds each) rather than pyroute2, whose socket set-up and per-request event loop cost
 about 1 ms per call and made these four items the largest part of a pod's apply.
 
@@ -19,9 +19,9 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from cni_plugin.bpf.netlink import FRA_FWMARK, FRA_FWMASK, FRA_PRIORITY, FRA_TABLE, Rtnl
 from cni_plugin.errors import RedirectionError
 from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.rtnetlink import FRA_FWMARK, FRA_FWMASK, FRA_PRIORITY, FRA_TABLE, Rtnl
 
 # The loopback device is created with every network namespace and always has index 1.
 LO_INDEX = 1
@@ -111,8 +111,9 @@ def netlink() -> Rtnl:
     return Rtnl()
 
 
-def install(settings: RedirectSettings, nl: Rtnl | None = None) -> None:
-    """Add the rules and routes that are missing; on failure remove what this call added."""
+def install(settings: RedirectSettings, nl: Rtnl | None = None) -> list[RouteItem]:
+    """Add the rules and routes that are missing and return what this call added (for
+    :func:`undo`); on failure remove what this call added and raise RedirectionError."""
     if nl is None:
         with netlink() as own:
             return install(settings, own)
@@ -122,13 +123,19 @@ def install(settings: RedirectSettings, nl: Rtnl | None = None) -> None:
             if _add(nl, item, settings):
                 added.append(item)
     except (OSError, RedirectionError) as e:
-        for item in reversed(added):
-            _delete(nl, item, settings)
+        undo(added, settings, nl)
         if isinstance(e, RedirectionError):
             raise
         raise RedirectionError(
             f"adding policy routing failed ({e}); nothing was left behind"
         ) from None
+    return added
+
+
+def undo(added: list[RouteItem], settings: RedirectSettings, nl: Rtnl) -> None:
+    """Remove exactly the items an :func:`install` call reported adding, newest first."""
+    for item in reversed(added):
+        _delete(nl, item, settings)
 
 
 def uninstall(settings: RedirectSettings, nl: Rtnl | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.bpf import image
-from cni_plugin.bpf.netlink import parse_attrs
+from cni_plugin.rtnetlink import parse_attrs
 
 LD_IMM64_MAP = bytes([0x18, 0x11, 0, 0]) + struct.pack("<i", -1) + bytes(8)
 EXIT = bytes([0x95, 0, 0, 0, 0, 0, 0, 0])
