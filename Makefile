@@ -18,7 +18,7 @@ typecheck: setup
 	$(VENV)/bin/mypy
 
 # The whole suite: lint, types, then every pytest marker but `vm` (see `make vm-test`).
-test: setup
+test: setup build/istio-cni
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	bash scripts/pytest.sh -m "not vm" $(PYTEST_ARGS)
@@ -34,8 +34,18 @@ netns: setup
 demo: setup build/istio-cni
 	$(PY) -m testbed.demo $(DEMO_ARGS)
 
-bench: setup
-	$(PY) -m bench.run_all
+# Every benchmark in docs/benchmarks.md, one after another (each prints its own figures as
+# ratios against a baseline measured in the same run).
+bench: bench-iptables bench-nftables bench-zds bench-ebpf bench-plugin bench-agent
+
+.PHONY: bench-nftables bench-plugin
+bench-nftables: setup
+	$(PY) -m bench.nftables_install --samples 200
+	$(PY) -m bench.nftables_install --samples 200 --ipv6
+
+bench-plugin: setup build/istio-cni
+	$(PY) -m bench.plugin_startup --runs 100
+	$(PY) -m bench.plugin_ambient --pods 40
 
 # Install time of the iptables backend's appliers (docs/benchmarks.md, "iptables appliers").
 .PHONY: bench-iptables
