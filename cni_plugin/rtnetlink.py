@@ -1,8 +1,8 @@
 """A minimal rtnetlink client for the few requests the backends make per pod.
 
-pyroute2 (measured first) costs milliseconds per socket and per dump, more than everything else a pod's
-attach does; these hand-packed messages cost tens of microseconds. Only what the backends
-needs: links, clsact qdiscs, cls_bpf filters, policy rules, table routes, and the
+pyroute2 (measured first) costs milliseconds per socket and per dump, more than everything
+else a pod's attach does; these hand-packed messages cost tens of microseconds. Only what the
+backends need: links, clsact qdiscs, cls_bpf filters, policy rules, table routes, and the
 ``accept_local`` devconf of an interface. The socket belongs to the namespace of the thread
 that creates it, so make it on a thread inside the pod namespace.
 """
