@@ -111,7 +111,7 @@ class AgentConfig:
     bpf_pin_root: str = "/sys/fs/bpf/istio-cni"
     host_cgroup2_root: str = ""
     reconcile_seconds: float = DEFAULT_RECONCILE_SECONDS
-    workers: int = 8
+    workers: int = 16
     install_cni: bool = False
     log_level: str = "info"
 
@@ -155,7 +155,7 @@ class AgentConfig:
             bpf_pin_root=e.get("AMBIENT_EBPF_PIN_ROOT") or "/sys/fs/bpf/istio-cni",
             host_cgroup2_root=e.get("HOST_CGROUP2_ROOT", ""),
             reconcile_seconds=_float(e, "RECONCILE_PERIOD_SECONDS", DEFAULT_RECONCILE_SECONDS),
-            workers=_int(e, "AGENT_WORKERS", 8),
+            workers=_int(e, "AGENT_WORKERS", 16),
             install_cni=_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
         )
