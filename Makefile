@@ -17,11 +17,13 @@ lint: setup
 typecheck: setup
 	$(VENV)/bin/mypy
 
-# The whole suite: lint, types, then every pytest marker but `vm` (see `make vm-test`).
+# The whole suite: lint, types, every pytest marker but `vm`, then the vm smoke on two other
+# kernels (the full other-kernel matrix is `make vm-test`: hours, see docs/kernels.md).
 test: setup build/istio-cni
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	bash scripts/pytest.sh -m "not vm" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory vm-smoke
 
 unit: setup
 	bash scripts/pytest.sh -m "not netns and not vm and not testbed" $(PYTEST_ARGS)
@@ -83,11 +85,12 @@ vm-test: setup
 vm-test-one: setup
 	$(PY) -m vagrant.run_kernels $(KERNEL) $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
 
-# CI-sized: the behaviour table's core cases for every backend (12 tests) on Debian 6.1.
+# CI-sized (part of `make test`): the behaviour table's core cases for every backend (12 tests)
+# on Debian's 6.1 and 6.12 kernels; about 90 s per kernel on an idle machine.
 VM_SMOKE := tests/behaviour -k "((remove_restores and default) or outbound-captured-ipv4 \
 	or inbound-captured-ipv4) and not inbound-nat and not ingress"
 vm-smoke: setup
-	ICNI_VM_KERNELS=6.1 ICNI_VM_PYTEST_ARGS='$(VM_SMOKE)' \
+	ICNI_VM_KERNELS='6.1 6.12' ICNI_VM_PYTEST_ARGS='$(VM_SMOKE)' \
 	bash scripts/pytest.sh -m vm tests/vm -k netns_suite $(PYTEST_ARGS)
 
 clean:
