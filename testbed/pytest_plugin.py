@@ -149,11 +149,14 @@ def kube_namespace(kube_api: Any) -> Iterator[str]:
     name = f"icni-tb-t-{secrets.token_hex(3)}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     deadline = time.monotonic() + 30
-    while True:  # pods are refused until the token controller made the default SA
-        if core.list_namespaced_service_account(name).items:
+    while True:
+        # Pods are refused ("No API token found for service account") until the token
+        # controller has made the default SA *and* given it its token secret (1.20).
+        accounts = core.list_namespaced_service_account(name).items
+        if any(a.metadata and a.metadata.name == "default" and a.secrets for a in accounts):
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"namespace {name} got no default service account in 30s")
+            raise TimeoutError(f"namespace {name} got no default service account token in 30s")
         time.sleep(0.1)
     try:
         yield name
