@@ -83,6 +83,22 @@ class Walkthrough:
             raise DemoError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
+    def _wait_service_account_tokens(self, timeout: float = 60.0) -> None:
+        """Kubernetes 1.20 refuses a pod whose service account has no token secret yet, and
+        the token controller fills them in asynchronously after ``kubectl apply``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.kubectl("get", "serviceaccounts", "-n", NS, "-o", "json", echo=False)
+            accounts = json.loads(out)["items"]
+            if accounts and all(a.get("secrets") for a in accounts):
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(
+                    f"the service accounts in {NS} got no token within {timeout:.0f} s: check "
+                    "that the controller-manager runs (istio-cni-testbed status)"
+                )
+            time.sleep(0.2)
+
     def agent_table(self) -> str:
         command(f"istio-cni-agent pods -n {NS}")
         done = subprocess.run(
@@ -180,6 +196,7 @@ class Walkthrough:
                 f"(a ConfigMap), then the pods in {waves} waves, callees first")  # fmt: skip
         note("no kube-proxy or cluster DNS on the testbed: callers get their upstreams' pod IPs")
         self.kubectl("apply", "-f", "-", stdin=json.dumps(M.as_list(M.objects())), echo=False)
+        self._wait_service_account_tokens()
         first = True
         for wave in M.waves():
             specs = [M.pod(w, image, M.upstream_env(w, self.ips)) for w in wave]
