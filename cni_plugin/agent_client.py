@@ -89,9 +89,16 @@ def _connect(path: str, timeout: float) -> socket.socket:
             raise
 
 
-def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) -> None:
-    """Ask the agent to enroll the pod and wait for its verdict (fail closed on errors)."""
-    path = os.path.join(run_dir, PLUGIN_EVENT_SOCKET)
+def _exchange(
+    path: str,
+    timeout: float,
+    method: str,
+    target: str,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """One HTTP request to the agent over its unix socket; every way of not getting an
+    answer becomes :class:`AgentUnreachableError` naming the socket and what to check."""
     try:
         sock = _connect(path, timeout)
     except OSError as e:
@@ -100,14 +107,7 @@ def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) 
             "is the istio-cni-node pod on this node running and ready?"
         ) from None
     try:
-        status, reply = http_wire.exchange(
-            sock,
-            "POST",
-            "/cmdadd",
-            host="unix",
-            body=body,
-            headers={"Content-Type": "application/json"},
-        )
+        return http_wire.exchange(sock, method, target, host="unix", body=body, headers=headers)
     except TimeoutError:
         raise AgentUnreachableError(
             f"the istio-cni node agent at {path} did not answer within {timeout:g}s"
@@ -118,6 +118,13 @@ def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) 
         ) from None
     finally:
         sock.close()
+
+
+def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) -> None:
+    """Ask the agent to enroll the pod and wait for its verdict (fail closed on errors)."""
+    path = os.path.join(run_dir, PLUGIN_EVENT_SOCKET)
+    headers = {"Content-Type": "application/json"}
+    status, reply = _exchange(path, timeout, "POST", "/cmdadd", body, headers)
     if status != 200:
         raise AgentFailedError(status, reply.decode("utf-8", "replace").strip())
 
@@ -128,26 +135,8 @@ def query_pod(
     """The agent's view of a pod (``GET /pod``): ``{"known", "ambient", "reason"}``, or
     None when the agent cannot say (old agent without the endpoint, odd reply)."""
     path = os.path.join(run_dir, PLUGIN_EVENT_SOCKET)
-    try:
-        sock = _connect(path, timeout)
-    except OSError as e:
-        raise AgentUnreachableError(
-            f"cannot connect to the istio-cni node agent at {path} ({e.strerror or e}); "
-            "is the istio-cni-node pod on this node running and ready?"
-        ) from None
     query = f"/pod?ns={_quote(namespace)}&name={_quote(name)}"
-    try:
-        status, reply = http_wire.exchange(sock, "GET", query, host="unix")
-    except TimeoutError:
-        raise AgentUnreachableError(
-            f"the istio-cni node agent at {path} did not answer within {timeout:g}s"
-        ) from None
-    except (OSError, http_wire.HttpError) as e:
-        raise AgentUnreachableError(
-            f"the istio-cni node agent at {path} broke the connection: {e}"
-        ) from None
-    finally:
-        sock.close()
+    status, reply = _exchange(path, timeout, "GET", query)
     if status != 200:
         return None
     try:
