@@ -62,14 +62,15 @@ bench-zds: setup
 
 # The self-contained CNI plugin executable the installer copies (no Python needed on the host).
 # `plugin-forms` builds every candidate measured in docs/benchmarks.md.
-PLUGIN_SOURCES := $(wildcard cni_plugin/*.py) scripts/build-plugin.sh
+PLUGIN_SOURCES := $(wildcard cni_plugin/*.py) cni_plugin/launcher.c scripts/plugin_bundle.py \
+	scripts/build-plugin.sh
 build/istio-cni: $(PLUGIN_SOURCES)
-	bash scripts/build-plugin.sh nuitka-standalone
+	bash scripts/build-plugin.sh bundled-cpython
 
 plugin: setup build/istio-cni
 
 plugin-forms: setup
-	bash scripts/build-plugin.sh nuitka-standalone nuitka-onefile pyinstaller-onefile pyinstaller-onedir zipapp
+	bash scripts/build-plugin.sh bundled-cpython nuitka-standalone nuitka-onefile pyinstaller-onefile pyinstaller-onedir zipapp
 
 # Other kernels (docs/kernels.md): Debian's 6.1 and 6.12 booted under qemu TCG with virtme-ng,
 # running the netns suite inside (tests/vm, marker vm); then the table of results in build/vm.

@@ -29,6 +29,9 @@ BUILD = os.path.join(ROOT, "build")
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 FORMS: dict[str, list[str]] = {
+    "bundled-cpython (shipped)": [
+        os.path.join(BUILD, "istio-cni.bundled-cpython.d", "istio-cni")
+    ],
     "nuitka-onefile": [os.path.join(BUILD, "istio-cni.nuitka-onefile")],
     "nuitka-standalone": [os.path.join(BUILD, "istio-cni.nuitka-standalone.d", "istio-cni")],
     "pyinstaller-onefile": [os.path.join(BUILD, "istio-cni.pyinstaller-onefile")],

@@ -9,15 +9,18 @@ is listening) versus answered-but-failed.
 
 from __future__ import annotations
 
+import _socket  # ``socket`` would import ``enum`` and ``selectors``: ms per pod sandbox
 import binascii
 import os
-import socket
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 from cni_plugin import http_wire, json_codec
 from cni_plugin.constants import PLUGIN_EVENT_SOCKET, PLUGIN_LOG_SOCKET
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: ``typing`` imports ``re``
+    from collections.abc import Mapping, Sequence
+    from typing import Any
 
 AGENT_TIMEOUT_S = 5.0
 QUERY_TIMEOUT_S = 5.0  # a busy agent is still the better judge than an API round trip
@@ -67,12 +70,12 @@ def add_event_body(
     ).encode()
 
 
-def _connect(path: str, timeout: float) -> socket.socket:
+def _connect(path: str, timeout: float) -> _socket.socket:
     """Connect, waiting out a full listen backlog (EAGAIN on a unix socket) until
     ``timeout``: many sandboxes created at once all knock at the same moment."""
     deadline = time.monotonic() + timeout
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
             sock.connect(path)
@@ -120,13 +123,16 @@ def _exchange(
         sock.close()
 
 
-def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) -> None:
-    """Ask the agent to enroll the pod and wait for its verdict (fail closed on errors)."""
+def push_add_event(run_dir: str, body: bytes, timeout: float = AGENT_TIMEOUT_S) -> str:
+    """Ask the agent to enroll the pod and wait for its verdict (fail closed on errors);
+    returns the agent's reply (``enrolled``, or why the pod was not)."""
     path = os.path.join(run_dir, PLUGIN_EVENT_SOCKET)
     headers = {"Content-Type": "application/json"}
     status, reply = _exchange(path, timeout, "POST", "/cmdadd", body, headers)
+    text = reply.decode("utf-8", "replace").strip()
     if status != 200:
-        raise AgentFailedError(status, reply.decode("utf-8", "replace").strip())
+        raise AgentFailedError(status, text)
+    return text
 
 
 def query_pod(

@@ -9,8 +9,16 @@ The caller owns the socket and its timeout.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Mapping
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # nothing at run time: ``socket`` alone imports ``enum`` and ``selectors``
+    from collections.abc import Mapping
+    from typing import Protocol
+
+    class Connection(Protocol):
+        """A connected stream socket: a plain or unix ``socket``, an ``ssl`` socket."""
+
+        def sendall(self, data: bytes, /) -> None: ...
+        def recv(self, bufsize: int, /) -> bytes: ...
 
 _MAX_RESPONSE = 4 << 20  # a pod and a namespace are far smaller; refuse runaway peers
 
@@ -20,7 +28,7 @@ class HttpError(Exception):
 
 
 def exchange(
-    sock: socket.socket,
+    sock: Connection,
     method: str,
     path: str,
     *,
@@ -38,7 +46,7 @@ def exchange(
     return _read_response(sock)
 
 
-def _read_response(sock: socket.socket) -> tuple[int, bytes]:
+def _read_response(sock: Connection) -> tuple[int, bytes]:
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -79,7 +87,7 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
             raise HttpError("response body too large")
 
 
-def _dechunk(sock: socket.socket, buf: bytes) -> bytes:
+def _dechunk(sock: Connection, buf: bytes) -> bytes:
     out = b""
     while True:
         while b"\r\n" not in buf:

@@ -7,17 +7,17 @@ opens a socket; only a pod the agent cannot judge pays for ``ssl`` and the API c
 ADD, in order:
 1. Validate env and stdin (:mod:`cni_plugin.cni_spec`); every problem is CNI error JSON.
 2. Not a candidate -> print ``prevResult`` (converted to the config's version), done.
-3. Learn whether the pod is ambient. Ask the agent first (``GET /pod`` on its unix
-   socket, answered from its informer caches, ~1 ms); when the agent is unreachable or
-   has not seen the pod yet, ask the API server as Istio does (GET pod + namespace with
-   ``<run_dir>/istio-cni-kubeconfig``, :mod:`cni_plugin.kube_lookup`) and apply the one
-   SPEC §2 predicate (:mod:`cni_plugin.enablement`).
-4. Not ambient -> pass through. The agent is not needed, so it may be down.
-   Ambient -> ``POST /cmdadd`` and wait for 200 (rules in place, ztunnel acked); the
-   agent unreachable or failing fails the ADD (fail closed: the runtime retries).
-5. Neither the agent nor the API can tell (agent reachable but pod unknown, API down) ->
-   ``POST /cmdadd`` anyway: the agent looks the pod up itself, 200 = enrolled or not
-   ambient. Agent unreachable *and* API unavailable -> fail closed, naming both.
+3. ``POST /cmdadd`` to the agent on its unix socket, one round trip: the agent judges the
+   pod with the one SPEC §2 predicate from its informer caches (the API for a pod it has
+   not seen), enrolls an ambient pod before answering (rules in place, ztunnel acked) and
+   answers 200 for a pod that is not ambient too (Istio's agent does the same). A refusal
+   fails the ADD (fail closed: the runtime retries).
+4. Agent unreachable -> ask the API server as Istio does (GET pod + namespace with
+   ``<run_dir>/istio-cni-kubeconfig``, :mod:`cni_plugin.kube_lookup`, then
+   :mod:`cni_plugin.enablement`): not ambient -> pass through (a pod that is not ambient
+   never needs the agent); ambient, or the API down too -> fail closed, naming both.
+5. prevResult without addresses (the chain is misordered): ask first (``GET /pod``, else
+   the API); not ambient -> pass through, ambient -> a config error saying so.
 DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec versions.
 """
 
@@ -106,6 +106,19 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
     from cni_plugin import agent_client
 
     run_dir = _run_dir(conf)
+    ips = agent_client.ip_configs(prev)
+    if ips:
+        # One round trip: the agent judges the pod from its own caches (an unknown pod
+        # from the API) and enrolls it before answering; 200 for a pod that is not
+        # ambient too. Only when the agent is unreachable does the plugin ask the API.
+        try:
+            reply = _enroll(inv, run_dir, ns, name, ips)
+        except agent_client.AgentUnreachableError as e:
+            return _agent_down(inv, ns, name, e, log, result)
+        log.info("node agent answered the add", reply=reply)
+        return result
+
+    # No addresses: enrolling is impossible, so only a pod known not to be ambient passes.
     agent_down: agent_client.AgentUnreachableError | None = None
     verdict, reason = _Verdict.UNKNOWN, "the agent has not seen the pod yet"
     try:
@@ -118,50 +131,79 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         agent_down = e
         log.warn("node agent unreachable; asking the api server", error=str(e))
     if verdict == _Verdict.UNKNOWN:
-        try:
-            verdict, reason = _ask_api(inv, ns, name, log)
-        except CniError as e:
-            if agent_down is not None:  # say why the API was needed at all
-                e.msg = f"{e.msg} (asked because {agent_down})"
-            raise
+        verdict, reason = _ask_api_noting(inv, ns, name, log, agent_down)
     if verdict == _Verdict.NOT_AMBIENT:
         log.debug("pod not ambient, passing through", reason=reason)
         return result
-
-    ips = agent_client.ip_configs(prev)
-    if verdict == _Verdict.AMBIENT and not ips:
+    if verdict == _Verdict.AMBIENT:
         raise CniError(
             cni_spec.ERR_INVALID_CONFIG,
-            "ambient pod but prevResult has no IPs: istio-cni must be chained after the plugin "
-            "that assigns the pod's addresses (fix the conflist order)",
+            f"pod {ns}/{name} is ambient but prevResult has no IPs: istio-cni must be chained "
+            "after the plugin that assigns the pod's addresses (fix the conflist order)",
         )
     if agent_down is not None:
-        if verdict == _Verdict.AMBIENT:
-            raise CniError(
-                cni_spec.ERR_TRY_AGAIN_LATER,
-                f"pod {ns}/{name} is ambient but {agent_down}; failing closed so the pod never "
-                "runs without redirection (the runtime retries)",
-            )
-        raise CniError(
-            cni_spec.ERR_TRY_AGAIN_LATER,
-            f"cannot tell whether pod {ns}/{name} is ambient: {reason}, and {agent_down}; "
-            "failing closed until either is back (the runtime retries)",
-        )
+        raise _cannot_tell(ns, name, reason, agent_down)
+    # Neither side knows the pod yet: the agent looks it up when asked to enroll it.
+    log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
+    return result
+
+
+def _enroll(inv: Invocation, run_dir: str, ns: str, name: str, ips: list[Any]) -> str:
+    """``POST /cmdadd``; the agent's reply text. Unreachable propagates; a refusal is a
+    CNI error (fail closed: the runtime retries the sandbox)."""
+    from cni_plugin import agent_client
+
     body = agent_client.add_event_body(inv.netns, name, ns, ips)
     try:
-        agent_client.push_add_event(run_dir, body)
-    except agent_client.AgentUnreachableError as e:
-        raise CniError(
-            cni_spec.ERR_TRY_AGAIN_LATER,
-            f"pod {ns}/{name} needs enrolling but {e}; failing closed (the runtime retries)",
-        ) from None
+        return agent_client.push_add_event(run_dir, body)
     except agent_client.AgentFailedError as e:
         raise CniError(
             cni_spec.ERR_AGENT,
             f"istio-cni node agent could not enroll pod {ns}/{name}: {e}",
         ) from None
-    log.info("node agent answered the add", verdict=verdict)
-    return result
+
+
+def _ask_api_noting(
+    inv: Invocation, ns: str, name: str, log: PluginLog, agent_down: Exception | None
+) -> tuple[str, str]:
+    try:
+        return _ask_api(inv, ns, name, log)
+    except CniError as e:
+        if agent_down is not None:  # say why the API was needed at all
+            e.msg = f"{e.msg} (asked because {agent_down})"
+        raise
+
+
+def _agent_down(
+    inv: Invocation,
+    ns: str,
+    name: str,
+    agent_down: Exception,
+    log: PluginLog,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    """The agent is unreachable: a pod the API says is not ambient passes; any other
+    fails closed (ambient pods must never run uncaptured; the runtime retries)."""
+    log.warn("node agent unreachable; asking the api server", error=str(agent_down))
+    verdict, reason = _ask_api_noting(inv, ns, name, log, agent_down)
+    if verdict == _Verdict.NOT_AMBIENT:
+        log.debug("pod not ambient, passing through", reason=reason)
+        return result
+    if verdict == _Verdict.AMBIENT:
+        raise CniError(
+            cni_spec.ERR_TRY_AGAIN_LATER,
+            f"pod {ns}/{name} is ambient but {agent_down}; failing closed so the pod never "
+            "runs without redirection (the runtime retries)",
+        )
+    raise _cannot_tell(ns, name, reason, agent_down)
+
+
+def _cannot_tell(ns: str, name: str, reason: str, agent_down: Exception) -> CniError:
+    return CniError(
+        cni_spec.ERR_TRY_AGAIN_LATER,
+        f"cannot tell whether pod {ns}/{name} is ambient: {reason}, and {agent_down}; "
+        "failing closed until either is back (the runtime retries)",
+    )
 
 
 def run(env: Mapping[str, str], stdin: bytes, out: TextIO, err: TextIO) -> int:

@@ -2,7 +2,7 @@
 
 The runtime may exec ``istio-cni`` at any moment, so nothing it can see is ever partial:
 - a single-file plugin is written beside the target and renamed over it;
-- the shipped plugin is a directory (Nuitka standalone: the binary and its libraries,
+- the shipped plugin is a directory (the launcher, its interpreter and libraries,
   ``<source>/istio-cni.d``). It is copied to ``<bin>/.istio-cni.d/<content hash>`` under a
   temporary name and renamed into place, then ``<bin>/istio-cni`` (a relative symlink into it)
   is replaced by a rename; older versions are removed afterwards (a running exec keeps its

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build the self-contained istio-cni plugin executable(s) for the CNI bin dir.
-#   scripts/build-plugin.sh [FORM...]     (default: nuitka-standalone -> build/istio-cni)
+#   scripts/build-plugin.sh [FORM...]     (default: bundled-cpython -> build/istio-cni)
 # Forms (measured in docs/benchmarks.md, `make plugin-forms` builds them all):
-#   nuitka-standalone  a directory (binary with libpython linked in + extension modules):
-#                      the shipped form, build/istio-cni.d + the link build/istio-cni
+#   bundled-cpython    a directory: a static C launcher, Debian's python3.11 with its own
+#                      dynamic loader and C libraries, and only the modules the plugin
+#                      imports as .pyc (scripts/plugin_bundle.py, cni_plugin/launcher.c).
+#                      The shipped form: build/istio-cni.d + the link build/istio-cni
+#   nuitka-standalone  a directory (binary with libpython linked in + extension modules)
 #   nuitka-onefile     one ELF file; payload unpacked once into a cached dir, then reused
 #   pyinstaller-onefile, pyinstaller-onedir
 #   zipapp             a .pyz that needs a python3 on the host (reference point only)
@@ -27,18 +30,36 @@ from cni_plugin.plugin import main
 main()
 PY
 # Only what the plugin imports; the rest of the project (agent, backends) stays out.
-src_hash=$(cat "$root"/cni_plugin/*.py "$0" | sha256sum | cut -c1-12)
+src_hash=$(cat "$root"/cni_plugin/*.py "$root"/cni_plugin/launcher.c "$root/scripts/plugin_bundle.py" \
+  "$0" | sha256sum | cut -c1-12)
 excludes=(node_agent install testbed cni_plugin.redirection cni_plugin.netns)
+
+# The shipped form: build/istio-cni.d/ and build/istio-cni -> istio-cni.d/istio-cni (the
+# installer copies the directory and links the name the runtime execs).
+ship() {
+  rm -rf "$out/istio-cni.d.new"
+  cp -a "$1" "$out/istio-cni.d.new"
+  rm -rf "$out/istio-cni.d" "$out/istio-cni"
+  mv "$out/istio-cni.d.new" "$out/istio-cni.d"
+  ln -s istio-cni.d/istio-cni "$out/istio-cni"
+  echo "$src_hash" > "$out/istio-cni.src-hash"
+}
 
 build() {
   local form=$1
   case "$form" in
-    nuitka-onefile|nuitka-standalone)
-      if [ "$form" = nuitka-standalone ] && [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.d/istio-cni" ] \
+    bundled-cpython)
+      if [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.d/istio-cni" ] \
          && [ "$(cat "$out/istio-cni.src-hash" 2>/dev/null)" = "$src_hash" ]; then
-        echo "nuitka-standalone up to date ($src_hash)" >&2
+        echo "bundled-cpython up to date ($src_hash)" >&2
         return 0
       fi
+      rm -rf "$work/$form" "$out/istio-cni.$form.d"
+      /usr/bin/python3.11 -I "$root/scripts/plugin_bundle.py" "$work/$form"
+      mv "$work/$form" "$out/istio-cni.$form.d"
+      ship "$out/istio-cni.$form.d"
+      ;;
+    nuitka-onefile|nuitka-standalone)
       local mode=(--standalone)
       local cache=()
       if [ "$form" = nuitka-onefile ]; then
@@ -62,14 +83,6 @@ build() {
       else
         rm -rf "$out/istio-cni.$form.d"
         mv "$work/$form/istio_cni_entry.dist" "$out/istio-cni.$form.d"
-        # The shipped form: build/istio-cni.d/ and build/istio-cni -> istio-cni.d/istio-cni
-        # (the installer copies the directory and links the name the runtime execs).
-        rm -rf "$out/istio-cni.d.new"
-        cp -a "$out/istio-cni.$form.d" "$out/istio-cni.d.new"
-        rm -rf "$out/istio-cni.d" "$out/istio-cni"
-        mv "$out/istio-cni.d.new" "$out/istio-cni.d"
-        ln -s istio-cni.d/istio-cni "$out/istio-cni"
-        echo "$src_hash" > "$out/istio-cni.src-hash"
       fi
       ;;
     pyinstaller-onefile|pyinstaller-onedir)
@@ -104,5 +117,5 @@ build() {
 }
 
 forms=("$@")
-[ ${#forms[@]} -eq 0 ] && forms=(nuitka-standalone)
+[ ${#forms[@]} -eq 0 ] && forms=(bundled-cpython)
 for f in "${forms[@]}"; do build "$f"; done

@@ -6,7 +6,8 @@
 - :class:`ApiStub`: an HTTPS server on 127.0.0.1 answering ``GET`` pod and namespace, with a
   freshly made self-signed certificate, standing in for kube-apiserver (which only runs on
   the testbed).
-- :func:`run_plugin`: exec the plugin with a CNI environment and stdin, as a runtime does.
+- :func:`run_plugin`: exec the plugin with a CNI environment and stdin, as a runtime does;
+  :func:`built_plugin`: the shipped executable form, for running the same cases against it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The plugin as a runtime would exec it from a source checkout: isolated, no site.
 PLUGIN_CMD = [
@@ -35,6 +38,34 @@ PLUGIN_CMD = [
     "-c",
     f"import sys; sys.path.insert(0, {ROOT!r}); from cni_plugin.plugin import main; main()",
 ]
+
+
+BUILT_PLUGIN = os.path.join(ROOT, "build", "istio-cni")
+_built: list[str] = []
+
+
+def built_plugin() -> str:
+    """``build/istio-cni`` for the current sources, built once per session: the build
+    script rebuilds the shipped form only when its source hash changed (about a second)."""
+    if not _built:
+        subprocess.run(
+            ["bash", os.path.join(ROOT, "scripts", "build-plugin.sh")],
+            check=True,
+            cwd=ROOT,
+            timeout=1200,
+        )
+        _built.append(BUILT_PLUGIN)
+    return _built[0]
+
+
+@pytest.fixture(autouse=True, params=["source", "built"])
+def plugin_form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Imported by a test module: each of its cases runs against the source form and the
+    shipped executable alike (the bundle holds only the modules found for it: a missing
+    one shows up here)."""
+    if request.param == "built":
+        monkeypatch.setattr(sys.modules[__name__], "PLUGIN_CMD", [built_plugin()])
+    return str(request.param)
 
 
 @dataclass
@@ -83,9 +114,14 @@ class AgentStub:
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n)
                 stub.requests.append(Recorded("POST", self.path, body))
-                self._reply(
-                    stub.add_status if self.path == "/cmdadd" else 200, stub.add_reply.encode()
-                )
+                reply = stub.add_reply
+                if self.path == "/cmdadd":
+                    # Like the agent: a pod it knows is not ambient is answered, not enrolled.
+                    doc = json.loads(body)
+                    known = stub.pods.get((doc["PodNamespace"], doc["PodName"]), {})
+                    if known.get("known") and not known.get("ambient"):
+                        reply = f"not enrolled: {known.get('reason', '')}"
+                self._reply(stub.add_status if self.path == "/cmdadd" else 200, reply.encode())
 
         class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             daemon_threads = True

@@ -10,8 +10,6 @@ shipped form (``build/istio-cni``, built on demand, no Python on PATH) and its s
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import os
 import secrets
@@ -30,6 +28,7 @@ from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.config import AgentConfig
 from node_agent.host_probe import HostProbe
 from node_agent.run_command import Agent
+from tests import plugin_fakes
 from tests.agent_fakes import FakeKube, make_pod, wait_for
 from tests.cni_chain import Chain, ChainError, k8s_env
 from tests.netns.test_standin_zds import StandinProcess, listeners
@@ -39,36 +38,11 @@ pytestmark = pytest.mark.netns
 AMBIENT = {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT}
 SETTINGS = RedirectSettings(dns_capture=False, ipv6=True)
 ZTUNNEL_PORTS = {("tcp", 15001), ("tcp", 15006), ("tcp", 15008)}
-BUILT = os.path.join(ROOT, "build", "istio-cni")
-
-
-def source_hash() -> str:
-    h = hashlib.sha256()
-    for f in [
-        *sorted(glob.glob(os.path.join(ROOT, "cni_plugin", "*.py"))),
-        os.path.join(ROOT, "scripts", "build-plugin.sh"),
-    ]:
-        with open(f, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()[:12]
 
 
 @pytest.fixture(scope="session")
 def built_plugin() -> str:
-    """``build/istio-cni`` for the current sources (``make plugin`` when stale, ~1 min)."""
-    stamp = os.path.join(ROOT, "build", "istio-cni.src-hash")
-    fresh = os.path.exists(BUILT) and os.path.exists(stamp)
-    if fresh:
-        with open(stamp) as f:
-            fresh = f.read().strip() == source_hash()
-    if not fresh:
-        subprocess.run(
-            ["bash", os.path.join(ROOT, "scripts", "build-plugin.sh"), "nuitka-standalone"],
-            check=True,
-            cwd=ROOT,
-            timeout=1200,
-        )
-    return BUILT
+    return plugin_fakes.built_plugin()
 
 
 @pytest.fixture(params=["built", "source"])
@@ -272,19 +246,16 @@ def test_agent_stopped_ambient_fails_closed_non_ambient_succeeds(node: Node) -> 
 
 
 def test_built_plugin_runs_where_there_is_no_python(built_plugin: str, tmp_path: Path) -> None:
-    """A chroot holding only the executable, the C libraries and /proc: no Python anywhere
-    (nor a shell). A private mount namespace holds the /proc mount, gone when it exits."""
+    """A chroot holding only the plugin's own directory and /proc: no Python, no C library,
+    no shell, nothing of the host's. A private mount namespace holds the /proc mount, gone
+    when it exits."""
     root = tmp_path / "root"
-    for d in ("bin", "lib/x86_64-linux-gnu", "lib64", "tmp", "proc"):
+    for d in ("bin", "tmp", "proc"):
         (root / d).mkdir(parents=True)
     shutil.copytree(os.path.dirname(os.path.realpath(built_plugin)), root / "bin" / "istio-cni.d")
     os.symlink("istio-cni.d/istio-cni", root / "bin" / "istio-cni")
-    for lib in ("libc.so.6", "libm.so.6", "libz.so.1", "libdl.so.2", "libpthread.so.0"):
-        src = f"/lib/x86_64-linux-gnu/{lib}"
-        if os.path.exists(src):
-            shutil.copy(src, root / "lib" / "x86_64-linux-gnu" / lib)
-    shutil.copy("/lib64/ld-linux-x86-64.so.2", root / "lib64" / "ld-linux-x86-64.so.2")
-    assert not list(root.rglob("*python*"))
+    outside = [p for p in root.rglob("*") if "istio-cni.d" not in p.parts and not p.is_dir()]
+    assert [p.name for p in outside] == ["istio-cni"]  # the link: the host gives nothing else
     conf = {
         "cniVersion": "1.0.0",
         "name": "n",
@@ -311,3 +282,24 @@ def test_built_plugin_runs_where_there_is_no_python(built_plugin: str, tmp_path:
     assert json.loads(proc.stdout) == {"cniVersion": "1.0.0", "ips": [{"address": "10.77.0.9/24"}]}
     proc = subprocess.run(run, input=b"{oops", env=env, capture_output=True, timeout=60)
     assert proc.returncode != 0 and json.loads(proc.stdout)["code"] == 6
+
+
+def test_built_plugin_with_a_broken_directory_says_how_to_fix_it(
+    built_plugin: str, tmp_path: Path
+) -> None:
+    """A partial copy (the bundled interpreter's loader gone) is a CNI error on stdout
+    naming the missing file and the fix, not a crash the runtime cannot read."""
+    copy = tmp_path / "istio-cni.d"
+    shutil.copytree(os.path.dirname(os.path.realpath(built_plugin)), copy)
+    loader = next(copy.glob("runtime/ld-linux*"), None)
+    if loader is None:
+        pytest.skip("the shipped form is not the bundled-cpython one")
+    loader.unlink()
+    proc = subprocess.run(
+        [str(copy / "istio-cni")], input=b"{}", env={"CNI_COMMAND": "VERSION"},
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    err = json.loads(proc.stdout)
+    assert err["code"] == 999 and str(loader) in err["msg"], err
+    assert "restart the istio-cni-node pod" in err["msg"]

@@ -205,7 +205,8 @@ def test_containerfile_ships_agent_and_plugin() -> None:
         r"^COPY --from=build /src/build/istio-cni.d /opt/cni/bin/istio-cni.d$", text, re.M
     )
     assert "RUN ln -s istio-cni.d/istio-cni /opt/cni/bin/istio-cni" in text
-    assert "scripts/build-plugin.sh nuitka-standalone" in text
+    assert "scripts/build-plugin.sh bundled-cpython" in text
+    assert "scripts/plugin_bundle.py" in text  # the bundler the build script runs
     assert re.search(r'^ENTRYPOINT \["istio-cni-agent"\]$', text, re.M)
     from install.config import InstallConfig
 

@@ -11,7 +11,12 @@ import pytest
 
 from cni_plugin import cni_spec
 from cni_plugin.constants import SUPPORTED_CNI_VERSIONS
-from tests.plugin_fakes import cni_env, net_conf, run_plugin
+from tests.plugin_fakes import (
+    cni_env,
+    net_conf,
+    plugin_form,  # noqa: F401  (autouse: source and built forms)
+    run_plugin,
+)
 
 
 def _error(proc: Any) -> dict[str, Any]:

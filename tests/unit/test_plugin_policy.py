@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.plugin_fakes import AgentStub, ApiStub, cni_env, net_conf, run_plugin
+from tests.plugin_fakes import (
+    AgentStub,
+    ApiStub,
+    cni_env,
+    net_conf,
+    plugin_form,  # noqa: F401  (autouse: source and built forms)
+    run_plugin,
+)
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -105,8 +112,11 @@ def test_non_ambient_pod_known_to_agent_never_touches_the_api(
 ) -> None:
     # No kubeconfig at all: the API path would fail, so success proves it was not taken.
     agent.pods[("demo", "app-1")] = {"known": True, "ambient": False, "reason": "not labelled"}
-    ok_result(add(run_dir))
-    assert agent.posts() == []
+    proc = add(run_dir)
+    ok_result(proc)
+    # One round trip: the agent judged the pod from its caches and answered.
+    assert [r.method for r in agent.requests] == ["POST"] and len(agent.posts()) == 1
+    assert b"not enrolled: not labelled" in proc.stderr
 
 
 def test_agent_down_non_ambient_pod_succeeds_via_api(api: ApiStub, run_dir: str) -> None:
@@ -157,13 +167,12 @@ def test_agent_and_api_both_down_fails_closed_naming_both(run_dir: str) -> None:
     assert "api server unavailable" in err["msg"] and "pluginevent.sock" in err["msg"]
 
 
-def test_pod_unknown_to_agent_is_judged_by_the_api(
-    agent: AgentStub, api: ApiStub, run_dir: str
-) -> None:
+def test_a_reachable_agent_is_the_only_judge(agent: AgentStub, api: ApiStub, run_dir: str) -> None:
+    # The agent looks up pods it has not seen itself; the plugin never adds an API call.
     api.add_pod("demo", "app-1", labels=AMBIENT)
     api.write_kubeconfig(run_dir)
     ok_result(add(run_dir))
-    assert len(api.requests) == 2 and len(agent.posts()) == 1
+    assert api.requests == [] and [r.method for r in agent.requests] == ["POST"]
 
 
 def test_sidecar_pod_is_left_alone(api: ApiStub, run_dir: str) -> None:
@@ -195,6 +204,27 @@ def test_ambient_pod_without_ips_is_a_config_error(agent: AgentStub, run_dir: st
     err = err_result(add(run_dir, prevResult=prev))
     assert err["code"] == 7 and "no IPs" in err["msg"]
     assert agent.posts() == []  # nothing asked of the agent
+
+
+def test_pod_without_ips_known_not_ambient_passes(agent: AgentStub, run_dir: str) -> None:
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": False, "reason": "not labelled"}
+    prev = dict(net_conf()["prevResult"], ips=[])
+    proc = add(run_dir, prevResult=prev)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == prev
+    assert [r.method for r in agent.requests] == ["GET"]
+
+
+def test_pod_without_ips_unknown_to_both_is_handed_to_the_agent(
+    agent: AgentStub, run_dir: str
+) -> None:
+    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
+        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
+    prev = dict(net_conf()["prevResult"], ips=[])
+    proc = add(run_dir, prevResult=prev)
+    assert proc.returncode == 0, proc.stderr
+    assert [r.method for r in agent.requests] == ["GET", "POST"]
+    assert json.loads(agent.posts()[0].body)["IPs"] == []
 
 
 @pytest.mark.parametrize(
@@ -280,6 +310,7 @@ def test_plugin_logs_reach_the_agent_log_socket(agent: AgentStub, run_dir: str) 
 
 
 def test_a_full_agent_backlog_is_waited_out_not_reported_as_down(tmp_path: Any) -> None:
+    import _socket
     import socket
     import threading
     import time
@@ -290,10 +321,10 @@ def test_a_full_agent_backlog_is_waited_out_not_reported_as_down(tmp_path: Any) 
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(0)
-    fillers = []
+    fillers: list[_socket.socket] = []  # socket.socket is a subclass
     try:
         for _ in range(4):  # fill the backlog: further non-blocking connects get EAGAIN
-            f = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            f: _socket.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             f.setblocking(False)
             try:
                 f.connect(path)
