@@ -16,8 +16,9 @@ ADD, in order:
    ``<run_dir>/istio-cni-kubeconfig``, :mod:`cni_plugin.kube_lookup`, then
    :mod:`cni_plugin.enablement`): not ambient -> pass through (a pod that is not ambient
    never needs the agent); ambient, or the API down too -> fail closed, naming both.
-5. prevResult without addresses (the chain is misordered): ask first (``GET /pod``, else
-   the API); not ambient -> pass through, ambient -> a config error saying so.
+5. prevResult without addresses (the chain is misordered): ask first (``GET /pod``; an
+   unreachable agent as in 4): not ambient -> pass through, ambient -> a config error
+   saying so, unknown -> ``POST /cmdadd`` (the agent has the pod's addresses from the API).
 DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec versions.
 """
 
@@ -118,34 +119,24 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         log.info("node agent answered the add", reply=reply)
         return result
 
-    # No addresses: enrolling is impossible, so only a pod known not to be ambient passes.
-    agent_down: agent_client.AgentUnreachableError | None = None
-    verdict, reason = _Verdict.UNKNOWN, "the agent has not seen the pod yet"
+    # No addresses (the chain is misordered, or the primary plugin assigns none): only the
+    # agent's answer decides; unreachable, it is the same as above.
     try:
         status = agent_client.query_pod(run_dir, ns, name)
-        if status is not None and status.get("known"):
-            verdict = _Verdict.AMBIENT if status.get("ambient") else _Verdict.NOT_AMBIENT
-            reason = str(status.get("reason", ""))
-            log.debug("enablement decided by the agent", decision=reason)
     except agent_client.AgentUnreachableError as e:
-        agent_down = e
-        log.warn("node agent unreachable; asking the api server", error=str(e))
-    if verdict == _Verdict.UNKNOWN:
-        verdict, reason = _ask_api_noting(inv, ns, name, log, agent_down)
-    if verdict == _Verdict.NOT_AMBIENT:
-        log.debug("pod not ambient, passing through", reason=reason)
+        return _agent_down(inv, ns, name, e, log, result)
+    if status is None or not status.get("known"):
+        # The agent has not seen the pod: it looks it up when asked to enroll it.
+        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
         return result
-    if verdict == _Verdict.AMBIENT:
-        raise CniError(
-            cni_spec.ERR_INVALID_CONFIG,
-            f"pod {ns}/{name} is ambient but prevResult has no IPs: istio-cni must be chained "
-            "after the plugin that assigns the pod's addresses (fix the conflist order)",
-        )
-    if agent_down is not None:
-        raise _cannot_tell(ns, name, reason, agent_down)
-    # Neither side knows the pod yet: the agent looks it up when asked to enroll it.
-    log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
-    return result
+    if not status.get("ambient"):
+        log.debug("pod not ambient, passing through", reason=str(status.get("reason", "")))
+        return result
+    raise CniError(
+        cni_spec.ERR_INVALID_CONFIG,
+        f"pod {ns}/{name} is ambient but prevResult has no IPs: istio-cni must be chained "
+        "after the plugin that assigns the pod's addresses (fix the conflist order)",
+    )
 
 
 def _enroll(inv: Invocation, run_dir: str, ns: str, name: str, ips: list[Any]) -> str:
@@ -163,17 +154,6 @@ def _enroll(inv: Invocation, run_dir: str, ns: str, name: str, ips: list[Any]) -
         ) from None
 
 
-def _ask_api_noting(
-    inv: Invocation, ns: str, name: str, log: PluginLog, agent_down: Exception | None
-) -> tuple[str, str]:
-    try:
-        return _ask_api(inv, ns, name, log)
-    except CniError as e:
-        if agent_down is not None:  # say why the API was needed at all
-            e.msg = f"{e.msg} (asked because {agent_down})"
-        raise
-
-
 def _agent_down(
     inv: Invocation,
     ns: str,
@@ -185,7 +165,11 @@ def _agent_down(
     """The agent is unreachable: a pod the API says is not ambient passes; any other
     fails closed (ambient pods must never run uncaptured; the runtime retries)."""
     log.warn("node agent unreachable; asking the api server", error=str(agent_down))
-    verdict, reason = _ask_api_noting(inv, ns, name, log, agent_down)
+    try:
+        verdict, reason = _ask_api(inv, ns, name, log)
+    except CniError as e:
+        e.msg = f"{e.msg} (asked because {agent_down})"
+        raise
     if verdict == _Verdict.NOT_AMBIENT:
         log.debug("pod not ambient, passing through", reason=reason)
         return result
@@ -195,11 +179,7 @@ def _agent_down(
             f"pod {ns}/{name} is ambient but {agent_down}; failing closed so the pod never "
             "runs without redirection (the runtime retries)",
         )
-    raise _cannot_tell(ns, name, reason, agent_down)
-
-
-def _cannot_tell(ns: str, name: str, reason: str, agent_down: Exception) -> CniError:
-    return CniError(
+    raise CniError(
         cni_spec.ERR_TRY_AGAIN_LATER,
         f"cannot tell whether pod {ns}/{name} is ambient: {reason}, and {agent_down}; "
         "failing closed until either is back (the runtime retries)",

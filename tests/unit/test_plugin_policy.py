@@ -215,11 +215,16 @@ def test_pod_without_ips_known_not_ambient_passes(agent: AgentStub, run_dir: str
     assert [r.method for r in agent.requests] == ["GET"]
 
 
-def test_pod_without_ips_unknown_to_both_is_handed_to_the_agent(
+def test_pod_without_ips_agent_down_and_ambient_fails_closed(api: ApiStub, run_dir: str) -> None:
+    api.add_pod("demo", "app-1", ns_labels=AMBIENT)
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir, prevResult=dict(net_conf()["prevResult"], ips=[])))
+    assert err["code"] == 11 and "is ambient" in err["msg"] and "failing closed" in err["msg"]
+
+
+def test_pod_without_ips_unknown_to_the_agent_is_handed_to_it(
     agent: AgentStub, run_dir: str
 ) -> None:
-    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
-        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
     prev = dict(net_conf()["prevResult"], ips=[])
     proc = add(run_dir, prevResult=prev)
     assert proc.returncode == 0, proc.stderr
