@@ -103,9 +103,9 @@ build() {
     zipapp)
       local stage="$work/zipapp"
       rm -rf "$stage" && mkdir -p "$stage/cni_plugin"
-      for f in __init__ plugin cni_spec constants enablement errors agent_client http_wire \
-               kube_lookup plugin_log; do
-        cp "$root/cni_plugin/$f.py" "$stage/cni_plugin/"
+      # The plugin package's modules (a fixed list went stale once); not the agent-side ones.
+      for f in "$root"/cni_plugin/*.py; do
+        case "$(basename "$f")" in netns.py|rtnetlink.py) ;; *) cp "$f" "$stage/cni_plugin/" ;; esac
       done
       "$py" -m zipapp "$stage" -m "cni_plugin.plugin:main" -p "/usr/bin/python3 -IS" \
         -o "$out/istio-cni.zipapp"
