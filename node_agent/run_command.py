@@ -39,6 +39,7 @@ from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
 from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
+from node_agent.malloc_arenas import cap_malloc_arenas
 from node_agent.metrics import AgentMetrics
 from node_agent.netns_finder import NetnsFinder
 from node_agent.plugin_events import PluginEventServer
@@ -407,6 +408,7 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
     logs.configure(cfg.log_level)
+    log.info(cap_malloc_arenas())  # before any thread exists
     installer = _make_installer(cfg) if cfg.install_cni else None
     agent = Agent(cfg, installer=installer)
     stop = threading.Event()
