@@ -25,7 +25,7 @@ from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from testbed.ztunnel_standin.identity import MeshCa, spiffe_id
-from testbed.ztunnel_standin.topology import AppServer, TwoPods, client_socket, http_get
+from testbed.ztunnel_standin.topology import AppServer, Pod, TwoPods, client_socket, http_get
 from tests.netns.test_standin_zds import StandinProcess
 from tests.unit.test_zds_server import ListSource, wait_for
 
@@ -80,6 +80,55 @@ def _capture(pod_name: str, dev: str, out: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
+@contextmanager
+def _captured(pod: Pod, out: Path) -> Iterator[None]:
+    """Capture on ``pod``'s veth into ``out`` while the block runs; stopped (and flushed)
+    on exit, even when the block fails."""
+    cap = _capture(pod.name, pod.dev, out)
+    try:
+        yield
+    finally:
+        time.sleep(0.2)  # let the last packets reach the capture before stopping it
+        cap.send_signal(signal.SIGINT)
+        cap.wait(5)
+        if cap.stderr is not None:
+            cap.stderr.close()
+
+
+@contextmanager
+def _mesh_connection(pods: TwoPods, port: int) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """A TCP connection from pod A to a listener on pod B's ``port``, carried by the mesh
+    (A's rules catch it): yields (A's client socket, B's accepted socket), both with a 5 s
+    timeout; the accepted socket, the client and the listener are all closed on exit."""
+
+    def listen() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind((pods.b.ip, port))
+        s.listen(4)
+        return s
+
+    listener = run_in_netns(pods.b.path, listen)
+    client = client_socket(pods.a.path)
+    try:
+        listener.settimeout(5)
+        client.settimeout(5)
+        client.connect((pods.b.ip, port))
+        conn, _ = listener.accept()
+        with conn:
+            yield client, conn
+    finally:
+        client.close()
+        listener.close()
+
+
+def _round_trip(client: socket.socket, conn: socket.socket, request: bytes, answer: bytes) -> None:
+    """``request`` from A's client arrives whole at B's socket, and ``answer`` comes back."""
+    client.sendall(request)
+    assert conn.recv(len(request)) == request
+    conn.sendall(answer)
+    assert client.recv(len(answer)) == answer
+
+
 def _packets(pcap: Path) -> list[tuple[int, int, bytes]]:
     """(src port, dst port, transport payload) of every IPv4/IPv6 TCP/UDP packet in a pcap."""
     data = pcap.read_bytes()
@@ -109,14 +158,8 @@ def test_request_crosses_both_sides_as_mtls(
 ) -> None:
     pods, standin, _ = mesh
     pcap = tmp_path / "veth-b.pcap"
-    cap = _capture(pods.b.name, pods.b.dev, pcap)
-    try:
+    with _captured(pods.b, pcap):
         reply = http_get(client_socket(pods.a.path), pods.b.ip, 8080, f"/{MARKER}")
-    finally:
-        time.sleep(0.2)
-        cap.send_signal(signal.SIGINT)
-        cap.wait(5)
-        print("XX", cap.stderr.read() if cap.stderr else None, pcap.stat().st_size)
     assert reply.startswith(b"HTTP/1.1 200 OK"), reply
     assert f"hello from b: GET /{MARKER}".encode() in reply
 
@@ -210,13 +253,8 @@ def test_outbound_to_a_pod_outside_the_mesh_passes_through(
     standin_agent_delete(mesh, "uid-b")
     make_backend("iptables", applier="iptables-restore").remove(pods.b.path, SETTINGS)
     pcap = tmp_path / "plain.pcap"
-    cap = _capture(pods.b.name, pods.b.dev, pcap)
-    try:
+    with _captured(pods.b, pcap):
         reply = http_get(client_socket(pods.a.path), pods.b.ip, 8080, f"/{MARKER}")
-    finally:
-        time.sleep(0.2)
-        cap.send_signal(signal.SIGINT)
-        cap.wait(5)
     assert f"hello from b: GET /{MARKER}".encode() in reply
     assert any(MARKER.encode() in p for s, d, p in _packets(pcap) if d == 8080)
     assert wait_for(lambda: any(ln["direction"] == "outbound" for ln in _log_lines(standin)))
@@ -236,60 +274,25 @@ def test_del_closes_the_pods_open_connections(
     mesh: tuple[TwoPods, StandinProcess, AppServer],
 ) -> None:
     pods, _, _ = mesh
-
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind((pods.b.ip, 9090))
-        s.listen(4)
-        return s
-
-    app = run_in_netns(pods.b.path, listen)
-    client = client_socket(pods.a.path)
-    try:
-        app.settimeout(5)
-        client.settimeout(5)
-        client.connect((pods.b.ip, 9090))
-        conn, _ = app.accept()  # through 15001 -> HBONE -> 15008 -> app
-        with conn:
-            client.sendall(b"ping")
-            assert conn.recv(4) == b"ping"
-            standin_agent_delete(mesh, "uid-a")
-            try:
-                got = client.recv(16)  # A's proxy is gone: EOF ...
-            except ConnectionResetError:
-                got = b""  # ... or reset
-            assert got == b"", "the connection outlived its pod's proxy"
-    finally:
-        client.close()
-        app.close()
+    # Through 15001 -> HBONE -> 15008 -> app.
+    with _mesh_connection(pods, 9090) as (client, conn):
+        client.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        standin_agent_delete(mesh, "uid-a")
+        try:
+            got = client.recv(16)  # A's proxy is gone: EOF ...
+        except ConnectionResetError:
+            got = b""  # ... or reset
+        assert got == b"", "the connection outlived its pod's proxy"
 
 
 def test_dns_over_tcp_goes_to_the_resolver_the_pod_dialled(
     mesh: tuple[TwoPods, StandinProcess, AppServer],
 ) -> None:
     pods, _, _ = mesh
-
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind((pods.b.ip, 53))
-        s.listen(4)
-        return s
-
-    resolver = run_in_netns(pods.b.path, listen)
-    client = client_socket(pods.a.path)
-    try:
-        resolver.settimeout(5)
-        client.settimeout(5)
-        client.connect((pods.b.ip, 53))  # caught by A's rules -> 15053 (TCP)
-        conn, _ = resolver.accept()
-        with conn:
-            client.sendall(b"\x00\x05query")
-            assert conn.recv(7) == b"\x00\x05query"
-            conn.sendall(b"\x00\x06answer")
-            assert client.recv(8) == b"\x00\x06answer"
-    finally:
-        client.close()
-        resolver.close()
+    # The resolver listens on B:53; A's rules send the connection to 15053 (TCP).
+    with _mesh_connection(pods, 53) as (client, conn):
+        _round_trip(client, conn, b"\x00\x05query", b"\x00\x06answer")
 
 
 def test_failed_connection_still_gets_its_access_log_line(
@@ -310,14 +313,9 @@ def test_ipv6_request_crosses_both_sides_as_mtls(tmp_path: Path) -> None:
     with _mesh(tmp_path, ipv6=True) as (pods, standin, _):
         assert pods.a.ip6 and pods.b.ip6
         pcap = tmp_path / "veth-b6.pcap"
-        cap = _capture(pods.b.name, pods.b.dev, pcap)
-        try:
+        with _captured(pods.b, pcap):
             sock = client_socket(pods.a.path, ipv6=True)
             reply = http_get(sock, pods.b.ip6, 8080, f"/{MARKER}")
-        finally:
-            time.sleep(0.2)
-            cap.send_signal(signal.SIGINT)
-            cap.wait(5)
         assert f"hello from b: GET /{MARKER}".encode() in reply
         packets = _packets(pcap)
         assert any(d == 15008 and p[:1] == b"\x16" for _, d, p in packets)
@@ -373,36 +371,16 @@ def test_agent_restart_keeps_open_connections(
         SnapshotEntry("uid-a", WorkloadInfo("client", "ns-a", "client-sa"), pods.a.path),
         SnapshotEntry("uid-b", WorkloadInfo("server", "ns-b", "server-sa"), pods.b.path),
     ]
-
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind((pods.b.ip, 9091))
-        s.listen(4)
-        return s
-
-    app = run_in_netns(pods.b.path, listen)
-    client = client_socket(pods.a.path)
-    try:
-        app.settimeout(5)
-        client.settimeout(5)
-        client.connect((pods.b.ip, 9091))
-        conn, _ = app.accept()
-        with conn:
-            client.sendall(b"before")
-            assert conn.recv(6) == b"before"
-            # The agent goes away and comes back: the stand-in reconnects, the snapshot's
-            # Adds carry the same netns inodes, so they are no-ops and no proxy restarts.
-            server.stop()
-            server.start()
-            assert wait_for(lambda: server.connected, 10)
-            assert wait_for(lambda: standin.log().count("add for a known netns: no-op") >= 2)
-            client.sendall(b"after")
-            assert conn.recv(5) == b"after"
-            conn.sendall(b"back")
-            assert client.recv(4) == b"back"
-    finally:
-        client.close()
-        app.close()
+    with _mesh_connection(pods, 9091) as (client, conn):
+        client.sendall(b"before")
+        assert conn.recv(6) == b"before"
+        # The agent goes away and comes back: the stand-in reconnects, the snapshot's
+        # Adds carry the same netns inodes, so they are no-ops and no proxy restarts.
+        server.stop()
+        server.start()
+        assert wait_for(lambda: server.connected, 10)
+        assert wait_for(lambda: standin.log().count("add for a known netns: no-op") >= 2)
+        _round_trip(client, conn, b"after", b"back")
 
 
 def test_direct_dial_of_the_proxy_port_is_refused_not_looped(
@@ -426,30 +404,14 @@ def test_standin_sockets_carry_mark_1337_apps_do_not(
     mesh: tuple[TwoPods, StandinProcess, AppServer],
 ) -> None:
     pods, _, _ = mesh
-
-    def listen() -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind((pods.b.ip, 9092))
-        s.listen(4)
-        return s
-
-    app = run_in_netns(pods.b.path, listen)
-    client = client_socket(pods.a.path)
-    try:
-        app.settimeout(5)
-        client.connect((pods.b.ip, 9092))
-        conn, _ = app.accept()
-        with conn:
-            marks = _marks(pods.a.name)
-            # In A: the app's socket to B:9092 is unmarked; the stand-in's HBONE leg to
-            # B:15008 carries 0x539 so A's rules let it pass.
-            assert marks[("tcp", f"{pods.b.ip}:9092")] == 0
-            assert marks[("tcp", f"{pods.b.ip}:15008")] == 0x539
-            # In B: the stand-in's leg to the app is marked too.
-            assert _marks(pods.b.name)[("tcp", f"{pods.b.ip}:9092")] == 0x539
-    finally:
-        client.close()
-        app.close()
+    with _mesh_connection(pods, 9092):
+        marks = _marks(pods.a.name)
+        # In A: the app's socket to B:9092 is unmarked; the stand-in's HBONE leg to
+        # B:15008 carries 0x539 so A's rules let it pass.
+        assert marks[("tcp", f"{pods.b.ip}:9092")] == 0
+        assert marks[("tcp", f"{pods.b.ip}:15008")] == 0x539
+        # In B: the stand-in's leg to the app is marked too.
+        assert _marks(pods.b.name)[("tcp", f"{pods.b.ip}:9092")] == 0x539
 
 
 def _marks(netns_name: str) -> dict[tuple[str, str], int]:
