@@ -11,6 +11,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,29 @@ def _client(path: str) -> socket.socket:
     return run_in_netns(path, make, host_netns=None)
 
 
+@contextmanager
+def _outbound_connection(
+    pod: Pod, outbound: socket.socket, port: int, timeout: float = 5
+) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """An app in the pod dials PEER:``port``; the redirection hands the connection to
+    ``outbound`` (the pod's 15001 listener). Yields (the app's socket, the accepted one),
+    both closed on exit."""
+    app = run_in_netns(pod.path, socket.socket)
+    with app:
+        app.settimeout(timeout)
+        app.connect((PEER, port))
+        conn, _ = outbound.accept()
+        with conn:
+            yield app, conn
+
+
+def _original_dst(conn: socket.socket) -> tuple[int, str, int]:
+    """(family, address, port) that SO_ORIGINAL_DST answers for an accepted IPv4 connection."""
+    raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # 80: SO_ORIGINAL_DST
+    family = int.from_bytes(raw[0:2], "little")
+    return family, socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")
+
+
 def test_restart_adopts_and_keeps_redirecting(pod: Pod) -> None:
     pod.backend.apply(pod.path, SETTINGS)
     with Netns.open(pod.path) as ns:
@@ -121,17 +145,12 @@ def test_restart_adopts_and_keeps_redirecting(pod: Pod) -> None:
     assert _state(pod) == attached, "adoption must not re-attach anything"
     outbound = _listener(pod.path, 15001)
     with outbound, _listener(pod.peer and f"/run/netns/{pod.peer}", 80) as real:
-        app = run_in_netns(pod.path, socket.socket)
-        with app:
-            app.settimeout(5)
-            app.connect((PEER, 80))
-            conn, _ = outbound.accept()
-            with conn:
-                assert conn.getsockname() == ("127.0.0.1", 15001)
-                app.sendall(b"ping")
-                assert conn.recv(4) == b"ping"
-                conn.sendall(b"pong")
-                assert app.recv(4) == b"pong"
+        with _outbound_connection(pod, outbound, 80) as (app, conn):
+            assert conn.getsockname() == ("127.0.0.1", 15001)
+            app.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+            conn.sendall(b"pong")
+            assert app.recv(4) == b"pong"
         real.settimeout(0.2)
         with pytest.raises(TimeoutError):
             real.accept()  # the peer itself never saw the connection
@@ -211,28 +230,25 @@ def test_bulk_transfer_through_outbound_capture(pod: Pod) -> None:
     """Large (GSO-sized) segments survive the egress rewrite and the turn back into lo."""
     pod.backend.apply(pod.path, SETTINGS)
     blob = bytes(range(256)) * 16384  # 4 MiB
-    with _listener(pod.path, 15001) as outbound:
-        app = run_in_netns(pod.path, socket.socket)
-        with app:
-            app.settimeout(10)
-            app.connect((PEER, 80))
-            conn, _ = outbound.accept()
-            with conn:
-                conn.settimeout(10)
-                sender = threading.Thread(target=app.sendall, args=(blob,))
-                sender.start()
-                got = bytearray()
-                while len(got) < len(blob):
-                    got += conn.recv(1 << 16)
-                sender.join()
-                assert bytes(got) == blob
-                replier = threading.Thread(target=conn.sendall, args=(blob,))
-                replier.start()
-                back = bytearray()
-                while len(back) < len(blob):
-                    back += app.recv(1 << 16)
-                replier.join()
-                assert bytes(back) == blob
+    with (
+        _listener(pod.path, 15001) as outbound,
+        _outbound_connection(pod, outbound, 80, timeout=10) as (app, conn),
+    ):
+        conn.settimeout(10)
+        assert _carried(app, conn, blob) == blob
+        assert _carried(conn, app, blob) == blob  # and the reply, back the other way
+
+
+def _carried(src: socket.socket, dst: socket.socket, blob: bytes) -> bytes:
+    """Send ``blob`` from ``src`` on a thread (it is larger than the socket buffers) and
+    return the first len(blob) bytes ``dst`` receives."""
+    sender = threading.Thread(target=src.sendall, args=(blob,))
+    sender.start()
+    got = bytearray()
+    while len(got) < len(blob):
+        got += dst.recv(1 << 16)
+    sender.join()
+    return bytes(got)
 
 
 def test_prune_deletes_pins_of_vanished_pods(pod: Pod) -> None:
@@ -260,18 +276,12 @@ def test_dual_stack_listener_gets_ipv4_original_destination(pod: Pod) -> None:
         s.settimeout(5)
         return s
 
-    with run_in_netns(pod.path, make) as outbound:
-        app = run_in_netns(pod.path, socket.socket)
-        with app:
-            app.settimeout(5)
-            app.connect((PEER, 8443))
-            conn, peer = outbound.accept()
-            with conn:
-                assert peer[0] == f"::ffff:{POD}"
-                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
-                assert int.from_bytes(raw[0:2], "little") == socket.AF_INET
-                assert socket.inet_ntoa(raw[4:8]) == PEER
-                assert int.from_bytes(raw[2:4], "big") == 8443
+    with (
+        run_in_netns(pod.path, make) as outbound,
+        _outbound_connection(pod, outbound, 8443) as (_, conn),
+    ):
+        assert conn.getpeername()[0] == f"::ffff:{POD}"
+        assert _original_dst(conn) == (socket.AF_INET, PEER, 8443)
 
 
 def test_original_destination_with_conntrack_active_in_the_pod(pod: Pod) -> None:
@@ -283,20 +293,13 @@ def test_original_destination_with_conntrack_active_in_the_pod(pod: Pod) -> None
         _sh("ip", "netns", "exec", pod.ns, "iptables-legacy", "-A", chain, "-m", "conntrack",
             "--ctstate", "NEW", "-j", "ACCEPT")  # fmt: skip
     pod.backend.apply(pod.path, SETTINGS)
-    with _listener(pod.path, 15001) as outbound:
-        app = run_in_netns(pod.path, socket.socket)
-        with app:
-            app.settimeout(5)
-            app.connect((PEER, 8443))
-            conn, _ = outbound.accept()
-            with conn:
-                tracked = _sh("ip", "netns", "exec", pod.ns, "cat", "/proc/net/nf_conntrack")
-                assert "dport=15001" in tracked, "conntrack must be tracking the connection"
-                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
-                assert (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")) == (
-                    PEER,
-                    8443,
-                )
+    with (
+        _listener(pod.path, 15001) as outbound,
+        _outbound_connection(pod, outbound, 8443) as (_, conn),
+    ):
+        tracked = _sh("ip", "netns", "exec", pod.ns, "cat", "/proc/net/nf_conntrack")
+        assert "dport=15001" in tracked, "conntrack must be tracking the connection"
+        assert _original_dst(conn)[1:] == (PEER, 8443)
 
 
 def test_concurrent_applies_compile_once_and_all_succeed(
@@ -338,15 +341,8 @@ def test_lost_node_objects_are_reported_and_rebuilt_by_apply(pod: Pod) -> None:
     assert any("getsockopt_link" in m for m in report.missing), report
     pod.backend.apply(pod.path, SETTINGS)
     assert pod.backend.check(pod.path, SETTINGS).ok
-    with _listener(pod.path, 15001) as outbound:
-        app = run_in_netns(pod.path, socket.socket)
-        with app:
-            app.settimeout(5)
-            app.connect((PEER, 8443))
-            conn, _ = outbound.accept()
-            with conn:
-                raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST, rebuilt
-                assert (socket.inet_ntoa(raw[4:8]), int.from_bytes(raw[2:4], "big")) == (
-                    PEER,
-                    8443,
-                )
+    with (
+        _listener(pod.path, 15001) as outbound,
+        _outbound_connection(pod, outbound, 8443) as (_, conn),
+    ):
+        assert _original_dst(conn)[1:] == (PEER, 8443)  # answered by the rebuilt link
