@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -39,31 +39,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from cni_plugin import constants as c
     from cni_plugin.redirection.registry import make_backend
-    from node_agent.config import AgentConfig
     from node_agent.host_probe import HostProbe
     from node_agent.run_command import Agent
     from tests.agent_fakes import FakeKube, make_pod, wait_for
     from tests.netns.test_standin_zds import StandinProcess
+    from tests.throwaway_node import agent_config, own_namespaces
 
     tmp = Path(tempfile.mkdtemp(prefix="icnit-bench-amb-"))
-    made: list[str] = []
-
-    def netns(tag: str) -> str:
-        name = f"icnib-{tag}-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        made.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        return name
-
+    namespaces = ExitStack()  # closed last but one: after the agent, before tmp goes
+    netns = namespaces.enter_context(own_namespaces("icnib"))
     node_netns = "/run/netns/" + netns("node")
     kube = FakeKube()
     kube.put_namespace("demo", {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT})
-    cfg = AgentConfig(
-        node_name="node-1", run_dir=str(tmp / "run"), ztunnel_socket=str(tmp / "zt" / "zt.sock"),
-        proc_root=str(tmp / "proc"), netns_dir="/run/netns", node_netns=node_netns,
-        health_port=0, monitoring_port=0, listen_address="127.0.0.1", reconcile_seconds=3600,
-        workers=8,
-    )  # fmt: skip
+    cfg = agent_config(tmp, node_netns, workers=8)
     os.makedirs(cfg.proc_root)
     os.makedirs(os.path.dirname(cfg.ztunnel_socket))
     agent = Agent(cfg, kube=kube, rules=make_backend(args.backend))
@@ -156,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.stop()
         standin.stop()
         probe.teardown()
-        for name in reversed(made):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        namespaces.close()
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(results, indent=2))
     if args.json:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import secrets
 import socket
 import subprocess
 import threading
@@ -25,10 +24,10 @@ import pytest
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.config import AgentConfig
 from node_agent.host_probe import HostProbe
 from node_agent.run_command import Agent
 from tests.agent_fakes import FakeKube, make_pod, wait_for
+from tests.throwaway_node import agent_config, own_namespaces
 from tests.zds_recorder import ZdsRecorder
 
 pytestmark = pytest.mark.netns
@@ -58,19 +57,7 @@ class Env:
         self.next_pid = 100
         self.agent: Agent | None = None
         self.recorder: ZdsRecorder | None = None
-        self.cfg = AgentConfig(
-            node_name="node-1",
-            run_dir=str(tmp / "run"),
-            ztunnel_socket=str(tmp / "zt" / "ztunnel.sock"),
-            proc_root=str(self.proc),
-            netns_dir="/run/netns",
-            node_netns=self.node_netns,
-            health_port=0,
-            monitoring_port=0,
-            listen_address="127.0.0.1",
-            reconcile_seconds=3600,
-            workers=4,
-        )
+        self.cfg = agent_config(tmp, self.node_netns)  # its proc_root is self.proc
         self.probe = HostProbe(ipv6=True, node_netns=self.node_netns)
 
     # -- staging ------------------------------------------------------------------------
@@ -132,20 +119,8 @@ def own_netns() -> Iterator[Callable[[str], str]]:
     """Throwaway namespaces under a prefix of this module's own (``icnia-``), removed at
     teardown: the shared ``icnit-`` sweep of a concurrent pytest session must not pull
     namespaces out from under a running agent."""
-    created: list[str] = []
-
-    def make(tag: str) -> str:
-        name = f"icnia-{tag}-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        created.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        return name
-
-    try:
+    with own_namespaces("icnia") as make:
         yield make
-    finally:
-        for name in reversed(created):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture

@@ -25,7 +25,6 @@ import pytest
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.config import AgentConfig
 from node_agent.host_probe import HostProbe
 from node_agent.run_command import Agent
 from tests import plugin_fakes
@@ -33,6 +32,7 @@ from tests.agent_fakes import FakeKube, make_pod, wait_for
 from tests.cni_chain import Chain, ChainError, k8s_env
 from tests.netns.test_standin_zds import StandinProcess, listeners
 from tests.plugin_fakes import ROOT, ApiStub
+from tests.throwaway_node import agent_config, own_namespaces
 
 pytestmark = pytest.mark.netns
 AMBIENT = {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT}
@@ -73,7 +73,8 @@ class Node:
         self.make = make
         self.node_ns = make("node")
         self.node_netns = f"/run/netns/{self.node_ns}"
-        self.run_dir = str(tmp / "run")
+        self.cfg = agent_config(tmp, self.node_netns)
+        self.run_dir = self.cfg.run_dir
         os.makedirs(self.run_dir)
         self.kube = FakeKube()
         self.kube.put_namespace("demo")
@@ -110,19 +111,6 @@ class Node:
             ],
         }
         self.chain = Chain(self.conflist, [plugin_dir, "/usr/lib/cni"], self.node_netns)
-        self.cfg = AgentConfig(
-            node_name="node-1",
-            run_dir=self.run_dir,
-            ztunnel_socket=str(tmp / "zt" / "ztunnel.sock"),
-            proc_root=str(tmp / "proc"),
-            netns_dir="/run/netns",
-            node_netns=self.node_netns,
-            health_port=0,
-            monitoring_port=0,
-            listen_address="127.0.0.1",
-            reconcile_seconds=3600,
-            workers=4,
-        )
         os.makedirs(self.cfg.proc_root)
         self.probe = HostProbe(ipv6=True, node_netns=self.node_netns)
 
@@ -167,20 +155,8 @@ class Node:
 @pytest.fixture
 def own_netns() -> Iterator[Callable[[str], str]]:
     # Own prefix: a concurrent session's icnit- sweep must not remove a running agent's pods.
-    created: list[str] = []
-
-    def make(tag: str) -> str:
-        name = f"icnip-{tag}-{secrets.token_hex(3)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        created.append(name)
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        return name
-
-    try:
+    with own_namespaces("icnip") as make:
         yield make
-    finally:
-        for name in reversed(created):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture
