@@ -1,5 +1,6 @@
-"""Ambient pod ADD, end to end: plugin exec -> agent (GET /pod, POST /cmdadd) -> iptables
-rules in the pod netns -> ZDS Add acked by the ztunnel stand-in -> annotation -> 200.
+"""Ambient pod ADD, end to end: plugin exec -> agent (one ``POST /cmdadd``: judged and
+enrolled) -> iptables rules in the pod netns -> ZDS Add acked by the ztunnel stand-in ->
+annotation -> 200.
 
 ``python -m bench.plugin_ambient [--pods N] [--concurrency 1 20] [--plugin PATH]``, as root.
 The agent is the real one (real iptables backend, real ZDS server, the stand-in process as
