@@ -19,6 +19,7 @@ from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
 from node_agent.pod_cache import CachedPod
+from tests.time_scale import scaled
 
 
 def make_pod(
@@ -281,7 +282,7 @@ class FakeProbes:
 
 
 def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if cond():
             return

@@ -16,6 +16,8 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.time_scale import scaled
+
 
 @dataclass
 class PluginRun:
@@ -70,7 +72,7 @@ class Chain:
             input=json.dumps(netconf).encode(),
             env=full_env,
             capture_output=True,
-            timeout=timeout,
+            timeout=scaled(timeout),
         )
         run = PluginRun(
             conf["type"], command, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0

@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from tests.time_scale import scaled
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The plugin as a runtime would exec it from a source checkout: isolated, no site.
 PLUGIN_CMD = [
@@ -303,7 +305,7 @@ def run_plugin(
 ) -> subprocess.CompletedProcess[bytes]:
     """Exec the plugin with exactly ``env`` (nothing inherited), as a runtime does."""
     return subprocess.run(
-        cmd or PLUGIN_CMD, input=stdin, env=dict(env), capture_output=True, timeout=timeout
+        cmd or PLUGIN_CMD, input=stdin, env=dict(env), capture_output=True, timeout=scaled(timeout)
     )
 
 

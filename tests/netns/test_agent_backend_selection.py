@@ -26,6 +26,7 @@ from node_agent.bpf_pins import PinPruner, live_netns_inodes
 from node_agent.config import AgentConfig
 from node_agent.run_command import Agent
 from tests.netns.bpf_support import CACHE_DIR, skip_if_unavailable
+from tests.time_scale import scaled
 
 pytestmark = pytest.mark.netns
 REPO = Path(__file__).resolve().parents[2]
@@ -108,7 +109,7 @@ def _agent_run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     }
     return subprocess.run(
         [sys.executable, "-m", "node_agent.cli", "run"],
-        env={**base, **env}, capture_output=True, text=True, timeout=60, cwd=REPO,
+        env={**base, **env}, capture_output=True, text=True, timeout=scaled(60), cwd=REPO,
     )  # fmt: skip
 
 

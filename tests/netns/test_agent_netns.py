@@ -28,6 +28,7 @@ from node_agent.host_probe import HostProbe
 from node_agent.run_command import Agent
 from tests.agent_fakes import FakeKube, make_pod, wait_for
 from tests.throwaway_node import agent_config, own_namespaces
+from tests.time_scale import scaled
 from tests.zds_recorder import ZdsRecorder
 
 pytestmark = pytest.mark.netns
@@ -94,7 +95,7 @@ class Env:
     # -- agent ----------------------------------------------------------------------------
     def start_agent(self) -> Agent:
         self.agent = Agent(self.cfg, kube=self.kube, rules=self.backend)
-        self.agent.start(sync_timeout=10)
+        self.agent.start(sync_timeout=scaled(10))
         return self.agent
 
     def stop_agent(self) -> None:

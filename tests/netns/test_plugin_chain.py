@@ -33,6 +33,7 @@ from tests.cni_chain import Chain, ChainError, k8s_env
 from tests.netns.test_standin_zds import StandinProcess, listeners
 from tests.plugin_fakes import ROOT, ApiStub
 from tests.throwaway_node import agent_config, own_namespaces
+from tests.time_scale import scaled
 
 pytestmark = pytest.mark.netns
 AMBIENT = {c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_AMBIENT}
@@ -119,7 +120,7 @@ class Node:
         self.agent = Agent(self.cfg, kube=self.kube, rules=self.backend)
         self.standin = StandinProcess(self.cfg.ztunnel_socket, self.tmp)
         self.standin.start()
-        self.agent.start(sync_timeout=10)
+        self.agent.start(sync_timeout=scaled(10))
         zds = self.agent.zds
         assert zds is not None
         wait_for(lambda: zds.connected, timeout=20, what="ztunnel stand-in connected")
@@ -252,11 +253,11 @@ def test_built_plugin_runs_where_there_is_no_python(built_plugin: str, tmp_path:
         'mount -t proc proc "$0/proc" && exec /usr/sbin/chroot "$0" /bin/istio-cni', str(root),
     ]  # fmt: skip
     proc = subprocess.run(
-        run, input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=60
+        run, input=json.dumps(conf).encode(), env=env, capture_output=True, timeout=scaled(60)
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {"cniVersion": "1.0.0", "ips": [{"address": "10.77.0.9/24"}]}
-    proc = subprocess.run(run, input=b"{oops", env=env, capture_output=True, timeout=60)
+    proc = subprocess.run(run, input=b"{oops", env=env, capture_output=True, timeout=scaled(60))
     assert proc.returncode != 0 and json.loads(proc.stdout)["code"] == 6
 
 
@@ -273,7 +274,7 @@ def test_built_plugin_with_a_broken_directory_says_how_to_fix_it(
     loader.unlink()
     proc = subprocess.run(
         [str(copy / "istio-cni")], input=b"{}", env={"CNI_COMMAND": "VERSION"},
-        capture_output=True, timeout=60,
+        capture_output=True, timeout=scaled(60),
     )  # fmt: skip
     assert proc.returncode == 1
     err = json.loads(proc.stdout)

@@ -8,13 +8,15 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.time_scale import scaled
+
 pytestmark = pytest.mark.netns
 
 AGENT = [sys.executable, "-m", "node_agent.cli", "redirect"]
 
 
 def agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=scaled(60))
 
 
 @pytest.mark.parametrize("applier", ["iptables-restore", "python-iptables"])

@@ -21,6 +21,7 @@ import pytest
 from cni_plugin.errors import ConfigError, ZtunnelUnavailableError
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+from tests.time_scale import scaled
 
 INFO = WorkloadInfo("app", "default", "sa")
 
@@ -76,7 +77,7 @@ def fd_count() -> int:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while time.monotonic() < end:
         if pred():
             return True
