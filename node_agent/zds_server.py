@@ -197,7 +197,11 @@ class ZdsServer:
 
     # --- requests -------------------------------------------------------------------------
 
-    def add(self, uid: str, netns_path: str, info: WorkloadInfo, timeout: float = 5.0) -> None:
+    def add(
+        self, uid: str, netns_path: str, info: WorkloadInfo, timeout: float | None = None
+    ) -> None:
+        """Send Add and wait for the ack, up to ``timeout`` (default: the ack deadline)."""
+        timeout = self.ack_timeout if timeout is None else timeout
         data = wire.encode_add(uid, info.name, info.namespace, info.service_account)
         with self._lock:
             conn = self._ready[-1] if self._ready else None

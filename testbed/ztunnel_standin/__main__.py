@@ -49,14 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="resolver for UDP DNS caught on 15053 (default: /etc/resolv.conf)",
     )
     p.add_argument("--log-level", default="info")
+    # First: a SIGTERM while the CA and listeners are still being set up is a clean exit too.
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
     args = p.parse_args(argv)
     configure(args.log_level)
     standin = StandIn(
         args.socket, args.access_log, args.ca_dir, args.dns_upstream or _first_nameserver()
     )
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    if done.is_set():
+        return 0
     standin.start()
     done.wait()
     standin.stop()

@@ -27,6 +27,7 @@ from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from testbed.ztunnel_standin.identity import MeshCa, spiffe_id
 from testbed.ztunnel_standin.topology import AppServer, Pod, TwoPods, client_socket, http_get
 from tests.netns.test_standin_zds import StandinProcess
+from tests.time_scale import scaled
 from tests.unit.test_zds_server import ListSource, wait_for
 
 pytestmark = pytest.mark.netns
@@ -38,7 +39,13 @@ SETTINGS = RedirectSettings(dns_capture=True, ipv6=False)  # what `mesh` applies
 @contextmanager
 def _mesh(tmp_path: Path, ipv6: bool) -> Iterator[tuple[TwoPods, StandinProcess, AppServer]]:
     pods = TwoPods(ipv6=ipv6)
-    server = ZdsServer(str(tmp_path / "zt" / "ztunnel.sock"), ListSource(), accept_rate=1000)
+    server = ZdsServer(
+        str(tmp_path / "zt" / "ztunnel.sock"),
+        ListSource(),
+        accept_rate=1000,
+        ack_timeout=scaled(5),
+        hello_timeout=scaled(5),
+    )
     backend = make_backend("iptables", applier="iptables-restore")
     settings = RedirectSettings(dns_capture=True, ipv6=ipv6)
     standin = StandinProcess(server.socket_path, tmp_path, "--dns-upstream", f"{pods.b.ip}:53")

@@ -22,6 +22,7 @@ import pytest
 from cni_plugin.netns import run_in_netns
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+from tests.time_scale import scaled
 from tests.unit.test_zds_server import ListSource, wait_for
 
 pytestmark = pytest.mark.netns
@@ -65,7 +66,7 @@ class StandinProcess:
             return 0
         self.proc.send_signal(signal.SIGTERM)
         try:
-            rc = self.proc.wait(10)
+            rc = self.proc.wait(scaled(10))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
@@ -99,7 +100,13 @@ def listeners(netns_name: str) -> set[tuple[str, int]]:
 @pytest.fixture
 def agent(tmp_path: Path) -> Iterator[tuple[ZdsServer, ListSource]]:
     source = ListSource()
-    server = ZdsServer(str(tmp_path / "zt" / "ztunnel.sock"), source, accept_rate=1000)
+    server = ZdsServer(
+        str(tmp_path / "zt" / "ztunnel.sock"),
+        source,
+        accept_rate=1000,
+        ack_timeout=scaled(5),
+        hello_timeout=scaled(5),
+    )
     server.start()
     yield server, source
     server.stop()
@@ -223,16 +230,16 @@ class RawAgent:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(path)
         self.listener.listen(4)
-        self.listener.settimeout(10)
+        self.listener.settimeout(scaled(10))
 
     def accept_hello(self) -> socket.socket:
         conn, _ = self.listener.accept()
-        assert w.recv_packet(conn, timeout=5).data == bytes.fromhex("0801")
+        assert w.recv_packet(conn, timeout=scaled(5)).data == bytes.fromhex("0801")
         return conn
 
     def ask(self, conn: socket.socket, data: bytes, fd: int | None = None) -> str:
-        w.send_packet(conn, data, fd, timeout=5)
-        return w.decode_ack(w.recv_packet(conn, timeout=10).data)
+        w.send_packet(conn, data, fd, timeout=scaled(5))
+        return w.decode_ack(w.recv_packet(conn, timeout=scaled(10)).data)
 
     def close(self) -> None:
         self.listener.close()
@@ -280,7 +287,7 @@ def test_standin_enforces_ztunnel_protocol_rules(
         assert err, f"{case}: must be nacked"
         # ...and the stream is ended: EOF here, then a fresh connection with a new hello.
         with pytest.raises(w.ZdsClosedError, match="EOF"):
-            w.recv_packet(conn, timeout=5)
+            w.recv_packet(conn, timeout=scaled(5))
         conn.close()
         again = agent.accept_hello()
         again.close()
@@ -341,7 +348,9 @@ def test_standin_backs_off_10ms_doubling_until_the_agent_appears(
     sock = str(tmp_path / "late" / "ztunnel.sock")
     standin = StandinProcess(sock, tmp_path)
     standin.start()
-    server = ZdsServer(sock, ListSource(), accept_rate=1000)
+    server = ZdsServer(
+        sock, ListSource(), accept_rate=1000, ack_timeout=scaled(5), hello_timeout=scaled(5)
+    )
 
     def waits() -> list[float]:
         return [
@@ -357,7 +366,7 @@ def test_standin_backs_off_10ms_doubling_until_the_agent_appears(
         server.start()
         assert wait_for(lambda: server.connected, 5), standin.log()
         seen = waits()
-        assert time.monotonic() - t0 < 2 * seen[-1] + 1.0  # the next retry found it
+        assert time.monotonic() - t0 < 2 * seen[-1] + scaled(1.0)  # the next retry found it
         assert seen[:6] == [0.02, 0.04, 0.08, 0.16, 0.32, 0.64]
         assert all(b == min(15.0, 2 * a) for a, b in itertools.pairwise(seen))
         pod = make_netns("pod")
