@@ -408,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
     logs.configure(cfg.log_level)
-    log.info(cap_malloc_arenas())  # before any thread exists
+    log.debug(cap_malloc_arenas())  # before any thread exists
     installer = _make_installer(cfg) if cfg.install_cni else None
     agent = Agent(cfg, installer=installer)
     stop = threading.Event()
