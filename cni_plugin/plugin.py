@@ -123,12 +123,12 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
     # agent's answer decides; unreachable, it is the same as above.
     try:
         status = agent_client.query_pod(run_dir, ns, name)
-    except agent_client.AgentUnreachableError as e:
+        if status is None or not status.get("known"):
+            # The agent has not seen the pod: it looks it up when asked to enroll it.
+            log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
+            return result
+    except agent_client.AgentUnreachableError as e:  # also gone between the two requests
         return _agent_down(inv, ns, name, e, log, result)
-    if status is None or not status.get("known"):
-        # The agent has not seen the pod: it looks it up when asked to enroll it.
-        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
-        return result
     if not status.get("ambient"):
         log.debug("pod not ambient, passing through", reason=str(status.get("reason", "")))
         return result
