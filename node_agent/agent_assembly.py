@@ -115,7 +115,7 @@ class Agent:
         self.metrics = AgentMetrics()
         self.cache = PodCache()
         self.node = self.selection.node_lifecycle(
-            cfg, held=lambda: [e.netns_inode for e in self.cache.entries()]
+            cfg.proc_root, cfg.netns_dir, held=lambda: [e.netns_inode for e in self.cache.entries()]
         )
         self.zds = ZdsServer(
             cfg.ztunnel_socket, CacheSnapshot(self.cache), on_connected_change=self._ztunnel

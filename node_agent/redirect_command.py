@@ -1,12 +1,22 @@
-"""``istio-cni-agent redirect render|apply|remove|check``: in-pod redirection by hand.
+"""``istio-cni-agent redirect render|apply|remove|check|uninstall-node``: in-pod
+redirection by hand, and the node-wide state it leaves.
 
 The same backends the agent uses, built by name through the registry, so every backend
 (iptables, nftables, ebpf) is reachable here. Settings default to the agent's environment
 (``AMBIENT_DNS_CAPTURE``, ``AMBIENT_IPV6``, ``HOST_PROBE_SNAT_IP``, ``HOST_PROBE_SNAT_IPV6``)
 so that ``check`` on a node judges what the agent would have installed.
 
-Exit codes: 0 done (``check``: everything in place); 1 ``check`` found differences, or an
-error (one line on stderr, nothing changed); 2 bad usage.
+Node-wide state has one owner, the backend's node lifecycle
+(:mod:`node_agent.backend_selection`): ``remove`` releases it when the namespace was the
+last one using it (ebpf: pins, the ``nat`` map, the ``istio_getsockopt`` cgroup link) and
+otherwise says in one line that it stays and how to remove it; ``check`` reports it (without
+``--netns``: only it) together with the agent's host probe rule and ipsets;
+``uninstall-node`` removes both once no pod uses them. The host probe state is looked at in
+``NODE_NETNS`` when set (as the agent does), else in this process's namespace.
+
+Exit codes: 0 done (``check``: everything in place); 1 ``check`` found differences,
+``uninstall-node`` found node-wide state still in use, or an error (one line on stderr,
+nothing changed); 2 bad usage.
 """
 
 from __future__ import annotations
@@ -21,15 +31,20 @@ from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
 from cni_plugin.redirection.registry import BACKENDS, make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.backend_selection import NodeLifecycle, Selection
+from node_agent.host_probe import HostProbe
 
 HELP = "render, apply, remove or check in-pod traffic redirection in a network namespace"
-ACTIONS = ("render", "apply", "remove", "check")
+ACTIONS = ("render", "apply", "remove", "check", "uninstall-node")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=ACTIONS, help="what to do")
     parser.add_argument(
-        "--netns", metavar="PATH", help="the pod's network namespace (not needed for render)"
+        "--netns",
+        metavar="PATH",
+        help="the pod's network namespace (not for render and uninstall-node; check without it "
+        "reports only the node-wide state)",
     )
     parser.add_argument(
         "--backend", default="iptables", choices=sorted(BACKENDS), help="redirection backend"
@@ -91,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "render":
         print(backend.render(settings))
         return 0
+    node = Selection.of(backend).node_lifecycle(
+        os.environ.get("HOST_PROC") or "/proc", os.environ.get("HOST_NETNS_DIR") or "/run/netns"
+    )
+    if args.action == "uninstall-node":
+        return _uninstall_node(node, settings)
+    if args.action == "check" and not args.netns:
+        _print_node_state(node, settings)
+        return 0
     if not args.netns:
         raise ConfigError(f"{args.action} needs --netns PATH (the pod's network namespace)")
     how = _describe(backend)
@@ -101,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "remove":
         backend.remove(args.netns, settings)
         print(f"removed {how} redirection from {args.netns}")
+        print(node.release().line)
         return 0
     report = backend.check(args.netns, settings)
+    _print_node_state(node, settings)
     for line in report.missing:
         print(f"missing: {line}")
     for line in report.extra:
@@ -116,6 +141,49 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _host_probe(settings: RedirectSettings) -> HostProbe:
+    return HostProbe(
+        ipv6=settings.ipv6,
+        node_netns=os.environ.get("NODE_NETNS", ""),
+        snat_v4=settings.probe_snat_ipv4,
+        snat_v6=settings.probe_snat_ipv6,
+    )
+
+
+def _print_node_state(node: NodeLifecycle, settings: RedirectSettings) -> None:
+    for line in node.describe():
+        print(line)
+    try:
+        lines = _host_probe(settings).describe()
+    except OSError as e:  # the ipset/iptables tools are missing here
+        lines = [
+            f"node: host probe state unreadable ({e.strerror or e}): install ipset and iptables"
+        ]
+    for line in lines:
+        print(line)
+
+
+def _uninstall_node(node: NodeLifecycle, settings: RedirectSettings) -> int:
+    """Remove the backend's node-wide state and the host probe rule and sets, each only
+    once no pod uses it (the agent's pods would lose their redirection or their probes).
+    Pods whose namespace is gone (deleted without a CNI DEL) do not count: their leftovers
+    are pruned first, as the agent's reconcile pass does."""
+    node.housekeeping()
+    outcome = node.release()
+    print(outcome.line)
+    probe = _host_probe(settings)
+    members = probe.members()
+    if members:
+        print(
+            f"node: the host probe rule and ipsets stay: {len(members)} pod address(es) still "
+            "in them (the agent has pods enrolled); uninstall the agent first"
+        )
+        return 1
+    probe.teardown()
+    print(f"node: host probe rule ({c.CHAIN_POSTROUTING}) and ipsets removed (or were absent)")
+    return 0 if outcome.removed else 1
 
 
 def _describe(backend: Any) -> str:
