@@ -184,8 +184,10 @@ def build(make_netns: Callable[[str], str]) -> Topology:
 def snapshot(netns_path: str) -> dict[str, str]:
     """Everything redirection may touch in a namespace, normalised: xtables (legacy, both
     families), the nftables ruleset (which includes iptables-nft), policy rules and all
-    route tables. Empty tables holding only built-in chains with policy ACCEPT are dropped:
-    they behave exactly like absent ones, and legacy xtables can never unregister them."""
+    route tables. Empty legacy xtables holding only built-in chains with policy ACCEPT are
+    dropped: they behave exactly like absent ones, and legacy xtables can never unregister
+    them. nf_tables tables are kept as they are, empty or not: a table ``apply`` created
+    must be gone after ``remove``."""
 
     return run_in_netns(netns_path, read_state)
 
@@ -233,31 +235,5 @@ def _empty_xtable(lines: list[str]) -> bool:
 
 
 def _normalise_nft(text: str) -> str:
-    """Drop tables that hold nothing but empty base chains with policy accept."""
-    blocks: list[list[str]] = []
     # Counters move with every packet (IPv6 neighbour discovery, for one): not state.
-    text = re.sub(r"counter packets \d+ bytes \d+", "counter", text)
-    for line in text.splitlines():
-        if line.startswith("table "):
-            blocks.append([])
-        if blocks:
-            blocks[-1].append(line)
-    return "\n".join("\n".join(b) for b in blocks if not _empty_nft_table(b))
-
-
-def _empty_nft_table(block: list[str]) -> bool:
-    inner = [ln.strip() for ln in block[1:-1] if ln.strip()]
-    chains: list[list[str]] = []
-    for ln in inner:
-        if ln.startswith("chain "):
-            chains.append([])
-        elif ln == "}" and chains:
-            continue
-        elif chains:
-            chains[-1].append(ln)
-        else:
-            return False  # sets, maps, flowtables...: not empty
-    return all(
-        len(body) == 1 and body[0].startswith("type ") and body[0].endswith("policy accept;")
-        for body in chains
-    )
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)
