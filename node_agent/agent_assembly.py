@@ -25,12 +25,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import ConfigError, NotRetryableError
-from install.teardown import is_upgrade as daemonset_still_present
+from install.teardown import StopQuestion
 from node_agent.adapters import (
     CacheSnapshot,
     KubeAccess,
@@ -46,10 +47,11 @@ from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
 from node_agent.metrics import AgentMetrics, InstallerStatus
 from node_agent.netns_finder import HostCheckedOpener, NetnsFinder
+from node_agent.node_ipv6 import ipv6_unusable
 from node_agent.plugin_events import PluginEventServer
 from node_agent.pod_cache import PodCache, PodState
 from node_agent.pod_controller import PodController
-from node_agent.reconciler import Reconciler
+from node_agent.reconciler import CHECKED_STATES, Reconciler
 from node_agent.resources import NamespaceInfo, PodInfo
 from node_agent.state import InformerRecord, StateExporter, StateSources
 from node_agent.work_queue import WorkQueue
@@ -89,6 +91,12 @@ class Agent:
         installer: InProcessInstaller | None = None,
         is_upgrade: Callable[[], bool] | None = None,
     ) -> None:
+        if cfg.ipv6 and (reason := ipv6_unusable(cfg.node_netns)) is not None:
+            log.warning(
+                "IPv6 unavailable on this node: running IPv4 only (AMBIENT_IPV6 ignored)",
+                extra={"fields": {"reason": reason}},
+            )
+            cfg = replace(cfg, ipv6=False)
         self.cfg = cfg
         # Chosen first: an unusable backend refuses the start before anything is created.
         self.selection = select_backend(cfg) if rules is None else Selection(rules)
@@ -98,7 +106,13 @@ class Agent:
 
             kube = KubeApi(cfg.kubeconfig)
         self.kube = kube
-        self._is_upgrade = is_upgrade or (lambda: daemonset_still_present(cfg.pod_namespace))
+        self._stop_question: StopQuestion | None = None
+        if is_upgrade is None:
+            self._stop_question = StopQuestion(
+                cfg.pod_namespace, cfg.node_name, disable_safe_upgrade=cfg.disable_safe_upgrade
+            )
+            is_upgrade = self._stop_question
+        self._is_upgrade = is_upgrade
         self.host_probe: HostProbe | None = None
         if probes is None:
             self.host_probe = HostProbe(
@@ -106,6 +120,7 @@ class Agent:
                 node_netns=cfg.node_netns,
                 snat_v4=cfg.host_probe_snat_ipv4,
                 snat_v6=cfg.host_probe_snat_ipv6,
+                variant=self.selection.xtables_variant(),
             )
             probes = self.host_probe
         self.probes = probes
@@ -179,7 +194,7 @@ class Agent:
             wants=self.controller.wants,
             period=cfg.reconcile_seconds,
             on_repair=lambda reason: self.metrics.repairs.labels(reason=reason).inc(),
-            after_pass=self.node.housekeeping,
+            after_pass=self._housekeeping,
         )
         self.plugin_server = PluginEventServer(
             cfg.plugin_event_socket,
@@ -237,7 +252,12 @@ class Agent:
         return self.ready.is_set() and (self.installer is None or self.installer.ready)
 
     # -- lifecycle ------------------------------------------------------------------------
-    def start(self, sync_timeout: float = 60.0) -> None:
+    def start(self, sync_timeout: float = 60.0, cancel: threading.Event | None = None) -> bool:
+        """Start every part; True once ready, False when ``cancel`` was set first.
+
+        An API server that cannot be listed does not fail the start: the agent keeps
+        retrying (not ready, one warning every ``sync_timeout``) with the plugin installed,
+        so new pods wait for it (fail closed) instead of the node losing the plugin."""
         cfg = self.cfg
         log.info(
             "agent starting", extra={"fields": {"node": cfg.node_name, "backend": self.rules.name}}
@@ -251,14 +271,12 @@ class Agent:
         self.node.setup()
         self.ns_informer.start()
         self.pod_informer.start()
-        deadline = time.monotonic() + sync_timeout
-        for inf in (self.ns_informer, self.pod_informer):
-            if not inf.synced.wait(max(0.0, deadline - time.monotonic())):
-                raise ConfigError(
-                    f"could not sync {inf.name} from the API server within {sync_timeout:g}s: "
-                    "check the kubeconfig and that the API server is reachable"
-                )
+        if self._stop_question is not None:
+            self._stop_question.prepare()
+        if not self._wait_synced(sync_timeout, cancel):
+            return False
         self.reconciler.adopt_annotated()
+        self._sync_probes()
         if cfg.reconcile_rules_on_startup:
             self.reconciler.run_pass()
         self.zds.start()
@@ -268,12 +286,73 @@ class Agent:
         self.queue.start()
         self.reconciler.start()
         log.info("agent ready", extra={"fields": {"enrolled": len(self.cache)}})
+        return True
 
-    def stop(self) -> None:
-        """Stop serving; leave every pod's rules, the ipsets and annotations in place."""
+    def _wait_synced(self, warn_every: float, cancel: threading.Event | None) -> bool:
+        t0 = time.monotonic()
+        warn_at = t0 + warn_every
+        for inf in (self.ns_informer, self.pod_informer):
+            while not inf.synced.wait(0.1):
+                if cancel is not None and cancel.is_set():
+                    return False
+                if time.monotonic() >= warn_at:
+                    warn_at += warn_every
+                    log.warning(
+                        "cannot sync from the API server yet, still trying (not ready; the "
+                        "plugin stays installed, so new pods wait): check the kubeconfig and "
+                        "that the API server is reachable",
+                        extra={
+                            "fields": {
+                                "resource": inf.name,
+                                "waited_s": round(time.monotonic() - t0),
+                            }
+                        },
+                    )
+        return True
+
+    def _sync_probes(self) -> None:
+        """The host probe set holds exactly the enrolled pods' IPs: adopted pods' re-added
+        (a node restart empties it), pods gone pruned. One batch, whatever the pod count."""
+        if self.host_probe is None:
+            return
+        enrolled = {e.uid: e.ips for e in self.cache.entries() if e.state in CHECKED_STATES}
+        known = {ip for e in self.cache.entries() for ip in e.ips}
+        self.host_probe.sync(enrolled, keep=known)
+
+    def _housekeeping(self) -> None:
+        """After each reconcile pass: the backend's node-wide upkeep, the host probe rule
+        (first in POSTROUTING) and set repaired."""
+        try:
+            self.node.housekeeping()
+        finally:
+            if self.host_probe is not None:
+                self.host_probe.ensure()
+                self._sync_probes()
+
+    def stop(self, *, uninstall: bool | None = None) -> None:
+        """Stop serving; leave every pod's rules, the ipsets and annotations in place,
+        unless this is an uninstall from this node.
+
+        Uninstall or upgrade is decided once (SPEC §7; ``uninstall`` given = decided by the
+        caller: False after a failed start, which is never an uninstall) and first, before
+        any join: the plugin and conflist entry go and the host probe rule and sets are
+        removed while the rest is still stopping, so all of it fits the pod's grace period
+        even with enrolments in flight (writes to the probe set after that are refused)."""
         self.ready.clear()
-        self.reconciler.stop()
         self.plugin_server.stop()
+        if uninstall is None:
+            uninstalling = functools.cache(lambda: not self._is_upgrade())
+        else:
+            uninstalling = functools.cache(lambda: bool(uninstall))
+        cleaned = False
+        if (self.installer is not None or self.host_probe is not None) and uninstalling():
+            if self.installer is not None:
+                self.installer.stop(uninstall=True)
+            if self.host_probe is not None:
+                self.host_probe.teardown()
+            cleaned = True
+            log.info("uninstall: plugin, conflist entry and host probe rules removed")
+        self.reconciler.stop()
         self.queue.stop()
         self.pod_informer.stop()
         self.ns_informer.stop()
@@ -281,12 +360,8 @@ class Agent:
         self.state.stop()
         self.health.stop()
         self.metrics.stop()
-        # Uninstall or upgrade: decided once (SPEC §7, as the installer does), and only
-        # asked when something depends on it, for the installer's files and the backend's
-        # node-wide state.
-        uninstalling = functools.cache(lambda: not self._is_upgrade())
-        if self.installer is not None:
-            self.installer.stop(uninstall=uninstalling())
+        if self.installer is not None and not cleaned:
+            self.installer.stop(uninstall=False)
         self.node.teardown(uninstalling)
         self.cache.close()
-        log.info("agent stopped; pod rules left in place")
+        log.info("agent stopped" if cleaned else "agent stopped; pod rules left in place")

@@ -248,6 +248,12 @@ class Selection:
             return NoNodeState(self.rules.name)
         return EbpfNodeState(self.ebpf, PinPruner(self.ebpf, proc_root, netns_dir, held))
 
+    def xtables_variant(self) -> str | None:
+        """The xtables variant (``legacy``/``nft``) the in-pod iptables backend detected,
+        for the host probe rule to use the same; None for other backends (detect then)."""
+        variant = getattr(getattr(self.rules, "applier", None), "variant", None)
+        return variant if isinstance(variant, str) else None
+
     @classmethod
     def of(cls, backend: Rules) -> Selection:
         """A backend built by name (``redirect``): eBPF's node state is recognised by name."""

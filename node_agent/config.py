@@ -107,6 +107,8 @@ class AgentConfig:
     workers: int = 16
     install_cni: bool = False
     log_level: str = "info"
+    # Istio's ambient-disable-safe-upgrade: every stop uninstalls (no DaemonSet question).
+    disable_safe_upgrade: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -151,6 +153,7 @@ class AgentConfig:
             workers=_int(e, "AGENT_WORKERS", 16),
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
+            disable_safe_upgrade=env_bool(e, "AMBIENT_DISABLE_SAFE_UPGRADE", False),
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:

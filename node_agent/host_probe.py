@@ -4,9 +4,22 @@ Kubelet probes come from the node; ztunnel's in-pod rules let traffic from
 ``169.254.7.127`` through uncaptured. So on the node, TCP from local sockets to an enrolled
 pod IP is SNATed to that address: ipset ``istio-inpod-probes-v4`` (``-v6``), type
 ``hash:ip`` with comment = pod UID, and the ``ISTIO_POSTRT`` nat rule of
-``reference/istio-1.24/iptables/hostprobe*.golden``. Everything runs in the node namespace:
-the one the agent runs in, or ``node_netns`` when given (tests pass a throwaway one), via
-``nsenter`` so no thread of ours ever changes namespace. Idempotent throughout.
+``reference/istio-1.24/iptables/hostprobe*.golden``, with the jump inserted *first* in
+``POSTROUTING`` as newer Istio does (a rule another component inserts ahead of ours cannot
+SNAT or drop the probes first). Everything runs in the node namespace: the one the agent
+runs in, or ``node_netns`` when given (tests pass a throwaway one), via ``nsenter`` so no
+thread of ours ever changes namespace. Idempotent throughout.
+
+The xtables variant is the one the in-pod backend detected (or detected the same way), so
+the rule lands where kubelet's and kube-proxy's rules are; every write waits on the xtables
+lock (``-w``), which the DaemonSet shares with the host (``/run/xtables.lock``).
+
+Self-healing: :meth:`HostProbe.ensure` puts the rule back (first) when it drifted, and
+:meth:`HostProbe.sync` makes the sets hold exactly the enrolled pods' addresses, in one
+``ipset restore`` whatever the count; the agent runs both after every reconcile pass and
+:meth:`sync` after adopting pods at start (a node restart empties the sets). After
+:meth:`HostProbe.teardown` (uninstall) every write is refused, so an enrolment still in
+flight cannot bring back what was removed.
 """
 
 from __future__ import annotations
@@ -20,8 +33,12 @@ from concurrent.futures import Future
 
 from cni_plugin import constants as c
 from cni_plugin.errors import RedirectionError
-from cni_plugin.redirection.iptables_rules import families, host_probe_rules
+from cni_plugin.redirection.iptables_restore import detect_variant, emptied_tables_script
+from cni_plugin.redirection.iptables_rules import Family, families, host_probe_rules
 from cni_plugin.redirection.settings import RedirectSettings
+
+JUMP = f"-A POSTROUTING -j {c.CHAIN_POSTROUTING}"
+LOCK_WAIT = ("-w", "5")  # seconds to wait for the xtables lock held by kubelet/kube-proxy
 
 log = logging.getLogger("node_agent.host_probe")
 
@@ -33,6 +50,33 @@ def render_hostprobe(
     newline they are exactly ``hostprobe*.golden`` (the iptables rule model renders them)."""
     settings = RedirectSettings(ipv6=ipv6, probe_snat_ipv4=snat_v4, probe_snat_ipv6=snat_v6)
     return [host_probe_rules(settings, f).restore_text() for f in families(settings)]
+
+
+def insert_first(text: str) -> str:
+    """Restore input of :func:`render_hostprobe` with the jump inserted at the top of
+    ``POSTROUTING`` instead of appended."""
+    return text.replace(JUMP, f"-I POSTROUTING 1 -j {c.CHAIN_POSTROUTING}")
+
+
+def rule_in_place(saved: str, text: str) -> bool:
+    """Whether ``iptables-save -t nat`` output ``saved`` holds the rules of restore input
+    ``text`` exactly once each, the jump being the first rule of ``POSTROUTING``. Pure."""
+    lines = saved.splitlines()
+    post = [ln for ln in lines if ln.startswith("-A POSTROUTING ")]
+    want = [ln for ln in text.splitlines() if ln.startswith("-A ")]
+    return post[:1] == [JUMP] and all(lines.count(ln) == 1 for ln in want)
+
+
+def probe_delta(
+    members: dict[str, str], enrolled: dict[str, tuple[str, ...]], keep: set[str]
+) -> tuple[dict[str, str], list[str]]:
+    """(ip -> uid to add, ips to delete) that turn set ``members`` (ip -> uid comment)
+    into exactly the addresses of ``enrolled`` pods (uid -> ips). An address in ``keep``
+    (a pod the agent still holds, e.g. being enrolled right now) is never deleted. Pure."""
+    wanted = {ip: uid for uid, ips in enrolled.items() for ip in ips}
+    adds = {ip: uid for ip, uid in wanted.items() if members.get(ip) != uid}
+    dels = sorted(ip for ip in members if ip not in wanted and ip not in keep)
+    return adds, dels
 
 
 class CoalescingWriter:
@@ -82,14 +126,24 @@ class HostProbe:
         node_netns: str = "",
         snat_v4: str = c.HOST_PROBE_SNAT_IPV4,
         snat_v6: str = c.HOST_PROBE_SNAT_IPV6,
-        iptables: str = "iptables",
+        variant: str | None = None,
     ) -> None:
         self.ipv6 = ipv6
         self.node_netns = node_netns
         self.snat_v4 = snat_v4
         self.snat_v6 = snat_v6
-        self.iptables = iptables
+        self._variant = variant
         self._writer = CoalescingWriter(self._restore)
+        # Serialises rule/set changes with teardown; set once torn down (uninstall).
+        self._lock = threading.Lock()
+        self._torn_down = False
+
+    @property
+    def variant(self) -> str:
+        """``legacy`` or ``nft``: given by the agent (the in-pod backend's), else detected."""
+        if self._variant is None:
+            self._variant = detect_variant()[0]
+        return self._variant
 
     def _cmd(self, argv: Sequence[str], stdin: str | None = None, check: bool = True) -> str:
         full = list(argv)
@@ -104,44 +158,55 @@ class HostProbe:
         return r.stdout
 
     def _families(self) -> list[tuple[str, str, str, str]]:
-        fams = [(c.PROBE_IPSET_V4, "inet", self.iptables, self.snat_v4)]
+        v = self.variant
+        fams = [(c.PROBE_IPSET_V4, "inet", f"iptables-{v}", self.snat_v4)]
         if self.ipv6:
-            fams.append(
-                (
-                    c.PROBE_IPSET_V6,
-                    "inet6",
-                    self.iptables.replace("iptables", "ip6tables"),
-                    self.snat_v6,
-                )
-            )
+            fams.append((c.PROBE_IPSET_V6, "inet6", f"ip6tables-{v}", self.snat_v6))
         return fams
 
     def setup(self) -> None:
-        """Create the ipsets and install the SNAT rule once (kept if already right)."""
-        texts = render_hostprobe(self.ipv6, self.snat_v4, self.snat_v6)
-        for (ipset, family, ipt, _snat), text in zip(self._families(), texts, strict=True):
-            self._cmd(["ipset", "create", ipset, "hash:ip", "family", family, "comment", "-exist"])
-            want = [ln for ln in text.splitlines() if ln.startswith("-A ")]
-            saved = self._cmd([f"{ipt}-save", "-t", "nat"], check=False)
-            if all(ln in saved.splitlines() for ln in want):
-                continue
-            self._flush_chain(ipt)
-            self._cmd([f"{ipt}-restore", "--noflush"], stdin=text + "\n")
+        """Create the sets and put the rule in place (kept if already right)."""
+        self.ensure()
         log.info(
-            "host probe rules in place", extra={"fields": {"node_netns": self.node_netns or "self"}}
+            "host probe rules in place",
+            extra={"fields": {"node_netns": self.node_netns or "self", "variant": self.variant}},
         )
+
+    def ensure(self) -> bool:
+        """Sets present, rule present once and first in ``POSTROUTING``; True when
+        something had to be repaired. Nothing after :meth:`teardown`."""
+        texts = render_hostprobe(self.ipv6, self.snat_v4, self.snat_v6)
+        repaired = False
+        with self._lock:
+            if self._torn_down:
+                return False
+            for (ipset, family, ipt, _snat), text in zip(self._families(), texts, strict=True):
+                self._cmd(
+                    ["ipset", "create", ipset, "hash:ip", "family", family, "comment", "-exist"]
+                )
+                saved = self._cmd([f"{ipt}-save", "-t", "nat"], check=False)
+                if rule_in_place(saved, text):
+                    continue
+                self._flush_chain(ipt)
+                self._cmd(
+                    [f"{ipt}-restore", "--noflush", *LOCK_WAIT], stdin=insert_first(text) + "\n"
+                )
+                repaired = True
+        if repaired:
+            log.info("host probe rule (re)installed first in POSTROUTING")
+        return repaired
 
     def _flush_chain(self, ipt: str) -> None:
         for _ in range(16):  # remove every duplicate jump a crash may have left
             r = subprocess.run(
                 (["nsenter", f"--net={self.node_netns}", "--"] if self.node_netns else [])
-                + [ipt, "-t", "nat", "-D", "POSTROUTING", "-j", c.CHAIN_POSTROUTING],
+                + [ipt, *LOCK_WAIT, "-t", "nat", "-D", "POSTROUTING", "-j", c.CHAIN_POSTROUTING],
                 capture_output=True,
             )
             if r.returncode != 0:
                 break
-        self._cmd([ipt, "-t", "nat", "-F", c.CHAIN_POSTROUTING], check=False)
-        self._cmd([ipt, "-t", "nat", "-X", c.CHAIN_POSTROUTING], check=False)
+        self._cmd([ipt, *LOCK_WAIT, "-t", "nat", "-F", c.CHAIN_POSTROUTING], check=False)
+        self._cmd([ipt, *LOCK_WAIT, "-t", "nat", "-X", c.CHAIN_POSTROUTING], check=False)
 
     def describe(self) -> list[str]:
         """The host probe rule and sets as they are now, one line per family (read only)."""
@@ -149,7 +214,7 @@ class HostProbe:
         for ipset, family, ipt, _snat in self._families():
             listed = self._cmd(["ipset", "list", ipset], check=False)
             saved = self._cmd([f"{ipt}-save", "-t", "nat"], check=False)
-            rule = f"-A POSTROUTING -j {c.CHAIN_POSTROUTING}" in saved.splitlines()
+            rule = JUMP in saved.splitlines()
             if not listed.strip():
                 members = "absent"
             else:
@@ -162,34 +227,67 @@ class HostProbe:
         return lines
 
     def teardown(self) -> None:
-        """Remove the rule and the sets (uninstall only; a restart keeps them)."""
-        for ipset, _family, ipt, _snat in self._families():
-            self._flush_chain(ipt)
-            self._cmd(["ipset", "destroy", ipset], check=False)
+        """Remove the rule and the sets (uninstall only; a restart keeps them). Both
+        families are cleaned whatever ``ipv6`` says (an earlier run may have had it on).
+        Writes after this are refused."""
+        with self._lock:
+            self._torn_down = True
+            v = self.variant
+            for ipset, ipt, family in (
+                (c.PROBE_IPSET_V4, f"iptables-{v}", Family.IPV4),
+                (c.PROBE_IPSET_V6, f"ip6tables-{v}", Family.IPV6),
+            ):
+                self._flush_chain(ipt)
+                self._cmd(["ipset", "destroy", ipset], check=False)
+                if v == "nft":  # the nat table a restore created, if nothing else is in it
+                    fam = "ip" if family is Family.IPV4 else "ip6"
+                    listing = self._cmd(["nft", "-j", "list", "ruleset", fam], check=False)
+                    script = emptied_tables_script(listing, family, ["nat"])
+                    if script:
+                        self._cmd(["nft", "-f", "-"], stdin=script, check=False)
+
+    def _line(self, verb: str, uid: str, ip: str) -> str | None:
+        try:
+            v6 = ipaddress.ip_address(ip).version == 6
+        except ValueError:
+            return None
+        if v6 and not self.ipv6:
+            return None
+        name = c.PROBE_IPSET_V6 if v6 else c.PROBE_IPSET_V4
+        extra = f' comment "{uid}"' if verb == "add" else ""
+        return f"{verb} {name} {ip}{extra}"
 
     def _batch(self, verb: str, uid: str, ips: tuple[str, ...]) -> None:
-        lines: list[str] = []
-        for ip in ips:
-            try:
-                v6 = ipaddress.ip_address(ip).version == 6
-            except ValueError:
-                continue
-            if v6 and not self.ipv6:
-                continue
-            name = c.PROBE_IPSET_V6 if v6 else c.PROBE_IPSET_V4
-            extra = f' comment "{uid}"' if verb == "add" else ""
-            lines.append(f"{verb} {name} {ip}{extra}")
+        lines = [ln for ln in (self._line(verb, uid, ip) for ip in ips) if ln is not None]
         if lines:
             self._writer.submit(lines)
 
     def _restore(self, lines: list[str]) -> None:
-        self._cmd(["ipset", "-exist", "restore"], stdin="\n".join(lines) + "\n")
+        with self._lock:
+            if self._torn_down:
+                return  # uninstalled: an enrolment still in flight must not write
+            self._cmd(["ipset", "-exist", "restore"], stdin="\n".join(lines) + "\n")
 
     def add(self, uid: str, ips: tuple[str, ...]) -> None:
         self._batch("add", uid, ips)
 
     def remove(self, uid: str, ips: tuple[str, ...]) -> None:
         self._batch("del", uid, ips)
+
+    def sync(self, enrolled: dict[str, tuple[str, ...]], keep: set[str] | None = None) -> int:
+        """Make the sets hold exactly ``enrolled``'s addresses (uid -> ips): missing ones
+        added, stale ones pruned (never one in ``keep``), all in one batch. Returns the
+        number of entries changed."""
+        adds, dels = probe_delta(self.members(), enrolled, keep or set())
+        lines = [ln for ip, uid in adds.items() if (ln := self._line("add", uid, ip))]
+        lines += [ln for ip in dels if (ln := self._line("del", "", ip))]
+        if lines:
+            self._writer.submit(lines)
+            log.info(
+                "host probe set synced",
+                extra={"fields": {"added": len(adds), "pruned": len(dels)}},
+            )
+        return len(lines)
 
     def members(self) -> dict[str, str]:
         """IP -> comment (pod UID) of every entry, for checks and the status commands."""

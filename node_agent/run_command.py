@@ -2,8 +2,10 @@
 
 Reads the configuration (environment, flags override), sets up logging and the malloc
 arena cap before any thread exists, builds the agent (:mod:`node_agent.agent_assembly`, the
-composition root), starts it and runs until SIGTERM/SIGINT, then stops it. A start that
-fails with a project error stops what was started and exits with its one line.
+composition root), starts it and runs until SIGTERM/SIGINT, then stops it. An API server
+that cannot be reached does not end the start (the agent keeps trying, not ready); a start
+that fails with a project error stops what was started *without* uninstalling (the plugin
+stays, new pods wait, kubelet restarts us: fail closed) and exits with its one line.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        agent.start()
+        started = agent.start(cancel=stop)
     except IstioCniError:
-        agent.stop()
+        agent.stop(uninstall=False)  # a failed start is never an uninstall
         raise
-    stop.wait()
+    if started:
+        stop.wait()
     agent.stop()
     return 0

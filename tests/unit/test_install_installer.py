@@ -324,30 +324,6 @@ def test_outside_a_pod_credentials_come_from_kubeconfig(node: dict[str, str]) ->
         Installer(config(node, sa_token_file=os.path.join(node["sa"], "absent"))).install_once()
 
 
-def test_upgrade_or_uninstall_is_read_from_the_daemonset() -> None:
-    from types import SimpleNamespace
-
-    from install.teardown import is_upgrade
-
-    class Api:
-        def __init__(self, ds: Any) -> None:
-            self.ds = ds
-            self.asked: list[tuple[str, str]] = []
-
-        def read_namespaced_daemon_set(self, name: str, namespace: str) -> Any:
-            self.asked.append((namespace, name))
-            if isinstance(self.ds, Exception):
-                raise self.ds
-            return self.ds
-
-    present = Api(SimpleNamespace(metadata=SimpleNamespace(deletion_timestamp=None)))
-    assert is_upgrade("istio-cni", present) is True
-    assert present.asked == [("istio-cni", "istio-cni-node")]
-    deleting = Api(SimpleNamespace(metadata=SimpleNamespace(deletion_timestamp="2026-01-01")))
-    assert is_upgrade("istio-cni", deleting) is False
-    assert is_upgrade("istio-cni", Api(RuntimeError("404 Not Found"))) is False
-
-
 def make_tree_plugin(src: str, marker: str) -> None:
     """The shipped shape: src/istio-cni.d/{istio-cni,lib} and src/istio-cni -> into it."""
     tree = os.path.join(src, "istio-cni.d")
