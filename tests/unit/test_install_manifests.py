@@ -71,6 +71,7 @@ def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
         "/var/run/istio-cni",
         "/host/var/run/netns",
         "/var/run/ztunnel",
+        "/run/xtables.lock",
     }
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert c["command"] == ["istio-cni-agent", "run"]
@@ -80,6 +81,9 @@ def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
     assert hostpaths["cni-bin-dir"] == "/opt/cni/bin"
     assert hostpaths["cni-net-dir"] == "/etc/cni/net.d"
     assert hostpaths["cni-netns-dir"] == "/var/run/netns"
+    # The host's xtables lock, shared with kubelet and kube-proxy (issue 14.6).
+    lock = next(v["hostPath"] for v in spec["volumes"] if v["name"] == "xtables-lock")
+    assert lock == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
 
 
 def test_configmap_carries_spec_environment(seed: list[dict[str, Any]]) -> None:
