@@ -47,7 +47,7 @@ from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
 from node_agent.metrics import AgentMetrics, InstallerStatus
 from node_agent.netns_finder import HostCheckedOpener, NetnsFinder
-from node_agent.node_ipv6 import ipv6_unusable
+from node_agent.node_namespace import ipv6_unusable, node_namespace
 from node_agent.plugin_events import PluginEventServer
 from node_agent.pod_cache import PodCache, PodState
 from node_agent.pod_controller import PodController
@@ -91,6 +91,7 @@ class Agent:
         installer: InProcessInstaller | None = None,
         is_upgrade: Callable[[], bool] | None = None,
     ) -> None:
+        cfg = replace(cfg, node_netns=node_namespace(cfg.node_netns))
         if cfg.ipv6 and (reason := ipv6_unusable(cfg.node_netns)) is not None:
             log.warning(
                 "IPv6 unavailable on this node: running IPv4 only (AMBIENT_IPV6 ignored)",

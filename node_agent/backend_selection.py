@@ -35,6 +35,7 @@ from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.bpf_pins import PinPruner
 from node_agent.config import AgentConfig
 from node_agent.enrollment import Rules
+from node_agent.node_namespace import xtables_variant
 
 if TYPE_CHECKING:
     from cni_plugin.bpf.backend import EbpfBackend
@@ -264,7 +265,7 @@ def select_backend(cfg: AgentConfig) -> Selection:
     """The backend to enrol pods with; raises :class:`ConfigError` when ebpf cannot run
     here and no fallback is configured."""
     if cfg.backend != "ebpf":
-        return Selection(make_backend(cfg.backend))
+        return Selection(_rule_backend(cfg.backend, cfg))
     ebpf = ebpf_backend(cfg)
     verdict = ebpf.probe()
     if verdict.ok:
@@ -279,4 +280,17 @@ def select_backend(cfg: AgentConfig) -> Selection:
         "ebpf redirection backend unavailable, falling back",
         extra={"fields": {"reason": verdict.reason, "fallback": cfg.backend_fallback}},
     )
-    return Selection(make_backend(cfg.backend_fallback))
+    return Selection(_rule_backend(cfg.backend_fallback, cfg))
+
+
+def _rule_backend(name: str, cfg: AgentConfig) -> Rules:
+    """A rule backend; iptables writes the xtables variant of the *node* namespace (which
+    is not ours when the pod does not share the host network namespace)."""
+    if name == "iptables" and cfg.node_netns:
+        variant, reason = xtables_variant(cfg.node_netns)
+        log.info(
+            "iptables variant of the node namespace",
+            extra={"fields": {"variant": variant, "reason": reason, "node_netns": cfg.node_netns}},
+        )
+        return make_backend(name, variant=variant)
+    return make_backend(name)

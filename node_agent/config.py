@@ -93,6 +93,9 @@ class AgentConfig:
     # The namespace treated as "the host" (never a pod's): from config, else our own.
     host_netns: str = "/proc/self/ns/net"
     # Where host-side probe rules go; empty = the namespace the agent runs in (the node).
+    # ALLOW_SWITCH_TO_HOST_NS=true (Istio's name; the chart sets it) makes it the node's own
+    # (<proc_root>/1/ns/net), so a pod not sharing the host network namespace
+    # (ambient.shareHostNetworkNamespace=false) still puts them on the node.
     node_netns: str = ""
     kubeconfig: str = ""
     # Redirection backend (iptables, nftables, ebpf) and what to do when ebpf cannot run
@@ -140,7 +143,12 @@ class AgentConfig:
             proc_root=e.get("HOST_PROC") or "/host/proc",
             netns_dir=e.get("HOST_NETNS_DIR") or "/host/var/run/netns",
             host_netns=e.get("HOST_NETNS") or "/proc/self/ns/net",
-            node_netns=e.get("NODE_NETNS", ""),
+            node_netns=e.get("NODE_NETNS")
+            or (
+                os.path.join(e.get("HOST_PROC") or "/host/proc", "1", "ns", "net")
+                if env_bool(e, "ALLOW_SWITCH_TO_HOST_NS", False)
+                else ""
+            ),
             kubeconfig=e.get("KUBECONFIG", ""),
             # AMBIENT_REDIRECT_MODE pairs with the Helm value ambient.redirectMode (the
             # name Istio 1.18-1.20 used for its own iptables|ebpf choice);

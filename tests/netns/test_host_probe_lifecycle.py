@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,22 @@ def test_node_without_ipv6_runs_ipv4_only_with_one_warning(
     assert len(warnings) == 1
     assert agent.cfg.ipv6 is False
     assert c.PROBE_IPSET_V6 not in in_node(env, "ipset", "list", "-n")
+
+
+def test_node_namespace_reached_through_host_proc_1(env: Env) -> None:
+    # ambient.shareHostNetworkNamespace=false: the chart's ALLOW_SWITCH_TO_HOST_NS points
+    # the agent at <HOST_PROC>/1/ns/net; here the staged proc tree's pid 1 is the "node".
+    (env.proc / "1" / "ns").mkdir(parents=True)
+    (env.proc / "1" / "ns" / "net").symlink_to(env.node_netns)
+    cfg = replace(env.cfg, node_netns=str(env.proc / "1" / "ns" / "net"))
+    env.kube.put_namespace("shop", AMBIENT)
+    pod = env.stage("shop", "far")
+    env.start_ztunnel()
+    # No backend injected: the in-pod iptables backend is built for the node's variant too.
+    env.agent = Agent(cfg, kube=env.kube)
+    env.agent.start(sync_timeout=scaled(10))
+    wait_for(lambda: env.enrolled(pod), what="enrolled")
+    variant = env.agent.host_probe.variant  # type: ignore[union-attr]
+    assert env.agent.selection.xtables_variant() == variant
+    assert post_rules(env, variant)[0] == JUMP
+    assert env.probe.members() == {pod.ip: pod.uid}

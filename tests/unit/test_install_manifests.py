@@ -77,6 +77,8 @@ def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
     assert c["command"] == ["istio-cni-agent", "run"]
     env = {e["name"] for e in c["env"]}
     assert {"NODE_NAME", "POD_NAMESPACE", "POD_NAME"} <= env
+    # Host probe rules in the node's namespace whether or not the pod shares it (17.5).
+    assert {"name": "ALLOW_SWITCH_TO_HOST_NS", "value": "true"} in c["env"]
     hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
     assert hostpaths["cni-bin-dir"] == "/opt/cni/bin"
     assert hostpaths["cni-net-dir"] == "/etc/cni/net.d"
