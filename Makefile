@@ -63,6 +63,11 @@ bench-iptables: setup
 	$(PY) -m bench.iptables_install --samples 200 --backend
 	$(PY) -m bench.iptables_install --samples 200 --ipv4-only
 
+# Host probe set: one batched sync of 1000 pods vs 1000 per-pod adds (docs/lifecycle.md).
+.PHONY: bench-host-probe
+bench-host-probe: setup
+	$(PY) -m bench.host_probe_sync --pods 1000
+
 # ZDS Add round trips and the ztunnel stand-in's proxy overhead (docs/benchmarks.md, "ZDS").
 .PHONY: bench-zds
 bench-zds: setup

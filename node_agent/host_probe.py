@@ -28,7 +28,7 @@ import ipaddress
 import logging
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 
 from cni_plugin import constants as c
@@ -68,7 +68,7 @@ def rule_in_place(saved: str, text: str) -> bool:
 
 
 def probe_delta(
-    members: dict[str, str], enrolled: dict[str, tuple[str, ...]], keep: set[str]
+    members: dict[str, str], enrolled: Mapping[str, tuple[str, ...]], keep: set[str]
 ) -> tuple[dict[str, str], list[str]]:
     """(ip -> uid to add, ips to delete) that turn set ``members`` (ip -> uid comment)
     into exactly the addresses of ``enrolled`` pods (uid -> ips). An address in ``keep``
@@ -274,7 +274,7 @@ class HostProbe:
     def remove(self, uid: str, ips: tuple[str, ...]) -> None:
         self._batch("del", uid, ips)
 
-    def sync(self, enrolled: dict[str, tuple[str, ...]], keep: set[str] | None = None) -> int:
+    def sync(self, enrolled: Mapping[str, tuple[str, ...]], keep: set[str] | None = None) -> int:
         """Make the sets hold exactly ``enrolled``'s addresses (uid -> ips): missing ones
         added, stale ones pruned (never one in ``keep``), all in one batch. Returns the
         number of entries changed."""
