@@ -255,7 +255,7 @@ class Testbed:
         deadline: float,
     ) -> dict[str, Any]:
         lay = self.layout
-        pki = provision.write_files(lay, images)
+        pki = provision.write_files(lay, images, bins.minor)
         provision.make_namespaces(lay)
         provision.make_cgroups(lay)
         launch = self._launcher
@@ -271,8 +271,8 @@ class Testbed:
             ],
             in_node=False,
         )
-        launch.start("etcd", daemons.etcd_argv(lay))
-        launch.start("containerd", daemons.containerd_argv(lay))
+        launch.start("etcd", daemons.etcd_argv(lay, bins))
+        launch.start("containerd", daemons.containerd_argv(lay, bins))
         port = int(str(self._wait("loopback forwarder", deadline, self._forward_port)))
         server = f"https://127.0.0.1:{port}"
         lay.kubeconfig.write_text(kubeconfig(server, pki.ca_cert, pki.admin_token, "admin"))
@@ -281,7 +281,7 @@ class Testbed:
         for image in images.values():
             _run(
                 daemons.ctr_argv(
-                    lay, "images", "import", "--snapshotter=native", str(image.tarball)
+                    lay, bins, "images", "import", "--snapshotter=native", str(image.tarball)
                 )
             )
         self._wait("kube-apiserver /readyz", deadline, self._apiserver_ready)

@@ -38,7 +38,8 @@ def test_mesh_enrolls_ambient_pods_only() -> None:
         bed.kubectl("create", "namespace", "amb")
         bed.kubectl("label", "namespace", "amb", f"{c.DATAPLANE_MODE_LABEL}=ambient")
         bed.kubectl("create", "namespace", "plain")
-        time.sleep(1)  # the default service accounts
+        for ns in ("amb", "plain"):  # ServiceAccount admission needs the default account
+            P.wait_service_account(bed, ns)
         image = info["images"]["httpd"]
         bed.kubectl("apply", "-f", "-", input=P.manifest("amb", [P.httpd_pod("web", image, 8080)]))
         bed.kubectl(
