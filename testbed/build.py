@@ -2,8 +2,7 @@
 
 Role: make sure ``kube-apiserver``, ``kubelet``, ``kube-controller-manager``,
 ``kube-scheduler``, ``kubectl`` (``k8s.io/kubernetes``), ``etcd`` (``go.etcd.io/etcd/server/v3``)
-and the CRI runtime (``github.com/containerd/containerd/v2`` + runc's shim) of one release set
-exist under ``<cache>/kubernetes-<version>/bin`` and say where they are.
+of one release set exist under ``<cache>/kubernetes-<version>/bin`` and say where they are.
 
 How: each program set is a tiny wrapper module written under the cache (``module/go.mod``)
 that requires the upstream module; for ``k8s.io/kubernetes`` every staging module its go.mod
@@ -52,7 +51,6 @@ COMPONENTS = (
 # newest Istio release whose support table we could check; see docs/testbed.md.
 KUBERNETES_VERSION = "v1.36.3"
 ETCD_VERSION = "v3.6.16"  # the etcd minor Kubernetes 1.36 is tested with (its go.mod: 3.6.x)
-CONTAINERD_VERSION = "v2.2.9"
 PROGRESS_EVERY = 30.0
 MIN_GO = (1, 26)
 RECIPE_REV = "go1"  # bump when the way binaries are built changes: forces a rebuild
@@ -64,8 +62,9 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class KubeBinaries:
-    """Where the built binaries are. ``etcd``/``containerd`` are absolute paths of our builds,
-    or bare names (found on PATH) for the Debian 1.20 set."""
+    """Where the built binaries are. ``etcd`` is the absolute path of our build, or a bare
+    name (found on PATH: Debian's) for the 1.20 set; the CRI runtime is Debian's containerd
+    1.6 for both (kubelet 1.36 still accepts it, falling back from the RuntimeConfig call)."""
 
     version: str
     bin_dir: Path
@@ -128,26 +127,11 @@ def recipes(version: str = KUBERNETES_VERSION) -> tuple[GoRecipe, ...]:
             "kubernetes",
             kube,
             version,
-            tuple(GoProgram(f"{kube}/cmd/{c}", c) for c in COMPONENTS),
+            tuple(GoProgram(f"cmd/{c}", c) for c in COMPONENTS),
             ldflags=_kube_ldflags(version),
             pin_staging=True,
         ),
         GoRecipe("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION, (GoProgram("", "etcd"),)),
-        GoRecipe(
-            "containerd",
-            "github.com/containerd/containerd/v2",
-            CONTAINERD_VERSION,
-            (
-                GoProgram("cmd/containerd", "containerd"),
-                GoProgram("cmd/containerd-shim-runc-v2", "containerd-shim-runc-v2"),
-                GoProgram("cmd/ctr", "ctr"),
-            ),
-            # No cgo here: leave out the snapshotters that need it (the testbed uses "native").
-            tags=("no_btrfs", "no_devmapper", "no_zfs", "no_aufs"),
-            ldflags=(
-                f"-X github.com/containerd/containerd/v2/version.Version={CONTAINERD_VERSION}",
-            ),
-        ),
     )
 
 
@@ -326,13 +310,7 @@ def set_dir(cache: Path, version: str = KUBERNETES_VERSION) -> Path:
 
 def _binaries(cache: Path, version: str) -> KubeBinaries:
     bin_dir = set_dir(cache, version) / "bin"
-    return KubeBinaries(
-        version,
-        bin_dir,
-        etcd=str(bin_dir / "etcd"),
-        containerd=str(bin_dir / "containerd"),
-        ctr=str(bin_dir / "ctr"),
-    )
+    return KubeBinaries(version, bin_dir, etcd=str(bin_dir / "etcd"))
 
 
 def find_binaries(cache: Path = CACHE_DIR, version: str | None = None) -> KubeBinaries | None:
@@ -349,7 +327,7 @@ def find_binaries(cache: Path = CACHE_DIR, version: str | None = None) -> KubeBi
     except OSError:
         return None
     found = _binaries(cache, version)
-    names = [*COMPONENTS, "etcd", "containerd", "containerd-shim-runc-v2", "ctr"]
+    names = [*COMPONENTS, "etcd"]
     return found if all((found.bin_dir / n).exists() for n in names) else None
 
 
@@ -402,9 +380,9 @@ def _build(go: GoTool, cache: Path, version: str) -> KubeBinaries:
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     _log(
-        f"building Kubernetes {version}, etcd {ETCD_VERSION}, containerd {CONTAINERD_VERSION} "
-        f"from the Go module proxy into {top} (cold: download + compile, tens of minutes on "
-        f"2 busy cores; progress every {PROGRESS_EVERY:.0f}s)"
+        f"building Kubernetes {version} and etcd {ETCD_VERSION} from the Go module proxy into "
+        f"{top} (cold: download + compile, ~20-40 min on 2 busy cores; progress every "
+        f"{PROGRESS_EVERY:.0f}s)"
     )
     for r in recipes(version):
         _build_recipe(go, r, top / "module", partial)

@@ -59,10 +59,18 @@ class Testbed:
 
     __test__ = False
 
-    def __init__(self, layout: Layout | None = None, cache: Path = CACHE_DIR) -> None:
+    def __init__(
+        self,
+        layout: Layout | None = None,
+        cache: Path = CACHE_DIR,
+        kubernetes_version: str | None = None,
+    ) -> None:
         self.layout = layout or Layout.for_instance()
         self.cache = cache
+        # None: ISTIO_CNI_TESTBED_KUBERNETES or the default release (testbed.build).
+        self.kubernetes_version = kubernetes_version
         self._launcher = daemons.Launcher(self.layout)
+        self.timings: dict[str, float] = {}
 
     # --- public API -------------------------------------------------------------------------
     def up(
@@ -86,7 +94,7 @@ class Testbed:
                     "mount namespace hides: set ISTIO_CNI_TESTBED_DIR elsewhere "
                     "(default /var/tmp/icni-tb)"
                 )
-        bins = ensure_binaries(self.cache)
+        bins = ensure_binaries(self.cache, self.kubernetes_version)
         images = build_images(self.cache / "images")
         with self._locked():
             if self.running() and not replace:
@@ -309,6 +317,7 @@ class Testbed:
             except Exception:  # probes raise while the thing is still starting
                 result = None
             if result:
+                self.timings[what] = round(time.monotonic() - started, 2)
                 _log(f"{what}: ok after {time.monotonic() - started:.1f}s")
                 return result
             dead = self._launcher.exited()
@@ -395,6 +404,8 @@ class Testbed:
             "bpf_pin_root": str(lay.bpf_pin_root),
             "mesh": mesh,
             "pids": dict(self._launcher.pids),
+            # seconds each bring-up wait took ("kube-apiserver /readyz", "node Ready", ...)
+            "timings": dict(self.timings),
         }
 
     def _save(self, info: dict[str, Any]) -> None:
