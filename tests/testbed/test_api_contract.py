@@ -12,6 +12,7 @@ node that does not exist, so no kubelet work is needed except where said.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from node_agent.informers import Informer, ResourceExpired
 from node_agent.kube import KubeApi
 from node_agent.resources import NamespaceInfo, PodInfo
 from testbed.node import Testbed
+from tests.testbed.test_agent_light_pods import restart_apiserver
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(300)]
 GHOST_NODE = "icni-tb-no-such-node"
@@ -181,9 +183,11 @@ def test_a_too_old_resource_version_is_410_and_the_informer_relists(
     kube_namespace: str,
     agent_kube: KubeApi,
 ) -> None:
-    # resourceVersion 1 predates everything the watch cache holds: the server says 410 Gone
-    # (as an HTTP status or an ERROR event, depending on the release): ResourceExpired both ways.
-    with pytest.raises(ResourceExpired):
+    # What an agent away for long meets: etcd compacted past its resourceVersion and the API
+    # server's watch cache started after it. Then resourceVersion 1 is 410 Gone.
+    compact_etcd(testbed_node)
+    restart_apiserver(testbed_node, testbed_info)
+    with pytest.raises(ResourceExpired, match="too old resource version"):
         for _ in agent_kube.watch_namespaces("1", 5):
             pass
     image = testbed_info["images"]["busybox"]
@@ -220,6 +224,25 @@ def test_a_too_old_resource_version_is_410_and_the_informer_relists(
         assert inf.relists == 2 and inf.errors == 0, (inf.relists, inf.errors)
     finally:
         inf.stop()
+
+
+ETCD_COMPACT = """
+import json, sys, urllib.request
+def post(path, body):
+    req = urllib.request.Request(sys.argv[1] + path, data=json.dumps(body).encode())
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return json.load(r)
+rev = post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+post("/v3/kv/compaction", {"revision": rev, "physical": True})
+print(rev)
+"""
+
+
+def compact_etcd(bed: Testbed) -> None:
+    """Compact the node's etcd at its current revision (etcd's JSON gateway, from the node)."""
+    url = f"http://127.0.0.1:{bed.layout.etcd_port}"
+    out = bed.node_exec([sys.executable, "-c", ETCD_COMPACT, url])
+    assert int(out.stdout.strip()) > 1
 
 
 def test_server_offers_watchlist_and_the_agent_does_not_depend_on_it(
