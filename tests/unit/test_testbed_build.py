@@ -3,6 +3,7 @@ input (no ``go``, a version the proxy does not serve, a malformed version)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def test_download_errors_say_what_is_missing() -> None:
 
 
 def test_malformed_version_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match="not of the form v1.MINOR.PATCH"):
+    with pytest.raises(BuildError, match=r"not of the form v1\.MINOR\.PATCH"):
         build.ensure_binaries(tmp_path, "v1.36")
     assert list(tmp_path.iterdir()) == []
 
@@ -103,3 +104,33 @@ def test_unserved_module_version_stops_with_one_line(tmp_path: Path) -> None:
     assert msg.startswith("the Go module proxy does not serve k8s.io/kubernetes@v1.99.0"), msg
     assert "\n" not in msg
     assert not list(tmp_path.glob("kubernetes-*"))
+
+
+def test_flags_removed_since_1_20_are_only_given_to_the_1_20_set(tmp_path: Path) -> None:
+    from testbed import daemons
+    from testbed.layout import Layout
+    from testbed.pki import Pki
+
+    lay = Layout.for_instance("unit")
+    p = tmp_path
+    pki = Pki(
+        p / "ca", p / "ca.key", p / "crt", p / "key", p / "sa", p / "sa.pub", p / "tok", "a", "n"
+    )
+    removed = {"--container-runtime=remote", "--insecure-port=0", "--port=0"}
+    for bins, legacy in (
+        (build.KubeBinaries("v1.36.3", tmp_path, etcd=str(tmp_path / "etcd")), False),
+        (build.KubeBinaries("1.20.5+really1.20.2-1", tmp_path), True),
+    ):
+        argv = [
+            *daemons.apiserver_argv(lay, bins, pki),
+            *daemons.controller_manager_argv(lay, bins, pki),
+            *daemons.scheduler_argv(lay, bins),
+            *daemons.kubelet_argv(lay, bins, "pause:1"),
+        ]
+        assert bool(removed & set(argv)) == legacy
+        assert any(a.startswith("--pod-infra-container-image") for a in argv) == legacy
+        assert daemons.etcd_argv(lay, bins)[0] == ("etcd" if legacy else str(tmp_path / "etcd"))
+        kubelet_conf = json.loads(lay.kubelet_config_json(bins.minor))
+        # This machine's cgroups are hybrid (v1 controllers): kubelet >= 1.35 refuses them
+        # unless told; 1.20 does not know the field.
+        assert kubelet_conf.get("failCgroupV1", "absent") == ("absent" if legacy else False)
