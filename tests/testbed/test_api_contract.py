@@ -26,6 +26,7 @@ from node_agent.informers import Informer, ResourceExpired
 from node_agent.kube import KubeApi
 from node_agent.resources import NamespaceInfo, PodInfo
 from testbed.node import Testbed
+from tests.testbed import pods as P
 from tests.testbed.test_agent_light_pods import restart_apiserver
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(300)]
@@ -224,6 +225,14 @@ def test_a_too_old_resource_version_is_410_and_the_informer_relists(
         assert inf.relists == 2 and inf.errors == 0, (inf.relists, inf.errors)
     finally:
         inf.stop()
+    # The rest of the control plane relists too: a new namespace gets its default account
+    # again (the controller-manager's watches met the same 410), so the node is left healthy.
+    probe = f"{kube_namespace}-after"
+    testbed_node.kubectl("create", "namespace", probe)
+    try:
+        P.wait_service_account(testbed_node, probe, timeout=120)
+    finally:
+        testbed_node.kubectl("delete", "namespace", probe, "--wait=false")
 
 
 ETCD_COMPACT = """
