@@ -64,11 +64,14 @@ class Testbed:
         layout: Layout | None = None,
         cache: Path = CACHE_DIR,
         kubernetes_version: str | None = None,
+        apiserver_flags: Sequence[str] = (),
     ) -> None:
         self.layout = layout or Layout.for_instance()
         self.cache = cache
         # None: ISTIO_CNI_TESTBED_KUBERNETES or the default release (testbed.build).
         self.kubernetes_version = kubernetes_version
+        # Extra kube-apiserver flags (e.g. --feature-gates=WatchList=false for a test).
+        self.apiserver_flags = list(apiserver_flags)
         self._launcher = daemons.Launcher(self.layout)
         self.timings: dict[str, float] = {}
 
@@ -284,7 +287,8 @@ class Testbed:
         port = int(str(self._wait("loopback forwarder", deadline, self._forward_port)))
         server = f"https://127.0.0.1:{port}"
         lay.kubeconfig.write_text(kubeconfig(server, pki.ca_cert, pki.admin_token, "admin"))
-        launch.start("kube-apiserver", daemons.apiserver_argv(lay, bins, pki))
+        apiserver = [*daemons.apiserver_argv(lay, bins, pki), *self.apiserver_flags]
+        launch.start("kube-apiserver", apiserver)
         self._wait("containerd", deadline, lambda: lay.containerd_socket.exists())
         for image in images.values():
             _run(

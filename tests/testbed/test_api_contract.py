@@ -11,7 +11,9 @@ node that does not exist, so no kubelet work is needed except where said.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import threading
 import time
@@ -25,6 +27,7 @@ from node_agent.adapters import NamespacesListWatch, PodsListWatch
 from node_agent.informers import Informer, ResourceExpired
 from node_agent.kube import KubeApi
 from node_agent.resources import NamespaceInfo, PodInfo
+from testbed.layout import Layout
 from testbed.node import Testbed
 from tests.testbed import pods as P
 from tests.testbed.test_agent_light_pods import restart_apiserver
@@ -295,3 +298,59 @@ def test_server_offers_watchlist_and_the_agent_does_not_depend_on_it(
     # The agent's own path (plain list, then watch from its resourceVersion).
     listed, rv = agent_kube.list_pods(GHOST_NODE)
     assert "listed" in [p["metadata"]["name"] for p in listed] and rv
+
+
+def test_agent_informers_work_on_a_server_without_watchlist(testbed_info: dict[str, Any]) -> None:
+    """A second node whose kube-apiserver has WatchList switched off (as on a cluster that
+    disabled the beta gate): a WatchList request is not honoured there (no initial-events
+    bookmark), and the agent's informers list+watch exactly as on the default server."""
+    from kubernetes import client, watch
+
+    bed = Testbed(
+        Layout.for_instance(f"nowl{os.getpid()}"),
+        apiserver_flags=["--feature-gates=WatchList=false"],
+    )
+    try:
+        info = bed.up()
+        bed.kubectl("create", "namespace", "nowl")
+        P.wait_service_account(bed, "nowl")
+        image = info["images"]["busybox"]
+        bed.kubectl(
+            "apply", "-n", "nowl", "-f", "-", input=json.dumps(_pod("first", GHOST_NODE, image))
+        )
+        core = client.CoreV1Api(bed.kube_client())
+        watch_mod: Any = watch  # untyped library
+        w = watch_mod.Watch()
+        end_bookmark = False
+        with contextlib.suppress(client.ApiException):  # refused outright is "not offered" too
+            for ev in w.stream(
+                core.list_namespaced_pod,
+                "nowl",
+                send_initial_events=True,
+                resource_version_match="NotOlderThan",
+                allow_watch_bookmarks=True,
+                timeout_seconds=5,
+            ):
+                annotations = ev["raw_object"].get("metadata", {}).get("annotations") or {}
+                if ev["type"] == "BOOKMARK" and annotations.get("k8s.io/initial-events-end"):
+                    end_bookmark = True
+        assert not end_bookmark, "WatchList still offered with the gate off"
+
+        api = KubeApi(info["kubeconfig"])
+        rec = _Recorder()
+        inf: Informer[PodInfo] = Informer(
+            "pods", PodsListWatch(api, GHOST_NODE), PodInfo.from_json, lambda p: p.uid, rec
+        )
+        inf.start()
+        try:
+            _until(lambda: rec.seen("add", "first"), 30, "the listed pod")
+            bed.kubectl(
+                "apply", "-n", "nowl", "-f", "-",
+                input=json.dumps(_pod("second", GHOST_NODE, image)),
+            )  # fmt: skip
+            _until(lambda: rec.seen("add", "second"), 30, "the watched pod")
+        finally:
+            inf.stop()
+            api.close()
+    finally:
+        assert bed.down() == []
