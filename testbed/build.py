@@ -251,12 +251,8 @@ def _last_error(text: str) -> str:
 def _download_error(module: str, version: str, err: str) -> str:
     line = _last_error(err)
     low = err.lower()
-    if (
-        "no such host" in low
-        or "dial tcp" in low
-        or "connection refused" in low
-        or "timeout" in low
-    ):
+    offline = ("no such host", "dial tcp", "connection refused", "timeout", "lookup disabled")
+    if any(w in low for w in offline):
         return (
             f"cannot reach the Go module proxy for {module}@{version} ({line}): the testbed "
             "build needs the network and the machine's configured GOPROXY (`go env GOPROXY`)"
@@ -361,6 +357,8 @@ def ensure_binaries(cache: Path = CACHE_DIR, version: str | None = None) -> Kube
         raise BuildError("building the testbed needs root (the shared cache dir); use sudo")
     go = GoTool(cache)
     cache.mkdir(parents=True, exist_ok=True)
+    # A version the proxy does not serve (or no network) is said before anything is made.
+    go.download("k8s.io/kubernetes", version, cache)
     with open(cache / f"kubernetes-{version}.lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -384,8 +382,16 @@ def _build(go: GoTool, cache: Path, version: str) -> KubeBinaries:
         f"{top} (cold: download + compile, ~20-40 min on 2 busy cores; progress every "
         f"{PROGRESS_EVERY:.0f}s)"
     )
-    for r in recipes(version):
-        _build_recipe(go, r, top / "module", partial)
+    try:
+        for r in recipes(version):
+            _build_recipe(go, r, top / "module", partial)
+    except BaseException:
+        # Nothing half-built stays: a set that never finished leaves no directory at all (the
+        # Go caches keep what was downloaded and compiled, so a retry resumes from there).
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (top / "bin").exists():
+            shutil.rmtree(top, ignore_errors=True)
+        raise
     (partial / ".built").write_text(recipe(version) + "\n")
     final = top / "bin"
     shutil.rmtree(final, ignore_errors=True)

@@ -97,13 +97,12 @@ def test_no_go_on_path_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_unserved_module_version_stops_with_one_line(tmp_path: Path) -> None:
     """The real ``go`` asking the machine's configured proxy for a version that does not
     exist: one line naming the module, nothing half-built."""
-    go = GoTool(tmp_path)
     with pytest.raises(BuildError) as e:
-        go.download("k8s.io/kubernetes", "v1.99.0", tmp_path)
+        build.ensure_binaries(tmp_path, "v1.99.0")
     msg = str(e.value)
     assert msg.startswith("the Go module proxy does not serve k8s.io/kubernetes@v1.99.0"), msg
     assert "\n" not in msg
-    assert not list(tmp_path.glob("kubernetes-*"))
+    assert not list(tmp_path.glob("kubernetes-*"))  # no set dir, no lock file
 
 
 def test_flags_removed_since_1_20_are_only_given_to_the_1_20_set(tmp_path: Path) -> None:
@@ -134,3 +133,17 @@ def test_flags_removed_since_1_20_are_only_given_to_the_1_20_set(tmp_path: Path)
         # This machine's cgroups are hybrid (v1 controllers): kubelet >= 1.35 refuses them
         # unless told; 1.20 does not know the field.
         assert kubelet_conf.get("failCgroupV1", "absent") == ("absent" if legacy else False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="writes a module cache like the real build")
+def test_no_way_to_the_proxy_stops_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real ``go`` with the proxy switched off (what an offline machine amounts to),
+    asked for a module that is not in the (empty) module cache."""
+    monkeypatch.setenv("GOPROXY", "off")
+    with pytest.raises(BuildError) as e:
+        GoTool(tmp_path).download("k8s.io/kubernetes", "v1.36.3", tmp_path)
+    msg = str(e.value)
+    assert msg.startswith("cannot reach the Go module proxy for k8s.io/kubernetes@v1.36.3"), msg
+    assert "\n" not in msg
