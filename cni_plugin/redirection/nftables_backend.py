@@ -74,16 +74,14 @@ class NftablesBackend:
     def __init__(
         self,
         *,
-        virtual_interfaces: Sequence[str] = (),
         nft_factory: Callable[[], NftContext] = _libnftables,
         routes: PolicyRoutes | None = None,
     ) -> None:
-        self._virtual = tuple(virtual_interfaces)
         self._nft_factory = nft_factory
         self._routes: PolicyRoutes = routes if routes is not None else policy_routes
 
     def ruleset(self, settings: RedirectSettings) -> Ruleset:
-        return inpod_ruleset(settings, self._virtual)
+        return inpod_ruleset(settings)
 
     def render(self, settings: RedirectSettings) -> str:
         """The ``nft -f`` text (Istio's golden format) then the routes as ``#`` comments,
