@@ -29,6 +29,7 @@ RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_GETADDR = 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 
 IFLA_IFNAME, IFLA_AF_SPEC = 3, 26
 IFLA_INET_CONF = 1
@@ -276,6 +277,20 @@ class Rtnl:
             self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
         else:
             self.request(RTM_DELROUTE, 0, body)
+
+    def addresses(self, index: int, family: int) -> list[tuple[str, int, int]]:
+        """(address, scope, flags) of interface ``index`` in ``family``, in the kernel's
+        order (the first IPv4 one is the interface's primary address)."""
+        out: list[tuple[str, int, int]] = []
+        for body in self.dump(RTM_GETADDR, struct.pack("BBBBi", family, 0, 0, 0, 0)):
+            fam, _plen, flags, scope, idx = struct.unpack_from("BBBBi", body)
+            if idx != index or fam != family:
+                continue
+            attrs = parse_attrs(body[8:])
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw:
+                out.append((socket.inet_ntop(family, raw), scope, flags))
+        return out
 
     def has_ipv6_address(self, index: int) -> bool:
         body = struct.pack("BBBBi", socket.AF_INET6, 0, 0, 0, 0)
