@@ -31,7 +31,7 @@ RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_GETADDR = 22
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 
-IFLA_IFNAME, IFLA_AF_SPEC = 3, 26
+IFLA_IFNAME, IFLA_MASTER, IFLA_AF_SPEC = 3, 10, 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_ACCEPT_LOCAL = 23
 IPV4_DEVCONF_ROUTE_LOCALNET = 26
@@ -73,12 +73,17 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
+def _u32_of(raw: bytes) -> int:
+    return int(struct.unpack("I", raw[:4])[0]) if len(raw) >= 4 else 0
+
+
 @dataclass(frozen=True)
 class Link:
     index: int
     name: str
     link_type: int
     inet_conf: bytes = b""  # IFLA_INET_CONF: the IPv4 devconf array (u32 per IPV4_DEVCONF_*)
+    master: int = 0  # IFLA_MASTER: the bridge (or bond) this interface is a port of
 
     def devconf(self, which: int) -> int:
         off = (which - 1) * 4
@@ -156,7 +161,8 @@ class Rtnl:
             name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
             spec = parse_attrs(attrs.get(IFLA_AF_SPEC, b""))
             conf = parse_attrs(spec.get(socket.AF_INET, b"")).get(IFLA_INET_CONF, b"")
-            out.append(Link(index, name, ltype, conf))
+            master = attrs.get(IFLA_MASTER, b"")
+            out.append(Link(index, name, ltype, conf, _u32_of(master)))
         return out
 
     def devconf(self, index: int, which: int) -> int:

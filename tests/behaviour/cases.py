@@ -29,6 +29,7 @@ class TrafficCase:
     proto: str = "tcp"
     settings: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT))
     orig_dst: str | None = None  # "peer" | "pod": the answering listener must recover it
+    vm_bridge: bool = False  # "vm": virt0 is a bridge, the VM on its port tap0 (KubeVirt)
     apply: bool = True  # False: control case without any redirection
 
 
@@ -79,6 +80,12 @@ TRAFFIC_CASES: list[TrafficCase] = [
     TrafficCase("virtual-udp-dns-forwarded", "9: the VM's UDP/53 is not captured (TCP only; "
                 "nat OUTPUT never sees forwarded packets)", "vm", "peer", 53, "peer-dns:53",
                 proto="udp", settings=dict(VIRTUAL)),
+    TrafficCase("virtual-bridge-outbound-captured", "9: a VM on a port of the bridge virt0: "
+                "captured on the bridge, never on the port", "vm", "peer", 80, "ztunnel:15001",
+                settings=dict(VIRTUAL), orig_dst="peer", vm_bridge=True),
+    TrafficCase("virtual-bridge-to-pod-is-outbound", "9: VM on the bridge -> pod:8080 is "
+                "outbound (15001)", "vm", "pod", 8080, "ztunnel:15001",
+                settings=dict(VIRTUAL), orig_dst="pod", vm_bridge=True),
     TrafficCase("virtual-ingress-variant-captured", "9: the ingress variant keeps the "
                 "virtual-interface redirect", "vm", "peer", 80, "ztunnel:15001",
                 settings={**INGRESS, "virtual_interfaces": ("virt0",)}, orig_dst="peer"),

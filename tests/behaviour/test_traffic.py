@@ -40,7 +40,7 @@ def test_traffic(
     if gap:
         request.applymarker(pytest.mark.xfail(reason=f"known gap: {gap}", strict=True))
     if case.src == "vm":
-        topology.add_vm()  # before apply: the backend sees the pod's interfaces then
+        topology.add_vm(case.vm_bridge)  # before apply: the backend sees the interfaces
     if case.apply:
         backend_case.build().apply(topology.pod_path, RedirectSettings(**case.settings))
     answer = _send(topology, case, fam)

@@ -80,16 +80,23 @@ class Topology:
         table = {"pod": POD, "peer": PEER, "probe": PROBE, "loopback": LOOPBACK, "vm": VM}[who]
         return table[fam]
 
-    def add_vm(self) -> None:
-        """The VM namespace behind the pod's ``virt0`` (once; the fixture removes it)."""
+    def add_vm(self, bridge: bool = False) -> None:
+        """The VM namespace behind the pod's ``virt0`` (once; the fixture removes it). With
+        ``bridge``, ``virt0`` is a bridge and the VM's veth end in the pod (``tap0``) one
+        of its ports, as KubeVirt's bridge binding has it."""
         if self.vm_path is not None:
             return
         assert self._make_netns is not None, "built without make_netns"
         vm = self._make_netns("vm")
         subprocess.run(["ip", "netns", "exec", vm, "sysctl", "-qw",
                         "net.ipv6.conf.default.accept_dad=0"], check=True)  # fmt: skip
-        subprocess.run(["ip", "link", "add", VIRT_IFACE, "netns", self.pod_ns, "type", "veth",
+        port = "tap0" if bridge else VIRT_IFACE
+        subprocess.run(["ip", "link", "add", port, "netns", self.pod_ns, "type", "veth",
                         "peer", "name", "eth0", "netns", vm], check=True)  # fmt: skip
+        if bridge:
+            _ip(self.pod_ns, "link", "add", VIRT_IFACE, "type", "bridge", "stp_state", "0")
+            _ip(self.pod_ns, "link", "set", port, "master", VIRT_IFACE)
+            _ip(self.pod_ns, "link", "set", port, "up")
         for fam in FAMILIES:
             extra = ["nodad"] if fam == "ipv6" else []
             _ip(self.pod_ns, "addr", "add", f"{VM_GATEWAY[fam]}/{PREFIX[fam]}", "dev",
