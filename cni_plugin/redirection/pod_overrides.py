@@ -9,6 +9,9 @@ back as ``problems`` for the caller to log with the pod's identity.
   ``0 f F FALSE false False``). Present and valid, it replaces the node's DNS capture
   setting for this pod; absent or unparsable, the node's setting stands (Istio ignores an
   unparsable value with a warning).
+- ``ambient.istio.io/bypass-inbound-capture``: the same parsing (Istio reads it with the
+  same helper), so ``"1"`` or ``"T"`` select the ingress variant too; absent or
+  unparsable, inbound capture stays on.
 - ``istio.io/reroute-virtual-interfaces``: a comma-separated list of interface names,
   each trimmed, empty items dropped, order kept. A name no kernel accepts is kept, so the
   backend refuses the pod with a clear error (as Istio's rule installation fails).
@@ -41,21 +44,17 @@ class PodOverrides:
     """What a pod's annotations ask for; None/empty means "as the node says"."""
 
     dns_capture: bool | None = None
+    bypass_inbound: bool | None = None
     virtual_interfaces: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
 
     @classmethod
     def from_annotations(cls, annotations: Mapping[str, str]) -> PodOverrides:
         problems: list[str] = []
-        dns: bool | None = None
-        raw = annotations.get(c.DNS_CAPTURE_ANNOTATION)
-        if raw is not None:
-            dns = parse_go_bool(raw)
-            if dns is None:
-                problems.append(
-                    f"annotation {c.DNS_CAPTURE_ANNOTATION}={raw!r} ignored: only boolean "
-                    "values are supported (true/false); the node's DNS capture setting applies"
-                )
+        dns = _boolean(annotations, c.DNS_CAPTURE_ANNOTATION, problems,
+                       "the node's DNS capture setting applies")  # fmt: skip
+        bypass = _boolean(annotations, c.BYPASS_INBOUND_ANNOTATION, problems,
+                          "inbound capture stays on")  # fmt: skip
         virtual: list[str] = []
         for item in annotations.get(c.VIRTUAL_INTERFACES_ANNOTATION, "").split(","):
             name = item.strip()
@@ -68,13 +67,31 @@ class PodOverrides:
                     f"annotation {c.VIRTUAL_INTERFACES_ANNOTATION}: {problem}; "
                     "the pod's redirection will be refused until it is fixed"
                 )
-        return cls(dns, tuple(virtual), tuple(problems))
+        return cls(dns, bypass, tuple(virtual), tuple(problems))
 
     def applied_to(self, node: RedirectSettings) -> RedirectSettings:
-        """``node`` with this pod's overrides in place (``dns_capture`` becomes the
-        effective value; ``virtual_interfaces`` the pod's list)."""
+        """``node`` with this pod's overrides in place (``dns_capture`` and
+        ``bypass_inbound`` become the effective values; ``virtual_interfaces`` the pod's
+        list)."""
         dns = node.dns_capture if self.dns_capture is None else self.dns_capture
-        return replace(node, dns_capture=dns, virtual_interfaces=self.virtual_interfaces)
+        bypass = node.bypass_inbound if self.bypass_inbound is None else self.bypass_inbound
+        return replace(node, dns_capture=dns, bypass_inbound=bypass,
+                       virtual_interfaces=self.virtual_interfaces)  # fmt: skip
+
+
+def _boolean(
+    annotations: Mapping[str, str], name: str, problems: list[str], otherwise: str
+) -> bool | None:
+    raw = annotations.get(name)
+    if raw is None:
+        return None
+    value = parse_go_bool(raw)
+    if value is None:
+        problems.append(
+            f"annotation {name}={raw!r} ignored: only boolean values are supported "
+            f"(true/false); {otherwise}"
+        )
+    return value
 
 
 def pod_settings(node: RedirectSettings, annotations: Mapping[str, str]) -> RedirectSettings:

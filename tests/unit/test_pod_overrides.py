@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from cni_plugin.constants import BYPASS_INBOUND_ANNOTATION as BYPASS
 from cni_plugin.constants import DNS_CAPTURE_ANNOTATION as DNS
 from cni_plugin.constants import VIRTUAL_INTERFACES_ANNOTATION as VIRT
 from cni_plugin.redirection.pod_overrides import PodOverrides, parse_go_bool, pod_settings
@@ -85,3 +86,18 @@ def test_bad_interface_names_are_kept_and_reported() -> None:
 def test_no_annotations_is_the_node_settings_unchanged() -> None:
     node = replace(NODE_ON, bypass_inbound=True, ipv6=False)
     assert pod_settings(node, {"unrelated": "x"}) == node
+
+
+@pytest.mark.parametrize(
+    ("value", "want"), [("true", True), ("1", True), ("T", True), ("false", False),
+                        ("0", False), ("tRuE", False), ("yes", False), (None, False)]
+)  # fmt: skip
+def test_bypass_inbound_is_parsed_as_istio_parses_it(value: str | None, want: bool) -> None:
+    annotations = {} if value is None else {BYPASS: value}
+    assert pod_settings(NODE_ON, annotations).bypass_inbound is want
+
+
+def test_every_override_at_once() -> None:
+    s = pod_settings(NODE_OFF, {DNS: "True", BYPASS: "1", VIRT: "k6t-eth0"})
+    assert (s.dns_capture, s.bypass_inbound, s.virtual_interfaces) == (True, True, ("k6t-eth0",))
+    assert replace(s, dns_capture=False, bypass_inbound=False, virtual_interfaces=()) == NODE_OFF
