@@ -17,23 +17,13 @@ import sys
 from typing import Any
 
 from cni_plugin import constants as c
+from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
 from cni_plugin.redirection.registry import BACKENDS, make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 
 HELP = "render, apply, remove or check in-pod traffic redirection in a network namespace"
 ACTIONS = ("render", "apply", "remove", "check")
-
-
-def _env_bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"environment variable {name}={raw!r} is not a boolean: use true or false")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,11 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> RedirectSettings:
-    ipv6 = args.ipv6 if args.ipv6 is not None else _env_bool("AMBIENT_IPV6", True)
+    ipv6 = args.ipv6 if args.ipv6 is not None else env_bool(os.environ, "AMBIENT_IPV6", True)
     dns = (
         args.dns_capture
         if args.dns_capture is not None
-        else _env_bool("AMBIENT_DNS_CAPTURE", False)
+        else env_bool(os.environ, "AMBIENT_DNS_CAPTURE", False)
     )
     return RedirectSettings(
         dns_capture=dns,
