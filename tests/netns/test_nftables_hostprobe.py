@@ -1,6 +1,8 @@
 """The host-side nftables probe rule with real packets: a "node" namespace SNATs kubelet's
 (UID-matched) TCP to enrolled pods from 169.254.7.127, and the pod's nftables rules let
-exactly that traffic past ztunnel's inbound capture."""
+exactly that traffic past ztunnel's inbound capture. The applier the agent uses
+(:class:`NftablesHostProbe`) holds exactly Istio's hostprobe golden plus its sets, keeps
+pods' entries across a restart, and removes everything it added."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from cni_plugin.errors import RedirectionError
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.nftables_backend import NftablesBackend
 from cni_plugin.redirection.nftables_host_probe import NftablesHostProbe
-from cni_plugin.redirection.nftables_rules import host_probe_ruleset, host_probe_sets_text
+from cni_plugin.redirection.nftables_rules import host_probe_sets_text
 from cni_plugin.redirection.settings import RedirectSettings
 
 pytestmark = pytest.mark.netns
@@ -101,11 +103,12 @@ def test_kubelet_probe_is_snatted_and_bypasses_capture(
     run("ip", "-n", pod, "link", "set", "eth0", "up")
     run("ip", "-n", pod, "route", "add", "default", "via", NODE_IP)
 
-    host_text = host_probe_sets_text(ipv6=False)
-    host_text += host_probe_ruleset(SETTINGS, kubelet_uid=KUBELET_UID).text()
+    # The host side through the agent's applier: the sets, the UID-matched SNAT rule, and
+    # the pod's address as it is added on enrolment.
+    probe = NftablesHostProbe(kubelet_uid=KUBELET_UID, ipv6=False, node_netns=f"/run/netns/{node}")
+    probe.setup()
     if enrolled:
-        host_text += f"add element inet istio-ambient-nat istio-inpod-probes-v4 {{ {POD_IP} }}\n"
-    run("ip", "netns", "exec", node, "nft", "-f", "-", stdin=host_text)
+        probe.add("pod-uid-1", (POD_IP,))
     NftablesBackend().apply(f"/run/netns/{pod}", SETTINGS)
 
     listeners = {"app": listen(pod, 9090), "ztunnel-inbound": listen(pod, 15006)}
