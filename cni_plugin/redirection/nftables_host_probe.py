@@ -41,6 +41,7 @@ from cni_plugin.redirection.nftables_rules import (
 from cni_plugin.redirection.settings import RedirectSettings
 
 T = TypeVar("T")
+_UID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 TABLE = f"{FAMILY} {NAT_TABLE}"
 # (comm, whether an argument must mention "kubelet"), in Istio's order of preference.
 KUBELET_PROCESSES: tuple[tuple[str, bool], ...] = (
@@ -139,6 +140,11 @@ class NftablesHostProbe:
         self._run(f"add table {TABLE}\ndelete table {TABLE}\n", "removing the host probe table")
 
     def add(self, uid: str, ips: tuple[str, ...]) -> None:
+        if not uid or len(uid) > 128 or not set(uid) <= _UID_CHARS:
+            # The UID becomes nft text (an element comment): a Kubernetes UID never fails.
+            raise RedirectionError(
+                f"pod UID {uid!r} cannot label a host probe entry: expected a Kubernetes UID"
+            )
         lines = [
             f'add element {TABLE} {s} {{ {ip} comment "{uid}" }}' for s, ip in self._by_set(ips)
         ]

@@ -171,6 +171,9 @@ def test_host_probe_applier_installs_the_golden_and_removes_it_exactly(
     probe.setup()
     assert probe.members() == want
     assert nft_ruleset(node).count("snat ip to") == 1
+    with pytest.raises(RedirectionError, match="cannot label"):
+        probe.add('x" } ; flush ruleset ; #', ("10.231.9.7",))
+    assert probe.members() == want
     # A pod's removal only takes its own entries; an address now owned by another pod stays.
     probe.remove("uid-other", ("10.231.9.6",))
     probe.remove("uid-a", pods["uid-a"])
