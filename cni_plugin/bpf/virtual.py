@@ -30,20 +30,16 @@ IFA_F_SECONDARY = 0x01
 IFA_F_TENTATIVE = 0x40
 RT_SCOPE_UNIVERSE = 0
 VIRT_MAP = "virt"
-PINS = (VIRT_PROGRAM, VIRT_MAP)
 
 Addresses = dict[int, tuple[str | None, str | None]]
 
 
 def interfaces(links: list[Link], settings: RedirectSettings) -> dict[int, str]:
-    """ifindex -> name of the settings' virtual interfaces this namespace has (Ethernet
-    ones: the only kind the backend attaches to)."""
+    """ifindex -> name of the settings' virtual interfaces this namespace has, among the
+    ones the backend attaches to (Ethernet, not a bridge port)."""
     wanted = set(checked_virtual_interfaces(settings))
-    return {
-        link.index: link.name
-        for link in links
-        if link.name in wanted and link.link_type == tc.ARPHRD_ETHER
-    }
+    steered = dict(tc.pod_interfaces(links)[0])
+    return {idx: name for idx, name in steered.items() if name in wanted}
 
 
 def notes(links: list[Link], settings: RedirectSettings) -> list[str]:
@@ -51,7 +47,10 @@ def notes(links: list[Link], settings: RedirectSettings) -> list[str]:
     have = set(interfaces(links, settings).values())
     absent = [n for n in settings.virtual_interfaces if n not in have]
     return (
-        ["virtual interfaces not redirected (absent or not Ethernet): " + ", ".join(absent)]
+        [
+            "virtual interfaces not redirected (absent, not Ethernet or a bridge port): "
+            + ", ".join(absent)
+        ]
         if absent
         else []
     )
