@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("ISTIO_CNI_TESTBED_CACHE", "/var/cache/istio-cni-testbed"))
@@ -96,9 +96,7 @@ class GoRecipe:
     version: str
     programs: tuple[GoProgram, ...]
     ldflags: tuple[str, ...] = ()
-    tags: tuple[str, ...] = ()
     pin_staging: bool = False
-    extra_require: dict[str, str] = field(default_factory=dict)
 
 
 def _kube_ldflags(version: str) -> tuple[str, ...]:
@@ -274,8 +272,6 @@ def _wrapper_go_mod(r: GoRecipe, upstream_go_mod: str) -> str:
     lines = [f"module icni-testbed/{r.name}", "", f"go {go_line.group(1) if go_line else '1.26'}"]
     lines += re.findall(r"^godebug\s+.*$", upstream_go_mod, re.M)
     lines += ["", f"require {r.module} {r.version}"]
-    for mod, ver in sorted(r.extra_require.items()):
-        lines.append(f"require {mod} {ver}")
     if r.pin_staging:
         staging = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", upstream_go_mod, re.M)
         pinned = "v0." + r.version.removeprefix("v1.")
@@ -294,8 +290,6 @@ def _build_recipe(go: GoTool, r: GoRecipe, work: Path, out: Path) -> None:
     go.stream(["list", "-deps", *pkgs], mod_dir, f"{r.name}: resolving and downloading")
     for p, pkg in zip(r.programs, pkgs, strict=True):
         args = ["build", "-v", "-trimpath", "-o", str(out / p.output)]
-        if r.tags:
-            args.append("-tags=" + ",".join(r.tags))
         args.append("-ldflags=" + " ".join(("-s", "-w", *r.ldflags)))
         go.stream([*args, pkg], mod_dir, f"{r.name}: building {p.output}")
 
