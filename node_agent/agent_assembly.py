@@ -2,13 +2,17 @@
 starts and stops them in the SPEC §4 order. It decides nothing about pods or backends.
 
 Start order: metrics and health (not ready) -> installer (when configured) -> host probe
-set and rule, backend node setup -> informers, wait for cache sync -> adopt pods already
-annotated ``enabled`` (rebuild the ZDS snapshot, namespaces found again via /proc) -> check
-their rules (startup reconcile) -> ZDS server (accept ztunnel) -> plugin-event server ->
-ready -> process the queue, periodic reconcile. Stop undoes the servers only: in-pod rules,
-ipsets and annotations stay, so a restart does not touch a single pod's traffic; on
-uninstall (decided once, SPEC §7) the installer's files and the backend's node-wide state
-go too.
+set and rule, backend node setup -> informers, wait for cache sync (for as long as it
+takes: fail closed, the plugin stays installed) -> adopt pods already annotated
+``enabled`` (rebuild the ZDS snapshot, namespaces found again via /proc; their probe
+addresses synced into the host probe set) -> check their rules (startup reconcile) -> ZDS
+server (accept ztunnel) -> plugin-event server -> ready -> process the queue, periodic
+reconcile (each pass also repairs the host probe rule and set). Stop undoes the servers
+only: in-pod rules, ipsets and annotations stay, so a restart does not touch a single
+pod's traffic; on an uninstall (decided once and first, SPEC §7, only on a positive answer:
+:mod:`install.teardown`) the installer's files, the host probe rule and sets and the
+backend's node-wide state go too. The node namespace and its IPv6 support are settled
+before anything is built (:mod:`node_agent.node_namespace`).
 
 Edges may be injected (tests): ``kube``, ``rules`` (then no node-wide backend state),
 ``probes`` (then no host probe rule is set up), ``installer`` and ``is_upgrade``. Parts
@@ -30,7 +34,7 @@ from typing import Protocol
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
-from cni_plugin.errors import ConfigError, NotRetryableError
+from cni_plugin.errors import ConfigError, IstioCniError, NotRetryableError
 from install.teardown import StopQuestion
 from node_agent.adapters import (
     CacheSnapshot,
@@ -350,7 +354,13 @@ class Agent:
             if self.installer is not None:
                 self.installer.stop(uninstall=True)
             if self.host_probe is not None:
-                self.host_probe.teardown()
+                try:
+                    self.host_probe.teardown()
+                except (OSError, IstioCniError) as e:  # a missing tool: say so, go on
+                    log.warning(
+                        "uninstall: host probe rules not fully removed",
+                        extra={"fields": {"error": str(e)}},
+                    )
             cleaned = True
             log.info("uninstall: plugin, conflist entry and host probe rules removed")
         self.reconciler.stop()

@@ -239,12 +239,20 @@ class HostProbe:
             ):
                 self._flush_chain(ipt)
                 self._cmd(["ipset", "destroy", ipset], check=False)
-                if v == "nft":  # the nat table a restore created, if nothing else is in it
-                    fam = "ip" if family is Family.IPV4 else "ip6"
-                    listing = self._cmd(["nft", "-j", "list", "ruleset", fam], check=False)
-                    script = emptied_tables_script(listing, family, ["nat"])
-                    if script:
-                        self._cmd(["nft", "-f", "-"], stdin=script, check=False)
+                if v == "nft":
+                    self._drop_emptied_nat(family)
+
+    def _drop_emptied_nat(self, family: Family) -> None:
+        """The nf_tables ``nat`` table our restore created, when nothing else is left in it
+        (the namespace as before the install; a node's kube-proxy keeps it alive)."""
+        fam = "ip" if family is Family.IPV4 else "ip6"
+        try:
+            listing = self._cmd(["nft", "-j", "list", "ruleset", fam], check=False)
+            script = emptied_tables_script(listing, family, ["nat"])
+            if script:
+                self._cmd(["nft", "-f", "-"], stdin=script, check=False)
+        except OSError as e:  # no nft tool here: the empty table stays, harmlessly
+            log.warning("empty nat table kept", extra={"fields": {"error": str(e)}})
 
     def _line(self, verb: str, uid: str, ip: str) -> str | None:
         try:
