@@ -83,6 +83,34 @@ class Netns:
             raise
         return cls(path, fd, ident)
 
+    def dup(self) -> Netns:
+        """A second handle on the *same* namespace, owned by the caller (close it).
+
+        Safe against a concurrent :meth:`close` of this handle: the duplicate's identity is
+        checked against the one recorded at open, so an fd number that was closed and
+        reused for another namespace (or anything else) is never taken for this one."""
+        fd = self.fd
+        try:
+            if fd < 0:
+                raise OSError("handle closed")
+            new = os.dup(fd)  # non-inheritable, as every fd of ours
+        except OSError:
+            raise NetnsError(
+                f"network namespace handle for {self.path} was closed (the pod was removed)"
+            ) from None
+        try:
+            st = os.fstat(new)
+        except OSError:
+            os.close(new)
+            raise
+        if NetnsId(st.st_dev, st.st_ino) != self.ident:
+            os.close(new)
+            raise NetnsError(
+                f"network namespace handle for {self.path} was closed and its number reused "
+                "(the pod was removed)"
+            )
+        return Netns(self.path, new, self.ident)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

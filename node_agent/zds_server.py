@@ -10,12 +10,18 @@ API (what the agent calls)::
     server.stop()                       # close everything, unlink the socket
 
 ``add`` sends Add plus the pod's netns fd (opened with :meth:`Netns.open`, never created) to
-the *newest* connection and waits for its ack. It raises :class:`ZtunnelUnavailableError`
-when no ztunnel is connected or none answered in time, :class:`ZtunnelRejectedError` with
-ztunnel's own text when the ack carries an error, and :class:`NetnsError` when the path is not
-an openable network namespace. ``snapshot_source.snapshot()`` is read once per connection,
-after its hello: an entry with a netns path becomes Add+fd (Keep when the path can no longer
-be opened), an entry without one becomes Keep{uid}; then SnapshotSent.
+the *newest* connection and waits for its ack; ``add_netns`` does the same with a handle the
+caller passes (ownership moves to the server, which closes it on every path). They raise
+:class:`ZtunnelUnavailableError` when no ztunnel is connected or none answered in time,
+:class:`ZtunnelRejectedError` with ztunnel's own text when the ack carries an error, and
+:class:`NetnsError` when the path is not an openable network namespace.
+``snapshot_source.snapshot()`` is read once per connection, after its hello: an entry with a
+namespace handle becomes Add+fd, an entry without one becomes Keep{uid}; then SnapshotSent.
+The snapshot holds the namespaces themselves (handles the snapshot owns, duplicated from the
+pod cache's when it was taken), never paths: the snapshot is sent one ack at a time, and
+meanwhile removals close cache fds whose numbers new enrolments reuse, so a path re-opened
+later could name another pod's namespace. The connection closes every handle it was given,
+sent or not, on every path.
 
 Per connection, as Istio's ``cni/pkg/nodeagent/ztunnelserver.go`` does: wait up to
 ``hello_timeout`` for ``ZdsHello{V1}``, send the snapshot, then serve one request at a time
@@ -57,7 +63,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from cni_plugin.errors import (
     ConfigError,
@@ -82,11 +88,12 @@ class WorkloadInfo:
 
 @dataclass(frozen=True)
 class SnapshotEntry:
-    """A pod the agent has enrolled. ``netns_path`` None means unknown: sent as Keep{uid}."""
+    """A pod the agent has enrolled. ``netns`` is a handle owned by the entry (whoever takes
+    the snapshot closes it); None means unknown: sent as Keep{uid}."""
 
     uid: str
     info: WorkloadInfo
-    netns_path: str | None
+    netns: Netns | None
 
 
 class SnapshotSource(Protocol):
@@ -201,16 +208,21 @@ class ZdsServer:
         self, uid: str, netns_path: str, info: WorkloadInfo, timeout: float | None = None
     ) -> None:
         """Send Add and wait for the ack, up to ``timeout`` (default: the ack deadline)."""
+        if not self.connected:
+            self._no_ztunnel()
+        self.add_netns(uid, Netns.open(netns_path), info, timeout)
+
+    def add_netns(
+        self, uid: str, ns: Netns, info: WorkloadInfo, timeout: float | None = None
+    ) -> None:
+        """:meth:`add` with an open handle; the server owns ``ns`` from here on."""
         timeout = self.ack_timeout if timeout is None else timeout
         data = wire.encode_add(uid, info.name, info.namespace, info.service_account)
         with self._lock:
             conn = self._ready[-1] if self._ready else None
         if conn is None:
-            raise ZtunnelUnavailableError(
-                f"no ztunnel is connected to {self.socket_path}: the pod stays pending until "
-                "ztunnel connects (check that ztunnel runs on this node)"
-            )
-        ns = Netns.open(netns_path)
+            ns.close()
+            self._no_ztunnel()
         req = Request(data, f"add {uid}", ns)
         conn.submit(req)
         if not req.wait(timeout):
@@ -222,6 +234,12 @@ class ZdsServer:
             raise req.failure
         if req.ack_error:
             raise ZtunnelRejectedError(f"ztunnel rejected pod {uid}: {req.ack_error}")
+
+    def _no_ztunnel(self) -> NoReturn:
+        raise ZtunnelUnavailableError(
+            f"no ztunnel is connected to {self.socket_path}: the pod stays pending until "
+            "ztunnel connects (check that ztunnel runs on this node)"
+        )
 
     def delete(self, uid: str) -> None:
         data = wire.encode_del(uid)

@@ -7,6 +7,7 @@ Tests that send real network namespaces live in tests/netns/test_zds_netns.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -14,11 +15,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cni_plugin.errors import ConfigError, ZtunnelUnavailableError
+from cni_plugin.errors import ConfigError, NetnsError, ZtunnelUnavailableError
+from cni_plugin.netns import Netns
 from node_agent import zds_socket
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
@@ -65,12 +68,32 @@ class RawPeer:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class PathEntry:
+    """A snapshot entry named by its netns path: :class:`ListSource` opens the path each
+    time a snapshot is taken (a path that cannot be opened is a Keep, as for the agent's
+    cache a pod whose namespace was not found)."""
+
+    uid: str
+    info: WorkloadInfo
+    path: str | None
+
+
 class ListSource:
-    def __init__(self, entries: list[SnapshotEntry] | None = None) -> None:
+    """A snapshot source whose snapshots, like the agent's, own fresh namespace handles."""
+
+    def __init__(self, entries: list[PathEntry] | None = None) -> None:
         self.entries = entries or []
 
     def snapshot(self) -> list[SnapshotEntry]:
-        return list(self.entries)
+        out = []
+        for e in self.entries:
+            ns = None
+            if e.path is not None:
+                with contextlib.suppress(NetnsError):
+                    ns = Netns.open(e.path, host_netns=None)
+            out.append(SnapshotEntry(e.uid, e.info, ns))
+        return out
 
 
 def fd_count() -> int:
