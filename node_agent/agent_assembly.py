@@ -38,6 +38,7 @@ from node_agent.adapters import (
     PodsListWatch,
     ZdsZtunnel,
 )
+from node_agent.add_admission import AddAdmission, NamespaceAddresses
 from node_agent.backend_selection import Selection, select_backend
 from node_agent.config import AgentConfig
 from node_agent.enrollment import Enroller, ProbeSet, Rules
@@ -168,6 +169,7 @@ class Agent:
             reader=self.kube,
             on_event=lambda kind: self.metrics.reconcile_events.labels(type=kind).inc(),
             on_settled=self._settled,
+            admission=AddAdmission(cfg.node_name, finder, NamespaceAddresses()),
         )
         self.reconciler = Reconciler(
             pods=self.pod_informer,

@@ -5,7 +5,9 @@ Endpoints (the CNI plugin is the client; SPEC §3):
   "IPs": [{"Interface": int|null, "Address": {"IP": str, "Mask": base64}, "Gateway": str}]}``.
   The pod is enrolled *before* the reply: 200 = enrolled (or not an ambient pod, body says
   which); 500 with a one-line message = enrollment failed (the plugin fails the ADD, the
-  runtime retries); 400 with a message = malformed body.
+  runtime retries); 400 with a message = malformed body, or refused: the namespace or IPs
+  are not the named pod's, or the pod is not this node's (:mod:`node_agent.add_admission`;
+  nothing is enrolled).
 - ``POST /log``: the plugin's log lines (a JSON array of strings, each a JSON object with
   ``level``, ``time``, ``msg``), re-emitted in the agent's log; 200. Served on
   ``pluginevent.sock`` and on ``<run_dir>/log.sock`` (where the plugin sends its logs,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cni_plugin.errors import ConfigError, IstioCniError
+from node_agent.add_admission import AdmissionRefused
 from node_agent.pod_controller import PluginAdd
 
 log = logging.getLogger("node_agent.plugin_events")
@@ -64,6 +68,12 @@ def parse_cmdadd(body: bytes) -> PluginAdd:
         addr = item.get("Address") if isinstance(item, dict) else None
         if not isinstance(addr, dict) or not isinstance(addr.get("IP"), str):
             raise BadRequest(f"IPs[{i}].Address.IP must be a string")
+        try:
+            ipaddress.ip_address(addr["IP"])
+        except ValueError:
+            raise BadRequest(
+                f"IPs[{i}].Address.IP {addr['IP'][:64]!r} is not an IP address"
+            ) from None
         mask = addr.get("Mask")
         if mask is not None:
             try:
@@ -138,6 +148,9 @@ class PluginEventServer:
                     return
                 try:
                     msg = outer.on_add(event)
+                except AdmissionRefused as e:
+                    self._reply(400, f"refused: {e}")
+                    return
                 except IstioCniError as e:
                     self._reply(
                         500, f"enrolling pod {event.pod_namespace}/{event.pod_name} failed: {e}"
