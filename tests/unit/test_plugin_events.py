@@ -13,7 +13,8 @@ import pytest
 
 from cni_plugin.errors import ZtunnelUnavailableError
 from node_agent.add_admission import AdmissionRefused
-from node_agent.plugin_events import BadRequest, PluginEventServer, parse_cmdadd
+from node_agent.http_serving import BadRequest
+from node_agent.plugin_events import PluginEventServer, parse_cmdadd
 from node_agent.pod_controller import PluginAdd
 
 BODY = {
