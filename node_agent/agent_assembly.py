@@ -119,7 +119,10 @@ class Agent:
             cfg.proc_root, cfg.netns_dir, held=lambda: [e.netns_inode for e in self.cache.entries()]
         )
         self.zds = ZdsServer(
-            cfg.ztunnel_socket, CacheSnapshot(self.cache), on_connected_change=self._ztunnel
+            cfg.ztunnel_socket,
+            CacheSnapshot(self.cache),
+            on_connected_change=self._ztunnel,
+            peer_uid=cfg.ztunnel_uid,
         )
         self.ztunnel = ZdsZtunnel(self.zds)
         self.enroller = Enroller(

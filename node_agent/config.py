@@ -107,6 +107,9 @@ class AgentConfig:
     workers: int = 16
     install_cni: bool = False
     log_level: str = "info"
+    # The only uid whose processes may speak ZDS (SO_PEERCRED): Istio's chart runs ztunnel
+    # as root. ZTUNNEL_UID for a ztunnel running as another user.
+    ztunnel_uid: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -151,6 +154,7 @@ class AgentConfig:
             workers=_int(e, "AGENT_WORKERS", 16),
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
+            ztunnel_uid=_int(e, "ZTUNNEL_UID", 0),
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:

@@ -47,7 +47,10 @@ left as is, with a warning if others could write to it and so replace the socket
 is ``0660`` and a created directory ``0710`` with that group: members may connect but not
 list or replace entries. The socket is bound under a temporary name,
 given its mode and group, then renamed over the final path, so it is never connectable with
-looser permissions, and a stale file is replaced atomically. A path a live agent still
+looser permissions, and a stale file is replaced atomically. Beyond file permissions, each
+accepted peer's SO_PEERCRED uid must be ``peer_uid`` (0 by default, ztunnel's; the agent
+sets it from ``ZTUNNEL_UID``; None accepts any): any other peer is logged and dropped
+before its hello. A path a live agent still
 serves (a connect succeeds) is refused with :class:`ConfigError`.
 """
 
@@ -72,7 +75,7 @@ from cni_plugin.errors import (
 )
 from cni_plugin.netns import Netns
 from node_agent import zds_wire as wire
-from node_agent.zds_connection import Connection, Request, peer_creds
+from node_agent.zds_connection import Connection, Request, peer_creds, peer_uid
 
 log = logging.getLogger("node_agent.zds")
 
@@ -114,6 +117,7 @@ class ZdsServer:
         socket_group: int | str | None = None,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         accept_rate: float = 5.0,
+        peer_uid: int | None = 0,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.snapshot_source = snapshot_source
@@ -121,6 +125,8 @@ class ZdsServer:
         self.hello_timeout = hello_timeout
         self.keepalive_interval = keepalive_interval
         self.accept_rate = accept_rate
+        self.peer_uid = peer_uid
+        self.refused_peers = 0
         self._on_connected_change = on_connected_change
         self._gid = _resolve_group(socket_group)
         self._lock = threading.Lock()
@@ -290,6 +296,9 @@ class ZdsServer:
                 continue
             next_ok = time.monotonic() + gap
             sock.set_inheritable(False)
+            if not self._peer_allowed(sock):
+                sock.close()
+                continue
             with self._lock:
                 if self._stopping:
                     sock.close()
@@ -299,6 +308,22 @@ class ZdsServer:
                 self._all.add(conn)
             log.debug("ztunnel connection accepted", extra={"fields": {"peer": conn.peer}})
             conn.thread.start()
+
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        """Only ztunnel's identity may speak ZDS: a connection from any other uid is
+        dropped before it can say hello (and so before it could receive a pod's netns)."""
+        if self.peer_uid is None:
+            return True
+        uid = peer_uid(sock)
+        if uid == self.peer_uid:
+            return True
+        self.refused_peers += 1
+        log.warning(
+            "zds connection from an unexpected peer dropped: only ztunnel's uid may connect "
+            "(set ZTUNNEL_UID if ztunnel runs as another user)",
+            extra={"fields": {"peer": peer_creds(sock), "expected_uid": self.peer_uid}},
+        )
+        return False
 
     def connection_ready(self, conn: Connection) -> None:
         with self._lock:

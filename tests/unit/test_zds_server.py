@@ -310,3 +310,37 @@ def test_accept_rate_limit_like_istio(sock_path: str) -> None:
             p.close()
     finally:
         s.stop()
+
+
+def test_only_the_configured_ztunnel_uid_may_connect(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14.9: SO_PEERCRED must be ztunnel's uid; another local peer is logged and
+    dropped before its hello, and never counts as connected."""
+    me = os.getuid()
+    s = ZdsServer(sock_path, ListSource(), peer_uid=me + 1, accept_rate=1000, hello_timeout=2)
+    s.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="node_agent.zds"):
+            peer = RawPeer(sock_path)
+            with contextlib.suppress(OSError):
+                peer.send(w.encode_hello())
+            assert peer.eof()
+            peer.close()
+        assert s.refused_peers == 1 and not s.connected
+        assert any(
+            "unexpected peer dropped" in r.getMessage()
+            and getattr(r, "fields", {}).get("expected_uid") == me + 1
+            for r in caplog.records
+        )
+    finally:
+        s.stop()
+    ok = ZdsServer(sock_path, ListSource(), peer_uid=me, accept_rate=1000)
+    ok.start()
+    try:
+        peer = RawPeer(sock_path)
+        peer.hello_and_empty_snapshot()
+        assert wait_for(lambda: ok.connected) and ok.refused_peers == 0
+        peer.close()
+    finally:
+        ok.stop()
