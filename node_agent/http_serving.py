@@ -227,8 +227,9 @@ class BoundedHandler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             raise BadRequest("Transfer-Encoding is not supported: send a Content-Length", 411)
         if raw is None:
-            n = 0
-        elif raw.strip().isdigit() and len(raw.strip()) <= 12:
+            # Without one the body would be read as the next request on this connection.
+            raise BadRequest(f"a {self.command} needs a Content-Length header", 411)
+        if raw.strip().isdigit() and len(raw.strip()) <= 12:
             n = int(raw.strip())
         else:
             raise BadRequest(f"Content-Length {raw[:32]!r} is not a byte count")

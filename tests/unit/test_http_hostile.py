@@ -107,6 +107,11 @@ def plugin_server(tmp_path: Path) -> Iterator[tuple[PluginEventServer, list[Plug
 MALFORMED = {
     "content-length not a number": (_post("/cmdadd", BODY, "abc"), 400, "Content-Length"),
     "content-length negative": (_post("/cmdadd", BODY, "-5"), 400, "Content-Length"),
+    "content-length missing": (
+        b"POST /log HTTP/1.1\r\nHost: x\r\n\r\n[]",
+        411,
+        "Content-Length",
+    ),
     "content-length huge": (_post("/cmdadd", b"", "99999999999"), 413, "limit"),
     "deeply nested json": (_post("/cmdadd", b"[" * 200_000), 400, "nested"),
     "deeply nested log": (_post("/log", b"[" * 200_000), 400, "JSON array"),
