@@ -75,21 +75,25 @@ def bad_ips(ips: Iterable[str]) -> list[str]:
 def foreign_ips(
     uid: str, ips: Iterable[str], pods: Iterable[PodInfo], cache: PodCache
 ) -> dict[str, str]:
-    """IP -> the other pod (``ns/name``) of this node that has it."""
+    """IP -> the other live pod (``ns/name``) of this node that has it (its API IPs, or the
+    IPs the agent enrolled it with). Pods terminal or being deleted do not count: their
+    sandbox's IPs may already be released and handed to the new pod."""
     wanted = {_canonical(i) for i in ips}
+    live = {
+        p.uid: p
+        for p in pods
+        if p.uid != uid and not p.terminal and not p.deleting and not p.host_network
+    }
     owners: dict[str, str] = {}
-    for p in pods:
-        if p.uid == uid or p.terminal or p.host_network:
-            continue
+    for p in live.values():
         for ip in p.ips:
             if _canonical(ip) in wanted:
                 owners[ip] = p.key
     for e in cache.entries():
-        if e.uid == uid:
-            continue
-        for ip in e.ips:
-            if _canonical(ip) in wanted:
-                owners[ip] = f"{e.namespace}/{e.name}"
+        if e.uid in live:
+            for ip in e.ips:
+                if _canonical(ip) in wanted:
+                    owners[ip] = f"{e.namespace}/{e.name}"
     return owners
 
 

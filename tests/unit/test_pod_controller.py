@@ -295,6 +295,8 @@ def test_plugin_add_refuses_ips_not_the_pods(rig: Rig) -> None:
     rig.opener.gone.add("/var/run/netns/cni-gone")
     with pytest.raises(AdmissionRefused, match="no such network namespace"):
         rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-gone", "new", "shop", ("10.0.0.7",)))
+    # A pod being deleted may still show the IP its sandbox already released: no conflict.
+    rig.pods.put(replace(rig.pod("shop", "leaving", ip="10.0.0.7", found=False), deleting=True))
     # The IP the runtime configured in the namespace, not yet in the API: enrolled with it.
     assert rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-n", "new", "shop", ("10.0.0.7",))) == (
         "enrolled"
