@@ -119,7 +119,9 @@ class _Watchdog:
 class _BoundedMixin(socketserver.ThreadingMixIn):
     daemon_threads = True
     block_on_close = False
-    request_queue_size = 128  # a burst of connects waits for accept instead of failing
+    # A burst of connects waits in the backlog for accept instead of failing (a unix socket
+    # refuses a connect with EAGAIN once its backlog is full, even the real plugin's).
+    request_queue_size = 1024
     watchdog: _Watchdog
 
     def setup_bounds(self, read_timeout: float, max_connections: int) -> None:

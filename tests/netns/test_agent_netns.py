@@ -444,7 +444,21 @@ def test_plugin_cmdadd_refuses_what_is_not_the_named_pods(env: Env) -> None:
         assert code == 400 and reason in text and "\n" not in text.strip(), (what, text)
     assert not zt.of("add") and not env.probe.members() and not env.enrolled(new)
     assert not env.rules_ok(new) and not env.rules_ok(other)
-    code, text = _post(sock, "/cmdadd", _cmdadd(new.netns, "new", ("10.98.1.9",)))
+    # Issue 14.3: the pod's real ADD succeeds while 150 hostile connections (over the cap
+    # of 64) are held open: idle, headers never finished, bodies shorter than announced.
+    hostile = []
+    try:
+        for i in range(150):
+            h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            h.settimeout(5)
+            h.connect(sock)
+            h.sendall([b"", b"POST /cmdadd HTTP/1.1\r\n", b"POST /cmdadd HTTP/1.1\r\n"
+                       b"Content-Length: 900\r\n\r\n{"][i % 3])  # fmt: skip
+            hostile.append(h)
+        code, text = _post(sock, "/cmdadd", _cmdadd(new.netns, "new", ("10.98.1.9",)))
+    finally:
+        for h in hostile:
+            h.close()
     assert (code, text) == (200, "enrolled")
     assert env.probe.members() == {"10.98.1.9": new.uid}
     assert zt.of("add")[-1].inode == os.stat(new.netns).st_ino
