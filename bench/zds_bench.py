@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cni_plugin.netns import Netns
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent import zds_socket
@@ -44,11 +45,13 @@ PREFIX = "icnib-"
 
 
 class Snapshot:
+    """Pods by netns path; each snapshot owns fresh handles, as the agent's does."""
+
     def __init__(self) -> None:
-        self.entries: list[SnapshotEntry] = []
+        self.entries: list[tuple[str, WorkloadInfo, str]] = []
 
     def snapshot(self) -> list[SnapshotEntry]:
-        return list(self.entries)
+        return [SnapshotEntry(u, i, Netns.open(p, host_netns=None)) for u, i, p in self.entries]
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -163,7 +166,7 @@ def bench_adds(n: int, tmp: str) -> dict[str, object]:
             with standin(server.socket_path, tmp):
                 assert wait_for(lambda: server.connected, 10)
                 results["standin_add"] = timed(lambda i: server.add(f"u{i}", paths[i], info), n)
-                src.entries = [SnapshotEntry(f"u{i}", info, p) for i, p in enumerate(paths)]
+                src.entries = [(f"u{i}", info, p) for i, p in enumerate(paths)]
             assert wait_for(lambda: not server.connected, 10)
             t0 = time.perf_counter()
             with standin(server.socket_path, tmp):

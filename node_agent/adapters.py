@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+from cni_plugin.errors import NetnsError
 from node_agent.enrollment import Annotator
 from node_agent.informers import WatchEvent
 from node_agent.pod_cache import IN_SNAPSHOT, CachedPod, PodCache
@@ -64,12 +65,21 @@ class CacheSnapshot:
         self.cache = cache
 
     def snapshot(self) -> list[SnapshotEntry]:
+        """Each pod with its own duplicate of the cache's namespace handle (the snapshot
+        owns it): sent one ack at a time, the snapshot must not depend on cache fds that a
+        removal may close and an enrolment reuse meanwhile."""
         out = []
         for e in self.cache.entries():
             if e.state not in IN_SNAPSHOT:
                 continue
+            netns = None
+            if e.netns is not None:
+                try:
+                    netns = e.netns.dup()
+                except NetnsError:
+                    continue  # removed since entries() was read: not in the snapshot
             info = WorkloadInfo(e.name, e.namespace, e.service_account)
-            out.append(SnapshotEntry(e.uid, info, e.netns_path))
+            out.append(SnapshotEntry(e.uid, info, netns))
         return out
 
 
@@ -84,9 +94,13 @@ class ZdsZtunnel:
         return self.server.connected
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
-        self.server.add(
-            pod.uid, netns_path, WorkloadInfo(pod.name, pod.namespace, pod.service_account)
-        )
+        info = WorkloadInfo(pod.name, pod.namespace, pod.service_account)
+        if pod.netns is not None:
+            # The cached handle itself (duplicated: the server closes its copy), not a path
+            # through /proc/<pid>/fd that could name a recycled fd number.
+            self.server.add_netns(pod.uid, pod.netns.dup(), info)
+        else:
+            self.server.add(pod.uid, netns_path, info)
 
     def delete(self, uid: str) -> None:
         self.server.delete(uid)

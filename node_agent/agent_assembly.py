@@ -43,6 +43,7 @@ from node_agent.adapters import (
     PodsListWatch,
     ZdsZtunnel,
 )
+from node_agent.add_admission import AddAdmission, NamespaceAddresses
 from node_agent.backend_selection import Selection, select_backend
 from node_agent.config import AgentConfig
 from node_agent.enrollment import Enroller, ProbeSet, Rules
@@ -138,7 +139,10 @@ class Agent:
             cfg.proc_root, cfg.netns_dir, held=lambda: [e.netns_inode for e in self.cache.entries()]
         )
         self.zds = ZdsServer(
-            cfg.ztunnel_socket, CacheSnapshot(self.cache), on_connected_change=self._ztunnel
+            cfg.ztunnel_socket,
+            CacheSnapshot(self.cache),
+            on_connected_change=self._ztunnel,
+            peer_uid=cfg.ztunnel_uid,
         )
         self.ztunnel = ZdsZtunnel(self.zds)
         self.enroller = Enroller(
@@ -188,6 +192,7 @@ class Agent:
             reader=self.kube,
             on_event=lambda kind: self.metrics.reconcile_events.labels(type=kind).inc(),
             on_settled=self._settled,
+            admission=AddAdmission(cfg.node_name, finder, NamespaceAddresses()),
         )
         self.reconciler = Reconciler(
             pods=self.pod_informer,

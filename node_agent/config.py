@@ -112,6 +112,9 @@ class AgentConfig:
     log_level: str = "info"
     # Istio's ambient-disable-safe-upgrade: every stop uninstalls (no DaemonSet question).
     disable_safe_upgrade: bool = False
+    # The only uid whose processes may speak ZDS (SO_PEERCRED): Istio's chart runs ztunnel
+    # as root. ZTUNNEL_UID for a ztunnel running as another user.
+    ztunnel_uid: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -162,6 +165,7 @@ class AgentConfig:
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
             disable_safe_upgrade=env_bool(e, "AMBIENT_DISABLE_SAFE_UPGRADE", False),
+            ztunnel_uid=_int(e, "ZTUNNEL_UID", 0),
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:

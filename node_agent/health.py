@@ -1,12 +1,13 @@
 """Health endpoints on ``:8000``: ``/healthz`` always 200 (the process serves), ``/readyz``
-200 only once the agent is installed and watching (``ready()`` says so), else 503."""
+200 only once the agent is installed and watching (``ready()`` says so), else 503. Served
+with read deadlines and a connection cap (:mod:`node_agent.http_serving`)."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+
+from node_agent.http_serving import BoundedHandler, BoundedHTTPServer
 
 
 class HealthServer:
@@ -14,16 +15,14 @@ class HealthServer:
         self.ready = ready
         self.port = port
         self.addr = addr
-        self._server: ThreadingHTTPServer | None = None
+        self._server: BoundedHTTPServer | None = None
 
     def start(self) -> int:
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # probes every few seconds: not worth a log line
-
+        class Handler(BoundedHandler):
             def do_GET(self) -> None:
+                self.request_read()
                 if self.path == "/healthz":
                     code, text = 200, "ok"
                 elif self.path == "/readyz":
@@ -31,14 +30,9 @@ class HealthServer:
                     code, text = (200, "ready") if ok else (503, "not ready")
                 else:
                     code, text = 404, "use /healthz or /readyz"
-                data = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(code, text)
 
-        server = ThreadingHTTPServer((self.addr, self.port), Handler)
-        server.daemon_threads = True
+        server = BoundedHTTPServer((self.addr, self.port), Handler)
         self._server = server
         threading.Thread(target=server.serve_forever, name="health", daemon=True).start()
         return int(server.server_address[1])

@@ -5,6 +5,13 @@ lowercase event phrase) and any fields passed through ``extra={"fields": {...}}`
 :class:`PodLogger` puts ``{namespace, name, uid}`` of a pod on every record it emits.
 Levels mean: info for lifecycle, debug for steps, warning when degraded, error when an
 operator must act (and the message says what to do).
+
+The level (``LOG_LEVEL`` / ``--log-level``) is understood as Istio's ``--log_output_level``
+(its ``pkg/log`` options): comma-separated ``level`` or ``scope:level`` entries, levels
+``debug``, ``info``, ``warn`` (``warning`` too), ``error``, ``none`` (nothing). An entry
+without a scope sets the ``default`` scope; the scope ``all`` sets every scope; the scopes of
+Istio's CNI agent map onto our loggers (:data:`SCOPES`), and unknown scopes are ignored, as
+Istio ignores them. A malformed entry or level is refused with one line (:func:`parse_levels`).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import sys
 import time
 from collections.abc import Mapping, MutableMapping
 from typing import Any
+
+from cni_plugin.errors import ConfigError
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,13 +43,68 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+NONE = logging.CRITICAL + 10  # above every level: the scope logs nothing
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "none": NONE,
+}
+# Istio's scope names (and ours) -> the logger they set; "" is the root logger.
+SCOPES = {
+    "default": "",
+    "cni": "node_agent",
+    "cni-agent": "node_agent",
+    "ambient": "node_agent",
+    "cni-plugin": "node_agent.plugin",
+    "cniplugin": "node_agent.plugin",
+    "install": "install",
+    "ztunnel": "node_agent.zds",
+    "zds": "node_agent.zds",
+}
+
+
+def parse_levels(spec: str) -> dict[str, int]:
+    """Logger name ("" = root) -> level, from Istio's ``scope:level,...`` form."""
+    out: dict[str, int] = {}
+    for raw in spec.split(","):
+        entry = raw.strip()
+        pieces = entry.split(":")
+        if len(pieces) > 2 or not entry:
+            raise ConfigError(_bad_level(spec, f"entry {entry!r} is not level or scope:level"))
+        scope, level = ("default", pieces[0]) if len(pieces) == 1 else pieces
+        value = LEVELS.get(level.strip().lower())
+        if value is None:
+            raise ConfigError(_bad_level(spec, f"{level.strip()!r} is not a level"))
+        scope = scope.strip().lower()
+        if scope == "all":
+            out = {name: value for name in set(SCOPES.values())}
+            continue
+        if scope in SCOPES:
+            out[SCOPES[scope]] = value
+    return out
+
+
+def _bad_level(spec: str, why: str) -> str:
+    return (
+        f"log level {spec[:80]!r}: {why}; use a level (debug, info, warn, error, none) or "
+        "Istio's form scope:level,... such as default:info,cni:debug"
+    )
+
+
 def configure(level: str = "info", stream: Any = None) -> None:
-    """Send all logging to ``stream`` (stderr by default) as JSON lines at ``level``."""
+    """Send all logging to ``stream`` (stderr by default) as JSON lines at ``level`` (see
+    the module docstring for the grammar; :class:`ConfigError` when it is malformed)."""
+    levels = parse_levels(level)  # before touching any logger: a refusal changes nothing
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(levels.pop("", logging.INFO))
+    for name in set(SCOPES.values()) - {""}:
+        logging.getLogger(name).setLevel(levels.get(name, logging.NOTSET))
 
 
 class PodLogger(logging.LoggerAdapter):  # type: ignore[type-arg]

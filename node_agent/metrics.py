@@ -4,10 +4,20 @@ one process); :class:`AgentMetrics` is the only writer."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from node_agent.http_serving import BoundedHandler, BoundedHTTPServer
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -64,7 +74,7 @@ class AgentMetrics:
             "not be installed): not retried until the pod changes",
             registry=r,
         )
-        self._server: object | None = None
+        self._server: BoundedHTTPServer | None = None
         self._install_seen: dict[str, int] = {}
 
     # EnrollmentObserver
@@ -88,14 +98,26 @@ class AgentMetrics:
                 self._install_seen[result] = int(n)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Start the HTTP exporter; returns the bound port (0 picks one)."""
-        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve ``/metrics`` over HTTP (bounded: read deadline, connection cap); returns the
+        bound port (0 picks one)."""
+        registry = self.registry
+
+        class Handler(BoundedHandler):
+            def do_GET(self) -> None:
+                self.request_read()
+                if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+                    self.reply(404, "use /metrics")
+                    return
+                self.reply(200, generate_latest(registry).decode(), CONTENT_TYPE_LATEST)
+
+        server = BoundedHTTPServer((addr, port), Handler)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         return int(server.server_address[1])
 
     def stop(self) -> None:
         server = self._server
         if server is not None:
-            server.shutdown()  # type: ignore[attr-defined]
-            server.server_close()  # type: ignore[attr-defined]
+            server.shutdown()
+            server.server_close()
             self._server = None

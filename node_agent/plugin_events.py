@@ -5,7 +5,9 @@ Endpoints (the CNI plugin is the client; SPEC §3):
   "IPs": [{"Interface": int|null, "Address": {"IP": str, "Mask": base64}, "Gateway": str}]}``.
   The pod is enrolled *before* the reply: 200 = enrolled (or not an ambient pod, body says
   which); 500 with a one-line message = enrollment failed (the plugin fails the ADD, the
-  runtime retries); 400 with a message = malformed body.
+  runtime retries); 400 with a message = malformed body, or refused: the namespace or IPs
+  are not the named pod's, or the pod is not this node's (:mod:`node_agent.add_admission`;
+  nothing is enrolled).
 - ``POST /log``: the plugin's log lines (a JSON array of strings, each a JSON object with
   ``level``, ``time``, ``msg``), re-emitted in the agent's log; 200. Served on
   ``pluginevent.sock`` and on ``<run_dir>/log.sock`` (where the plugin sends its logs,
@@ -13,24 +15,33 @@ Endpoints (the CNI plugin is the client; SPEC §3):
 - ``GET /pod?ns=<namespace>&name=<name>`` (extension, lets the plugin skip an API call):
   200 with ``{"known": bool, "ambient": bool, "reason": str, "uid"?: str, "state"?: str}``
   from the agent's informer caches; ``known`` false when the agent has not seen the pod.
-Sockets are unlinked and re-created on start, mode 0600, removed on stop.
+Sockets are unlinked and re-created on start, mode 0600, removed on stop. Served with read
+deadlines and a connection cap (:mod:`node_agent.http_serving`): every malformed request
+gets a 4xx with one line saying why.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import logging
 import os
-import socketserver
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from cni_plugin.errors import ConfigError, IstioCniError
+from node_agent.add_admission import AdmissionRefused
+from node_agent.http_serving import (
+    MAX_CONNECTIONS,
+    READ_TIMEOUT,
+    BadRequest,
+    BoundedHandler,
+    BoundedUnixHTTPServer,
+)
 from node_agent.pod_controller import PluginAdd
 
 log = logging.getLogger("node_agent.plugin_events")
@@ -39,16 +50,14 @@ plugin_log = logging.getLogger("node_agent.plugin")
 MAX_BODY = 1 << 20
 
 
-class BadRequest(ValueError):
-    pass
-
-
 def parse_cmdadd(body: bytes) -> PluginAdd:
     """Validate a ``/cmdadd`` body; :class:`BadRequest` names the first problem."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"body is not JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("body is not JSON this agent reads: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object with Netns, PodName, PodNamespace, IPs")
     for key in ("Netns", "PodName", "PodNamespace"):
@@ -64,6 +73,12 @@ def parse_cmdadd(body: bytes) -> PluginAdd:
         addr = item.get("Address") if isinstance(item, dict) else None
         if not isinstance(addr, dict) or not isinstance(addr.get("IP"), str):
             raise BadRequest(f"IPs[{i}].Address.IP must be a string")
+        try:
+            ipaddress.ip_address(addr["IP"])
+        except ValueError:
+            raise BadRequest(
+                f"IPs[{i}].Address.IP {addr['IP'][:64]!r} is not an IP address"
+            ) from None
         mask = addr.get("Mask")
         if mask is not None:
             try:
@@ -74,11 +89,6 @@ def parse_cmdadd(body: bytes) -> PluginAdd:
     return PluginAdd(doc["Netns"], doc["PodName"], doc["PodNamespace"], tuple(ips))
 
 
-class _UnixHTTPServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    allow_reuse_address = False
-
-
 class PluginEventServer:
     def __init__(
         self,
@@ -87,10 +97,15 @@ class PluginEventServer:
         pod_status: Callable[[str, str], Mapping[str, Any]],
         on_request: Callable[[int], None] = lambda code: None,
         log_socket_path: str | None = None,
+        *,
+        read_timeout: float = READ_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.socket_path = socket_path
         self.log_socket_path = log_socket_path
-        self._servers: list[tuple[str, _UnixHTTPServer]] = []
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self._servers: list[tuple[str, BoundedUnixHTTPServer]] = []
         self.on_add = on_add
         self.pod_status = pod_status
         self.on_request = on_request
@@ -99,31 +114,23 @@ class PluginEventServer:
         os.makedirs(os.path.dirname(self.socket_path) or ".", exist_ok=True)
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("plugin request", extra={"fields": {"line": format % args}})
+        class Handler(BoundedHandler):
+            max_body = MAX_BODY
 
             def _reply(self, code: int, text: str, ctype: str = "text/plain") -> None:
-                data = text.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(code, text, ctype)
                 outer.on_request(code)
 
-            def _body(self) -> bytes:
-                n = int(self.headers.get("Content-Length") or 0)
-                if n > MAX_BODY:
-                    raise BadRequest("body too large")
-                return self.rfile.read(n) if n > 0 else b""
+            def send_error(
+                self, code: int, message: str | None = None, explain: str | None = None
+            ) -> None:
+                super().send_error(code, message, explain)
+                outer.on_request(code)
 
             def do_POST(self) -> None:
                 path = urlsplit(self.path).path
                 try:
-                    body = self._body()
+                    body = self.read_body()
                     if path == "/cmdadd":
                         event = parse_cmdadd(body)
                     elif path == "/log":
@@ -134,10 +141,13 @@ class PluginEventServer:
                         self._reply(404, f"unknown path {path}: use /cmdadd or /log")
                         return
                 except BadRequest as e:
-                    self._reply(400, f"bad request: {e}")
+                    self._reply(e.code, f"bad request: {e}")
                     return
                 try:
                     msg = outer.on_add(event)
+                except AdmissionRefused as e:
+                    self._reply(400, f"refused: {e}")
+                    return
                 except IstioCniError as e:
                     self._reply(
                         500, f"enrolling pod {event.pod_namespace}/{event.pod_name} failed: {e}"
@@ -152,6 +162,7 @@ class PluginEventServer:
                 self._reply(200, msg)
 
             def do_GET(self) -> None:
+                self.request_read()
                 parts = urlsplit(self.path)
                 if parts.path != "/pod":
                     self._reply(404, f"unknown path {parts.path}: use /pod?ns=..&name=..")
@@ -169,7 +180,12 @@ class PluginEventServer:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                 try:
-                    server = _UnixHTTPServer(path, Handler)
+                    server = BoundedUnixHTTPServer(
+                        path,
+                        Handler,
+                        read_timeout=self.read_timeout,
+                        max_connections=self.max_connections,
+                    )
                 except OSError as e:
                     raise ConfigError(
                         f"cannot listen on {path}: {e.strerror}; check the run dir mount"
@@ -188,14 +204,14 @@ class PluginEventServer:
     def _log(self, body: bytes) -> None:
         try:
             lines = json.loads(body or b"[]")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise BadRequest("log body must be a JSON array of strings") from None
         if not isinstance(lines, list):
             raise BadRequest("log body must be a JSON array of strings")
         for line in lines:
             try:
                 rec = json.loads(line) if isinstance(line, str) else line
-            except ValueError:
+            except (ValueError, RecursionError):
                 rec = {"msg": line}
             if not isinstance(rec, dict):
                 rec = {"msg": str(rec)}

@@ -20,6 +20,7 @@ from cni_plugin import constants as c
 from cni_plugin.enablement import Decision, EnablementPolicy, bypass_inbound, decide
 from cni_plugin.errors import IstioCniError, NetnsError, NotRetryableError
 from cni_plugin.netns import Netns
+from node_agent.add_admission import AddAdmission, AdmissionRefused
 from node_agent.enrollment import Enroller
 from node_agent.logs import PodLogger
 from node_agent.netns_finder import FoundNetns
@@ -104,6 +105,7 @@ class PodController:
         reader: PodReader | None = None,
         on_event: Callable[[str], None] = lambda kind: None,
         on_settled: Callable[[], None] = lambda: None,
+        admission: AddAdmission | None = None,
     ) -> None:
         self.ambient_enabled = ambient_enabled
         self.policy = policy
@@ -118,6 +120,9 @@ class PodController:
         self.reader = reader
         self.on_event = on_event
         self.on_settled = on_settled  # after every reconcile (gauges, state file)
+        # Checks a plugin ADD names this node's pod and that pod's namespace and IPs (the
+        # assembly always gives one; None only in tests of other branches).
+        self.admission = admission
         self._tombstones: dict[str, PodInfo] = {}
         self._lock = threading.Lock()
         self.last_errors: dict[str, str] = {}
@@ -262,16 +267,30 @@ class PodController:
                 f"pod {event.pod_namespace}/{event.pod_name} not found in the API: cannot "
                 "enroll it (the runtime will retry the sandbox)"
             )
+        admission = self.admission
+        if admission is not None:
+            admission.check_pod(pod)
         decision = self.decision(pod)
         if not (self.ambient_enabled and decision.enabled):
             return f"not enrolled: {decision.value}"
+        if admission is not None and event.ips:
+            admission.check_ips(pod, event.ips, self.pods.items(), self.cache)
         pod = replace(pod, ips=event.ips or pod.ips)
         plog = PodLogger(log, pod.namespace, pod.name, pod.uid)
         plog.info("plugin asked to enroll pod", extra={"fields": {"netns": event.netns}})
         path = self.map_netns_path(event.netns)
 
         def work() -> str:
-            netns = self.opener.open(path)
+            try:
+                netns = self.opener.open(path)
+            except NetnsError as e:
+                raise AdmissionRefused(f"pod {pod.key}: {e}") from None
+            try:
+                if admission is not None:
+                    admission.check_netns(pod, netns, event.ips, self.cache)
+            except BaseException:
+                netns.close()
+                raise
             entry = self.cache.get(pod.uid)
             if (
                 entry is not None

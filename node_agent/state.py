@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,11 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 STATE_FILE = "agent-state.json"
+# Only root (the agent, and `istio-cni-agent pods` run in its container) reads it: it names
+# every pod of the node with its IPs, namespace inode and errors.
+STATE_MODE = 0o600
+
+log = logging.getLogger("node_agent.state")
 
 
 @dataclass(frozen=True)
@@ -218,25 +224,57 @@ class StateSources:
 
 
 class StateExporter:
+    """Writes the state file: on :meth:`start`, after :meth:`touch` (at most once per
+    ``interval``), periodically (liveness) and once more on :meth:`stop`. Writes are
+    serialised (the writer thread and ``stop()`` never share the temp file at once), the file
+    is ``STATE_MODE`` from its creation, and a failing write (any exception, e.g. from a
+    source) is logged and retried at the next tick: it never ends the writer thread."""
+
     def __init__(self, path: str, collect: Callable[[], AgentState], interval: float = 0.5) -> None:
         self.path = path
         self.collect = collect
         self.interval = interval
         self._dirty = threading.Event()
         self._stop = threading.Event()
+        self._write_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.failures = 0
 
     def touch(self) -> None:
         self._dirty.set()
 
     def write_now(self) -> None:
-        doc = self.collect().to_json()
-        doc["pid"] = os.getpid()
-        doc["written_at"] = time.time()
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, self.path)
+        with self._write_lock:
+            doc = self.collect().to_json()
+            doc["pid"] = os.getpid()
+            doc["written_at"] = time.time()
+            tmp = f"{self.path}.tmp"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # a leftover may have another mode: never write through it
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, STATE_MODE)
+            try:
+                os.fchmod(fd, STATE_MODE)  # whatever the umask
+                with os.fdopen(fd, "w") as f:
+                    fd = -1
+                    json.dump(doc, f, separators=(",", ":"))
+                os.replace(tmp, self.path)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def _write_logged(self) -> None:
+        try:
+            self.write_now()
+        except Exception as e:
+            self.failures += 1
+            log.warning(
+                "cannot write the agent state file; `istio-cni-agent pods` shows older data "
+                "until the next write succeeds",
+                extra={"fields": {"path": self.path, "error": f"{type(e).__name__}: {e}"}},
+            )
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
@@ -248,9 +286,10 @@ class StateExporter:
         while not self._stop.is_set():
             if self._dirty.wait(timeout=5.0):
                 self._dirty.clear()
+            if self._stop.is_set():
+                return  # stop() writes the final state itself
             # Periodic rewrite even without changes keeps "written_at" fresh (liveness).
-            with contextlib.suppress(OSError):
-                self.write_now()
+            self._write_logged()
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
@@ -258,5 +297,4 @@ class StateExporter:
         self._dirty.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
-        with contextlib.suppress(OSError):  # final state, with ready false
-            self.write_now()
+        self._write_logged()  # final state, with ready false

@@ -15,9 +15,10 @@ import queue
 import socket
 import struct
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
-from cni_plugin.errors import IstioCniError, NetnsError, ZtunnelUnavailableError
+from cni_plugin.errors import IstioCniError, ZtunnelUnavailableError
 from cni_plugin.netns import Netns
 from node_agent import zds_socket
 from node_agent import zds_wire as wire
@@ -162,14 +163,20 @@ class Connection:
 
     def _send_snapshot(self) -> None:
         entries = self.server.snapshot_source.snapshot()
-        for e in entries:
-            req = self._snapshot_request(e)
-            err = self._exchange(req)
-            if err:
-                log.error(
-                    "ztunnel rejected a snapshot entry",
-                    extra={"fields": {"peer": self.peer, "uid": e.uid, "ack_error": err}},
-                )
+        try:
+            for i, e in enumerate(entries):
+                req = self._snapshot_request(e)
+                entries[i] = replace(e, netns=None)  # the request owns the handle now
+                err = self._exchange(req)
+                if err:
+                    log.error(
+                        "ztunnel rejected a snapshot entry",
+                        extra={"fields": {"peer": self.peer, "uid": e.uid, "ack_error": err}},
+                    )
+        finally:
+            for e in entries:  # the entries not sent (the connection dropped midway)
+                if e.netns is not None:
+                    e.netns.close()
         self._exchange(Request(wire.encode_snapshot_sent(), "snapshot_sent"))
         log.info(
             "snapshot sent to ztunnel",
@@ -178,23 +185,13 @@ class Connection:
 
     def _snapshot_request(self, e: SnapshotEntry) -> Request:
         i = e.info
-        if e.netns_path is not None:
-            try:
-                ns = Netns.open(e.netns_path)
-            except NetnsError as err:
-                log.warning(
-                    "pod netns unavailable for snapshot, sending keep",
-                    extra={"fields": {"uid": e.uid, "reason": str(err)}},
-                )
-            else:
-                req = Request(
-                    wire.encode_add(e.uid, i.name, i.namespace, i.service_account),
-                    f"add {e.uid}",
-                    ns,
-                )
-                req.release()  # the snapshot has no waiting caller
-                return req
-        return Request(wire.encode_keep(e.uid), f"keep {e.uid}")
+        if e.netns is None:
+            return Request(wire.encode_keep(e.uid), f"keep {e.uid}")
+        req = Request(
+            wire.encode_add(e.uid, i.name, i.namespace, i.service_account), f"add {e.uid}", e.netns
+        )
+        req.release()  # the snapshot has no waiting caller: the exchange's resolve closes it
+        return req
 
     def _exchange(self, req: Request) -> str:
         """Send one request and return its ack text; the connection is dropped on failure."""
@@ -210,7 +207,7 @@ class Connection:
                 err = wire.decode_ack(pkt.data)
                 req.resolve(err)
                 return err
-        except (wire.ZdsProtocolError, wire.ZdsClosedError) as e:
+        except Exception as e:  # answered (and its netns released) on every path
             req.resolve(
                 None,
                 ZtunnelUnavailableError(
@@ -262,6 +259,15 @@ class Connection:
                         "retry once ztunnel reconnects"
                     ),
                 )
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The connecting process's uid (SO_PEERCRED), None when the kernel cannot say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return int(struct.unpack("3i", raw)[1])
 
 
 def peer_creds(sock: socket.socket) -> str:

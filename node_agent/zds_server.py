@@ -10,12 +10,18 @@ API (what the agent calls)::
     server.stop()                       # close everything, unlink the socket
 
 ``add`` sends Add plus the pod's netns fd (opened with :meth:`Netns.open`, never created) to
-the *newest* connection and waits for its ack. It raises :class:`ZtunnelUnavailableError`
-when no ztunnel is connected or none answered in time, :class:`ZtunnelRejectedError` with
-ztunnel's own text when the ack carries an error, and :class:`NetnsError` when the path is not
-an openable network namespace. ``snapshot_source.snapshot()`` is read once per connection,
-after its hello: an entry with a netns path becomes Add+fd (Keep when the path can no longer
-be opened), an entry without one becomes Keep{uid}; then SnapshotSent.
+the *newest* connection and waits for its ack; ``add_netns`` does the same with a handle the
+caller passes (ownership moves to the server, which closes it on every path). They raise
+:class:`ZtunnelUnavailableError` when no ztunnel is connected or none answered in time,
+:class:`ZtunnelRejectedError` with ztunnel's own text when the ack carries an error, and
+:class:`NetnsError` when the path is not an openable network namespace.
+``snapshot_source.snapshot()`` is read once per connection, after its hello: an entry with a
+namespace handle becomes Add+fd, an entry without one becomes Keep{uid}; then SnapshotSent.
+The snapshot holds the namespaces themselves (handles the snapshot owns, duplicated from the
+pod cache's when it was taken), never paths: the snapshot is sent one ack at a time, and
+meanwhile removals close cache fds whose numbers new enrolments reuse, so a path re-opened
+later could name another pod's namespace. The connection closes every handle it was given,
+sent or not, on every path.
 
 Per connection, as Istio's ``cni/pkg/nodeagent/ztunnelserver.go`` does: wait up to
 ``hello_timeout`` for ``ZdsHello{V1}``, send the snapshot, then serve one request at a time
@@ -41,7 +47,10 @@ left as is, with a warning if others could write to it and so replace the socket
 is ``0660`` and a created directory ``0710`` with that group: members may connect but not
 list or replace entries. The socket is bound under a temporary name,
 given its mode and group, then renamed over the final path, so it is never connectable with
-looser permissions, and a stale file is replaced atomically. A path a live agent still
+looser permissions, and a stale file is replaced atomically. Beyond file permissions, each
+accepted peer's SO_PEERCRED uid must be ``peer_uid`` (0 by default, ztunnel's; the agent
+sets it from ``ZTUNNEL_UID``; None accepts any): any other peer is logged and dropped
+before its hello. A path a live agent still
 serves (a connect succeeds) is refused with :class:`ConfigError`.
 """
 
@@ -57,7 +66,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from cni_plugin.errors import (
     ConfigError,
@@ -66,7 +75,7 @@ from cni_plugin.errors import (
 )
 from cni_plugin.netns import Netns
 from node_agent import zds_wire as wire
-from node_agent.zds_connection import Connection, Request, peer_creds
+from node_agent.zds_connection import Connection, Request, peer_creds, peer_uid
 
 log = logging.getLogger("node_agent.zds")
 
@@ -82,11 +91,12 @@ class WorkloadInfo:
 
 @dataclass(frozen=True)
 class SnapshotEntry:
-    """A pod the agent has enrolled. ``netns_path`` None means unknown: sent as Keep{uid}."""
+    """A pod the agent has enrolled. ``netns`` is a handle owned by the entry (whoever takes
+    the snapshot closes it); None means unknown: sent as Keep{uid}."""
 
     uid: str
     info: WorkloadInfo
-    netns_path: str | None
+    netns: Netns | None
 
 
 class SnapshotSource(Protocol):
@@ -107,6 +117,7 @@ class ZdsServer:
         socket_group: int | str | None = None,
         keepalive_interval: float = KEEPALIVE_INTERVAL,
         accept_rate: float = 5.0,
+        peer_uid: int | None = 0,
     ) -> None:
         self.socket_path = os.path.abspath(socket_path)
         self.snapshot_source = snapshot_source
@@ -114,6 +125,8 @@ class ZdsServer:
         self.hello_timeout = hello_timeout
         self.keepalive_interval = keepalive_interval
         self.accept_rate = accept_rate
+        self.peer_uid = peer_uid
+        self.refused_peers = 0
         self._on_connected_change = on_connected_change
         self._gid = _resolve_group(socket_group)
         self._lock = threading.Lock()
@@ -201,16 +214,21 @@ class ZdsServer:
         self, uid: str, netns_path: str, info: WorkloadInfo, timeout: float | None = None
     ) -> None:
         """Send Add and wait for the ack, up to ``timeout`` (default: the ack deadline)."""
+        if not self.connected:
+            self._no_ztunnel()
+        self.add_netns(uid, Netns.open(netns_path), info, timeout)
+
+    def add_netns(
+        self, uid: str, ns: Netns, info: WorkloadInfo, timeout: float | None = None
+    ) -> None:
+        """:meth:`add` with an open handle; the server owns ``ns`` from here on."""
         timeout = self.ack_timeout if timeout is None else timeout
         data = wire.encode_add(uid, info.name, info.namespace, info.service_account)
         with self._lock:
             conn = self._ready[-1] if self._ready else None
         if conn is None:
-            raise ZtunnelUnavailableError(
-                f"no ztunnel is connected to {self.socket_path}: the pod stays pending until "
-                "ztunnel connects (check that ztunnel runs on this node)"
-            )
-        ns = Netns.open(netns_path)
+            ns.close()
+            self._no_ztunnel()
         req = Request(data, f"add {uid}", ns)
         conn.submit(req)
         if not req.wait(timeout):
@@ -222,6 +240,12 @@ class ZdsServer:
             raise req.failure
         if req.ack_error:
             raise ZtunnelRejectedError(f"ztunnel rejected pod {uid}: {req.ack_error}")
+
+    def _no_ztunnel(self) -> NoReturn:
+        raise ZtunnelUnavailableError(
+            f"no ztunnel is connected to {self.socket_path}: the pod stays pending until "
+            "ztunnel connects (check that ztunnel runs on this node)"
+        )
 
     def delete(self, uid: str) -> None:
         data = wire.encode_del(uid)
@@ -272,6 +296,9 @@ class ZdsServer:
                 continue
             next_ok = time.monotonic() + gap
             sock.set_inheritable(False)
+            if not self._peer_allowed(sock):
+                sock.close()
+                continue
             with self._lock:
                 if self._stopping:
                     sock.close()
@@ -281,6 +308,22 @@ class ZdsServer:
                 self._all.add(conn)
             log.debug("ztunnel connection accepted", extra={"fields": {"peer": conn.peer}})
             conn.thread.start()
+
+    def _peer_allowed(self, sock: socket.socket) -> bool:
+        """Only ztunnel's identity may speak ZDS: a connection from any other uid is
+        dropped before it can say hello (and so before it could receive a pod's netns)."""
+        if self.peer_uid is None:
+            return True
+        uid = peer_uid(sock)
+        if uid == self.peer_uid:
+            return True
+        self.refused_peers += 1
+        log.warning(
+            "zds connection from an unexpected peer dropped: only ztunnel's uid may connect "
+            "(set ZTUNNEL_UID if ztunnel runs as another user)",
+            extra={"fields": {"peer": peer_creds(sock), "expected_uid": self.peer_uid}},
+        )
+        return False
 
     def connection_ready(self, conn: Connection) -> None:
         with self._lock:

@@ -302,6 +302,9 @@ def test_plugin_cmdadd_enrolls_before_reply_and_410_relists(env: Env) -> None:
     wait_for(lambda: zt.of("snapshot_sent"), what="ztunnel connected")
     # A new sandbox: the pod has no IP in the API yet; the plugin reports the IP.
     pod = env.stage("shop", "fresh", ip=None)
+    # The primary CNI configured the IP in the namespace before our plugin runs.
+    name = pod.netns.removeprefix("/run/netns/")
+    subprocess.run(["ip", "-n", name, "addr", "add", "10.98.0.7/24", "dev", "lo"], check=True)
     body = {
         "Netns": pod.netns.replace("/run/netns/", "/var/run/netns/"),
         "PodName": "fresh",
@@ -401,3 +404,64 @@ def test_bypass_inbound_annotation_selects_and_switches_the_ingress_variant(env:
     env.kube.put_pod(pod)
     wait_for(lambda: env.rules_ok(p), what="default variant after the annotation went away")
     assert not env.backend.check(p.netns, ingress).ok
+
+
+def _cmdadd(netns: str, name: str, ips: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "Netns": netns,
+        "PodName": name,
+        "PodNamespace": "shop",
+        "IPs": [{"Interface": 0, "Address": {"IP": ip, "Mask": "////AA=="}} for ip in ips],
+    }
+
+
+def test_plugin_cmdadd_refuses_what_is_not_the_named_pods(env: Env) -> None:
+    """Issue 14.4: a FIFO (would block an open), the agent's own namespace, another pod's,
+    a pod of another node, IPs the namespace does not hold: each a 400 with its reason,
+    nothing enrolled; the pod's own namespace and IP are still enrolled after."""
+    env.kube.put_namespace("shop", AMBIENT)
+    zt = env.start_ztunnel()
+    env.start_agent()
+    wait_for(lambda: zt.of("snapshot_sent"), what="ztunnel connected")
+    other = env.stage("shop", "other", labels={c.DATAPLANE_MODE_LABEL: c.DATAPLANE_MODE_NONE})
+    new = env.stage("shop", "new", ip=None)
+    env.kube.put_pod(make_pod("shop", "far", node="node-2"))
+    own = new.netns.removeprefix("/run/netns/")
+    subprocess.run(["ip", "-n", own, "addr", "add", "10.98.1.9/24", "dev", "lo"], check=True)
+    fifo = str(env.tmp / "fifo")
+    os.mkfifo(fifo)
+    # /proc/<pid>/ns/net paths are read under the agent's proc root: stage one that is the
+    # agent's own namespace (no pod cgroup).
+    (env.proc / "7" / "ns").mkdir(parents=True)
+    os.symlink(f"/proc/{os.getpid()}/ns/net", env.proc / "7" / "ns" / "net")
+    sock = env.cfg.plugin_event_socket
+    cases = {
+        "fifo": (_cmdadd(fifo, "new"), "FIFO or device"),
+        "agent's own": (_cmdadd("/proc/7/ns/net", "new"), "own network namespace"),
+        "another pod's": (_cmdadd(other.netns, "new"), f"pod uid {other.uid}"),
+        "other node": (_cmdadd(new.netns, "far"), "not on this node"),
+        "foreign ip": (_cmdadd(new.netns, "new", ("10.98.1.10",)), "not assigned in"),
+    }
+    for what, (body, reason) in cases.items():
+        code, text = _post(sock, "/cmdadd", body)
+        assert code == 400 and reason in text and "\n" not in text.strip(), (what, text)
+    assert not zt.of("add") and not env.probe.members() and not env.enrolled(new)
+    assert not env.rules_ok(new) and not env.rules_ok(other)
+    # Issue 14.3: the pod's real ADD succeeds while 150 hostile connections (over the cap
+    # of 64) are held open: idle, headers never finished, bodies shorter than announced.
+    hostile = []
+    try:
+        for i in range(150):
+            h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            h.settimeout(5)
+            h.connect(sock)
+            h.sendall([b"", b"POST /cmdadd HTTP/1.1\r\n", b"POST /cmdadd HTTP/1.1\r\n"
+                       b"Content-Length: 900\r\n\r\n{"][i % 3])  # fmt: skip
+            hostile.append(h)
+        code, text = _post(sock, "/cmdadd", _cmdadd(new.netns, "new", ("10.98.1.9",)))
+    finally:
+        for h in hostile:
+            h.close()
+    assert (code, text) == (200, "enrolled")
+    assert env.probe.members() == {"10.98.1.9": new.uid}
+    assert zt.of("add")[-1].inode == os.stat(new.netns).st_ino

@@ -23,12 +23,12 @@ import pytest
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+from node_agent.zds_server import WorkloadInfo, ZdsServer
 from testbed.ztunnel_standin.identity import MeshCa, spiffe_id
 from testbed.ztunnel_standin.topology import AppServer, Pod, TwoPods, client_socket, http_get
 from tests.netns.test_standin_zds import StandinProcess
 from tests.time_scale import scaled
-from tests.unit.test_zds_server import ListSource, wait_for
+from tests.unit.test_zds_server import ListSource, PathEntry, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -375,8 +375,8 @@ def test_agent_restart_keeps_open_connections(
     src = server.snapshot_source
     assert isinstance(src, ListSource)
     src.entries = [
-        SnapshotEntry("uid-a", WorkloadInfo("client", "ns-a", "client-sa"), pods.a.path),
-        SnapshotEntry("uid-b", WorkloadInfo("server", "ns-b", "server-sa"), pods.b.path),
+        PathEntry("uid-a", WorkloadInfo("client", "ns-a", "client-sa"), pods.a.path),
+        PathEntry("uid-b", WorkloadInfo("server", "ns-b", "server-sa"), pods.b.path),
     ]
     with _mesh_connection(pods, 9091) as (client, conn):
         client.sendall(b"before")

@@ -22,9 +22,9 @@ import pytest
 from cni_plugin.netns import run_in_netns
 from node_agent import zds_socket
 from node_agent import zds_wire as w
-from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
+from node_agent.zds_server import WorkloadInfo, ZdsServer
 from tests.time_scale import scaled
-from tests.unit.test_zds_server import ListSource, wait_for
+from tests.unit.test_zds_server import ListSource, PathEntry, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -202,7 +202,7 @@ def test_restart_readds_every_pod_and_reconnect_drops_stale(
         assert wait_for(lambda: server.connected, 10)
         for i, p in enumerate(pods):
             server.add(f"uid-{i}", f"/run/netns/{p}", info(f"p{i}"))
-            source.entries.append(SnapshotEntry(f"uid-{i}", info(f"p{i}"), f"/run/netns/{p}"))
+            source.entries.append(PathEntry(f"uid-{i}", info(f"p{i}"), f"/run/netns/{p}"))
         # ztunnel restarts: its listeners go with it, and come back from the snapshot alone.
         standin.kill()
         assert wait_for(lambda: not server.connected, 10)
@@ -212,7 +212,7 @@ def test_restart_readds_every_pod_and_reconnect_drops_stale(
 
         # The agent restarts without pod 2 (deleted meanwhile) and pod 1's netns unknown:
         # the stand-in reconnects (backoff), keeps pod 1, drops pod 2.
-        source.entries = [source.entries[0], SnapshotEntry("uid-1", info("p1"), None)]
+        source.entries = [source.entries[0], PathEntry("uid-1", info("p1"), None)]
         server.stop()
         time.sleep(0.3)  # a few failed reconnects with backoff
         server.start()

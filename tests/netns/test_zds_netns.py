@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.errors import NetnsError, ZtunnelRejectedError, ZtunnelUnavailableError
-from cni_plugin.netns import netns_id
+from cni_plugin.netns import Netns, netns_id
 from node_agent import zds_wire as w
-from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
-from tests.unit.test_zds_server import ListSource, RawPeer, fd_count, wait_for
+from node_agent.adapters import CacheSnapshot
+from node_agent.pod_cache import CachedPod, PodCache, PodState, ZdsState
+from node_agent.zds_server import WorkloadInfo, ZdsServer
+from tests.unit.test_zds_server import ListSource, PathEntry, RawPeer, fd_count, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -155,9 +157,9 @@ def test_snapshot_add_keep_then_snapshot_sent_each_acked(
 ) -> None:
     path = f"/run/netns/{make_netns('pod')}"
     source.entries = [
-        SnapshotEntry("uid-a", INFO, path),
-        SnapshotEntry("uid-b", WorkloadInfo("b", "demo", "sa"), None),
-        SnapshotEntry("uid-c", WorkloadInfo("c", "demo", "sa"), "/run/netns/icnit-gone"),
+        PathEntry("uid-a", INFO, path),
+        PathEntry("uid-b", WorkloadInfo("b", "demo", "sa"), None),
+        PathEntry("uid-c", WorkloadInfo("c", "demo", "sa"), "/run/netns/icnit-gone"),
     ]
     peer = RawPeer(sock_path)
     peer.send(w.encode_hello())
@@ -216,3 +218,61 @@ def test_socket_group_lets_ztunnels_group_connect_only(tmp_path: Path) -> None:
         assert (stat.S_IMODE(dst.st_mode), dst.st_gid) == (0o710, gid)
     finally:
         s.stop()
+
+
+def test_snapshot_adds_carry_each_pods_own_netns_while_pods_churn(
+    sock_path: str, make_netns: Callable[[str], str]
+) -> None:
+    """Issue 14.1: the snapshot is sent one ack at a time; meanwhile removals close cache fds
+    and enrolments reuse their numbers. Every Add must still carry its own pod's namespace."""
+    cache = PodCache()
+    expected: dict[str, int] = {}
+
+    def enrol(uid: str) -> None:
+        ns = Netns.open(f"/run/netns/{make_netns(uid)}")
+        cache.put(
+            CachedPod(uid, "demo", uid, "sa", (), ns, state=PodState.ENABLED, zds=ZdsState.ACKED)
+        )
+        expected[uid] = ns.inode
+
+    for i in range(6):
+        enrol(f"old-{i}")
+    before = fd_count()
+    server = ZdsServer(
+        sock_path, CacheSnapshot(cache), ack_timeout=5, hello_timeout=5, accept_rate=1000
+    )
+    server.start()
+    adds: list[tuple[str, list[int]]] = []
+    try:
+        peer = RawPeer(sock_path)
+        peer.send(w.encode_hello())
+        added = 0
+        while True:
+            pkt = peer.recv(timeout=5)
+            req = w.decode_request(pkt.data)
+            kind = req.WhichOneof("payload")
+            if kind == "add":
+                adds.append((req.add.uid, [os.fstat(fd).st_ino for fd in pkt.fds]))
+            pkt.close_fds()
+            if kind == "snapshot_sent":
+                peer.send(w.encode_ack())
+                break
+            # A slow ack: before answering, the newest pod not sent yet is removed (its fd
+            # closed) and a new pod is enrolled (its fd takes the freed number).
+            sent = {uid for uid, _ in adds}
+            victims = [e for e in cache.entries() if e.uid.startswith("old-") and e.uid not in sent]
+            if victims:
+                gone = cache.pop(victims[-1].uid)
+                assert gone is not None and gone.netns is not None
+                gone.netns.close()
+                enrol(f"new-{added}")
+                added += 1
+            peer.send(w.encode_ack())
+        assert wait_for(lambda: server.connected)
+        peer.close()
+    finally:
+        server.stop()
+    assert added >= 2 and len(adds) >= 3, adds
+    assert [(uid, inodes) for uid, inodes in adds if inodes != [expected[uid]]] == []
+    assert fd_count() == before  # the snapshot closed every handle it held
+    cache.close()

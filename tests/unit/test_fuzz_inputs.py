@@ -1,5 +1,6 @@
 """Property-based fuzzing of the parsers that take outside input (issue 14): the CNI
-plugin's environment and stdin, conflists found on the node, and ZDS packets from a peer.
+plugin's environment and stdin, conflists found on the node, ZDS packets from a peer, and
+plugin-event ``/cmdadd`` bodies (parser and real server).
 
 Each target gets a bounded number of generated inputs (hypothesis shrinks any failure to a
 minimal example). The property is the documented error contract: only the module's own
@@ -10,7 +11,10 @@ one JSON document and never with an internal error.
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +24,8 @@ from hypothesis import strategies as st
 from cni_plugin import cni_spec, plugin
 from install import conflist
 from node_agent import zds_wire
+from node_agent.http_serving import BadRequest
+from node_agent.plugin_events import PluginEventServer, parse_cmdadd
 
 BOUNDED = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -143,3 +149,99 @@ def test_zds_decoders_raise_only_protocol_errors(data: bytes) -> None:
             decode(data)
         except zds_wire.ZdsProtocolError as e:
             assert str(e)
+
+
+_addr = st.one_of(
+    st.sampled_from(["10.244.1.5", "fd00::5", "::", "10.0.0.x", "", "1.2.3.4.5"]),
+    st.text(max_size=20),
+    _json,
+)
+_cmdadd_ip = st.one_of(
+    st.fixed_dictionaries(
+        {"Address": st.fixed_dictionaries({"IP": _addr}, optional={"Mask": _json | st.text()})},
+        optional={"Interface": _json, "Gateway": _json},
+    ),
+    _json,
+)
+
+
+@st.composite
+def _cmdadd_bodies(draw: st.DrawFn) -> bytes:
+    """Mostly /cmdadd-shaped JSON (SPEC §3), sometimes any bytes or deeply nested JSON."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.binary(max_size=200))
+    if kind == 1:
+        depth = draw(st.integers(1, 5_000))
+        return draw(st.sampled_from([b"[", b'{"a":'])) * depth
+    doc: dict[str, Any] = {
+        "Netns": draw(st.sampled_from(["/var/run/netns/cni-1", "", 7, None])),
+        "PodName": draw(st.sampled_from(["web-0", "", None, ["x"]])),
+        "PodNamespace": draw(st.sampled_from(["shop", "", 1.5])),
+        "IPs": draw(st.lists(_cmdadd_ip, max_size=3) | _json),
+    }
+    for key in draw(st.lists(st.sampled_from(sorted(doc)), max_size=2)):
+        doc.pop(key, None)
+    return json.dumps(doc).encode()
+
+
+@BOUNDED
+@given(body=_cmdadd_bodies())
+def test_cmdadd_parser_accepts_valid_bodies_and_refuses_others_with_a_400(body: bytes) -> None:
+    """The plugin-event request parser: a parsed ADD names strings and IP addresses only;
+    anything else is the documented BadRequest (400) with a one-line reason."""
+    try:
+        event = parse_cmdadd(body)
+    except BadRequest as e:
+        assert e.code == 400 and str(e) and "\n" not in str(e)
+        return
+    assert all(isinstance(v, str) and v for v in (event.netns, event.pod_name, event.pod_namespace))
+    for ip in event.ips:
+        ipaddress.ip_address(ip)
+
+
+_DOCUMENTED = {200, 400, 404, 408, 411, 413}
+
+
+@pytest.fixture(scope="module")
+def plugin_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = str(tmp_path_factory.mktemp("fuzz") / "pluginevent.sock")
+    server = PluginEventServer(
+        path, lambda ev: "enrolled", lambda ns, name: {"known": False}, read_timeout=0.2
+    )
+    server.start()
+    yield path
+    server.stop()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    body=_cmdadd_bodies(),
+    length=st.one_of(st.none(), st.just("exact"), st.sampled_from(["-1", "abc", "1e3", "0x10"])),
+    path=st.sampled_from(["/cmdadd", "/log", "/nope"]),
+)
+def test_plugin_event_server_answers_only_documented_statuses(
+    plugin_socket: str, body: bytes, length: str | None, path: str
+) -> None:
+    """The same bodies through the real server, with good and bad Content-Lengths: every
+    answer is one of the documented statuses with a one-line reason, never silence."""
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\n"
+    if length is not None:
+        head += f"Content-Length: {len(body) if length == 'exact' else length}\r\n"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(plugin_socket)
+        s.sendall(head.encode() + b"\r\n" + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, "the server closed without an answer"
+            data += chunk
+    finally:
+        s.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    status = int(status_line.split()[1])
+    assert status in _DOCUMENTED, data[:200]
+    reason = rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+    assert "\n" not in reason.strip()

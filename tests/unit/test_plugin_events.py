@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from cni_plugin.errors import ZtunnelUnavailableError
-from node_agent.plugin_events import BadRequest, PluginEventServer, parse_cmdadd
+from node_agent.add_admission import AdmissionRefused
+from node_agent.http_serving import BadRequest
+from node_agent.plugin_events import PluginEventServer, parse_cmdadd
 from node_agent.pod_controller import PluginAdd
 
 BODY = {
@@ -59,6 +61,8 @@ def server(tmp_path: Path) -> Iterator[tuple[PluginEventServer, list[Any]]]:
         calls.append(ev)
         if ev.pod_name == "down":
             raise ZtunnelUnavailableError("no ztunnel is connected")
+        if ev.pod_name == "intruder":
+            raise AdmissionRefused("/var/run/netns/cni-1234 is the network namespace of pod a/b")
         return "enrolled"
 
     def status(ns: str, name: str) -> Mapping[str, Any]:
@@ -93,6 +97,16 @@ def test_cmdadd_failure_is_500_with_message(server: tuple[PluginEventServer, lis
     assert code == 500 and "no ztunnel is connected" in text and "shop/down" in text
 
 
+def test_cmdadd_refused_is_400_with_reason(server: tuple[PluginEventServer, list[Any]]) -> None:
+    s, _ = server
+    body = json.dumps({**BODY, "PodName": "intruder"}).encode()
+    code, text = _req(s.socket_path, "POST", "/cmdadd", body)
+    assert (code, text) == (
+        400,
+        "refused: /var/run/netns/cni-1234 is the network namespace of pod a/b",
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
@@ -106,6 +120,7 @@ def test_cmdadd_failure_is_500_with_message(server: tuple[PluginEventServer, lis
             json.dumps({**BODY, "IPs": [{"Address": {"IP": "1.2.3.4", "Mask": "%%"}}]}).encode(),
             "base64",
         ),
+        (json.dumps({**BODY, "IPs": [{"Address": {"IP": "10.0.0.x"}}]}).encode(), "not an IP"),
     ],
 )
 def test_bad_bodies_get_400(

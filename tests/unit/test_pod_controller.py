@@ -16,6 +16,8 @@ import pytest
 from cni_plugin import constants as c
 from cni_plugin.enablement import EnablementPolicy
 from cni_plugin.errors import IstioCniError, NotRetryableError
+from cni_plugin.netns import Netns
+from node_agent.add_admission import AddAdmission, AdmissionRefused
 from node_agent.pod_cache import PodState, ZdsState
 from node_agent.pod_controller import ANNOTATION_LAG_S, PluginAdd, PodController, RetryLater
 from node_agent.resources import NamespaceInfo, PodInfo
@@ -42,7 +44,12 @@ class Rig(AgentEdges):
             queue=self.queue,
             reader=self.kube,
             on_settled=self._settle,
+            admission=AddAdmission("node-1", self.finder, self, agent_netns="/no/agent/netns"),
         )
+        self.assigned: set[str] = set()  # addresses "configured" in every opened namespace
+
+    def addresses(self, netns: Netns) -> set[str]:
+        return set(self.assigned)
 
     def _settle(self) -> None:
         self.settled += 1
@@ -230,6 +237,7 @@ def test_plugin_add_before_the_informer_knows_the_pod_asks_the_api(rig: Rig) -> 
     raw = make_pod("shop", "new")
     rig.kube.put_pod(raw)  # in the API, not in the informer's store yet
     event = PluginAdd("/var/run/netns/cni-2", "new", "shop", ("10.0.0.42",))
+    rig.assigned = {"10.0.0.42"}
     assert rig.ctl.plugin_add(event) == "enrolled"
     assert rig.probes.members == {"10.0.0.42": raw["metadata"]["uid"]}  # the plugin's IPs
     with pytest.raises(IstioCniError, match="not found in the API"):
@@ -237,6 +245,63 @@ def test_plugin_add_before_the_informer_knows_the_pod_asks_the_api(rig: Rig) -> 
     rig.namespace("off")
     rig.kube.put_pod(make_pod("off", "plain"))
     assert rig.ctl.plugin_add(PluginAdd("/x", "plain", "off", ())).startswith("not enrolled")
+
+
+def _nothing_enrolled(rig: Rig) -> bool:
+    return len(rig.cache) == 0 and _applies(rig) == 0 and not rig.zt.adds and not rig.kube.patches
+
+
+def test_plugin_add_refuses_a_pod_of_another_node(rig: Rig) -> None:
+    rig.namespace("shop", AMBIENT)
+    rig.kube.put_pod(make_pod("shop", "elsewhere", node="node-2"))  # not in this node's informer
+    with pytest.raises(AdmissionRefused, match="on node node-2, not on this node"):
+        rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-9", "elsewhere", "shop", ()))
+    assert _nothing_enrolled(rig)
+
+
+def test_plugin_add_refuses_another_pods_namespace(rig: Rig) -> None:
+    rig.namespace("shop", AMBIENT)
+    running = rig.pod("shop", "running")  # its process lives in the namespace the path names
+    rig.pod("shop", "intruder", found=False)
+    add = PluginAdd("/var/run/netns/cni-of-running", "intruder", "shop", ())
+    with pytest.raises(AdmissionRefused, match=f"pod uid {running.uid}"):
+        rig.ctl.plugin_add(add)
+    assert _nothing_enrolled(rig)
+    # Enrolled (cached) by the agent: refused under another name even once gone from /proc.
+    assert rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-r", "running", "shop", ())) == (
+        "enrolled"
+    )
+    rig.finder.hide(running.uid)
+    with pytest.raises(AdmissionRefused, match="namespace of pod shop/running"):
+        rig.ctl.plugin_add(add)
+    assert len(rig.cache) == 1 and len(rig.zt.adds) == 1
+
+
+def test_plugin_add_refuses_ips_not_the_pods(rig: Rig) -> None:
+    rig.namespace("shop", AMBIENT)
+    rig.pod("shop", "other", ip="10.0.0.5", found=False)
+    rig.pod("shop", "new", ip=None, found=False)
+    rig.assigned = {"10.0.0.7", "10.0.0.5"}
+    cases = {
+        ("10.0.0.8",): "10.0.0.8 are not assigned in",
+        ("10.0.0.5",): r"10.0.0.5 \(pod shop/other\)",
+        ("224.0.0.1",): "not unicast",
+        ("127.0.0.1",): "not unicast",
+    }
+    for ips, reason in cases.items():
+        with pytest.raises(AdmissionRefused, match=reason):
+            rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-n", "new", "shop", ips))
+    assert _nothing_enrolled(rig) and rig.probes.members == {}
+    rig.opener.gone.add("/var/run/netns/cni-gone")
+    with pytest.raises(AdmissionRefused, match="no such network namespace"):
+        rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-gone", "new", "shop", ("10.0.0.7",)))
+    # A pod being deleted may still show the IP its sandbox already released: no conflict.
+    rig.pods.put(replace(rig.pod("shop", "leaving", ip="10.0.0.7", found=False), deleting=True))
+    # The IP the runtime configured in the namespace, not yet in the API: enrolled with it.
+    assert rig.ctl.plugin_add(PluginAdd("/var/run/netns/cni-n", "new", "shop", ("10.0.0.7",))) == (
+        "enrolled"
+    )
+    assert set(rig.probes.members) == {"10.0.0.7"}
 
 
 def test_sandbox_not_in_proc_yet_is_retried_later(rig: Rig) -> None:

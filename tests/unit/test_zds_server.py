@@ -7,6 +7,7 @@ Tests that send real network namespaces live in tests/netns/test_zds_netns.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -14,11 +15,13 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from cni_plugin.errors import ConfigError, ZtunnelUnavailableError
+from cni_plugin.errors import ConfigError, NetnsError, ZtunnelUnavailableError
+from cni_plugin.netns import Netns
 from node_agent import zds_socket
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
@@ -65,12 +68,32 @@ class RawPeer:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class PathEntry:
+    """A snapshot entry named by its netns path: :class:`ListSource` opens the path each
+    time a snapshot is taken (a path that cannot be opened is a Keep, as for the agent's
+    cache a pod whose namespace was not found)."""
+
+    uid: str
+    info: WorkloadInfo
+    path: str | None
+
+
 class ListSource:
-    def __init__(self, entries: list[SnapshotEntry] | None = None) -> None:
+    """A snapshot source whose snapshots, like the agent's, own fresh namespace handles."""
+
+    def __init__(self, entries: list[PathEntry] | None = None) -> None:
         self.entries = entries or []
 
     def snapshot(self) -> list[SnapshotEntry]:
-        return list(self.entries)
+        out = []
+        for e in self.entries:
+            ns = None
+            if e.path is not None:
+                with contextlib.suppress(NetnsError):
+                    ns = Netns.open(e.path, host_netns=None)
+            out.append(SnapshotEntry(e.uid, e.info, ns))
+        return out
 
 
 def fd_count() -> int:
@@ -287,3 +310,37 @@ def test_accept_rate_limit_like_istio(sock_path: str) -> None:
             p.close()
     finally:
         s.stop()
+
+
+def test_only_the_configured_ztunnel_uid_may_connect(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14.9: SO_PEERCRED must be ztunnel's uid; another local peer is logged and
+    dropped before its hello, and never counts as connected."""
+    me = os.getuid()
+    s = ZdsServer(sock_path, ListSource(), peer_uid=me + 1, accept_rate=1000, hello_timeout=2)
+    s.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="node_agent.zds"):
+            peer = RawPeer(sock_path)
+            with contextlib.suppress(OSError):
+                peer.send(w.encode_hello())
+            assert peer.eof()
+            peer.close()
+        assert s.refused_peers == 1 and not s.connected
+        assert any(
+            "unexpected peer dropped" in r.getMessage()
+            and getattr(r, "fields", {}).get("expected_uid") == me + 1
+            for r in caplog.records
+        )
+    finally:
+        s.stop()
+    ok = ZdsServer(sock_path, ListSource(), peer_uid=me, accept_rate=1000)
+    ok.start()
+    try:
+        peer = RawPeer(sock_path)
+        peer.hello_and_empty_snapshot()
+        assert wait_for(lambda: ok.connected) and ok.refused_peers == 0
+        peer.close()
+    finally:
+        ok.stop()
