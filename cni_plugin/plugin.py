@@ -69,7 +69,14 @@ def _ask_api(inv: Invocation, ns: str, name: str, log: PluginLog) -> tuple[str, 
     except kube_lookup.ApiUnavailableError as e:
         return _Verdict.UNKNOWN, f"api server unavailable: {e}"
 
-    from cni_plugin.enablement import EnablementPolicy, PodFacts, decide
+    from cni_plugin.enablement import (
+        DEFAULT_SELECTORS,
+        EnablementPolicy,
+        PodFacts,
+        decide,
+        parse_selectors,
+    )
+    from cni_plugin.errors import ConfigError
 
     meta = pod.get("metadata") or {}
     facts = PodFacts(
@@ -80,7 +87,18 @@ def _ask_api(inv: Invocation, ns: str, name: str, log: PluginLog) -> tuple[str, 
         namespace_labels=(namespace.get("metadata") or {}).get("labels") or {},
     )
     excluded = [n for n in inv.config.get("exclude_namespaces") or [] if n]
-    decision = decide(facts, EnablementPolicy(excluded_namespaces=excluded))
+    # No key: a 1.24-style entry, the default selectors; a list (even empty) is Istio's.
+    selectors = DEFAULT_SELECTORS
+    if "enablement_selectors" in inv.config:
+        try:
+            selectors = parse_selectors(inv.config["enablement_selectors"], "enablement_selectors")
+        except ConfigError as e:
+            raise CniError(
+                cni_spec.ERR_INVALID_CONFIG,
+                f"{e} (fix ambient.enablementSelectors / AMBIENT_ENABLEMENT_SELECTOR)",
+            ) from None
+    policy = EnablementPolicy(excluded_namespaces=excluded, selectors=selectors)
+    decision = decide(facts, policy)
     log.debug("enablement decided from the api server", decision=str(decision))
     return (_Verdict.AMBIENT if decision.enabled else _Verdict.NOT_AMBIENT), str(decision)
 

@@ -11,7 +11,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import yaml
+
 from cni_plugin.constants import DEFAULT_RUN_DIR
+from cni_plugin.enablement import EnablementSelector, parse_selectors
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
 
@@ -30,6 +33,30 @@ def default_source_dir() -> str:
     ):
         return DEV_BUILD_DIR
     return image_dir
+
+
+ENABLEMENT_SELECTOR_ENV = "AMBIENT_ENABLEMENT_SELECTOR"
+
+
+def enablement_selectors_from_env(env: Mapping[str, str]) -> tuple[EnablementSelector, ...] | None:
+    """``AMBIENT_ENABLEMENT_SELECTOR``: the YAML the chart renders from
+    ``ambient.enablementSelectors``. Unset or empty is ``None`` (the caller's default: the
+    1.24 rule, :data:`~cni_plugin.enablement.DEFAULT_SELECTORS`; Istio's agent would select
+    no pod at all); ``[]`` selects no pod, as in Istio. Read by the agent and the installer,
+    which writes it into the plugin's conflist entry."""
+    raw = env.get(ENABLEMENT_SELECTOR_ENV, "")
+    if not raw.strip():
+        return None
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(
+            f"{ENABLEMENT_SELECTOR_ENV} is not valid YAML{at}: set it to a list of "
+            "{podSelector, namespaceSelector} entries (Helm: ambient.enablementSelectors)"
+        ) from None
+    return parse_selectors(doc, ENABLEMENT_SELECTOR_ENV)
 
 
 @dataclass(frozen=True)
@@ -54,6 +81,8 @@ class InstallConfig:
     # Repairs happen at most once per this many seconds (SPEC §7).
     min_repair_interval_s: float = 5.0
     plugin_binaries: tuple[str, ...] = field(default=("istio-cni",))
+    # Written into the plugin entry only when set (unset: the 1.24 entry, default selectors).
+    enablement_selectors: tuple[EnablementSelector, ...] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InstallConfig:
@@ -84,4 +113,5 @@ class InstallConfig:
             skip_tls_verify=env_bool(env, "SKIP_TLS_VERIFY", d.skip_tls_verify),
             sa_token_file=env.get("SA_TOKEN_FILE") or d.sa_token_file,
             fallback_kubeconfig=env.get("KUBECONFIG", ""),
+            enablement_selectors=enablement_selectors_from_env(env),
         )

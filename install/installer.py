@@ -69,6 +69,7 @@ class Installer:
             ambient_enabled=config.ambient_enabled,
             exclude_namespaces=config.exclude_namespaces,
             pod_namespace=config.pod_namespace,
+            enablement_selectors=config.enablement_selectors,
         )
 
     # --- public surface ------------------------------------------------------------------

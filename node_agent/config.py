@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import bypass_inbound
+from cni_plugin.enablement import DEFAULT_SELECTORS, EnablementSelector, bypass_inbound
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
 from cni_plugin.redirection.settings import RedirectSettings
+from install.config import enablement_selectors_from_env
 from node_agent.resources import PodInfo
 from node_agent.state import STATE_FILE
 
@@ -65,6 +66,12 @@ def _fallback(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _newer_istio_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of :class:`AgentConfig` that newer Istio added (SPEC §9)."""
+    selectors = enablement_selectors_from_env(env)
+    return {"enablement_selectors": DEFAULT_SELECTORS if selectors is None else selectors}
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Everything the running agent reads from its environment."""
@@ -107,6 +114,9 @@ class AgentConfig:
     workers: int = 16
     install_cni: bool = False
     log_level: str = "info"
+    # Newer Istio's settings (SPEC §9), kept together.
+    # AMBIENT_ENABLEMENT_SELECTOR: which pods opt in; unset = the 1.24 rule.
+    enablement_selectors: tuple[EnablementSelector, ...] = DEFAULT_SELECTORS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -151,6 +161,7 @@ class AgentConfig:
             workers=_int(e, "AGENT_WORKERS", 16),
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
+            **_newer_istio_settings(e),
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:

@@ -130,3 +130,25 @@ def test_backend_settings_istio_names() -> None:
     )
     with pytest.raises(ConfigError, match="AMBIENT_REDIRECT_FALLBACK='ebpf'"):
         AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "ebpf"})
+
+
+def test_enablement_selectors_from_the_configmap_yaml() -> None:
+    from cni_plugin.enablement import DEFAULT_SELECTORS
+
+    assert AgentConfig.from_env({"NODE_NAME": "n"}).enablement_selectors == DEFAULT_SELECTORS
+    assert (
+        AgentConfig.from_env(
+            {"NODE_NAME": "n", "AMBIENT_ENABLEMENT_SELECTOR": ""}
+        ).enablement_selectors
+        == DEFAULT_SELECTORS
+    )
+    cfg = AgentConfig.from_env(
+        {
+            "NODE_NAME": "n",
+            "AMBIENT_ENABLEMENT_SELECTOR": "- namespaceSelector:\n    matchLabels: {team: a}\n",
+        }
+    )
+    (only,) = cfg.enablement_selectors
+    assert only.pod.empty and only.namespace.matches({"team": "a"})
+    with pytest.raises(ConfigError, match="AMBIENT_ENABLEMENT_SELECTOR"):
+        AgentConfig.from_env({"NODE_NAME": "n", "AMBIENT_ENABLEMENT_SELECTOR": "- nope: {}"})

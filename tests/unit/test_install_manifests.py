@@ -259,3 +259,24 @@ def test_backend_values_reach_the_agent_config() -> None:
     assert cfg.bpf_pin_root.startswith(mounts["bpffs"]["mountPath"] + "/")
     paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
     assert paths["bpffs"] == "/sys/fs/bpf" and paths["host-cgroup2"] == "/sys/fs/cgroup/unified"
+
+
+def test_enablement_selectors_reach_the_agent_and_the_installer() -> None:
+    """ambient.enablementSelectors -> AMBIENT_ENABLEMENT_SELECTOR (YAML, as Istio's ConfigMap
+    renders it); the default is the 1.24 rule; a user's list replaces it whole."""
+    from cni_plugin.enablement import DEFAULT_SELECTORS
+    from install.config import InstallConfig
+    from node_agent.config import AgentConfig
+
+    (cm,) = by_kind(_rendered({"profile": "ambient"}), "ConfigMap")
+    cfg = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"})
+    assert cfg.enablement_selectors == DEFAULT_SELECTORS
+    assert InstallConfig.from_env(cm["data"]).enablement_selectors == DEFAULT_SELECTORS
+
+    mine = [{"namespaceSelector": {"matchLabels": {"team": "payments"}}}]
+    (cm,) = by_kind(
+        _rendered({"profile": "ambient", "ambient": {"enablementSelectors": mine}}), "ConfigMap"
+    )
+    (only,) = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"}).enablement_selectors
+    assert only.pod.empty and only.namespace.matches({"team": "payments"})
+    assert not only.namespace.matches({"istio.io/dataplane-mode": "ambient"})

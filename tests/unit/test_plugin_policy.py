@@ -360,3 +360,37 @@ def test_a_full_agent_backlog_is_waited_out_not_reported_as_down(tmp_path: Any) 
         for f in fillers:
             f.close()
         srv.close()
+
+
+SELECT_TEAM = [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]
+
+
+def test_agent_down_the_entrys_selectors_judge_the_pod(api: ApiStub, run_dir: str) -> None:
+    # Selected by the conflist entry's enablement_selectors: fail closed.
+    api.add_pod("demo", "app-1", ns_labels={"team": "a"})
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir, enablement_selectors=SELECT_TEAM))
+    assert err["code"] == 11 and "is ambient" in err["msg"]
+    # Labelled ambient but not selected: these selectors do not read that label.
+    api.add_pod("other", "app-2", labels=AMBIENT, ns_labels=AMBIENT)
+    ok_result(
+        run_plugin(
+            cni_env(
+                "ADD",
+                CNI_ARGS="K8S_POD_NAMESPACE=other;K8S_POD_NAME=app-2;K8S_POD_UID=u-2",
+            ),
+            json.dumps(
+                net_conf(cni_agent_run_dir=run_dir, enablement_selectors=SELECT_TEAM)
+            ).encode(),
+        )
+    )
+
+
+def test_agent_down_a_bad_selector_in_the_entry_is_a_config_error(
+    api: ApiStub, run_dir: str
+) -> None:
+    api.add_pod("demo", "app-1")
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir, enablement_selectors=[{"podSelector": {"matchLabel": {}}}]))
+    assert err["code"] == 7
+    assert "enablement_selectors[0].podSelector" in err["msg"] and "matchLabel" in err["msg"]
