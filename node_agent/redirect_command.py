@@ -29,6 +29,7 @@ from typing import Any
 from cni_plugin import constants as c
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
+from cni_plugin.redirection.pod_overrides import PodOverrides
 from cni_plugin.redirection.registry import BACKENDS, make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.backend_selection import NodeLifecycle, Selection
@@ -72,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the ingress variant: no inbound capture (pod annotation "
         f"{c.BYPASS_INBOUND_ANNOTATION})",
     )
+    parser.add_argument(
+        "--virtual-interfaces",
+        metavar="IF[,IF...]",
+        default="",
+        help="interfaces whose inbound TCP goes to ztunnel's 15001, e.g. a KubeVirt bridge "
+        f"(pod annotation {c.VIRTUAL_INTERFACES_ANNOTATION}, same list syntax)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> RedirectSettings:
@@ -81,13 +89,18 @@ def settings_from(args: argparse.Namespace) -> RedirectSettings:
         if args.dns_capture is not None
         else env_bool(os.environ, "AMBIENT_DNS_CAPTURE", False)
     )
-    return RedirectSettings(
+    node = RedirectSettings(
         dns_capture=dns,
         ipv6=ipv6,
         bypass_inbound=bool(args.bypass_inbound),
         probe_snat_ipv4=os.environ.get("HOST_PROBE_SNAT_IP") or c.HOST_PROBE_SNAT_IPV4,
         probe_snat_ipv6=os.environ.get("HOST_PROBE_SNAT_IPV6") or c.HOST_PROBE_SNAT_IPV6,
     )
+    # Parsed as the annotation is; a bad name is refused by the backend in one line.
+    overrides = PodOverrides.from_annotations(
+        {c.VIRTUAL_INTERFACES_ANNOTATION: args.virtual_interfaces}
+    )
+    return overrides.applied_to(node)
 
 
 def run(args: argparse.Namespace) -> int:
