@@ -15,9 +15,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import DEFAULT_SELECTORS, EnablementSelector, bypass_inbound
+from cni_plugin.enablement import DEFAULT_SELECTORS, EnablementSelector
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
+from cni_plugin.redirection.pod_overrides import pod_settings
 from cni_plugin.redirection.settings import RedirectSettings
 from install.config import enablement_selectors_from_env
 from node_agent.resources import PodInfo
@@ -178,14 +179,18 @@ class AgentConfig:
 
     def settings_for(self, pod: PodInfo) -> RedirectSettings:
         """The in-pod redirection for ``pod``: the node's settings (DNS capture, IPv6, probe
-        SNAT addresses) with the pod's own bypass-inbound annotation."""
-        return RedirectSettings(
+        SNAT addresses) under the pod's own annotations, with Istio's names and parsing
+        (:mod:`cni_plugin.redirection.pod_overrides`): ``ambient.istio.io/dns-capture``
+        over ``AMBIENT_DNS_CAPTURE``, ``ambient.istio.io/bypass-inbound-capture`` and
+        ``istio.io/reroute-virtual-interfaces``. The same pod always gets the same
+        settings, so apply, check and remove agree."""
+        node = RedirectSettings(
             dns_capture=self.dns_capture,
             ipv6=self.ipv6,
-            bypass_inbound=bypass_inbound(pod.annotations),
             probe_snat_ipv4=self.host_probe_snat_ipv4,
             probe_snat_ipv6=self.host_probe_snat_ipv6,
         )
+        return pod_settings(node, pod.annotations)
 
     def host_netns_path(self, runtime_path: str) -> str:
         """Map a namespace path as the runtime/plugin sees it on the host to our mounts.

@@ -86,7 +86,7 @@ def test_configmap_carries_spec_environment(seed: list[dict[str, Any]]) -> None:
     (cm,) = by_kind(seed, "ConfigMap")
     data = cm["data"]
     assert data["AMBIENT_ENABLED"] == "true"  # the ambient profile
-    assert data["AMBIENT_DNS_CAPTURE"] == "false"
+    assert data["AMBIENT_DNS_CAPTURE"] == "true"  # newest Istio's default (1.24: false)
     assert data["AMBIENT_IPV6"] == "true"
     assert data["CHAINED_CNI_PLUGIN"] == "true"
     assert data["EXCLUDE_NAMESPACES"] == "kube-system"
@@ -280,3 +280,37 @@ def test_enablement_selectors_reach_the_agent_and_the_installer() -> None:
     (only,) = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"}).enablement_selectors
     assert only.pod.empty and only.namespace.matches({"team": "payments"})
     assert not only.namespace.matches({"istio.io/dataplane-mode": "ambient"})
+
+
+@pytest.mark.parametrize(
+    ("version", "dns", "reconcile"),
+    [
+        (None, "true", "true"),  # ours: newest Istio's defaults
+        ("1.24", "false", "false"),
+        (1.24, "false", "false"),  # --set compatibilityVersion=1.24 is a number
+        ("1.25", "true", "false"),
+        ("1.28", "true", "false"),
+        ("1.29", "true", "true"),
+        (1.3, "true", "true"),  # --set compatibilityVersion=1.30
+    ],
+)
+def test_compatibility_version_brings_back_earlier_defaults(
+    version: object, dns: str, reconcile: str
+) -> None:
+    values: dict[str, Any] = {"profile": "ambient"}
+    if version is not None:
+        values["compatibilityVersion"] = version
+    (cm,) = by_kind(_rendered(values), "ConfigMap")
+    assert cm["data"]["AMBIENT_DNS_CAPTURE"] == dns
+    assert cm["data"]["AMBIENT_RECONCILE_POD_RULES_ON_STARTUP"] == reconcile
+    # A user's own value still wins over the compatibility profile.
+    values["ambient"] = {"dnsCapture": True}
+    (cm,) = by_kind(_rendered(values), "ConfigMap")
+    assert cm["data"]["AMBIENT_DNS_CAPTURE"] == "true"
+
+
+def test_unknown_compatibility_version_fails_clearly() -> None:
+    from helm_python.errors import HelmError
+
+    with pytest.raises(HelmError, match=r"unknown compatibility version 1\.2:"):
+        render_manifests.render({"compatibilityVersion": "1.2"}, "istio-cni")
