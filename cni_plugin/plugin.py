@@ -19,6 +19,7 @@ ADD, in order:
 5. prevResult without addresses (the chain is misordered): ask first (``GET /pod``; an
    unreachable agent as in 4): not ambient -> pass through, ambient -> a config error
    saying so, unknown -> ``POST /cmdadd`` (the agent has the pod's addresses from the API).
+   No prevResult at all is the non-chained layout (Multus): an ambient pod is posted.
 DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec versions.
 """
 
@@ -149,6 +150,12 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         return _agent_down(inv, ns, name, e, log, result)
     if not status.get("ambient"):
         log.debug("pod not ambient, passing through", reason=str(status.get("reason", "")))
+        return result
+    if prev is None:
+        # No prevResult at all: not chained (CHAINED_CNI_PLUGIN=false, Multus runs us as a
+        # network of our own). Istio's plugin posts the pod with no addresses; so do we, and
+        # the agent takes them from the API.
+        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
         return result
     raise CniError(
         cni_spec.ERR_INVALID_CONFIG,

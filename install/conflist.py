@@ -84,8 +84,10 @@ def _as_go(obj: Any) -> Any:
     return obj
 
 
-def dumps(obj: Any) -> bytes:
-    text = json.dumps(_as_go(obj), indent=2, sort_keys=True, ensure_ascii=False)
+def dumps(obj: Any, *, sort_keys: bool = True) -> bytes:
+    """Go's ``json.MarshalIndent`` of a map (sorted keys) or, with ``sort_keys=False``, of
+    a struct (the dict's own order)."""
+    text = json.dumps(_as_go(obj), indent=2, sort_keys=sort_keys, ensure_ascii=False)
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)  # only ever inside strings: JSON syntax has none
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

@@ -314,3 +314,49 @@ def test_unknown_compatibility_version_fails_clearly() -> None:
 
     with pytest.raises(HelmError, match=r"unknown compatibility version 1\.2:"):
         render_manifests.render({"compatibilityVersion": "1.2"}, "istio-cni")
+
+
+def test_istio_owned_and_multus_values_reach_the_installer() -> None:
+    from install import conf_layout
+    from install.config import InstallConfig
+
+    plain = _rendered({"profile": "ambient"})
+    (cm,) = by_kind(plain, "ConfigMap")
+    assert cm["data"]["ISTIO_OWNED_CNI_CONFIG"] == "false"
+    assert "ISTIO_OWNED_CNI_CONF_FILENAME" not in cm["data"]
+    assert by_kind(plain, "NetworkAttachmentDefinition") == []
+
+    (cm,) = by_kind(_rendered({"profile": "ambient", "istioOwnedCNIConfig": True}), "ConfigMap")
+    cfg = InstallConfig.from_env(cm["data"])
+    assert cfg.istio_owned_config and cfg.istio_owned_filename == "02-istio-cni.conflist"
+    (cm,) = by_kind(
+        _rendered(
+            {
+                "profile": "ambient",
+                "istioOwnedCNIConfig": True,
+                "istioOwnedCNIConfigFileName": "00-mesh.conflist",
+            }
+        ),
+        "ConfigMap",
+    )
+    assert InstallConfig.from_env(cm["data"]).istio_owned_filename == "00-mesh.conflist"
+
+    # OpenShift's shape (Istio's platform-openshift values).
+    multus = _rendered(
+        {
+            "profile": "ambient",
+            "chained": False,
+            "provider": "multus",
+            "cniConfDir": "/etc/cni/multus/net.d",
+            "cniConfFileName": "istio-cni.conf",
+        }
+    )
+    (nad,) = by_kind(multus, "NetworkAttachmentDefinition")
+    assert nad["apiVersion"] == "k8s.cni.cncf.io/v1"
+    assert (nad["metadata"]["name"], nad["metadata"]["namespace"]) == ("istio-cni", "default")
+    (cm,) = by_kind(multus, "ConfigMap")
+    cfg = InstallConfig.from_env(cm["data"])
+    layout = conf_layout.layout(
+        chained=cfg.chained, istio_owned=cfg.istio_owned_config, ambient_enabled=True
+    )
+    assert layout == conf_layout.STANDALONE and cfg.cni_conf_name == "istio-cni.conf"

@@ -394,3 +394,17 @@ def test_agent_down_a_bad_selector_in_the_entry_is_a_config_error(
     err = err_result(add(run_dir, enablement_selectors=[{"podSelector": {"matchLabel": {}}}]))
     assert err["code"] == 7
     assert "enablement_selectors[0].podSelector" in err["msg"] and "matchLabel" in err["msg"]
+
+
+def test_not_chained_no_prev_result_ambient_pod_is_posted(agent: AgentStub, run_dir: str) -> None:
+    """CHAINED_CNI_PLUGIN=false (Multus): no prevResult at all; the ambient pod is handed
+    to the agent without addresses, as Istio's plugin does, and the ADD succeeds."""
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    conf = net_conf(cni_agent_run_dir=run_dir)
+    del conf["prevResult"]
+    proc = run_plugin(cni_env("ADD"), json.dumps(conf).encode())
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert json.loads(proc.stdout)["cniVersion"] == conf["cniVersion"]
+    (post,) = agent.posts()
+    body = json.loads(post.body)
+    assert body["IPs"] == [] and body["PodName"] == "app-1"
