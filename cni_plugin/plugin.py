@@ -19,6 +19,7 @@ ADD, in order:
 5. prevResult without addresses (the chain is misordered): ask first (``GET /pod``; an
    unreachable agent as in 4): not ambient -> pass through, ambient -> a config error
    saying so, unknown -> ``POST /cmdadd`` (the agent has the pod's addresses from the API).
+   No prevResult at all is the non-chained layout (Multus): an ambient pod is posted.
 DEL, CHECK, STATUS and GC succeed and change nothing; VERSION lists the spec versions.
 """
 
@@ -69,7 +70,14 @@ def _ask_api(inv: Invocation, ns: str, name: str, log: PluginLog) -> tuple[str, 
     except kube_lookup.ApiUnavailableError as e:
         return _Verdict.UNKNOWN, f"api server unavailable: {e}"
 
-    from cni_plugin.enablement import EnablementPolicy, PodFacts, decide
+    from cni_plugin.enablement import (
+        DEFAULT_SELECTORS,
+        EnablementPolicy,
+        PodFacts,
+        decide,
+        parse_selectors,
+    )
+    from cni_plugin.errors import ConfigError
 
     meta = pod.get("metadata") or {}
     facts = PodFacts(
@@ -80,7 +88,18 @@ def _ask_api(inv: Invocation, ns: str, name: str, log: PluginLog) -> tuple[str, 
         namespace_labels=(namespace.get("metadata") or {}).get("labels") or {},
     )
     excluded = [n for n in inv.config.get("exclude_namespaces") or [] if n]
-    decision = decide(facts, EnablementPolicy(excluded_namespaces=excluded))
+    # No key: a 1.24-style entry, the default selectors; a list (even empty) is Istio's.
+    selectors = DEFAULT_SELECTORS
+    if "enablement_selectors" in inv.config:
+        try:
+            selectors = parse_selectors(inv.config["enablement_selectors"], "enablement_selectors")
+        except ConfigError as e:
+            raise CniError(
+                cni_spec.ERR_INVALID_CONFIG,
+                f"{e} (fix ambient.enablementSelectors / AMBIENT_ENABLEMENT_SELECTOR)",
+            ) from None
+    policy = EnablementPolicy(excluded_namespaces=excluded, selectors=selectors)
+    decision = decide(facts, policy)
     log.debug("enablement decided from the api server", decision=str(decision))
     return (_Verdict.AMBIENT if decision.enabled else _Verdict.NOT_AMBIENT), str(decision)
 
@@ -131,6 +150,12 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         return _agent_down(inv, ns, name, e, log, result)
     if not status.get("ambient"):
         log.debug("pod not ambient, passing through", reason=str(status.get("reason", "")))
+        return result
+    if prev is None:
+        # No prevResult at all: not chained (CHAINED_CNI_PLUGIN=false, Multus runs us as a
+        # network of our own). Istio's plugin posts the pod with no addresses; so do we, and
+        # the agent takes them from the API.
+        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
         return result
     raise CniError(
         cni_spec.ERR_INVALID_CONFIG,

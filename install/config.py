@@ -11,9 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import yaml
+
 from cni_plugin.constants import DEFAULT_RUN_DIR
+from cni_plugin.enablement import EnablementSelector, parse_selectors
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
+from install.conf_layout import OWNED_DEFAULT_NAME
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -30,6 +34,30 @@ def default_source_dir() -> str:
     ):
         return DEV_BUILD_DIR
     return image_dir
+
+
+ENABLEMENT_SELECTOR_ENV = "AMBIENT_ENABLEMENT_SELECTOR"
+
+
+def enablement_selectors_from_env(env: Mapping[str, str]) -> tuple[EnablementSelector, ...] | None:
+    """``AMBIENT_ENABLEMENT_SELECTOR``: the YAML the chart renders from
+    ``ambient.enablementSelectors``. Unset or empty is ``None`` (the caller's default: the
+    1.24 rule, :data:`~cni_plugin.enablement.DEFAULT_SELECTORS`; Istio's agent would select
+    no pod at all); ``[]`` selects no pod, as in Istio. Read by the agent and the installer,
+    which writes it into the plugin's conflist entry."""
+    raw = env.get(ENABLEMENT_SELECTOR_ENV, "")
+    if not raw.strip():
+        return None
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise ConfigError(
+            f"{ENABLEMENT_SELECTOR_ENV} is not valid YAML{at}: set it to a list of "
+            "{podSelector, namespaceSelector} entries (Helm: ambient.enablementSelectors)"
+        ) from None
+    return parse_selectors(doc, ENABLEMENT_SELECTOR_ENV)
 
 
 @dataclass(frozen=True)
@@ -54,16 +82,26 @@ class InstallConfig:
     # Repairs happen at most once per this many seconds (SPEC §7).
     min_repair_interval_s: float = 5.0
     plugin_binaries: tuple[str, ...] = field(default=("istio-cni",))
+    # Written into the plugin entry only when set (unset: the 1.24 entry, default selectors).
+    enablement_selectors: tuple[EnablementSelector, ...] | None = None
+    # Where the config goes (install.conf_layout): CHAINED_CNI_PLUGIN above,
+    # ISTIO_OWNED_CNI_CONFIG / ISTIO_OWNED_CNI_CONF_FILENAME, and CNI_CONF_GROUP_READ (files
+    # we create are 0640 instead of 0600).
+    istio_owned_config: bool = False
+    istio_owned_filename: str = OWNED_DEFAULT_NAME
+    conf_group_read: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InstallConfig:
         d = cls()
         targets = env.get("CNI_BIN_TARGET_DIRS")
         chained = env_bool(env, "CHAINED_CNI_PLUGIN", d.chained)
-        if not chained:
+        owned = env_bool(env, "ISTIO_OWNED_CNI_CONFIG", d.istio_owned_config)
+        owned_name = env.get("ISTIO_OWNED_CNI_CONF_FILENAME") or OWNED_DEFAULT_NAME
+        if owned and (not owned_name.endswith(".conflist") or "/" in owned_name):
             raise ConfigError(
-                "CHAINED_CNI_PLUGIN=false is not supported: ambient mode needs istio-cni "
-                "chained after the primary CNI; set it to true"
+                f"ISTIO_OWNED_CNI_CONF_FILENAME={owned_name!r}: set a file name ending in "
+                ".conflist (default 02-istio-cni.conflist), without a directory"
             )
         return cls(
             mounted_cni_net_dir=env.get("MOUNTED_CNI_NET_DIR") or d.mounted_cni_net_dir,
@@ -84,4 +122,8 @@ class InstallConfig:
             skip_tls_verify=env_bool(env, "SKIP_TLS_VERIFY", d.skip_tls_verify),
             sa_token_file=env.get("SA_TOKEN_FILE") or d.sa_token_file,
             fallback_kubeconfig=env.get("KUBECONFIG", ""),
+            enablement_selectors=enablement_selectors_from_env(env),
+            istio_owned_config=owned,
+            istio_owned_filename=owned_name,
+            conf_group_read=env_bool(env, "CNI_CONF_GROUP_READ", d.conf_group_read),
         )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cni_plugin.constants import PLUGIN_TYPE
+from cni_plugin.enablement import EnablementSelector, selectors_to_json
 from cni_plugin.errors import ConfigError
 
 CONF_EXTENSIONS = (".conf", ".conflist")
@@ -38,9 +39,12 @@ class PluginEntry:
     ambient_enabled: bool
     exclude_namespaces: str  # comma-separated, as in EXCLUDE_NAMESPACES; "" -> [""]
     pod_namespace: str
+    # None: no ``enablement_selectors`` key (the 1.24 entry; the plugin then uses the
+    # default selectors). Newer Istio always writes the key; its chart always sets them.
+    enablement_selectors: tuple[EnablementSelector, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "type": PLUGIN_TYPE,
             "name": PLUGIN_TYPE,
             "plugin_log_level": self.plugin_log_level,
@@ -52,6 +56,9 @@ class PluginEntry:
             "dns": {},
             "ipam": {},
         }
+        if self.enablement_selectors is not None:
+            entry["enablement_selectors"] = selectors_to_json(self.enablement_selectors)
+        return entry
 
 
 def _go_number(text: str) -> int | float:
@@ -77,8 +84,10 @@ def _as_go(obj: Any) -> Any:
     return obj
 
 
-def dumps(obj: Any) -> bytes:
-    text = json.dumps(_as_go(obj), indent=2, sort_keys=True, ensure_ascii=False)
+def dumps(obj: Any, *, sort_keys: bool = True) -> bytes:
+    """Go's ``json.MarshalIndent`` of a map (sorted keys) or, with ``sort_keys=False``, of
+    a struct (the dict's own order)."""
+    text = json.dumps(_as_go(obj), indent=2, sort_keys=sort_keys, ensure_ascii=False)
     for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
         text = text.replace(char, escaped)  # only ever inside strings: JSON syntax has none
     text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

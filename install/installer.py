@@ -29,9 +29,10 @@ from typing import Any
 
 from cni_plugin.constants import KUBECONFIG_NAME
 from cni_plugin.errors import ConfigError, IstioCniError
-from install import binaries, conflist, kubeconfig
+from install import binaries, conf_layout, conflist, kubeconfig
 from install.atomic_file import atomic_write, read_bytes
 from install.config import InstallConfig
+from install.own_config_file import OwnConfigFile
 from install.watcher import ChangeWatcher, InotifyWatcher, Waker
 
 WAITING_FOR_PRIMARY = "waiting for a primary CNI config"
@@ -69,7 +70,9 @@ class Installer:
             ambient_enabled=config.ambient_enabled,
             exclude_namespaces=config.exclude_namespaces,
             pod_namespace=config.pod_namespace,
+            enablement_selectors=config.enablement_selectors,
         )
+        self.own_file = OwnConfigFile(config, self.entry)
 
     # --- public surface ------------------------------------------------------------------
     @property
@@ -261,7 +264,20 @@ class Installer:
         chosen = conflist.choose(files)
         return os.path.join(directory, chosen) if chosen else None
 
+    @property
+    def layout(self) -> str:
+        cfg = self.config
+        return conf_layout.layout(
+            chained=cfg.chained,
+            istio_owned=cfg.istio_owned_config,
+            ambient_enabled=cfg.ambient_enabled,
+        )
+
     def write_conflist(self) -> bool:
+        if self.layout != conf_layout.CHAINED:
+            written = self.own_file.write(self.layout)
+            self.conf_path = written or self.conf_path
+            return written is not None
         path = self._choose_conf()
         if path is None:
             log.info("waiting for a primary CNI config in %s", self.config.mounted_cni_net_dir)
@@ -274,7 +290,8 @@ class Installer:
         new_path = os.path.join(os.path.dirname(path), new_name)
         self._remember_original(path, data, new_path, merged)
         if new_path != path or merged != data:
-            atomic_write(new_path, merged, 0o644)
+            # The primary keeps its own mode (Istio preserves it; a new file gets 0644).
+            atomic_write(new_path, merged, os.stat(path).st_mode & 0o777)
             if new_path != path:
                 os.unlink(path)
             log.info("inserted istio-cni into %s", new_path)
@@ -321,6 +338,13 @@ class Installer:
                     return f"{name} missing or changed in {target}"
         if self.conf_path is None:
             return "no CNI config chosen yet"
+        if self.layout != conf_layout.CHAINED:
+            problem = self.own_file.check(self.layout)
+            if problem:
+                return problem
+            if read_bytes(self.kubeconfig_path) is None:
+                return f"kubeconfig {self.kubeconfig_path} missing"
+            return None
         chosen = self._choose_conf()
         if chosen != self.conf_path:
             return f"CNI config {self.conf_path} preempted by {chosen}"
@@ -335,6 +359,10 @@ class Installer:
         """Remove the entry (or restore the original file), the kubeconfig, the binaries."""
         rec = self._load_record()
         path = self.conf_path or (rec or {}).get("installed")
+        if self.layout != conf_layout.CHAINED:
+            # Our own file: removing it is the whole uninstall (the primary was never touched).
+            path = None
+            self.own_file.remove(self.layout)
         if path:
             data = read_bytes(path)
             restorable = (
@@ -345,12 +373,14 @@ class Installer:
             )
             if restorable and rec is not None:
                 original = str(rec["original"])
-                atomic_write(original, base64.b64decode(rec["bytes"]), 0o644)
+                mode = os.stat(path).st_mode & 0o777
+                atomic_write(original, base64.b64decode(rec["bytes"]), mode)
                 if original != path:
                     os.unlink(path)
                 log.info("restored original CNI config %s", original)
             elif data is not None and conflist.has_entry(data, os.path.basename(path)):
-                atomic_write(path, conflist.without_entry(data, os.path.basename(path)), 0o644)
+                stripped = conflist.without_entry(data, os.path.basename(path))
+                atomic_write(path, stripped, os.stat(path).st_mode & 0o777)
                 log.info("removed istio-cni from %s", path)
         for p in (self.kubeconfig_path, self._record_path):
             with contextlib.suppress(FileNotFoundError):

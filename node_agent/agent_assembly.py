@@ -180,6 +180,7 @@ class Agent:
             policy=EnablementPolicy(
                 excluded_namespaces=cfg.excluded_namespaces,
                 ztunnel_namespace=cfg.system_namespace,
+                selectors=cfg.enablement_selectors,
             ),
             pods=self.pod_informer,
             namespaces=self.ns_informer,

@@ -15,10 +15,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import bypass_inbound
+from cni_plugin.enablement import DEFAULT_SELECTORS, EnablementSelector
 from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
+from cni_plugin.redirection.pod_overrides import pod_settings
 from cni_plugin.redirection.settings import RedirectSettings
+from install.config import enablement_selectors_from_env
 from node_agent.resources import PodInfo
 from node_agent.state import STATE_FILE
 
@@ -63,6 +65,12 @@ def _fallback(env: Mapping[str, str]) -> str:
             "start when the ebpf backend cannot run here)"
         )
     return raw
+
+
+def _newer_istio_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    """The fields of :class:`AgentConfig` that newer Istio added (SPEC §9)."""
+    selectors = enablement_selectors_from_env(env)
+    return {"enablement_selectors": DEFAULT_SELECTORS if selectors is None else selectors}
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,9 @@ class AgentConfig:
     # The only uid whose processes may speak ZDS (SO_PEERCRED): Istio's chart runs ztunnel
     # as root. ZTUNNEL_UID for a ztunnel running as another user.
     ztunnel_uid: int = 0
+    # Newer Istio's settings (SPEC §9), kept together.
+    # AMBIENT_ENABLEMENT_SELECTOR: which pods opt in; unset = the 1.24 rule.
+    enablement_selectors: tuple[EnablementSelector, ...] = DEFAULT_SELECTORS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -166,6 +177,7 @@ class AgentConfig:
             log_level=e.get("LOG_LEVEL") or "info",
             disable_safe_upgrade=env_bool(e, "AMBIENT_DISABLE_SAFE_UPGRADE", False),
             ztunnel_uid=_int(e, "ZTUNNEL_UID", 0),
+            **_newer_istio_settings(e),
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:
@@ -182,14 +194,18 @@ class AgentConfig:
 
     def settings_for(self, pod: PodInfo) -> RedirectSettings:
         """The in-pod redirection for ``pod``: the node's settings (DNS capture, IPv6, probe
-        SNAT addresses) with the pod's own bypass-inbound annotation."""
-        return RedirectSettings(
+        SNAT addresses) under the pod's own annotations, with Istio's names and parsing
+        (:mod:`cni_plugin.redirection.pod_overrides`): ``ambient.istio.io/dns-capture``
+        over ``AMBIENT_DNS_CAPTURE``, ``ambient.istio.io/bypass-inbound-capture`` and
+        ``istio.io/reroute-virtual-interfaces``. The same pod always gets the same
+        settings, so apply, check and remove agree."""
+        node = RedirectSettings(
             dns_capture=self.dns_capture,
             ipv6=self.ipv6,
-            bypass_inbound=bypass_inbound(pod.annotations),
             probe_snat_ipv4=self.host_probe_snat_ipv4,
             probe_snat_ipv6=self.host_probe_snat_ipv6,
         )
+        return pod_settings(node, pod.annotations)
 
     def host_netns_path(self, runtime_path: str) -> str:
         """Map a namespace path as the runtime/plugin sees it on the host to our mounts.

@@ -31,6 +31,7 @@ from cni_plugin.errors import (
 )
 from cni_plugin.netns import Netns
 from cni_plugin.redirection.backend import CheckReport, PodRedirection
+from cni_plugin.redirection.pod_overrides import PodOverrides
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.logs import PodLogger
 from node_agent.pod_cache import CachedPod, PodCache, PodState, ZdsState
@@ -96,6 +97,8 @@ class Enroller:
         t0 = started if started is not None else time.monotonic()
         plog = PodLogger(log, pod.namespace, pod.name, pod.uid)
         settings = self.settings_for(pod)
+        for problem in PodOverrides.from_annotations(pod.annotations).problems:
+            plog.warning(problem)
         prev = self.cache.get(pod.uid)
         entry = CachedPod(
             uid=pod.uid,

@@ -17,7 +17,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import Decision, EnablementPolicy, bypass_inbound, decide
+from cni_plugin.enablement import (
+    Decision,
+    EnablementPolicy,
+    bypass_inbound,
+    decide,
+    namespace_matches,
+)
 from cni_plugin.errors import IstioCniError, NetnsError, NotRetryableError
 from cni_plugin.netns import Netns
 from node_agent.add_admission import AddAdmission, AdmissionRefused
@@ -138,8 +144,11 @@ class PodController:
             self.queue.add(pod.uid)
 
     def on_namespace(self, old: NamespaceInfo | None, new: NamespaceInfo | None) -> None:
-        before = (old.labels if old else {}).get(c.DATAPLANE_MODE_LABEL)
-        after = (new.labels if new else {}).get(c.DATAPLANE_MODE_LABEL)
+        # Only a change in which enablement selectors the namespace matches can change
+        # its pods' decisions (with the default selectors: its ambient label).
+        selectors = self.policy.selectors
+        before = namespace_matches(selectors, old.labels if old else {})
+        after = namespace_matches(selectors, new.labels if new else {})
         if before == after:
             return
         name = (new or old).name  # type: ignore[union-attr]

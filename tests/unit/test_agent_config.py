@@ -11,6 +11,7 @@ from cni_plugin.errors import ConfigError
 from node_agent import pods_command
 from node_agent.config import AgentConfig
 from node_agent.host_probe import render_hostprobe
+from node_agent.resources import PodInfo
 from node_agent.state import SCHEMA_VERSION, AgentState
 
 GOLDEN = (
@@ -130,3 +131,74 @@ def test_backend_settings_istio_names() -> None:
     )
     with pytest.raises(ConfigError, match="AMBIENT_REDIRECT_FALLBACK='ebpf'"):
         AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "ebpf"})
+
+
+def test_enablement_selectors_from_the_configmap_yaml() -> None:
+    from cni_plugin.enablement import DEFAULT_SELECTORS
+
+    assert AgentConfig.from_env({"NODE_NAME": "n"}).enablement_selectors == DEFAULT_SELECTORS
+    assert (
+        AgentConfig.from_env(
+            {"NODE_NAME": "n", "AMBIENT_ENABLEMENT_SELECTOR": ""}
+        ).enablement_selectors
+        == DEFAULT_SELECTORS
+    )
+    cfg = AgentConfig.from_env(
+        {
+            "NODE_NAME": "n",
+            "AMBIENT_ENABLEMENT_SELECTOR": "- namespaceSelector:\n    matchLabels: {team: a}\n",
+        }
+    )
+    (only,) = cfg.enablement_selectors
+    assert only.pod.empty and only.namespace.matches({"team": "a"})
+    with pytest.raises(ConfigError, match="AMBIENT_ENABLEMENT_SELECTOR"):
+        AgentConfig.from_env({"NODE_NAME": "n", "AMBIENT_ENABLEMENT_SELECTOR": "- nope: {}"})
+
+
+def _pod(**annotations: str) -> PodInfo:
+    return PodInfo(uid="u", namespace="ns", name="p", annotations=annotations)
+
+
+@pytest.mark.parametrize(
+    ("node_dns", "annotation", "want"),
+    [
+        (False, None, False),
+        (True, None, True),
+        (False, "true", True),
+        (True, "false", False),
+        (False, "T", True),  # Go's strconv.ParseBool, as Istio parses it
+        (True, "0", False),
+        (True, "yes", True),  # not a Go boolean: ignored, the node's setting stands
+        (False, " true", False),
+    ],
+)
+def test_settings_for_dns_capture_annotation_over_the_node_default(
+    node_dns: bool, annotation: str | None, want: bool
+) -> None:
+    env = {"NODE_NAME": "n", "AMBIENT_DNS_CAPTURE": str(node_dns).lower()}
+    cfg = AgentConfig.from_env(env)
+    ann = {} if annotation is None else {"ambient.istio.io/dns-capture": annotation}
+    assert cfg.settings_for(_pod(**ann)).dns_capture is want
+
+
+def test_settings_for_virtual_interfaces_bypass_and_node_fields() -> None:
+    cfg = AgentConfig.from_env(
+        {"NODE_NAME": "n", "AMBIENT_IPV6": "false", "HOST_PROBE_SNAT_IP": "169.254.7.1"}
+    )
+    plain = cfg.settings_for(_pod())
+    assert plain.virtual_interfaces == () and not plain.bypass_inbound
+    assert not plain.ipv6 and plain.probe_snat_ipv4 == "169.254.7.1"
+    s = cfg.settings_for(
+        _pod(
+            **{
+                "istio.io/reroute-virtual-interfaces": " tap0, ,net1 ",
+                "ambient.istio.io/bypass-inbound-capture": "True",
+            }
+        )
+    )
+    assert s.virtual_interfaces == ("tap0", "net1") and s.bypass_inbound
+    assert not s.ipv6 and s.probe_snat_ipv4 == "169.254.7.1"
+    # The same pod always gets the same settings (apply, check and remove agree).
+    assert cfg.settings_for(_pod(**{"istio.io/reroute-virtual-interfaces": "tap0"})) == (
+        cfg.settings_for(_pod(**{"istio.io/reroute-virtual-interfaces": "tap0"}))
+    )

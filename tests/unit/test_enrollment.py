@@ -93,3 +93,17 @@ def test_already_annotated_pod_is_not_patched_again() -> None:
     e.add(annotated, _netns())
     assert order == ["rules", "zds-add", "probe-add"]
     e.cache.close()
+
+
+def test_an_ignored_annotation_is_logged_with_the_pods_identity(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from dataclasses import replace
+
+    e, *_ = _enroller([])
+    pod = replace(POD, annotations={c.DNS_CAPTURE_ANNOTATION: "maybe"})
+    with caplog.at_level("WARNING", logger="node_agent"):
+        e.add(pod, _netns()).netns.close()  # type: ignore[union-attr]
+    (rec,) = [r for r in caplog.records if c.DNS_CAPTURE_ANNOTATION in r.getMessage()]
+    assert "only boolean values are supported" in rec.getMessage()
+    assert rec.fields["pod"] == {"namespace": "ns", "name": "p", "uid": "u1"}  # type: ignore[attr-defined]

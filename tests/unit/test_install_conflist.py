@@ -147,3 +147,66 @@ def test_plugin_reads_what_the_installer_writes(tmp_path: object) -> None:
         False,
     )
     assert kc.ca_pem is not None and kc.ca_pem.encode() == ref("kube-ca.crt")
+
+
+# -- newer Istio: enablement selectors in the entry (SPEC §9) ------------------------------
+
+OURS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "golden", "install")
+
+# The chart's default ambient.enablementSelectors, as the ConfigMap renders it (toYaml).
+CHART_SELECTOR_YAML = """\
+- podSelector:
+    matchLabels:
+      istio.io/dataplane-mode: ambient
+- namespaceSelector:
+    matchLabels:
+      istio.io/dataplane-mode: ambient
+  podSelector:
+    matchExpressions:
+    - key: istio.io/dataplane-mode
+      operator: NotIn
+      values:
+      - none
+"""
+
+
+def test_selectors_from_the_chart_are_written_as_istio_encodes_them() -> None:
+    from install.config import InstallConfig
+
+    cfg = InstallConfig.from_env({"AMBIENT_ENABLEMENT_SELECTOR": CHART_SELECTOR_YAML})
+    entry = conflist.PluginEntry(
+        "info", "/var/run/istio-cni", True, "kube-system", "istio-cni", cfg.enablement_selectors
+    )
+    out, _ = conflist.merge(ref("list.conflist"), "list.conflist", entry)
+    with open(os.path.join(OURS, "list-selectors.conflist.golden"), "rb") as f:
+        assert out == f.read()
+
+
+def test_without_the_setting_the_entry_is_the_1_24_one() -> None:
+    from install.config import InstallConfig
+
+    assert InstallConfig.from_env({}).enablement_selectors is None
+    assert "enablement_selectors" not in GOLDEN_ENTRY.to_dict()
+    # An explicit empty list is kept: the plugin then selects no pod, as Istio's does.
+    cfg = InstallConfig.from_env({"AMBIENT_ENABLEMENT_SELECTOR": "[]"})
+    assert cfg.enablement_selectors == ()
+    entry = conflist.PluginEntry("info", "/r", True, "", "ns", cfg.enablement_selectors)
+    assert entry.to_dict()["enablement_selectors"] == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ("- podSelector: [unclosed", "is not valid YAML (line 1)"),
+        ("podSelector: {}", "must be a list"),
+        ("- podSelector: {matchLabels: {a: 1}}", "not a valid label value"),
+    ],
+)
+def test_a_bad_selector_setting_is_one_line_naming_the_variable(raw: str, words: str) -> None:
+    from cni_plugin.errors import ConfigError
+    from install.config import InstallConfig
+
+    with pytest.raises(ConfigError) as e:
+        InstallConfig.from_env({"AMBIENT_ENABLEMENT_SELECTOR": raw})
+    assert "AMBIENT_ENABLEMENT_SELECTOR" in str(e.value) and words in str(e.value)
+    assert "\n" not in str(e.value)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from cni_plugin.errors import ConfigError
 from install import conflist
 from install.config import InstallConfig
 from install.installer import Installer
@@ -373,3 +374,142 @@ def test_directory_plugin_is_installed_as_a_version_dir_and_a_link(
     nxt.stop(uninstall=True)
     assert snapshot(node["net"], node["bin"]) == before
     assert not os.path.exists(os.path.join(node["bin"], ".istio-cni.d"))
+
+
+# -- newer Istio's layouts: Istio-owned config, standalone (Multus) (issue 17.6) ----------
+
+GOLDEN_OURS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "golden", "install")
+
+
+def _mode(path: str) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_istio_owned_config_leaves_the_primary_untouched(node: dict[str, str]) -> None:
+    primary = os.path.join(node["net"], "10-list.conflist")
+    put(primary, ref("list.conflist"))
+    before = snapshot(node["net"])
+    inst = Installer(
+        config(node, istio_owned_config=True, plugin_log_level="debug", exclude_namespaces="")
+    )
+    assert inst.install_once()
+    owned = os.path.join(node["net"], "02-istio-cni.conflist")
+    assert sorted(os.listdir(node["net"])) == ["02-istio-cni.conflist", "10-list.conflist"]
+    assert snapshot(node["net"])[primary] == before[primary]  # bytes and mode
+    assert _mode(owned) == 0o600  # Istio's CNIConfModeDefault for a file it creates
+    # Exactly the in-place merge Istio 1.24 wrote, now in a file of ours.
+    want = ref("list.conflist.golden").replace(
+        b'"ambient_enabled": false', b'"ambient_enabled": true'
+    )
+    want = want.replace(b"/path/to/kubeconfig", node["run"].encode())
+    assert _read(owned) == want.replace(b'"my-namespace"', b'"istio-cni"')
+    assert inst.check() is None and inst.conf_path == owned
+
+    # The primary CNI rewrites its config: ours is out of date until the next pass.
+    doc = conflist.loads(ref("list.conflist"), "list.conflist")
+    doc["plugins"] = doc["plugins"][1:]  # only the tuning plugin left
+    put(primary, conflist.dumps(doc))
+    assert inst.check() is not None and "out of date" in str(inst.check())
+    assert inst.install_once() and inst.check() is None
+    types = [p["type"] for p in conflist.loads(_read(owned), owned)["plugins"]]
+    assert types == ["tuning", "istio-cni"]
+
+    inst.cleanup()
+    assert sorted(os.listdir(node["net"])) == ["10-list.conflist"]
+    assert _read(primary) == conflist.dumps(doc)
+
+
+def test_istio_owned_file_name_mode_and_priority_warning(
+    node: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    put(os.path.join(node["net"], "00-first.conflist"), ref("list.conflist"))
+    put(os.path.join(node["net"], "10-list.conflist"), ref("list.conflist"))
+    inst = Installer(
+        config(
+            node,
+            istio_owned_config=True,
+            istio_owned_filename="05-istio.conflist",
+            conf_group_read=True,
+        )
+    )
+    with caplog.at_level("WARNING", logger="install.installer"):
+        assert inst.install_once()
+    owned = os.path.join(node["net"], "05-istio.conflist")
+    assert _mode(owned) == 0o640  # CNI_CONF_GROUP_READ
+    (rec,) = [r for r in caplog.records if "sorts after" in r.getMessage()]
+    assert "00-first.conflist" in rec.getMessage()
+    assert "ISTIO_OWNED_CNI_CONF_FILENAME" in rec.getMessage()
+
+
+def test_istio_owned_needs_ambient_as_in_istio(node: dict[str, str]) -> None:
+    put(os.path.join(node["net"], "10-list.conflist"), ref("list.conflist"))
+    inst = Installer(config(node, istio_owned_config=True, ambient_enabled=False))
+    assert inst.install_once()
+    assert sorted(os.listdir(node["net"])) == ["10-list.conflist"]  # chained in place
+
+
+def test_standalone_for_multus_writes_the_entry_alone(node: dict[str, str]) -> None:
+    # No primary config is needed: Multus references ours by name.
+    inst = Installer(
+        config(
+            node,
+            chained=False,
+            plugin_log_level="debug",
+            run_dir=node["run"],
+            exclude_namespaces="",
+            pod_namespace="my-namespace",
+        )
+    )
+    assert inst.install_once()
+    path = os.path.join(node["net"], "YYY-istio-cni.conf")
+    assert sorted(os.listdir(node["net"])) == ["YYY-istio-cni.conf"]
+    golden = _read(os.path.join(GOLDEN_OURS, "istio-cni.conf.golden"))
+    assert _read(path) == golden.replace(b"/path/to/kubeconfig", node["run"].encode())
+    assert _mode(path) == 0o600 and inst.check() is None
+    os.unlink(path)
+    assert inst.check() is not None
+    assert inst.install_once() and inst.check() is None
+    inst.cleanup()
+    assert os.listdir(node["net"]) == []
+
+
+def test_standalone_honours_cni_conf_name(node: dict[str, str]) -> None:
+    inst = Installer(config(node, chained=False, cni_conf_name="istio-cni.conf"))
+    assert inst.install_once()
+    assert os.listdir(node["net"]) == ["istio-cni.conf"]
+
+
+def test_chained_primary_keeps_its_own_mode(node: dict[str, str]) -> None:
+    primary = os.path.join(node["net"], "10-list.conflist")
+    put(primary, ref("list.conflist"))
+    os.chmod(primary, 0o600)
+    inst = Installer(config(node))
+    assert inst.install_once()
+    assert _mode(primary) == 0o600
+    inst.cleanup()
+    assert _mode(primary) == 0o600 and _read(primary) == ref("list.conflist")
+
+
+def test_layout_settings_from_env_with_istio_names() -> None:
+    env = {"CHAINED_CNI_PLUGIN": "false"}
+    assert not InstallConfig.from_env(env).chained  # no longer a config error
+    cfg = InstallConfig.from_env({"ISTIO_OWNED_CNI_CONFIG": "true"})
+    assert cfg.istio_owned_config and cfg.istio_owned_filename == "02-istio-cni.conflist"
+    cfg = InstallConfig.from_env(
+        {
+            "ISTIO_OWNED_CNI_CONFIG": "true",
+            "ISTIO_OWNED_CNI_CONF_FILENAME": "01-mesh.conflist",
+            "CNI_CONF_GROUP_READ": "true",
+        }
+    )
+    assert cfg.istio_owned_filename == "01-mesh.conflist" and cfg.conf_group_read
+    for bad in ("02-istio.conf", "sub/02-istio.conflist"):
+        with pytest.raises(ConfigError, match="ISTIO_OWNED_CNI_CONF_FILENAME"):
+            InstallConfig.from_env(
+                {"ISTIO_OWNED_CNI_CONFIG": "true", "ISTIO_OWNED_CNI_CONF_FILENAME": bad}
+            )

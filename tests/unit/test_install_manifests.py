@@ -92,7 +92,7 @@ def test_configmap_carries_spec_environment(seed: list[dict[str, Any]]) -> None:
     (cm,) = by_kind(seed, "ConfigMap")
     data = cm["data"]
     assert data["AMBIENT_ENABLED"] == "true"  # the ambient profile
-    assert data["AMBIENT_DNS_CAPTURE"] == "false"
+    assert data["AMBIENT_DNS_CAPTURE"] == "true"  # newest Istio's default (1.24: false)
     assert data["AMBIENT_IPV6"] == "true"
     assert data["CHAINED_CNI_PLUGIN"] == "true"
     assert data["EXCLUDE_NAMESPACES"] == "kube-system"
@@ -265,3 +265,104 @@ def test_backend_values_reach_the_agent_config() -> None:
     assert cfg.bpf_pin_root.startswith(mounts["bpffs"]["mountPath"] + "/")
     paths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
     assert paths["bpffs"] == "/sys/fs/bpf" and paths["host-cgroup2"] == "/sys/fs/cgroup/unified"
+
+
+def test_enablement_selectors_reach_the_agent_and_the_installer() -> None:
+    """ambient.enablementSelectors -> AMBIENT_ENABLEMENT_SELECTOR (YAML, as Istio's ConfigMap
+    renders it); the default is the 1.24 rule; a user's list replaces it whole."""
+    from cni_plugin.enablement import DEFAULT_SELECTORS
+    from install.config import InstallConfig
+    from node_agent.config import AgentConfig
+
+    (cm,) = by_kind(_rendered({"profile": "ambient"}), "ConfigMap")
+    cfg = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"})
+    assert cfg.enablement_selectors == DEFAULT_SELECTORS
+    assert InstallConfig.from_env(cm["data"]).enablement_selectors == DEFAULT_SELECTORS
+
+    mine = [{"namespaceSelector": {"matchLabels": {"team": "payments"}}}]
+    (cm,) = by_kind(
+        _rendered({"profile": "ambient", "ambient": {"enablementSelectors": mine}}), "ConfigMap"
+    )
+    (only,) = AgentConfig.from_env({**cm["data"], "NODE_NAME": "n1"}).enablement_selectors
+    assert only.pod.empty and only.namespace.matches({"team": "payments"})
+    assert not only.namespace.matches({"istio.io/dataplane-mode": "ambient"})
+
+
+@pytest.mark.parametrize(
+    ("version", "dns", "reconcile"),
+    [
+        (None, "true", "true"),  # ours: newest Istio's defaults
+        ("1.24", "false", "false"),
+        (1.24, "false", "false"),  # --set compatibilityVersion=1.24 is a number
+        ("1.25", "true", "false"),
+        ("1.28", "true", "false"),
+        ("1.29", "true", "true"),
+        (1.3, "true", "true"),  # --set compatibilityVersion=1.30
+    ],
+)
+def test_compatibility_version_brings_back_earlier_defaults(
+    version: object, dns: str, reconcile: str
+) -> None:
+    values: dict[str, Any] = {"profile": "ambient"}
+    if version is not None:
+        values["compatibilityVersion"] = version
+    (cm,) = by_kind(_rendered(values), "ConfigMap")
+    assert cm["data"]["AMBIENT_DNS_CAPTURE"] == dns
+    assert cm["data"]["AMBIENT_RECONCILE_POD_RULES_ON_STARTUP"] == reconcile
+    # A user's own value still wins over the compatibility profile.
+    values["ambient"] = {"dnsCapture": True}
+    (cm,) = by_kind(_rendered(values), "ConfigMap")
+    assert cm["data"]["AMBIENT_DNS_CAPTURE"] == "true"
+
+
+def test_unknown_compatibility_version_fails_clearly() -> None:
+    from helm_python.errors import HelmError
+
+    with pytest.raises(HelmError, match=r"unknown compatibility version 1\.2:"):
+        render_manifests.render({"compatibilityVersion": "1.2"}, "istio-cni")
+
+
+def test_istio_owned_and_multus_values_reach_the_installer() -> None:
+    from install import conf_layout
+    from install.config import InstallConfig
+
+    plain = _rendered({"profile": "ambient"})
+    (cm,) = by_kind(plain, "ConfigMap")
+    assert cm["data"]["ISTIO_OWNED_CNI_CONFIG"] == "false"
+    assert "ISTIO_OWNED_CNI_CONF_FILENAME" not in cm["data"]
+    assert by_kind(plain, "NetworkAttachmentDefinition") == []
+
+    (cm,) = by_kind(_rendered({"profile": "ambient", "istioOwnedCNIConfig": True}), "ConfigMap")
+    cfg = InstallConfig.from_env(cm["data"])
+    assert cfg.istio_owned_config and cfg.istio_owned_filename == "02-istio-cni.conflist"
+    (cm,) = by_kind(
+        _rendered(
+            {
+                "profile": "ambient",
+                "istioOwnedCNIConfig": True,
+                "istioOwnedCNIConfigFileName": "00-mesh.conflist",
+            }
+        ),
+        "ConfigMap",
+    )
+    assert InstallConfig.from_env(cm["data"]).istio_owned_filename == "00-mesh.conflist"
+
+    # OpenShift's shape (Istio's platform-openshift values).
+    multus = _rendered(
+        {
+            "profile": "ambient",
+            "chained": False,
+            "provider": "multus",
+            "cniConfDir": "/etc/cni/multus/net.d",
+            "cniConfFileName": "istio-cni.conf",
+        }
+    )
+    (nad,) = by_kind(multus, "NetworkAttachmentDefinition")
+    assert nad["apiVersion"] == "k8s.cni.cncf.io/v1"
+    assert (nad["metadata"]["name"], nad["metadata"]["namespace"]) == ("istio-cni", "default")
+    (cm,) = by_kind(multus, "ConfigMap")
+    cfg = InstallConfig.from_env(cm["data"])
+    layout = conf_layout.layout(
+        chained=cfg.chained, istio_owned=cfg.istio_owned_config, ambient_enabled=True
+    )
+    assert layout == conf_layout.STANDALONE and cfg.cni_conf_name == "istio-cni.conf"

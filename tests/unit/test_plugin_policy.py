@@ -360,3 +360,51 @@ def test_a_full_agent_backlog_is_waited_out_not_reported_as_down(tmp_path: Any) 
         for f in fillers:
             f.close()
         srv.close()
+
+
+SELECT_TEAM = [{"namespaceSelector": {"matchLabels": {"team": "a"}}}]
+
+
+def test_agent_down_the_entrys_selectors_judge_the_pod(api: ApiStub, run_dir: str) -> None:
+    # Selected by the conflist entry's enablement_selectors: fail closed.
+    api.add_pod("demo", "app-1", ns_labels={"team": "a"})
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir, enablement_selectors=SELECT_TEAM))
+    assert err["code"] == 11 and "is ambient" in err["msg"]
+    # Labelled ambient but not selected: these selectors do not read that label.
+    api.add_pod("other", "app-2", labels=AMBIENT, ns_labels=AMBIENT)
+    ok_result(
+        run_plugin(
+            cni_env(
+                "ADD",
+                CNI_ARGS="K8S_POD_NAMESPACE=other;K8S_POD_NAME=app-2;K8S_POD_UID=u-2",
+            ),
+            json.dumps(
+                net_conf(cni_agent_run_dir=run_dir, enablement_selectors=SELECT_TEAM)
+            ).encode(),
+        )
+    )
+
+
+def test_agent_down_a_bad_selector_in_the_entry_is_a_config_error(
+    api: ApiStub, run_dir: str
+) -> None:
+    api.add_pod("demo", "app-1")
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir, enablement_selectors=[{"podSelector": {"matchLabel": {}}}]))
+    assert err["code"] == 7
+    assert "enablement_selectors[0].podSelector" in err["msg"] and "matchLabel" in err["msg"]
+
+
+def test_not_chained_no_prev_result_ambient_pod_is_posted(agent: AgentStub, run_dir: str) -> None:
+    """CHAINED_CNI_PLUGIN=false (Multus): no prevResult at all; the ambient pod is handed
+    to the agent without addresses, as Istio's plugin does, and the ADD succeeds."""
+    agent.pods[("demo", "app-1")] = {"known": True, "ambient": True, "reason": "ambient"}
+    conf = net_conf(cni_agent_run_dir=run_dir)
+    del conf["prevResult"]
+    proc = run_plugin(cni_env("ADD"), json.dumps(conf).encode())
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert json.loads(proc.stdout)["cniVersion"] == conf["cniVersion"]
+    (post,) = agent.posts()
+    body = json.loads(post.body)
+    assert body["IPs"] == [] and body["PodName"] == "app-1"

@@ -361,3 +361,23 @@ def test_pod_status_and_records_show_the_decision_and_the_cache(rig: Rig) -> Non
     (record,) = rig.ctl.records({})
     assert (record.state, record.zds, record.decision) == ("enabled", "acked", "ambient")
     assert record.netns_inode is not None and record.ips == p.ips
+
+
+def test_custom_selectors_judge_namespaces_by_their_own_labels() -> None:
+    from cni_plugin.enablement import parse_selectors
+
+    rig = Rig()
+    rig.ctl.policy = EnablementPolicy(
+        selectors=parse_selectors([{"namespaceSelector": {"matchLabels": {"mesh": "on"}}}], "t")
+    )
+    rig.namespace("shop")
+    p = rig.pod("shop", "p", ip="10.0.0.1")
+    rig.namespace("shop", AMBIENT)  # the ambient label is not what these selectors read
+    assert rig.queue.added == []
+    rig.ctl.reconcile(p.uid)
+    assert p.uid not in rig.cache
+    rig.namespace("shop", {"mesh": "on"})
+    assert rig.queue.added == [p.uid]
+    rig.ctl.reconcile(p.uid)
+    assert rig.annotation(p) == c.REDIRECTION_ENABLED
+    assert rig.ctl.decision(p).enabled

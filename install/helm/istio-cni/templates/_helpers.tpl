@@ -1,5 +1,6 @@
 {{/*
-The effective values: chart defaults < profile < user values (Istio's layering).
+The effective values: chart defaults < profile < compatibilityVersion < user values
+(Istio's layering: a compatibilityVersion profile brings back an earlier release's defaults).
 Use as: {{- $v := include "istio-cni.values" . | fromYaml }}
 */}}
 {{- define "istio-cni.values" -}}
@@ -13,7 +14,18 @@ Use as: {{- $v := include "istio-cni.values" . | fromYaml }}
 {{- end -}}
 {{- $profile = fromYaml $raw -}}
 {{- end -}}
-{{- $user := omit .Values "_internal_defaults_do_not_set" "profile" -}}
+{{- with .Values.compatibilityVersion -}}
+{{- $ver := toString . -}}
+{{- /* --set compatibilityVersion=1.30 arrives as the number 1.3 */ -}}
+{{- if eq $ver "1.3" }}{{ $ver = "1.30" }}{{ end -}}
+{{- $file := printf "files/profile-compatibility-version-%s.yaml" $ver -}}
+{{- $raw := $.Files.Get $file -}}
+{{- if not $raw -}}
+{{- fail (printf "unknown compatibility version %s: no %s in the chart (1.24 to 1.30)" $ver $file) -}}
+{{- end -}}
+{{- $_ := mustMergeOverwrite $profile (fromYaml $raw) -}}
+{{- end -}}
+{{- $user := omit .Values "_internal_defaults_do_not_set" "profile" "compatibilityVersion" -}}
 {{- mustMergeOverwrite $defaults $profile (deepCopy $user) | toYaml -}}
 {{- end -}}
 
