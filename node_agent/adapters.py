@@ -130,7 +130,8 @@ class ZdsZtunnel:
     def snapshot(self) -> list[SnapshotEntry]:
         out = []
         for e in self.cache.entries():
-            if e.state not in ("enabled", "pending"):
+            # "enrolling": ztunnel may already hold it (Add comes before the rules).
+            if e.state not in ("enabled", "pending", "enrolling"):
                 continue
             info = WorkloadInfo(e.name, e.namespace, e.service_account)
             out.append(SnapshotEntry(e.uid, info, e.netns_path))

@@ -1,13 +1,22 @@
-"""Adding a pod to the mesh and removing it, in the SPEC §4 order (1.25+ semantics).
+"""Adding a pod to the mesh and removing it (SPEC §4, 1.25+ semantics, listeners first).
 
-Add, for a pod with an open namespace handle:
-  1. install in-pod rules (backend ``apply``, idempotent). Failure: this attempt stops
-     here (:class:`NotRetryableError`), nothing is cached, nothing is annotated.
-  2. ZDS Add to ztunnel with the namespace fd. Failure: the pod is cached as ``pending``
-     (so the next ztunnel snapshot carries it), annotated ``pending``, and the error is
-     raised so the caller retries later.
+Add, for a pod with an open namespace handle. The pod must never run unredirected once it
+is meant to be in the mesh, and its traffic must never be redirected to ztunnel ports that
+nothing listens on yet (issue 19: new connections of a running pod were refused in the gap
+between its rules and ztunnel's listeners). ztunnel opens a pod's listeners before it acks
+the Add, so, while a ztunnel is connected:
+  1. ZDS Add with the namespace fd (the pod is cached first, so a ztunnel reconnecting
+     meanwhile gets it in its snapshot). Failure: continue as without ztunnel, below.
+  2. install in-pod rules (backend ``apply``, idempotent). Failure: not retryable for this
+     attempt (:class:`NotRetryableError`); ztunnel is told Del, nothing stays cached.
+Without a connected ztunnel, SPEC §4's order, so the pod is captured at once:
+  1. rules (failure: not retryable, nothing cached, nothing annotated);
+  2. ZDS Add. Failure: the pod is cached as ``pending`` (so the next ztunnel snapshot
+     carries it), annotated ``pending``, and the error is raised so the caller retries.
+Then, either way:
   3. add the pod IPs to the host probe ipset.
-  4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so).
+  4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so): only now
+     are its traffic captured and ztunnel holding it.
 Remove: probe set, cache, rules (only while the pod still exists: a deleted pod's
 namespace is gone with it), ZDS Del on every connection, annotation null (404 ignored).
 Every edge is a Protocol declared here; the composition root wires the real ones.
@@ -126,29 +135,41 @@ class Enroller:
             mark = now
 
         step("queued")
-        # 1. rules
+        listening = False
+        refused: ZtunnelUnavailableError | ZtunnelRejectedError | None = None
+        if self.ztunnel.connected:
+            # 1. ztunnel first: its listeners exist before anything is redirected to them.
+            self.cache.put(entry)
+            try:
+                self.ztunnel.add_pod(entry, path)
+                listening = True
+                entry.zds = "acked"
+            except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
+                refused = e  # not asked twice: the rules go in, the pod stays pending
+            step("ztunnel")
+        # 2. rules
         try:
             self.rules.apply(path, settings)
         except IstioCniError as e:
-            if prev is not None and prev.netns is netns:
-                prev.state, prev.last_error = "failed", str(e)
-            else:
-                netns.close()
+            self._undo_failed_rules(pod, entry, prev, listening)
             plog.warning("cannot install redirection rules", extra={"fields": {"error": str(e)}})
             raise NotRetryableError(f"installing redirection for {pod.key} failed: {e}") from e
         step("rules")
-        self.cache.put(entry)
-        # 2. ztunnel
-        try:
-            self.ztunnel.add_pod(entry, path)
-        except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
-            entry.state, entry.zds, entry.last_error = "pending", "pending", str(e)
-            plog.warning("ztunnel did not take the pod yet", extra={"fields": {"error": str(e)}})
-            if pod.redirection_annotation != c.REDIRECTION_PENDING:
-                self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
-            raise
-        entry.zds = "acked"
-        step("ztunnel")
+        if not listening:
+            self.cache.put(entry)
+            try:
+                if refused is not None:
+                    raise refused
+                self.ztunnel.add_pod(entry, path)
+            except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
+                entry.state, entry.zds, entry.last_error = "pending", "pending", str(e)
+                plog.warning("ztunnel did not take the pod yet",
+                             extra={"fields": {"error": str(e)}})  # fmt: skip
+                if pod.redirection_annotation != c.REDIRECTION_PENDING:
+                    self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
+                raise
+            entry.zds = "acked"
+            step("ztunnel")
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
         step("probe_set")
@@ -173,6 +194,24 @@ class Enroller:
             },
         )
         return entry
+
+    def _undo_failed_rules(
+        self, pod: PodInfo, entry: CachedPod, prev: CachedPod | None, listening: bool
+    ) -> None:
+        """Rules could not be installed. A pod new to this agent leaves ztunnel and the cache
+        again (nothing was redirected to it); a known one keeps ztunnel's proxy (its older
+        rules may still redirect to it) and its previous entry, marked failed, when that
+        entry owns this namespace handle. Otherwise the handle is closed."""
+        if listening and prev is None:
+            self.ztunnel.delete(pod.uid)
+        if prev is not None and prev.netns is entry.netns:
+            self.cache.put(prev)
+            prev.state, prev.last_error = "failed", "installing redirection failed"
+            return
+        if self.cache.get(pod.uid) is entry:
+            self.cache.pop(pod.uid)
+        if entry.netns is not None:
+            entry.netns.close()
 
     def adopt(self, pod: PodInfo, netns: Netns | None) -> CachedPod:
         """Record an already-enrolled pod found at startup (rules assumed in place; the

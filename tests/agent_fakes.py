@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from cni_plugin import constants as c
-from cni_plugin.errors import RedirectionError, ZtunnelUnavailableError
+from cni_plugin.errors import RedirectionError, ZtunnelRejectedError, ZtunnelUnavailableError
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
@@ -244,6 +244,7 @@ class FakeZtunnel:
         self.order = order if order is not None else []
         self.adds: list[tuple[str, int]] = []  # uid, netns inode
         self.dels: list[str] = []
+        self.reject = False  # connected, but ztunnel nacks Adds
 
     @property
     def connected(self) -> bool:
@@ -258,6 +259,8 @@ class FakeZtunnel:
         self.order.append("zds-add")
         if not self._connected:
             raise ZtunnelUnavailableError("fake: no ztunnel")
+        if self.reject:
+            raise ZtunnelRejectedError("fake: failure to start proxy")
         self.adds.append((pod.uid, os.stat(netns_path).st_ino))
 
     def delete(self, uid: str) -> None:
