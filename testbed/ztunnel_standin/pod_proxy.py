@@ -14,8 +14,11 @@ here from the event loop thread):
   TCP to the original destination (the resolver the pod dialled) or else that upstream.
 
 Every outgoing socket is created inside the pod namespace with ``SO_MARK 1337``. Each
-proxied connection writes one access-log line when it ends. :meth:`PodProxy.close` closes
-the listeners and every open connection of the pod.
+proxied connection writes one access-log line when it ends. :meth:`PodProxy.stop_listening`
+then :meth:`PodProxy.drain` is ztunnel's graceful drain of a deleted pod: no new connections,
+the open ones may finish on their own until a deadline (ztunnel's connection termination
+deadline, 5 s by default), then they are closed. :meth:`PodProxy.close` closes everything
+at once (the stand-in stopping).
 """
 
 from __future__ import annotations
@@ -99,6 +102,7 @@ class PodProxy:
         self._udp: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.background: asyncio.Future[None] | None = None  # its drain, once deleted
 
     async def start(self, socks: list[socket.socket]) -> None:
         """Serve the listeners ``sockets.listeners_in`` made for LISTEN_PORTS, in order."""
@@ -131,12 +135,25 @@ class PodProxy:
         loop.add_reader(dns_udp.fileno(), self._dns_udp_readable)
         self._udp = dns_udp
 
-    async def close(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listeners (idempotent): new connections to them are refused."""
         for s in self._servers:
             s.close()
         if self._udp is not None:
             asyncio.get_running_loop().remove_reader(self._udp.fileno())
             self._udp.close()
+            self._udp = None
+
+    async def drain(self, deadline: float) -> None:
+        """Let open connections end on their own for up to ``deadline`` seconds, then close
+        what is left (as ztunnel's ``run_with_drain``)."""
+        self.stop_listening()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=deadline)
+        await self.close()
+
+    async def close(self) -> None:
+        self.stop_listening()
         for w in list(self._writers):
             w.transport.abort()
         for t in list(self._tasks):

@@ -7,7 +7,7 @@ import threading
 
 from testbed.ztunnel_standin.access_log import AccessLog
 from testbed.ztunnel_standin.identity import MeshCa
-from testbed.ztunnel_standin.workloads import WorkloadManager
+from testbed.ztunnel_standin.workloads import DRAIN_SECONDS, WorkloadManager
 from testbed.ztunnel_standin.zds_client import ZdsClient
 
 
@@ -15,11 +15,18 @@ class StandIn:
     """A ztunnel stand-in: ``start()`` returns at once; ``stop()`` drops every pod proxy."""
 
     def __init__(
-        self, socket_path: str, access_log: str, ca_dir: str, dns_upstream: tuple[str, int]
+        self,
+        socket_path: str,
+        access_log: str,
+        ca_dir: str,
+        dns_upstream: tuple[str, int],
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.loop = asyncio.new_event_loop()
         self.access_log = AccessLog(access_log)
-        self.manager = WorkloadManager(self.loop, MeshCa(ca_dir), self.access_log, dns_upstream)
+        self.manager = WorkloadManager(
+            self.loop, MeshCa(ca_dir), self.access_log, dns_upstream, drain_seconds
+        )
         self.client = ZdsClient(socket_path, self.manager)
         self._loop_thread = threading.Thread(target=self._run_loop, name="dataplane", daemon=True)
         self._client_thread = threading.Thread(target=self.client.run, name="zds", daemon=True)
