@@ -55,6 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DRAIN_SECONDS,
         help="how long a deleted pod's open connections may finish (ztunnel's default: 5)",
     )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="API server to learn from which pods speak HBONE (annotated enabled, as istiod "
+        "tells ztunnel); without it, the pods this stand-in proxies",
+    )
     p.add_argument("--log-level", default="info")
     # First: a SIGTERM while the CA and listeners are still being set up is a clean exit too.
     done = threading.Event()
@@ -68,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.ca_dir,
         args.dns_upstream or _first_nameserver(),
         args.drain_seconds,
+        args.kubeconfig,
     )
     if done.is_set():
         return 0
