@@ -106,17 +106,27 @@ class SerialRules:
 
 
 class ZdsZtunnel:
-    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
+    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot.
+
+    ``delete_later`` sends the Del from a timer thread; an Add or Del of the same pod before
+    it fires replaces it, and one being sent when an Add comes is sent first (so ztunnel
+    never sees a stale Del after the Add that re-enrolled the pod). A timer firing after the
+    server stopped finds no connection: nothing is sent (the next ztunnel's snapshot, which
+    lacks the pod, drops it)."""
 
     def __init__(self, cache: PodCache) -> None:
         self.cache = cache
         self.server: ZdsServer | None = None
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()  # held while a deferred Del is on the wire
+        self._timers: dict[str, threading.Timer] = {}
 
     @property
     def connected(self) -> bool:
         return self.server is not None and self.server.connected
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
+        self._cancel(pod.uid)
         if self.server is None:
             raise ZtunnelUnavailableError("the ZDS server is not started yet; will retry")
         self.server.add(
@@ -124,8 +134,36 @@ class ZdsZtunnel:
         )
 
     def delete(self, uid: str) -> None:
+        self._cancel(uid)
         if self.server is not None:
             self.server.delete(uid)
+
+    def delete_later(self, uid: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._deferred, args=(uid,))
+        timer.daemon = True
+        with self._lock:
+            old = self._timers.pop(uid, None)
+            self._timers[uid] = timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def _cancel(self, uid: str) -> None:
+        with self._lock:
+            timer = self._timers.pop(uid, None)
+        if timer is not None:
+            timer.cancel()
+        with self._sending:  # a deferred Del already on its way goes first
+            pass
+
+    def _deferred(self, uid: str) -> None:
+        with self._sending:
+            with self._lock:
+                if self._timers.get(uid) is not threading.current_thread():
+                    return  # replaced or cancelled meanwhile
+                del self._timers[uid]
+            if self.server is not None:
+                self.server.delete(uid)
 
     def snapshot(self) -> list[SnapshotEntry]:
         out = []

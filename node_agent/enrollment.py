@@ -18,7 +18,11 @@ Then, either way:
   4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so): only now
      are its traffic captured and ztunnel holding it.
 Remove: probe set, cache, rules (only while the pod still exists: a deleted pod's
-namespace is gone with it), ZDS Del on every connection, annotation null (404 ignored).
+namespace is gone with it), annotation null (404 ignored), then ZDS Del on every
+connection. For a pod that keeps running, the Del waits ``leave_grace`` seconds: other
+ztunnels keep sending it HBONE until istiod has told them it left (the annotation), and
+its own ztunnel's listeners must still be there to take those connections. Istio 1.24
+sends the Del first and unannotates after, which refuses them (issue 19).
 Every edge is a Protocol declared here; the composition root wires the real ones.
 """
 
@@ -46,6 +50,10 @@ from node_agent.resources import PodInfo
 
 log = logging.getLogger("node_agent.enrollment")
 
+# How long a pod that left the mesh keeps its ztunnel listeners after its annotation went:
+# istiod's push to the other ztunnels (debounce 100 ms, then the push) fits well inside.
+LEAVE_GRACE_S = 2.0
+
 
 class Rules(Protocol):
     """The in-pod redirection backend (a :class:`RedirectionBackend`)."""
@@ -68,6 +76,10 @@ class Ztunnel(Protocol):
     def add_pod(self, pod: CachedPod, netns_path: str) -> None: ...
 
     def delete(self, uid: str) -> None: ...
+
+    def delete_later(self, uid: str, delay: float) -> None:
+        """Del after ``delay`` seconds, unless an Add or Del of ``uid`` comes first."""
+        ...
 
 
 class ProbeSet(Protocol):
@@ -98,7 +110,9 @@ class Enroller:
         cache: PodCache,
         settings_for: Callable[[PodInfo], RedirectSettings],
         observer: EnrollmentObserver | None = None,
+        leave_grace: float = LEAVE_GRACE_S,
     ) -> None:
+        self.leave_grace = leave_grace
         self.rules = rules
         self.ztunnel = ztunnel
         self.probes = probes
@@ -252,11 +266,14 @@ class Enroller:
         finally:
             if entry is not None and entry.netns is not None:
                 entry.netns.close()
-        # 4. ztunnel
-        self.ztunnel.delete(pod.uid)
-        # 5. annotation
+        # 4. annotation: istiod tells the other ztunnels to stop sending it HBONE
         if exists and (entry is not None or pod.redirection_annotation is not None):
             self.annotator.patch_redirection(pod.namespace, pod.name, None)
+        # 5. ztunnel, once they had time to hear it (a deleted pod: at once)
+        if exists and self.leave_grace > 0:
+            self.ztunnel.delete_later(pod.uid, self.leave_grace)
+        else:
+            self.ztunnel.delete(pod.uid)
         if self.observer is not None:
             self.observer.removed()
         plog.info("pod removed", extra={"fields": {"rules_removed": exists}})

@@ -267,6 +267,10 @@ class FakeZtunnel:
         self.order.append("zds-del")
         self.dels.append(uid)
 
+    def delete_later(self, uid: str, delay: float) -> None:
+        self.order.append(f"zds-del-after:{delay:g}")
+        self.dels.append(uid)
+
 
 class FakeProbes:
     def __init__(self, order: list[str] | None = None) -> None:

@@ -52,7 +52,8 @@ def test_add_with_ztunnel_connected_opens_listeners_before_the_rules_then_remove
     )
     order.clear()
     e.remove(POD, exists=True)
-    assert order == ["probe-remove", "rules-remove", "zds-del", "annotate:None"]
+    # The annotation goes first, ztunnel's listeners stay for the other ztunnels to hear it.
+    assert order == ["probe-remove", "rules-remove", "annotate:None", "zds-del-after:2"]
     assert "u1" not in e.cache and zt.dels == ["u1"]
     assert entry.netns is not None and entry.netns.fd == -1  # handle closed
 
@@ -140,3 +141,39 @@ def test_a_pod_ztunnel_took_before_its_rules_is_in_a_reconnecting_ztunnels_snaps
     cache.put(CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=_netns()))
     assert [s.uid for s in ZdsZtunnel(cache).snapshot()] == ["u1"]
     cache.close()
+
+
+class _RecordingServer:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.connected = True
+
+    def add(self, uid: str, netns_path: str, info: object) -> None:
+        self.sent.append(f"add {uid}")
+
+    def delete(self, uid: str) -> None:
+        self.sent.append(f"del {uid}")
+
+
+def test_deferred_del_is_sent_after_its_delay_unless_the_pod_is_added_again() -> None:
+    import time
+
+    from node_agent.adapters import ZdsZtunnel
+    from node_agent.pod_cache import CachedPod
+
+    zt = ZdsZtunnel(PodCache())
+    server = _RecordingServer()
+    zt.server = server  # type: ignore[assignment]
+    pod = CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=None)
+    zt.delete_later("u1", 0.2)
+    zt.delete_later("u2", 0.05)
+    zt.add_pod(pod, "/proc/self/ns/net")  # re-enrolled within the grace: no Del for u1
+    deadline = time.monotonic() + 5
+    while "del u2" not in server.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.4)
+    assert server.sent == ["add u1", "del u2"]
+    zt.delete_later("u1", 0.05)
+    zt.delete("u1")  # deleted meanwhile: one Del now, none later
+    time.sleep(0.2)
+    assert server.sent == ["add u1", "del u2", "del u1"]
