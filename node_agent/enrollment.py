@@ -45,6 +45,7 @@ from cni_plugin.netns import Netns
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.logs import PodLogger
+from node_agent.nat_hold import PRIME_S
 from node_agent.pod_cache import CachedPod, PodCache
 from node_agent.resources import PodInfo
 
@@ -53,6 +54,9 @@ log = logging.getLogger("node_agent.enrollment")
 # How long a pod that left the mesh keeps its ztunnel listeners after its annotation went:
 # istiod's push to the other ztunnels (debounce 100 ms, then the push) fits well inside.
 LEAVE_GRACE_S = 2.0
+# ztunnel's DEFAULT_CONNECTION_TERMINATION_DEADLINE: how long a deleted pod's proxied
+# connections may still run (and so need their NAT).
+ZTUNNEL_DRAIN_S = 5.0
 
 
 class Rules(Protocol):
@@ -94,6 +98,17 @@ class Annotator(Protocol):
     def patch_redirection(self, namespace: str, name: str, value: str | None) -> bool: ...
 
 
+class NatHolder(Protocol):
+    """Keeps conntrack and NAT alive in a pod namespace while its rules change
+    (:class:`node_agent.nat_hold.NatHold`)."""
+
+    def hold(self, netns_path: str) -> None: ...
+
+    def release(self, netns_path: str) -> None: ...
+
+    def release_later(self, netns_path: str, delay: float) -> None: ...
+
+
 class EnrollmentObserver(Protocol):
     def enrolled(self, latency_s: float) -> None: ...
 
@@ -111,8 +126,12 @@ class Enroller:
         settings_for: Callable[[PodInfo], RedirectSettings],
         observer: EnrollmentObserver | None = None,
         leave_grace: float = LEAVE_GRACE_S,
+        nat: NatHolder | None = None,
+        prime_s: float = PRIME_S,
     ) -> None:
         self.leave_grace = leave_grace
+        self.nat = nat
+        self.prime_s = prime_s
         self.rules = rules
         self.ztunnel = ztunnel
         self.probes = probes
@@ -121,8 +140,12 @@ class Enroller:
         self.settings_for = settings_for
         self.observer = observer
 
-    def add(self, pod: PodInfo, netns: Netns, *, started: float | None = None) -> CachedPod:
-        """Enroll ``pod`` whose namespace is ``netns`` (ownership passes to the cache)."""
+    def add(
+        self, pod: PodInfo, netns: Netns, *, started: float | None = None, running: bool = True
+    ) -> CachedPod:
+        """Enroll ``pod`` whose namespace is ``netns`` (ownership passes to the cache).
+        ``running``: the pod may have open connections (not a sandbox being made by the CNI
+        plugin): they are primed under a NAT hold first, so the rules leave them alone."""
         t0 = started if started is not None else time.monotonic()
         plog = PodLogger(log, pod.namespace, pod.name, pod.uid)
         settings = self.settings_for(pod)
@@ -162,12 +185,16 @@ class Enroller:
                 refused = e  # not asked twice: the rules go in, the pod stays pending
             step("ztunnel")
         # 2. rules
+        primed = running and self._prime(path)
         try:
             self.rules.apply(path, settings)
         except IstioCniError as e:
             self._undo_failed_rules(pod, entry, prev, listening)
             plog.warning("cannot install redirection rules", extra={"fields": {"error": str(e)}})
             raise NotRetryableError(f"installing redirection for {pod.key} failed: {e}") from e
+        finally:
+            if primed and self.nat is not None:
+                self.nat.release(path)  # the rules themselves keep conntrack and NAT on now
         step("rules")
         if not listening:
             self.cache.put(entry)
@@ -208,6 +235,14 @@ class Enroller:
             },
         )
         return entry
+
+    def _prime(self, path: str) -> bool:
+        """Hold NAT and wait for the pod's open connections to be tracked (no NAT)."""
+        if self.nat is None:
+            return False
+        self.nat.hold(path)
+        time.sleep(self.prime_s)
+        return True
 
     def _undo_failed_rules(
         self, pod: PodInfo, entry: CachedPod, prev: CachedPod | None, listening: bool
@@ -259,8 +294,13 @@ class Enroller:
         try:
             # 3. rules, only while the pod (and so its namespace) still exists
             if exists and entry is not None and entry.netns_path is not None:
+                path = entry.netns_path
+                if self.nat is not None:
+                    # Connections it redirected keep their NAT until ztunnel has drained.
+                    self.nat.hold(path)
+                    self.nat.release_later(path, self.leave_grace + ZTUNNEL_DRAIN_S + 1.0)
                 try:
-                    self.rules.remove(entry.netns_path, self.settings_for(pod))
+                    self.rules.remove(path, self.settings_for(pod))
                 except NetnsError as e:
                     plog.debug("namespace already gone", extra={"fields": {"error": str(e)}})
         finally:

@@ -232,7 +232,7 @@ class PodController:
             ):
                 netns.close()
                 return "already enrolled"
-            self.enroller.add(pod, netns, started=t0)
+            self.enroller.add(pod, netns, started=t0, running=False)  # a new sandbox
             return "enrolled"
 
         assert self.queue is not None

@@ -41,6 +41,7 @@ from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
 from node_agent.malloc_arenas import cap_malloc_arenas
 from node_agent.metrics import AgentMetrics
+from node_agent.nat_hold import NatHold
 from node_agent.netns_finder import NetnsFinder
 from node_agent.plugin_events import PluginEventServer
 from node_agent.pod_cache import PodCache
@@ -113,6 +114,9 @@ class Agent:
             self.cache,
             self.settings_for,
             observer=self.metrics,
+            # The netfilter backends redirect with conntrack NAT, which a NAT hold protects;
+            # ebpf rewrites without conntrack (new connections only, by its own map).
+            nat=NatHold() if self.rules.name in ("iptables", "nftables") else None,
         )
         self.pod_informer: Informer[PodInfo] = Informer(
             "pods",
