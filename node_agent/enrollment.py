@@ -106,7 +106,17 @@ class NatHolder(Protocol):
 
     def release(self, netns_path: str) -> None: ...
 
-    def release_later(self, netns_path: str, delay: float) -> None: ...
+
+class Departure(Protocol):
+    """Takes a running pod's redirection out without cutting its captured connections
+    (:mod:`node_agent.departure`): new ones go direct at once, the rest is removed after
+    ``drain_s``; ``cancel`` drops what is still pending (the pod is enrolled again)."""
+
+    def leave(
+        self, uid: str, netns_path: str, settings: RedirectSettings, drain_s: float
+    ) -> None: ...
+
+    def cancel(self, uid: str) -> None: ...
 
 
 class EnrollmentObserver(Protocol):
@@ -127,10 +137,12 @@ class Enroller:
         observer: EnrollmentObserver | None = None,
         leave_grace: float = LEAVE_GRACE_S,
         nat: NatHolder | None = None,
+        departure: Departure | None = None,
         prime_s: float = PRIME_S,
     ) -> None:
         self.leave_grace = leave_grace
         self.nat = nat
+        self.departure = departure
         self.prime_s = prime_s
         self.rules = rules
         self.ztunnel = ztunnel
@@ -172,6 +184,8 @@ class Enroller:
             mark = now
 
         step("queued")
+        if self.departure is not None:
+            self.departure.cancel(pod.uid)  # a removal still pending must not undo this
         listening = False
         refused: ZtunnelUnavailableError | ZtunnelRejectedError | None = None
         if self.ztunnel.connected:
@@ -294,13 +308,14 @@ class Enroller:
         try:
             # 3. rules, only while the pod (and so its namespace) still exists
             if exists and entry is not None and entry.netns_path is not None:
-                path = entry.netns_path
-                if self.nat is not None:
-                    # Connections it redirected keep their NAT until ztunnel has drained.
-                    self.nat.hold(path)
-                    self.nat.release_later(path, self.leave_grace + ZTUNNEL_DRAIN_S + 1.0)
+                path, settings = entry.netns_path, self.settings_for(pod)
                 try:
-                    self.rules.remove(path, self.settings_for(pod))
+                    if self.departure is not None:
+                        # Captured connections keep their path until ztunnel has drained.
+                        drain_s = self.leave_grace + ZTUNNEL_DRAIN_S + 1.0
+                        self.departure.leave(pod.uid, path, settings, drain_s)
+                    else:
+                        self.rules.remove(path, settings)
                 except NetnsError as e:
                     plog.debug("namespace already gone", extra={"fields": {"error": str(e)}})
         finally:

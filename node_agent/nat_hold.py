@@ -18,7 +18,7 @@ prerouting hooks, each with a rule that never matches (``tcp dport 0``) but uses
 all it takes to keep conntrack and NAT alive in the namespace. Enrolling a running pod:
 hold, let its open connections pass a packet (:data:`PRIME_S`: each gets a conntrack entry
 with no NAT, which the redirection then leaves alone), install the rules, release. Leaving:
-hold, remove the rules, release once ztunnel's drain is over (the caller's delay).
+hold, remove the rules, release once ztunnel's drain is over (:mod:`node_agent.departure`).
 
 Best effort: a hold that cannot be placed only loses this protection (logged), never an
 enrolment. A connection that sends nothing while the hold primes it (idle longer than
@@ -28,10 +28,9 @@ enrolment. A connection that sends nothing while the hold primes it (idle longer
 from __future__ import annotations
 
 import logging
-import threading
 
 from cni_plugin.errors import IstioCniError
-from cni_plugin.netns import Netns, run_in_netns
+from cni_plugin.netns import run_in_netns
 
 log = logging.getLogger("node_agent.nat_hold")
 
@@ -50,31 +49,13 @@ _RELEASE = f"delete table inet {TABLE}\n"
 
 
 class NatHold:
-    """``hold`` / ``release`` in a namespace, ``release_later`` on a timer thread that keeps
-    its own handle on the namespace until then."""
+    """``hold`` / ``release`` in a namespace (both idempotent)."""
 
     def hold(self, netns_path: str) -> None:
         self._nft(netns_path, _HOLD, "placing the conntrack/NAT hold")
 
     def release(self, netns_path: str) -> None:
         self._nft(netns_path, _RELEASE, "releasing the conntrack/NAT hold", missing_ok=True)
-
-    def release_later(self, netns_path: str, delay: float) -> None:
-        try:
-            ns = Netns.open(netns_path)
-        except IstioCniError as e:
-            log.debug("namespace gone: no hold to release", extra={"fields": {"error": str(e)}})
-            return
-
-        def release() -> None:
-            try:
-                self.release(f"/proc/self/fd/{ns.fd}")
-            finally:
-                ns.close()
-
-        timer = threading.Timer(delay, release)
-        timer.daemon = True
-        timer.start()
 
     @staticmethod
     def _nft(netns_path: str, script: str, what: str, missing_ok: bool = False) -> None:

@@ -35,6 +35,7 @@ from node_agent.adapters import (
 from node_agent.backend_selection import select_backend
 from node_agent.bpf_pins import PinPruner
 from node_agent.config import AgentConfig
+from node_agent.departure import EbpfDeparture, NetfilterDeparture
 from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
 from node_agent.host_probe import HostProbe
@@ -106,6 +107,15 @@ class Agent:
         )
         self.ztunnel = ZdsZtunnel(self.cache)
         self.finder = NetnsFinder(cfg.proc_root, cfg.host_netns)
+        # The netfilter backends redirect with conntrack NAT, which a NAT hold protects;
+        # ebpf steers new connections only and carries captured ones in its own map.
+        nat: NatHold | None = None
+        departure: NetfilterDeparture | EbpfDeparture | None = None
+        if self.rules.name in ("iptables", "nftables"):
+            nat = NatHold()
+            departure = NetfilterDeparture(self.rules, nat)
+        elif self.rules.name == "ebpf":
+            departure = EbpfDeparture(self.rules)
         self.enroller = Enroller(
             self.rules,
             self.ztunnel,
@@ -114,9 +124,8 @@ class Agent:
             self.cache,
             self.settings_for,
             observer=self.metrics,
-            # The netfilter backends redirect with conntrack NAT, which a NAT hold protects;
-            # ebpf rewrites without conntrack (new connections only, by its own map).
-            nat=NatHold() if self.rules.name in ("iptables", "nftables") else None,
+            nat=nat,
+            departure=departure,
         )
         self.pod_informer: Informer[PodInfo] = Informer(
             "pods",

@@ -356,8 +356,9 @@ int istio_egress(struct __sk_buff *skb)
     if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
         return TC_ACT_UNSPEC; /* ztunnel's own traffic, its upstream DNS included */
     int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
+    int draining = s->flags & F_DRAIN;
     if (f.proto == IPPROTO_UDP) {
-        if (!dns)
+        if (!dns || draining)
             return TC_ACT_UNSPEC;
         count(C_DNS_UDP);
         return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
@@ -370,6 +371,8 @@ int istio_egress(struct __sk_buff *skb)
         return to_lo(skb);
     }
     if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+        if (draining)
+            return TC_ACT_UNSPEC; /* leaving: new connections go where they were sent */
         count(dns ? C_DNS_TCP : C_OUTBOUND);
         return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
     }
@@ -404,6 +407,8 @@ int istio_ingress(struct __sk_buff *skb)
     __u32 mark = skb->mark & MARK_MASK;
     if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
         return TC_ACT_UNSPEC;
+    if (s->flags & F_DRAIN)
+        return TC_ACT_UNSPEC; /* leaving: new connections reach the app directly */
     if (on_lo) {
         /* Connections made inside the pod: iptables decides them once, in nat OUTPUT, where
          * only TCP/53 is redirected before `! -d 127.0.0.1 -o lo -j ACCEPT`; its PREROUTING

@@ -19,6 +19,7 @@ import pytest
 from cni_plugin.netns import run_in_netns
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.departure import Pending
 from node_agent.nat_hold import TABLE, NatHold
 from testbed.ztunnel_standin.topology import TwoPods, client_socket
 
@@ -133,18 +134,26 @@ def test_redirected_connection_loses_its_nat_on_removal_unless_held(
     assert _ask(first, b"3") == b"ConnectionResetError"
 
 
-def test_release_later_keeps_its_own_handle_and_tolerates_a_missing_table(
+def test_a_pending_release_keeps_its_own_handle_and_a_missing_table_is_fine(
     pods: TwoPods, caplog: pytest.LogCaptureFixture
 ) -> None:
-    hold = NatHold()
+    hold, pending = NatHold(), Pending()
     hold.hold(pods.a.path)
     hold.hold(pods.a.path)  # idempotent
     assert TABLE in _tables(pods)
-    done = threading.Event()
-    hold.release_later(pods.a.path, 0.1)
-    threading.Timer(0.6, done.set).start()
-    done.wait(5)
-    assert TABLE not in _tables(pods)
+    released = threading.Event()
+
+    def release(path: str) -> None:
+        hold.release(path)
+        released.set()
+
+    pending.after("uid-a", pods.a.path, 0.1, release)
+    assert released.wait(5) and TABLE not in _tables(pods)
+    ran: list[str] = []
+    pending.after("uid-a", pods.a.path, 0.1, ran.append)
+    pending.cancel("uid-a")  # enrolled again meanwhile
+    threading.Event().wait(0.4)
+    assert ran == []
     with caplog.at_level(logging.WARNING, logger="node_agent.nat_hold"):
         hold.release(pods.a.path)  # nothing to release: no error, nothing logged
     assert caplog.records == []

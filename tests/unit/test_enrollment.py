@@ -177,3 +177,40 @@ def test_deferred_del_is_sent_after_its_delay_unless_the_pod_is_added_again() ->
     zt.delete("u1")  # deleted meanwhile: one Del now, none later
     time.sleep(0.2)
     assert server.sent == ["add u1", "del u2", "del u1"]
+
+
+def test_a_running_pod_leaves_through_its_departure_and_an_add_cancels_it() -> None:
+    """Leaving goes through the backend's departure (captured connections keep their path
+    until ztunnel drained them); enrolling again cancels what is pending; a running pod is
+    primed under a NAT hold before its rules, a new sandbox is not."""
+    order: list[str] = []
+    e, *_ = _enroller(order)
+
+    class Hold:
+        def hold(self, netns_path: str) -> None:
+            order.append("hold")
+
+        def release(self, netns_path: str) -> None:
+            order.append("release")
+
+    class Leave:
+        def leave(
+            self, uid: str, netns_path: str, settings: RedirectSettings, drain_s: float
+        ) -> None:
+            order.append(f"leave:{uid}:{drain_s:g}")
+
+        def cancel(self, uid: str) -> None:
+            order.append(f"cancel:{uid}")
+
+    e.nat, e.departure, e.prime_s = Hold(), Leave(), 0.0
+    ns = _netns()
+    e.add(POD, ns)
+    assert order == ["cancel:u1", "zds-add", "hold", "rules", "release", "probe-add",
+                     f"annotate:{c.REDIRECTION_ENABLED}"]  # fmt: skip
+    order.clear()
+    e.remove(POD, exists=True)
+    assert order == ["probe-remove", "leave:u1:8", "annotate:None", "zds-del-after:2"]
+    order.clear()
+    e.add(POD, _netns(), running=False)
+    assert "hold" not in order and order[0] == "cancel:u1"
+    e.cache.close()
