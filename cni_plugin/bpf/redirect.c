@@ -371,8 +371,15 @@ int istio_egress(struct __sk_buff *skb)
         return to_lo(skb);
     }
     if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
-        if (draining)
-            return TC_ACT_UNSPEC; /* leaving: new connections go where they were sent */
+        if (draining) {
+            /* Leaving: new connections go where they were sent. A record left by an earlier
+             * captured conversation from this client port must not catch this one's later
+             * packets (a SYN being steered overwrites it; this one is not). */
+            struct nat_key k = {};
+            nat_key_of(&k, f.family, f.proto, f.src, f.sport);
+            nat.delete(&k);
+            return TC_ACT_UNSPEC;
+        }
         count(dns ? C_DNS_TCP : C_OUTBOUND);
         return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
     }

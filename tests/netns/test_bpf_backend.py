@@ -346,3 +346,45 @@ def test_lost_node_objects_are_reported_and_rebuilt_by_apply(pod: Pod) -> None:
         _outbound_connection(pod, outbound, 8443) as (_, conn),
     ):
         assert _original_dst(conn)[1:] == (PEER, 8443)  # answered by the rebuilt link
+
+
+def test_draining_variant_keeps_captured_connections_and_steers_no_new_one(pod: Pod) -> None:
+    """Leaving the mesh (issue 19): a connection captured before keeps its path to 15001; a
+    new one goes where it was sent, even from the client port of an earlier captured one."""
+    from dataclasses import replace
+
+    outbound = _listener(pod.path, 15001)
+    app_side = _listener(f"/run/netns/{pod.peer}", 9090)
+    pod.backend.apply(pod.path, SETTINGS)
+    try:
+        with _outbound_connection(pod, outbound, 9090) as (app, conn):
+            app.sendall(b"before")
+            assert conn.recv(6) == b"before"
+            port = app.getsockname()[1]
+            pod.backend.apply(pod.path, replace(SETTINGS, draining=True))
+            app.sendall(b"during")
+            assert conn.recv(6) == b"during"  # still its proxy's
+            conn.sendall(b"reply")
+            assert app.recv(5) == b"reply"
+
+        # A new connection, from the same client port as the captured one: direct.
+        def make() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(5)
+            s.bind((POD, port))
+            return s
+
+        fresh = run_in_netns(pod.path, make)
+        with fresh:
+            fresh.connect((PEER, 9090))
+            direct, _ = app_side.accept()
+            with direct:
+                fresh.sendall(b"new")
+                assert direct.recv(3) == b"new"
+                direct.sendall(b"ok")
+                assert fresh.recv(2) == b"ok"
+    finally:
+        pod.backend.remove(pod.path, SETTINGS)
+        outbound.close()
+        app_side.close()
