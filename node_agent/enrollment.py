@@ -7,8 +7,10 @@ between its rules and ztunnel's listeners). ztunnel opens a pod's listeners befo
 the Add, so, while a ztunnel is connected:
   1. ZDS Add with the namespace fd (the pod is cached first, so a ztunnel reconnecting
      meanwhile gets it in its snapshot). Failure: continue as without ztunnel, below.
-  2. install in-pod rules (backend ``apply``, idempotent). Failure: not retryable for this
-     attempt (:class:`NotRetryableError`); ztunnel is told Del, nothing stays cached.
+  2. install in-pod rules (backend ``apply``, idempotent; a running pod's open connections
+     primed under a NAT hold first, :mod:`node_agent.nat_hold`). Failure: not retryable for
+     this attempt (:class:`NotRetryableError`, as Istio's ``ErrNonRetryableAdd``); a pod
+     new to the agent leaves ztunnel and the cache again.
 Without a connected ztunnel, SPEC §4's order, so the pod is captured at once:
   1. rules (failure: not retryable, nothing cached, nothing annotated);
   2. ZDS Add. Failure: the pod is cached as ``pending`` (so the next ztunnel snapshot
@@ -18,12 +20,14 @@ Then, either way:
   4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so): only now
      are its traffic captured and ztunnel holding it.
 Remove: probe set, cache, rules (only while the pod still exists: a deleted pod's
-namespace is gone with it), annotation null (404 ignored), then ZDS Del on every
+namespace is gone with it; a running pod's through its backend's departure, which keeps
+captured connections on their path until ztunnel has drained them,
+:mod:`node_agent.departure`), annotation null (404 ignored), then ZDS Del on every
 connection. For a pod that keeps running, the Del waits ``leave_grace`` seconds: other
 ztunnels keep sending it HBONE until istiod has told them it left (the annotation), and
-its own ztunnel's listeners must still be there to take those connections. Istio 1.24
-sends the Del first and unannotates after, which refuses them (issue 19).
-Every edge is a Protocol declared here; the composition root wires the real ones.
+its own ztunnel's listeners must still be there to take those connections. Istio sends
+the Del first and unannotates after, which refuses them (issue 19).
+Every edge is a Protocol declared here; :mod:`node_agent.agent_assembly` builds the real ones.
 """
 
 from __future__ import annotations
@@ -42,11 +46,11 @@ from cni_plugin.errors import (
     ZtunnelUnavailableError,
 )
 from cni_plugin.netns import Netns
-from cni_plugin.redirection.backend import CheckReport
+from cni_plugin.redirection.backend import CheckReport, PodRedirection
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.logs import PodLogger
 from node_agent.nat_hold import PRIME_S
-from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.pod_cache import CachedPod, PodCache, PodState, ZdsState
 from node_agent.resources import PodInfo
 
 log = logging.getLogger("node_agent.enrollment")
@@ -55,20 +59,12 @@ log = logging.getLogger("node_agent.enrollment")
 # istiod's push to the other ztunnels (debounce 100 ms, then the push) fits well inside.
 LEAVE_GRACE_S = 2.0
 # ztunnel's DEFAULT_CONNECTION_TERMINATION_DEADLINE: how long a deleted pod's proxied
-# connections may still run (and so need their NAT).
+# connections may still run (and so need their redirection's NAT).
 ZTUNNEL_DRAIN_S = 5.0
 
 
-class Rules(Protocol):
-    """The in-pod redirection backend (a :class:`RedirectionBackend`)."""
-
-    name: str
-
-    def apply(self, netns_path: str, settings: RedirectSettings) -> None: ...
-
-    def remove(self, netns_path: str, settings: RedirectSettings) -> None: ...
-
-    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport: ...
+# The in-pod half of a redirection backend is all enrollment calls.
+Rules = PodRedirection
 
 
 class Ztunnel(Protocol):
@@ -135,6 +131,7 @@ class Enroller:
         cache: PodCache,
         settings_for: Callable[[PodInfo], RedirectSettings],
         observer: EnrollmentObserver | None = None,
+        *,
         leave_grace: float = LEAVE_GRACE_S,
         nat: NatHolder | None = None,
         departure: Departure | None = None,
@@ -194,7 +191,7 @@ class Enroller:
             try:
                 self.ztunnel.add_pod(entry, path)
                 listening = True
-                entry.zds = "acked"
+                entry.zds = ZdsState.ACKED
             except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
                 refused = e  # not asked twice: the rules go in, the pod stays pending
             step("ztunnel")
@@ -217,13 +214,18 @@ class Enroller:
                     raise refused
                 self.ztunnel.add_pod(entry, path)
             except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
-                entry.state, entry.zds, entry.last_error = "pending", "pending", str(e)
-                plog.warning("ztunnel did not take the pod yet",
-                             extra={"fields": {"error": str(e)}})  # fmt: skip
+                entry.state, entry.zds, entry.last_error = (
+                    PodState.PENDING,
+                    ZdsState.PENDING,
+                    str(e),
+                )
+                plog.warning(
+                    "ztunnel did not take the pod yet", extra={"fields": {"error": str(e)}}
+                )
                 if pod.redirection_annotation != c.REDIRECTION_PENDING:
                     self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
                 raise
-            entry.zds = "acked"
+            entry.zds = ZdsState.ACKED
             step("ztunnel")
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
@@ -233,7 +235,7 @@ class Enroller:
             self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_ENABLED)
             entry.annotated_at = time.monotonic()
         step("annotate")
-        entry.state, entry.last_error = "enabled", ""
+        entry.state, entry.last_error = PodState.ENABLED, ""
         entry.enrolled_at = time.time()
         entry.latency_s = time.monotonic() - t0
         entry.updated = time.time()
@@ -269,7 +271,7 @@ class Enroller:
             self.ztunnel.delete(pod.uid)
         if prev is not None and prev.netns is entry.netns:
             self.cache.put(prev)
-            prev.state, prev.last_error = "failed", "installing redirection failed"
+            prev.state, prev.last_error = PodState.FAILED, "installing redirection failed"
             return
         if self.cache.get(pod.uid) is entry:
             self.cache.pop(pod.uid)
@@ -287,14 +289,27 @@ class Enroller:
             service_account=pod.service_account,
             ips=pod.ips,
             netns=netns,
-            state="enabled",
-            zds="keep" if netns is None else "snapshot",
+            state=PodState.ENABLED,
+            zds=ZdsState.KEEP if netns is None else ZdsState.SNAPSHOT,
             backend=self.rules.name,
             bypass_inbound=settings.bypass_inbound,
             enrolled_at=time.time(),
         )
         self.cache.put(entry)
         return entry
+
+    def check_rules(self, pod: PodInfo, netns_path: str) -> CheckReport:
+        """Whether ``pod``'s in-pod rules are as :meth:`add` installed them (changes nothing)."""
+        return self.rules.check(netns_path, self.settings_for(pod))
+
+    def reapply_rules(self, pod: PodInfo, netns_path: str) -> CheckReport:
+        """Install ``pod``'s rules again (drift repair); returns the check after."""
+        settings = self.settings_for(pod)
+        self.rules.apply(netns_path, settings)
+        return self.rules.check(netns_path, settings)
+
+    def clear_annotation(self, pod: PodInfo) -> None:
+        self.annotator.patch_redirection(pod.namespace, pod.name, None)
 
     def remove(self, pod: PodInfo, *, exists: bool) -> None:
         """Take ``pod`` out of the mesh; idempotent (events repeat)."""

@@ -102,6 +102,9 @@ class Scenario:
         self.k = Cluster(bed, info)
         self.gens: dict[str, subprocess.Popen[str]] = {}
         self.marks: list[dict[str, Any]] = []
+        self.capture: subprocess.Popen[bytes] | None = None
+        self.conntrack: dict[str, str] = {}  # "<phase> before|after" -> cli-0's table
+        self.pids: dict[str, int] = {}
 
     # --- set-up --------------------------------------------------------------------------
     def deploy(self) -> None:
@@ -125,11 +128,36 @@ class Scenario:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         for name in CLIENTS:
             pid = pod_pid(self.bed.layout, pods[name]["metadata"]["uid"])
+            self.pids[name] = pid
             self.gens[name] = subprocess.Popen(
                 ["nsenter", f"--net=/proc/{pid}/ns/net", "--", sys.executable, "-m",
                  "testbed.traffic", "--max-seconds", "400", "--phase", "baseline", *targets],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO,
             )  # fmt: skip
+
+    def start_capture(self, path: str) -> None:
+        """tcpdump on every interface of ``cli-0`` (lo included): where its packets went."""
+        self.capture = subprocess.Popen(
+            ["nsenter", f"--net=/proc/{self.pids[CLIENTS[0]]}/ns/net", "--", "tcpdump",
+             "-i", "any", "-nn", "-s", "96", "-U", "-w", path, "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop_capture(self) -> None:
+        if self.capture is not None:
+            self.capture.terminate()
+            self.capture.wait(10)
+            self.capture = None
+
+    def snapshot_conntrack(self, label: str) -> None:
+        """``conntrack -L -p tcp`` in ``cli-0`` (NAT bindings of its connections)."""
+        if not self.pids:
+            return
+        proc = subprocess.run(
+            ["nsenter", f"--net=/proc/{self.pids[CLIENTS[0]]}/ns/net", "--", "conntrack",
+             "-L", "-p", "tcp"], capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        self.conntrack[label] = proc.stdout
 
     def command(self, line: str) -> None:
         for gen in self.gens.values():
@@ -163,6 +191,7 @@ class Scenario:
         """Run ``kubectl action`` under traffic; wait for the annotations in ``want``, then
         ``settle`` seconds (for leaving pods: until their proxies have drained)."""
         self.command(f"phase {name}")
+        self.snapshot_conntrack(f"{name} before")
         started = time.time()
         self.bed.kubectl(*action)
 
@@ -171,6 +200,8 @@ class Scenario:
             return all(n in pods and redirection_annotation(pods[n]) == v for n, v in want.items())
 
         took = _wait(f"phase {name}: annotations {want}", reached)
+        time.sleep(0.3)
+        self.snapshot_conntrack(f"{name} after")
         time.sleep(settle)
         self.marks.append({"phase": name, "start": started, "converged_s": round(took, 2),
                            "action": "kubectl " + " ".join(action)})  # fmt: skip
@@ -291,8 +322,9 @@ def evidence(failure: dict[str, Any], client: str, events: list[dict[str, Any]],
 PHASES = ["baseline", "label", "unlabel", "relabel", "opt-out", "opt-in"]
 
 
-def run(backend: str, instance: str) -> dict[str, Any]:
-    """The whole scenario on a node of its own; always brought down."""
+def run(backend: str, instance: str, capture: str | None = None) -> dict[str, Any]:
+    """The whole scenario on a node of its own; always brought down. ``capture``: a pcap
+    file for ``cli-0``'s packets (all its interfaces)."""
     layout = Layout.for_instance(instance)
     bed = Testbed(layout)
     result: dict[str, Any] = {"backend": backend, "instance": instance}
@@ -303,8 +335,11 @@ def run(backend: str, instance: str) -> dict[str, Any]:
         scenario = Scenario(bed, info, backend)
         scenario.deploy()
         scenario.start_traffic()
+        if capture:
+            scenario.start_capture(capture)
         scenario.run_phases()
         reports = scenario.stop_traffic()
+        scenario.stop_capture()
         events = scenario.timeline()
         pods = scenario.k.pods(NS)
         ip_names = {p["status"]["podIP"]: n for n, p in pods.items()}
@@ -327,10 +362,12 @@ def run(backend: str, instance: str) -> dict[str, Any]:
             slow=[s for r in reports.values() for s in r["slow"]],
             marks=scenario.marks,
             timeline=events,
+            conntrack=scenario.conntrack,
         )
     finally:
         if scenario is not None:
             scenario.kill_traffic()
+            scenario.stop_capture()
         result["down_problems"] = bed.down()
         result["leftovers"] = cleanup.leftovers(layout)
         result["seconds"] = round(time.monotonic() - started, 1)
@@ -361,12 +398,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="iptables")
     p.add_argument("--instance", default=os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") or "enroll")
     p.add_argument("--json", help="write the full result (failures, evidence, timeline) here")
+    p.add_argument("--capture", help="write a pcap of cli-0's TCP packets (all interfaces) here")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("enroll_traffic: needs root (the testbed): run it with sudo", file=sys.stderr)
         return 2
     try:
-        result = run(args.backend, args.instance)
+        result = run(args.backend, args.instance, args.capture)
     except ScenarioError as e:
         print(f"enroll_traffic: {e}", file=sys.stderr)
         return 1

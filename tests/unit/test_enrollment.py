@@ -134,12 +134,12 @@ def test_already_annotated_pod_is_not_patched_again() -> None:
 def test_a_pod_ztunnel_took_before_its_rules_is_in_a_reconnecting_ztunnels_snapshot() -> None:
     """Between the Add and the rules the entry is ``enrolling``; a ztunnel reconnecting then
     must get it in its snapshot, or it would drop the proxy the rules are about to use."""
-    from node_agent.adapters import ZdsZtunnel
+    from node_agent.adapters import CacheSnapshot
     from node_agent.pod_cache import CachedPod
 
     cache = PodCache()
     cache.put(CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=_netns()))
-    assert [s.uid for s in ZdsZtunnel(cache).snapshot()] == ["u1"]
+    assert [s.uid for s in CacheSnapshot(cache).snapshot()] == ["u1"]
     cache.close()
 
 
@@ -161,9 +161,8 @@ def test_deferred_del_is_sent_after_its_delay_unless_the_pod_is_added_again() ->
     from node_agent.adapters import ZdsZtunnel
     from node_agent.pod_cache import CachedPod
 
-    zt = ZdsZtunnel(PodCache())
     server = _RecordingServer()
-    zt.server = server  # type: ignore[assignment]
+    zt = ZdsZtunnel(server)  # type: ignore[arg-type]
     pod = CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=None)
     zt.delete_later("u1", 0.2)
     zt.delete_later("u2", 0.05)
