@@ -102,6 +102,8 @@ class NatHolder(Protocol):
 
     def release(self, netns_path: str) -> None: ...
 
+    def open_connections(self, netns_path: str) -> int: ...
+
 
 class Departure(Protocol):
     """Takes a running pod's redirection out without cutting its captured connections
@@ -254,7 +256,7 @@ class Enroller:
 
     def _prime(self, path: str) -> bool:
         """Hold NAT and wait for the pod's open connections to be tracked (no NAT)."""
-        if self.nat is None:
+        if self.nat is None or not self.nat.open_connections(path):
             return False
         self.nat.hold(path)
         time.sleep(self.prime_s)

@@ -15,9 +15,10 @@ iptables rules as much as of ours:
 
 The hold is one nftables table, ``inet istio-cni-nat-hold``: nat chains on the output and
 prerouting hooks, each with a rule that never matches (``tcp dport 0``) but uses NAT, which is
-all it takes to keep conntrack and NAT alive in the namespace. Enrolling a running pod:
-hold, let its open connections pass a packet (:data:`PRIME_S`: each gets a conntrack entry
-with no NAT, which the redirection then leaves alone), install the rules, release. Leaving:
+all it takes to keep conntrack and NAT alive in the namespace. Enrolling a running pod with
+open connections: hold, let them pass a packet (:data:`PRIME_S`: each gets a conntrack entry
+with no NAT, which the redirection then leaves alone), install the rules, release (a pod
+without an established connection is enrolled at once). Leaving:
 hold, remove the rules, release once ztunnel's drain is over (:mod:`node_agent.departure`).
 
 Best effort: a hold that cannot be placed only loses this protection (logged), never an
@@ -53,6 +54,26 @@ class NatHold:
 
     def hold(self, netns_path: str) -> None:
         self._nft(netns_path, _HOLD, "placing the conntrack/NAT hold")
+
+    def open_connections(self, netns_path: str) -> int:
+        """Established TCP connections in the namespace (what priming is for): none, and
+        enrolment need not wait. Unreadable counts as some (prime, to be safe)."""
+
+        def work() -> int:
+            count = 0
+            for name in ("tcp", "tcp6"):
+                try:
+                    with open(f"/proc/thread-self/net/{name}") as f:
+                        rows = f.read().splitlines()[1:]
+                except FileNotFoundError:  # no IPv6 in this kernel
+                    continue
+                count += sum(1 for r in rows if r.split()[3:4] == ["01"])  # ESTABLISHED
+            return count
+
+        try:
+            return run_in_netns(netns_path, work)
+        except (IstioCniError, OSError):
+            return 1
 
     def release(self, netns_path: str) -> None:
         self._nft(netns_path, _RELEASE, "releasing the conntrack/NAT hold", missing_ok=True)

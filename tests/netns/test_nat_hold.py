@@ -100,7 +100,9 @@ def test_open_connection_is_reset_by_enrolment_unless_primed_under_the_hold(
     pods: TwoPods, backend: str
 ) -> None:
     rules, hold = make_backend(backend), NatHold()
+    assert hold.open_connections(pods.a.path) == 0  # nothing to prime: no waiting
     bare, primed = _connect(pods), _connect(pods)
+    assert hold.open_connections(pods.a.path) == 2
     assert _ask(bare, b"1") == b"app:1" and _ask(primed, b"1") == b"app:1"
     hold.hold(pods.a.path)
     assert _ask(primed, b"2") == b"app:2"  # tracked now, with no NAT: the rules leave it be

@@ -192,6 +192,9 @@ def test_a_running_pod_leaves_through_its_departure_and_an_add_cancels_it() -> N
         def release(self, netns_path: str) -> None:
             order.append("release")
 
+        def open_connections(self, netns_path: str) -> int:
+            return 1
+
     class Leave:
         def leave(
             self, uid: str, netns_path: str, settings: RedirectSettings, drain_s: float
