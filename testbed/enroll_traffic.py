@@ -102,7 +102,7 @@ class Scenario:
         self.k = Cluster(bed, info)
         self.gens: dict[str, subprocess.Popen[str]] = {}
         self.marks: list[dict[str, Any]] = []
-        self.capture: subprocess.Popen[bytes] | None = None
+        self.captures: list[subprocess.Popen[bytes]] = []
         self.conntrack: dict[str, str] = {}  # "<phase> before|after" -> cli-0's table
         self.pids: dict[str, int] = {}
 
@@ -136,18 +136,21 @@ class Scenario:
             )  # fmt: skip
 
     def start_capture(self, path: str) -> None:
-        """tcpdump on every interface of ``cli-0`` (lo included): where its packets went."""
-        self.capture = subprocess.Popen(
-            ["nsenter", f"--net=/proc/{self.pids[CLIENTS[0]]}/ns/net", "--", "tcpdump",
-             "-i", "any", "-nn", "-s", "96", "-U", "-w", path, "tcp"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        """tcpdump on every interface of each client (lo included): where its packets
+        went; ``path`` for ``cli-0``, ``path.cli-1`` for the other."""
+        for i, name in enumerate(CLIENTS):
+            out = path if i == 0 else f"{path}.{name}"
+            self.captures.append(subprocess.Popen(
+                ["nsenter", f"--net=/proc/{self.pids[name]}/ns/net", "--", "tcpdump",
+                 "-i", "any", "-nn", "-s", "96", "-U", "-w", out, "tcp"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))  # fmt: skip
 
     def stop_capture(self) -> None:
-        if self.capture is not None:
-            self.capture.terminate()
-            self.capture.wait(10)
-            self.capture = None
+        for capture in self.captures:
+            capture.terminate()
+            capture.wait(10)
+        self.captures.clear()
 
     def snapshot_conntrack(self, label: str) -> None:
         """``conntrack -L -p tcp`` in ``cli-0`` (NAT bindings of its connections)."""
@@ -311,11 +314,12 @@ def evidence(failure: dict[str, Any], client: str, events: list[dict[str, Any]],
     """The log lines about the failing client and its target within ``window`` seconds."""
     target = ip_names.get(str(failure["target"]).split(" ", 1)[0], "?")
     t = float(failure["time"])
+    began = float(failure.get("began") or t)  # a request: from its start to its failure
     return [
         f"{e['time'] - t:+.3f}s {e['source']} {e['pod']}: {e['msg']}"
         + (f" ({e['error']})" if e.get("error") else "")
         for e in events
-        if e["pod"] in (client, target) and abs(e["time"] - t) <= window
+        if e["pod"] in (client, target) and began - window <= e["time"] <= t + window
     ]
 
 
@@ -323,8 +327,8 @@ PHASES = ["baseline", "label", "unlabel", "relabel", "opt-out", "opt-in"]
 
 
 def run(backend: str, instance: str, capture: str | None = None) -> dict[str, Any]:
-    """The whole scenario on a node of its own; always brought down. ``capture``: a pcap
-    file for ``cli-0``'s packets (all its interfaces)."""
+    """The whole scenario on a node of its own; always brought down. ``capture``: pcap
+    files of the clients' packets (all their interfaces)."""
     layout = Layout.for_instance(instance)
     bed = Testbed(layout)
     result: dict[str, Any] = {"backend": backend, "instance": instance}
@@ -398,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="iptables")
     p.add_argument("--instance", default=os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") or "enroll")
     p.add_argument("--json", help="write the full result (failures, evidence, timeline) here")
-    p.add_argument("--capture", help="write a pcap of cli-0's TCP packets (all interfaces) here")
+    p.add_argument("--capture", help="pcap of the clients' TCP packets (FILE, FILE.cli-1)")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("enroll_traffic: needs root (the testbed): run it with sudo", file=sys.stderr)

@@ -146,13 +146,14 @@ class Generator:
         ip, _, name = target.partition("=")
         phase = self.rec.current()
         started = time.monotonic()
+        began = round(time.time(), 4)
         s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
         with s:
             s.settimeout(CONNECT_TIMEOUT)
             try:
                 s.connect((ip, self.args.http_port))
             except OSError as e:
-                self.rec.failed(phase, "new", "connect", ip, _local_port(s), _err(e))
+                self.rec.failed(phase, "new", "connect", ip, _local_port(s), _err(e), began=began)
                 return
             port = _local_port(s)
             s.settimeout(IO_TIMEOUT)
@@ -162,12 +163,12 @@ class Generator:
                 while chunk := s.recv(65536):
                     data += chunk
             except OSError as e:
-                self.rec.failed(phase, "new", "request", ip, port, _err(e))
+                self.rec.failed(phase, "new", "request", ip, port, _err(e), began=began)
                 return
         head, _, body = data.partition(b"\r\n\r\n")
         if b" 200 " not in head.split(b"\r\n", 1)[0] + b" " or (name and name.encode() not in body):
             self.rec.failed(phase, "new", "request", ip, port,
-                            f"bad answer: {data[:80]!r}")  # fmt: skip
+                            f"bad answer: {data[:80]!r}", began=began)  # fmt: skip
             return
         self.rec.ok(phase, "new")
         took = time.monotonic() - started
