@@ -304,6 +304,24 @@ static __always_inline __u16 captured_target(struct flow *f)
     return v->target;
 }
 
+/* A retransmitted SYN whose first transmission was not steered (no record of it): its
+ * connection began just before the redirection was attached. Steering the retransmission
+ * to ztunnel would cross its handshake with the server's answer to the first SYN, and the
+ * client would be reset (issue 19): it goes where the first one went. */
+static __always_inline int syn_predates_redirection(struct __sk_buff *skb, struct flow *f)
+{
+    struct bpf_sock *sk = skb->sk;
+    if (!sk)
+        return 0;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return 0;
+    struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+    if (!tp || !tp->total_retrans)
+        return 0;
+    return captured_target(f) == 0;
+}
+
 /* A reply from 15001/15053 to a client we rewrote: give it the source the client asked
  * for. 1 when rewritten, 0 when not ours, -1 when the rewrite failed. */
 static __always_inline int reply_source(struct __sk_buff *skb, struct flow *f)
@@ -415,6 +433,8 @@ int istio_egress(struct __sk_buff *skb)
             nat.delete(&k);
             return TC_ACT_UNSPEC;
         }
+        if (syn_predates_redirection(skb, &f))
+            return TC_ACT_UNSPEC;
         count(dns ? C_DNS_TCP : C_OUTBOUND);
         return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
     }

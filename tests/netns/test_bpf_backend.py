@@ -481,3 +481,48 @@ def test_draining_variant_keeps_captured_connections_and_steers_no_new_one(pod: 
         pod.backend.remove(pod.path, SETTINGS)
         outbound.close()
         app_side.close()
+
+
+def test_syn_sent_before_the_redirection_is_retransmitted_where_it_was_going(pod: Pod) -> None:
+    """A connection whose first SYN left before the programs were attached (its answer was
+    lost) retransmits after: steered to ztunnel, its handshake would cross the server's
+    answer and be reset (issue 19). It completes with the server instead; a new connection
+    after it is steered as usual."""
+    outbound = _listener(pod.path, 15001)
+    app_side = _listener(f"/run/netns/{pod.peer}", 9090)
+    drop = (
+        "table inet lose {\n chain in {\n type filter hook input priority 0;\n"
+        " tcp dport 9090 drop\n }\n}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", pod.peer, "nft", "-f", "-"], input=drop, text=True,
+                   check=True)  # fmt: skip
+    app = run_in_netns(pod.path, socket.socket)
+    box: dict[str, object] = {}
+
+    def dial() -> None:
+        try:
+            app.connect((PEER, 9090))
+            box["ok"] = True
+        except OSError as e:
+            box["error"] = e
+
+    try:
+        app.settimeout(8)
+        dialer = threading.Thread(target=dial)
+        dialer.start()  # first SYN: dropped by the peer
+        time.sleep(0.3)
+        pod.backend.apply(pod.path, SETTINGS)
+        _sh("ip", "netns", "exec", pod.peer, "nft", "delete", "table", "inet", "lose")
+        dialer.join(10)  # the retransmission (1 s) gets through
+        assert box == {"ok": True}, box
+        direct, _ = app_side.accept()
+        with direct:
+            app.sendall(b"hi")
+            assert direct.recv(2) == b"hi"
+        with _outbound_connection(pod, outbound, 9090) as (_, conn):
+            assert conn.getsockname()[1] == 15001  # a new one: to ztunnel
+    finally:
+        app.close()
+        pod.backend.remove(pod.path, SETTINGS)
+        outbound.close()
+        app_side.close()
