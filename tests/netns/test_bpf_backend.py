@@ -4,6 +4,7 @@ and the availability probe's messages. Pins live under a per-test root, always r
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -454,8 +455,33 @@ def test_draining_variant_keeps_captured_connections_and_steers_no_new_one(pod: 
             app.sendall(b"before")
             assert conn.recv(6) == b"before"
             port = app.getsockname()[1]
-            pod.backend.apply(pod.path, replace(SETTINGS, draining=True))
+            # Packets flow while the variant changes: no moment without the rewrite.
+            stop = threading.Event()
+
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def flood() -> None:
+                while not stop.is_set():
+                    app.sendall(b".")
+                    time.sleep(0.0002)
+
+            sender = threading.Thread(target=flood)
+            sender.start()
+            time.sleep(0.05)
+            draining = replace(SETTINGS, draining=True)
+            pod.backend.apply(pod.path, draining)
+            time.sleep(0.05)
+            stop.set()
+            sender.join(5)
+            assert pod.backend.check(pod.path, draining).ok
+            got = b""
+            conn.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                while chunk := conn.recv(65536):
+                    got += chunk
+            assert got and set(got) == {ord(".")}
             app.sendall(b"during")
+            conn.settimeout(5)
             assert conn.recv(6) == b"during"  # still its proxy's
             conn.sendall(b"reply")
             assert app.recv(5) == b"reply"
