@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -84,16 +85,26 @@ class CacheSnapshot:
 
 
 class ZdsZtunnel:
-    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel``."""
+    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel``.
+
+    ``delete_later`` sends the Del from a timer thread; an Add or Del of the same pod before
+    it fires replaces it, and one being sent when an Add comes is sent first (so ztunnel
+    never sees a stale Del after the Add that re-enrolled the pod). A timer firing after the
+    server stopped finds no connection: nothing is sent (the next ztunnel's snapshot, which
+    lacks the pod, drops it)."""
 
     def __init__(self, server: ZdsServer) -> None:
         self.server = server
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()  # held while a deferred Del is on the wire
+        self._timers: dict[str, threading.Timer] = {}
 
     @property
     def connected(self) -> bool:
         return self.server.connected
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
+        self._cancel(pod.uid)
         info = WorkloadInfo(pod.name, pod.namespace, pod.service_account)
         if pod.netns is not None:
             # The cached handle itself (duplicated: the server closes its copy), not a path
@@ -103,4 +114,31 @@ class ZdsZtunnel:
             self.server.add(pod.uid, netns_path, info)
 
     def delete(self, uid: str) -> None:
+        self._cancel(uid)
         self.server.delete(uid)
+
+    def delete_later(self, uid: str, delay: float) -> None:
+        timer = threading.Timer(delay, self._deferred, args=(uid,))
+        timer.daemon = True
+        with self._lock:
+            old = self._timers.pop(uid, None)
+            self._timers[uid] = timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def _cancel(self, uid: str) -> None:
+        with self._lock:
+            timer = self._timers.pop(uid, None)
+        if timer is not None:
+            timer.cancel()
+        with self._sending:  # a deferred Del already on its way goes first
+            pass
+
+    def _deferred(self, uid: str) -> None:
+        with self._sending:
+            with self._lock:
+                if self._timers.get(uid) is not threading.current_thread():
+                    return  # replaced or cancelled meanwhile
+                del self._timers[uid]
+            self.server.delete(uid)

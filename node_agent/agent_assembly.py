@@ -46,11 +46,13 @@ from node_agent.adapters import (
 from node_agent.add_admission import AddAdmission, NamespaceAddresses
 from node_agent.backend_selection import Selection, select_backend
 from node_agent.config import AgentConfig
+from node_agent.departure import EbpfDeparture, NetfilterDeparture
 from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
 from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
 from node_agent.metrics import AgentMetrics, InstallerStatus
+from node_agent.nat_hold import NatHold
 from node_agent.netns_finder import HostCheckedOpener, NetnsFinder
 from node_agent.node_namespace import ipv6_unusable, node_namespace
 from node_agent.plugin_events import PluginEventServer
@@ -145,6 +147,15 @@ class Agent:
             peer_uid=cfg.ztunnel_uid,
         )
         self.ztunnel = ZdsZtunnel(self.zds)
+        # The netfilter backends redirect with conntrack NAT, which a NAT hold protects;
+        # ebpf steers new connections only and carries captured ones in its own map.
+        nat: NatHold | None = None
+        departure: NetfilterDeparture | EbpfDeparture | None = None
+        if self.rules.name in ("iptables", "nftables"):
+            nat = NatHold()
+            departure = NetfilterDeparture(self.rules, nat)
+        elif self.rules.name == "ebpf":
+            departure = EbpfDeparture(self.rules)
         self.enroller = Enroller(
             self.rules,
             self.ztunnel,
@@ -153,6 +164,8 @@ class Agent:
             self.cache,
             cfg.settings_for,
             observer=self.metrics,
+            nat=nat,
+            departure=departure,
         )
         self.pod_informer: Informer[PodInfo] = Informer(
             "pods",

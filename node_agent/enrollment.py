@@ -1,16 +1,32 @@
-"""Adding a pod to the mesh and removing it, in the SPEC §4 order (1.25+ semantics).
+"""Adding a pod to the mesh and removing it (SPEC §4, 1.25+ semantics, listeners first).
 
-Add, for a pod with an open namespace handle:
-  1. install in-pod rules (backend ``apply``, idempotent). Failure: this attempt stops
-     here (:class:`NotRetryableError`), nothing is cached, nothing is annotated; the work
-     queue does not retry it (as Istio's ``ErrNonRetryableAdd``), the next event may.
-  2. ZDS Add to ztunnel with the namespace fd. Failure: the pod is cached as ``pending``
-     (so the next ztunnel snapshot carries it), annotated ``pending``, and the error is
-     raised so the caller retries later.
+Add, for a pod with an open namespace handle. The pod must never run unredirected once it
+is meant to be in the mesh, and its traffic must never be redirected to ztunnel ports that
+nothing listens on yet (issue 19: new connections of a running pod were refused in the gap
+between its rules and ztunnel's listeners). ztunnel opens a pod's listeners before it acks
+the Add, so, while a ztunnel is connected:
+  1. ZDS Add with the namespace fd (the pod is cached first, so a ztunnel reconnecting
+     meanwhile gets it in its snapshot). Failure: continue as without ztunnel, below.
+  2. install in-pod rules (backend ``apply``, idempotent; a running pod's open connections
+     primed under a NAT hold first, :mod:`node_agent.nat_hold`). Failure: not retryable for
+     this attempt (:class:`NotRetryableError`, as Istio's ``ErrNonRetryableAdd``); a pod
+     new to the agent leaves ztunnel and the cache again.
+Without a connected ztunnel, SPEC §4's order, so the pod is captured at once:
+  1. rules (failure: not retryable, nothing cached, nothing annotated);
+  2. ZDS Add. Failure: the pod is cached as ``pending`` (so the next ztunnel snapshot
+     carries it), annotated ``pending``, and the error is raised so the caller retries.
+Then, either way:
   3. add the pod IPs to the host probe ipset.
-  4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so).
+  4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so): only now
+     are its traffic captured and ztunnel holding it.
 Remove: probe set, cache, rules (only while the pod still exists: a deleted pod's
-namespace is gone with it), ZDS Del on every connection, annotation null (404 ignored).
+namespace is gone with it; a running pod's through its backend's departure, which keeps
+captured connections on their path until ztunnel has drained them,
+:mod:`node_agent.departure`), annotation null (404 ignored), then ZDS Del on every
+connection. For a pod that keeps running, the Del waits ``leave_grace`` seconds: other
+ztunnels keep sending it HBONE until istiod has told them it left (the annotation), and
+its own ztunnel's listeners must still be there to take those connections. Istio sends
+the Del first and unannotates after, which refuses them (issue 19).
 Every edge is a Protocol declared here; :mod:`node_agent.agent_assembly` builds the real ones.
 """
 
@@ -34,10 +50,18 @@ from cni_plugin.redirection.backend import CheckReport, PodRedirection
 from cni_plugin.redirection.pod_overrides import PodOverrides
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.logs import PodLogger
+from node_agent.nat_hold import PRIME_S
 from node_agent.pod_cache import CachedPod, PodCache, PodState, ZdsState
 from node_agent.resources import PodInfo
 
 log = logging.getLogger("node_agent.enrollment")
+
+# How long a pod that left the mesh keeps its ztunnel listeners after its annotation went:
+# istiod's push to the other ztunnels (debounce 100 ms, then the push) fits well inside.
+LEAVE_GRACE_S = 2.0
+# ztunnel's DEFAULT_CONNECTION_TERMINATION_DEADLINE: how long a deleted pod's proxied
+# connections may still run (and so need their redirection's NAT).
+ZTUNNEL_DRAIN_S = 5.0
 
 
 # The in-pod half of a redirection backend is all enrollment calls.
@@ -54,6 +78,10 @@ class Ztunnel(Protocol):
 
     def delete(self, uid: str) -> None: ...
 
+    def delete_later(self, uid: str, delay: float) -> None:
+        """Del after ``delay`` seconds, unless an Add or Del of ``uid`` comes first."""
+        ...
+
 
 class ProbeSet(Protocol):
     """Host-side set of enrolled pod IPs that kubelet probes are SNATed to."""
@@ -65,6 +93,29 @@ class ProbeSet(Protocol):
 
 class Annotator(Protocol):
     def patch_redirection(self, namespace: str, name: str, value: str | None) -> bool: ...
+
+
+class NatHolder(Protocol):
+    """Keeps conntrack and NAT alive in a pod namespace while its rules change
+    (:class:`node_agent.nat_hold.NatHold`)."""
+
+    def hold(self, netns_path: str) -> None: ...
+
+    def release(self, netns_path: str) -> None: ...
+
+    def open_connections(self, netns_path: str) -> int: ...
+
+
+class Departure(Protocol):
+    """Takes a running pod's redirection out without cutting its captured connections
+    (:mod:`node_agent.departure`): new ones go direct at once, the rest is removed after
+    ``drain_s``; ``cancel`` drops what is still pending (the pod is enrolled again)."""
+
+    def leave(
+        self, uid: str, netns_path: str, settings: RedirectSettings, drain_s: float
+    ) -> None: ...
+
+    def cancel(self, uid: str) -> None: ...
 
 
 class EnrollmentObserver(Protocol):
@@ -83,7 +134,16 @@ class Enroller:
         cache: PodCache,
         settings_for: Callable[[PodInfo], RedirectSettings],
         observer: EnrollmentObserver | None = None,
+        *,
+        leave_grace: float = LEAVE_GRACE_S,
+        nat: NatHolder | None = None,
+        departure: Departure | None = None,
+        prime_s: float = PRIME_S,
     ) -> None:
+        self.leave_grace = leave_grace
+        self.nat = nat
+        self.departure = departure
+        self.prime_s = prime_s
         self.rules = rules
         self.ztunnel = ztunnel
         self.probes = probes
@@ -92,8 +152,12 @@ class Enroller:
         self.settings_for = settings_for
         self.observer = observer
 
-    def add(self, pod: PodInfo, netns: Netns, *, started: float | None = None) -> CachedPod:
-        """Enroll ``pod`` whose namespace is ``netns`` (ownership passes to the cache)."""
+    def add(
+        self, pod: PodInfo, netns: Netns, *, started: float | None = None, running: bool = True
+    ) -> CachedPod:
+        """Enroll ``pod`` whose namespace is ``netns`` (ownership passes to the cache).
+        ``running``: the pod may have open connections (not a sandbox being made by the CNI
+        plugin): they are primed under a NAT hold first, so the rules leave them alone."""
         t0 = started if started is not None else time.monotonic()
         plog = PodLogger(log, pod.namespace, pod.name, pod.uid)
         settings = self.settings_for(pod)
@@ -122,29 +186,52 @@ class Enroller:
             mark = now
 
         step("queued")
-        # 1. rules
+        if self.departure is not None:
+            self.departure.cancel(pod.uid)  # a removal still pending must not undo this
+        listening = False
+        refused: ZtunnelUnavailableError | ZtunnelRejectedError | None = None
+        if self.ztunnel.connected:
+            # 1. ztunnel first: its listeners exist before anything is redirected to them.
+            self.cache.put(entry)
+            try:
+                self.ztunnel.add_pod(entry, path)
+                listening = True
+                entry.zds = ZdsState.ACKED
+            except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
+                refused = e  # not asked twice: the rules go in, the pod stays pending
+            step("ztunnel")
+        # 2. rules
+        primed = running and self._prime(path)
         try:
             self.rules.apply(path, settings)
         except IstioCniError as e:
-            if prev is not None and prev.netns is netns:
-                prev.state, prev.last_error = PodState.FAILED, str(e)
-            else:
-                netns.close()
+            self._undo_failed_rules(pod, entry, prev, listening)
             plog.warning("cannot install redirection rules", extra={"fields": {"error": str(e)}})
             raise NotRetryableError(f"installing redirection for {pod.key} failed: {e}") from e
+        finally:
+            if primed and self.nat is not None:
+                self.nat.release(path)  # the rules themselves keep conntrack and NAT on now
         step("rules")
-        self.cache.put(entry)
-        # 2. ztunnel
-        try:
-            self.ztunnel.add_pod(entry, path)
-        except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
-            entry.state, entry.zds, entry.last_error = PodState.PENDING, ZdsState.PENDING, str(e)
-            plog.warning("ztunnel did not take the pod yet", extra={"fields": {"error": str(e)}})
-            if pod.redirection_annotation != c.REDIRECTION_PENDING:
-                self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
-            raise
-        entry.zds = ZdsState.ACKED
-        step("ztunnel")
+        if not listening:
+            self.cache.put(entry)
+            try:
+                if refused is not None:
+                    raise refused
+                self.ztunnel.add_pod(entry, path)
+            except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
+                entry.state, entry.zds, entry.last_error = (
+                    PodState.PENDING,
+                    ZdsState.PENDING,
+                    str(e),
+                )
+                plog.warning(
+                    "ztunnel did not take the pod yet", extra={"fields": {"error": str(e)}}
+                )
+                if pod.redirection_annotation != c.REDIRECTION_PENDING:
+                    self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
+                raise
+            entry.zds = ZdsState.ACKED
+            step("ztunnel")
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
         step("probe_set")
@@ -169,6 +256,32 @@ class Enroller:
             },
         )
         return entry
+
+    def _prime(self, path: str) -> bool:
+        """Hold NAT and wait for the pod's open connections to be tracked (no NAT)."""
+        if self.nat is None or not self.nat.open_connections(path):
+            return False
+        self.nat.hold(path)
+        time.sleep(self.prime_s)
+        return True
+
+    def _undo_failed_rules(
+        self, pod: PodInfo, entry: CachedPod, prev: CachedPod | None, listening: bool
+    ) -> None:
+        """Rules could not be installed. A pod new to this agent leaves ztunnel and the cache
+        again (nothing was redirected to it); a known one keeps ztunnel's proxy (its older
+        rules may still redirect to it) and its previous entry, marked failed, when that
+        entry owns this namespace handle. Otherwise the handle is closed."""
+        if listening and prev is None:
+            self.ztunnel.delete(pod.uid)
+        if prev is not None and prev.netns is entry.netns:
+            self.cache.put(prev)
+            prev.state, prev.last_error = PodState.FAILED, "installing redirection failed"
+            return
+        if self.cache.get(pod.uid) is entry:
+            self.cache.pop(pod.uid)
+        if entry.netns is not None:
+            entry.netns.close()
 
     def adopt(self, pod: PodInfo, netns: Netns | None) -> CachedPod:
         """Record an already-enrolled pod found at startup (rules assumed in place; the
@@ -215,18 +328,27 @@ class Enroller:
         try:
             # 3. rules, only while the pod (and so its namespace) still exists
             if exists and entry is not None and entry.netns_path is not None:
+                path, settings = entry.netns_path, self.settings_for(pod)
                 try:
-                    self.rules.remove(entry.netns_path, self.settings_for(pod))
+                    if self.departure is not None:
+                        # Captured connections keep their path until ztunnel has drained.
+                        drain_s = self.leave_grace + ZTUNNEL_DRAIN_S + 1.0
+                        self.departure.leave(pod.uid, path, settings, drain_s)
+                    else:
+                        self.rules.remove(path, settings)
                 except NetnsError as e:
                     plog.debug("namespace already gone", extra={"fields": {"error": str(e)}})
         finally:
             if entry is not None and entry.netns is not None:
                 entry.netns.close()
-        # 4. ztunnel
-        self.ztunnel.delete(pod.uid)
-        # 5. annotation
+        # 4. annotation: istiod tells the other ztunnels to stop sending it HBONE
         if exists and (entry is not None or pod.redirection_annotation is not None):
             self.annotator.patch_redirection(pod.namespace, pod.name, None)
+        # 5. ztunnel, once they had time to hear it (a deleted pod: at once)
+        if exists and self.leave_grace > 0:
+            self.ztunnel.delete_later(pod.uid, self.leave_grace)
+        else:
+            self.ztunnel.delete(pod.uid)
         if self.observer is not None:
             self.observer.removed()
         plog.info("pod removed", extra={"fields": {"rules_removed": exists}})

@@ -37,8 +37,9 @@ class ZdsState(StrEnum):
     SNAPSHOT = "snapshot"  # adopted at start with its namespace: sent in the snapshot
 
 
-# States whose pods ztunnel must be told about (the ZDS snapshot carries them).
-IN_SNAPSHOT = frozenset({PodState.ENABLED, PodState.PENDING})
+# States whose pods ztunnel must be told about (the ZDS snapshot carries them). ENROLLING:
+# ztunnel may hold it already (its Add comes before the rules while ztunnel is connected).
+IN_SNAPSHOT = frozenset({PodState.ENABLED, PodState.PENDING, PodState.ENROLLING})
 
 
 @dataclass

@@ -309,7 +309,7 @@ class PodController:
             ):
                 netns.close()
                 return "already enrolled"
-            self.enroller.add(pod, netns, started=t0)
+            self.enroller.add(pod, netns, started=t0, running=False)  # a new sandbox
             return "enrolled"
 
         result: str = self.queue.run_exclusive(pod.uid, work)

@@ -246,7 +246,11 @@ def step8_unlabel(w: Walkthrough) -> None:
     pid = w.pod_pid("productpage-v1")
     ss = _wait("the stand-in's listeners gone from productpage-v1", 10,
                lambda: _without_ports(N.listeners(pid), ZTUNNEL_PORTS))  # fmt: skip
-    rules = N.redirection_state(pid, w.backend)
+    # The agent keeps a NAT hold (nft table istio-cni-nat-hold) until ztunnel has drained the
+    # pod's redirected connections (node_agent/nat_hold.py): wait for it to go too.
+    deadline = time.monotonic() + 20
+    while (rules := N.redirection_state(pid, w.backend)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     note(f"redirection entries left in productpage-v1: {len(rules)}; ztunnel listeners: none")
     if rules:
         raise DemoError(f"redirection left in productpage-v1 after unlabel: {rules}")

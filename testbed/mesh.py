@@ -104,6 +104,7 @@ def start_mesh(bed: Testbed, info: dict[str, Any], backend: str) -> dict[str, in
         f"--socket={info['ztunnel_socket_in_node']}",
         f"--access-log={info['ztunnel_access_log']}",
         f"--ca-dir={info['ztunnel_ca_dir']}",
+        f"--kubeconfig={info['kubeconfig_node']}",  # HBONE to pods annotated enabled
     ]  # fmt: skip
     launch.start("ztunnel-standin", standin, env=env)
     time.sleep(1.0)  # a bad flag or import error shows within a second

@@ -18,7 +18,12 @@ from typing import Any, Generic, TypeVar
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import bypass_inbound
-from cni_plugin.errors import NetnsError, RedirectionError, ZtunnelUnavailableError
+from cni_plugin.errors import (
+    NetnsError,
+    RedirectionError,
+    ZtunnelRejectedError,
+    ZtunnelUnavailableError,
+)
 from cni_plugin.netns import Netns, NetnsId
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
@@ -250,6 +255,7 @@ class FakeZtunnel:
         self.order = order if order is not None else []
         self.adds: list[tuple[str, int]] = []  # uid, netns inode
         self.dels: list[str] = []
+        self.reject = False  # connected, but ztunnel nacks Adds
 
     @property
     def connected(self) -> bool:
@@ -262,10 +268,16 @@ class FakeZtunnel:
         self.order.append("zds-add")
         if not self._connected:
             raise ZtunnelUnavailableError("fake: no ztunnel")
+        if self.reject:
+            raise ZtunnelRejectedError("fake: failure to start proxy")
         self.adds.append((pod.uid, os.stat(netns_path).st_ino))
 
     def delete(self, uid: str) -> None:
         self.order.append("zds-del")
+        self.dels.append(uid)
+
+    def delete_later(self, uid: str, delay: float) -> None:
+        self.order.append(f"zds-del-after:{delay:g}")
         self.dels.append(uid)
 
 

@@ -87,6 +87,15 @@ def write(directory: Path, state: PodState, prog_fds: dict[str, int]) -> None:
         syscall.obj_pin(pfd, str(directory / name))
 
 
+def repin(directory: Path, prog_fds: dict[str, int]) -> None:
+    """Point the pod's program pins at other programs (its state map stays)."""
+    for name, pfd in prog_fds.items():
+        path = directory / name
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        syscall.obj_pin(pfd, str(path))
+
+
 def pinned_prog_id(directory: Path, name: str) -> int | None:
     try:
         fd = syscall.obj_get(str(directory / name))

@@ -37,6 +37,7 @@ F_DNS_CAPTURE = 1
 F_BYPASS_INBOUND = 2
 F_IPV6 = 4
 F_INBOUND_NAT = 8
+F_DRAIN = 16
 SETTINGS_FORMAT = "<II16sII"  # struct settings in redirect.h
 NAT_KEY_FORMAT = "<16sHBB16s"  # struct nat_key
 NAT_VAL_FORMAT = "<16sHH"  # struct nat_val
@@ -62,6 +63,7 @@ def settings_flags(s: RedirectSettings, inbound_nat: bool = False) -> int:
         | (F_BYPASS_INBOUND if s.bypass_inbound else 0)
         | (F_IPV6 if s.ipv6 else 0)
         | (F_INBOUND_NAT if inbound_nat else 0)
+        | (F_DRAIN if s.draining else 0)
     )
 
 

@@ -304,6 +304,24 @@ static __always_inline __u16 captured_target(struct flow *f)
     return v->target;
 }
 
+/* A retransmitted SYN whose first transmission was not steered (no record of it): its
+ * connection began just before the redirection was attached. Steering the retransmission
+ * to ztunnel would cross its handshake with the server's answer to the first SYN, and the
+ * client would be reset (issue 19): it goes where the first one went. */
+static __always_inline int syn_predates_redirection(struct __sk_buff *skb, struct flow *f)
+{
+    struct bpf_sock *sk = skb->sk;
+    if (!sk)
+        return 0;
+    sk = bpf_sk_fullsock(sk);
+    if (!sk)
+        return 0;
+    struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
+    if (!tp || !tp->total_retrans)
+        return 0;
+    return captured_target(f) == 0;
+}
+
 /* A reply from 15001/15053 to a client we rewrote: give it the source the client asked
  * for. 1 when rewritten, 0 when not ours, -1 when the rewrite failed. */
 static __always_inline int reply_source(struct __sk_buff *skb, struct flow *f)
@@ -391,8 +409,9 @@ int istio_egress(struct __sk_buff *skb)
     if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
         return TC_ACT_UNSPEC; /* ztunnel's own traffic, its upstream DNS included */
     int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
+    int draining = s->flags & F_DRAIN;
     if (f.proto == IPPROTO_UDP) {
-        if (!dns)
+        if (!dns || draining)
             return TC_ACT_UNSPEC;
         count(C_DNS_UDP);
         return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
@@ -405,6 +424,17 @@ int istio_egress(struct __sk_buff *skb)
         return to_lo(skb);
     }
     if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+        if (draining) {
+            /* Leaving: new connections go where they were sent. A record left by an earlier
+             * captured conversation from this client port must not catch this one's later
+             * packets (a SYN being steered overwrites it; this one is not). */
+            struct nat_key k = {};
+            nat_key_of(&k, f.family, f.proto, f.src, f.sport);
+            nat.delete(&k);
+            return TC_ACT_UNSPEC;
+        }
+        if (syn_predates_redirection(skb, &f))
+            return TC_ACT_UNSPEC;
         count(dns ? C_DNS_TCP : C_OUTBOUND);
         return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
     }
@@ -439,6 +469,8 @@ int istio_ingress(struct __sk_buff *skb)
     __u32 mark = skb->mark & MARK_MASK;
     if (mark == ZTUNNEL_MARK || is_probe(s, f.family, f.src) || is_loopback(f.family, f.dst))
         return TC_ACT_UNSPEC;
+    if (s->flags & F_DRAIN)
+        return TC_ACT_UNSPEC; /* leaving: new connections reach the app directly */
     if (on_lo) {
         /* Connections made inside the pod: iptables decides them once, in nat OUTPUT, where
          * only TCP/53 is redirected before `! -d 127.0.0.1 -o lo -j ACCEPT`; its PREROUTING

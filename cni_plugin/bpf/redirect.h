@@ -40,6 +40,7 @@
 #define F_BYPASS_INBOUND 2
 #define F_IPV6 4
 #define F_INBOUND_NAT 8 /* inbound by port rewrite even where bpf_sk_assign would work */
+#define F_DRAIN 16      /* leaving the mesh: steer no new connection, keep the captured ones */
 
 /* One entry (key 0) per pod: what the programs do in this namespace. */
 struct settings {

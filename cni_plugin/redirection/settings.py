@@ -35,6 +35,11 @@ class RedirectSettings:
     bypass_inbound: bool = False
     virtual_interfaces: tuple[str, ...] = ()
     ingress_connmark: bool = False
+    # Leaving the mesh (ebpf): steer no new connection, keep steering the ones captured, until
+    # ztunnel has drained them; the agent then removes the redirection. The netfilter
+    # backends need no variant for this: conntrack carries captured connections, under the
+    # agent's NAT hold (node_agent/nat_hold.py).
+    draining: bool = False
     probe_snat_ipv4: str = c.HOST_PROBE_SNAT_IPV4
     probe_snat_ipv6: str = c.HOST_PROBE_SNAT_IPV6
     outbound_port: int = c.ZTUNNEL_OUTBOUND_PORT

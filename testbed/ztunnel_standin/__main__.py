@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from cni_plugin import constants as c
 from node_agent.logs import configure
 from testbed.ztunnel_standin.runtime import StandIn
+from testbed.ztunnel_standin.workloads import DRAIN_SECONDS
 
 
 def _upstream(text: str) -> tuple[str, int]:
@@ -48,6 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="resolver for UDP DNS caught on 15053 (default: /etc/resolv.conf)",
     )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=DRAIN_SECONDS,
+        help="how long a deleted pod's open connections may finish (ztunnel's default: 5)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="API server to learn from which pods speak HBONE (annotated enabled, as istiod "
+        "tells ztunnel); without it, the pods this stand-in proxies",
+    )
     p.add_argument("--log-level", default="info")
     # First: a SIGTERM while the CA and listeners are still being set up is a clean exit too.
     done = threading.Event()
@@ -56,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure(args.log_level)
     standin = StandIn(
-        args.socket, args.access_log, args.ca_dir, args.dns_upstream or _first_nameserver()
+        args.socket,
+        args.access_log,
+        args.ca_dir,
+        args.dns_upstream or _first_nameserver(),
+        args.drain_seconds,
+        args.kubeconfig,
     )
     if done.is_set():
         return 0

@@ -4,9 +4,10 @@ Inside the pod's network namespace (sockets created there on a short-lived threa
 here from the event loop thread):
 
 - 15001 outbound: a connection the pod's rules redirected; its original destination comes
-  from ``SO_ORIGINAL_DST`` (v4, then v6) or the local address. When that destination is an
-  enrolled pod it travels as HBONE: TLS 1.3 with both workloads' mesh certificates to
-  ``<dst ip>:15008`` and ``CONNECT <dst ip:port> HTTP/1.1``; otherwise it is passed through.
+  from ``SO_ORIGINAL_DST`` (v4, then v6) or the local address. When that destination speaks
+  HBONE (:meth:`Mesh.hbone_peer`: annotated ``enabled``, as istiod tells ztunnel) it travels
+  as TLS 1.3 with both workloads' mesh certificates to ``<dst ip>:15008`` and
+  ``CONNECT <dst ip:port> HTTP/1.1``; otherwise it is passed through.
 - 15006 inbound plaintext: delivered to the original destination (the local app).
 - 15008 HBONE: mutual TLS, the client's SPIFFE id read from its certificate, then the
   CONNECT target (which must be one of this pod's addresses) is dialled locally.
@@ -14,8 +15,11 @@ here from the event loop thread):
   TCP to the original destination (the resolver the pod dialled) or else that upstream.
 
 Every outgoing socket is created inside the pod namespace with ``SO_MARK 1337``. Each
-proxied connection writes one access-log line when it ends. :meth:`PodProxy.close` closes
-the listeners and every open connection of the pod.
+proxied connection writes one access-log line when it ends. :meth:`PodProxy.stop_listening`
+then :meth:`PodProxy.drain` is ztunnel's graceful drain of a deleted pod: no new connections,
+the open ones may finish on their own until a deadline (ztunnel's connection termination
+deadline, 5 s by default), then they are closed. :meth:`PodProxy.close` closes everything
+at once (the stand-in stopping).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import NoReturn
 from cni_plugin import constants as c
 from cni_plugin.netns import Netns
 from testbed.ztunnel_standin.access_log import AccessLog, ConnRecord
+from testbed.ztunnel_standin.directory import Peer, PodDirectory
 from testbed.ztunnel_standin.identity import WorkloadTls, peer_identity
 from testbed.ztunnel_standin.sockets import (
     family_of,
@@ -73,9 +78,18 @@ class Workload:
 
 @dataclass
 class Mesh:
-    """Enrolled workloads by pod IP (the stand-in's view of istiod's workload table)."""
+    """Workloads with a proxy here, by pod IP, and which destinations speak HBONE: those
+    ``directory`` (istiod's view: pods annotated ``enabled``) names, or, without one (no API
+    server in namespace-only tests), those with a proxy here."""
 
     by_ip: dict[str, Workload] = field(default_factory=dict)
+    directory: PodDirectory | None = None
+
+    def hbone_peer(self, ip: str) -> Peer | None:
+        if self.directory is not None:
+            return self.directory.get(ip)
+        w = self.by_ip.get(ip)
+        return None if w is None else Peer(w.name, w.namespace, w.tls.identity)
 
     def put(self, w: Workload) -> None:
         for ip in w.ips:
@@ -99,6 +113,7 @@ class PodProxy:
         self._udp: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.background: asyncio.Future[None] | None = None  # its drain, once deleted
 
     async def start(self, socks: list[socket.socket]) -> None:
         """Serve the listeners ``sockets.listeners_in`` made for LISTEN_PORTS, in order."""
@@ -131,12 +146,25 @@ class PodProxy:
         loop.add_reader(dns_udp.fileno(), self._dns_udp_readable)
         self._udp = dns_udp
 
-    async def close(self) -> None:
+    def stop_listening(self) -> None:
+        """Close the listeners (idempotent): new connections to them are refused."""
         for s in self._servers:
             s.close()
         if self._udp is not None:
             asyncio.get_running_loop().remove_reader(self._udp.fileno())
             self._udp.close()
+            self._udp = None
+
+    async def drain(self, deadline: float) -> None:
+        """Let open connections end on their own for up to ``deadline`` seconds, then close
+        what is left (as ztunnel's ``run_with_drain``)."""
+        self.stop_listening()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=deadline)
+        await self.close()
+
+    async def close(self) -> None:
+        self.stop_listening()
         for w in list(self._writers):
             w.transport.abort()
         for t in list(self._tasks):
@@ -259,20 +287,21 @@ class PodProxy:
         )
         self._fill_src(rec, self.wl, None)
         self._refuse_self(rec, dst_ip, dst_port)
-        target = self.mesh.by_ip.get(dst_ip)
+        target = self.mesh.hbone_peer(dst_ip)
         if target is None:
             upstream = await self._dial(rec, dst_ip, dst_port)
             await self._splice(rec, (reader, writer), upstream)
             return
-        self._fill_dst(rec, target)
+        rec.dst_workload, rec.dst_namespace = target.name, target.namespace
+        rec.dst_identity = target.identity
         rec.dst_addr = fmt_addr(dst_ip, c.ZTUNNEL_HBONE_PORT)
         rec.dst_hbone_addr = fmt_addr(dst_ip, dst_port)
         ur, uw = await self._dial(rec, dst_ip, c.ZTUNNEL_HBONE_PORT, self.wl.tls.client)
         self._writers.discard(uw)
         got = peer_identity(uw.get_extra_info("peercert"))
-        if got != target.tls.identity:
+        if got != target.identity:
             uw.transport.abort()
-            self._fail(rec, f"hbone peer is {got}, want {target.tls.identity}")
+            self._fail(rec, f"hbone peer is {got}, want {target.identity}")
         try:
             head = await self._connect_request(ur, uw, rec.dst_hbone_addr)
         except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:

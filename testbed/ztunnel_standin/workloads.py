@@ -6,7 +6,11 @@
   pod pending and retry it every 5 s (``retry_pending``) until it starts, is deleted, or
   the connection ends.
 - Keep: only before SnapshotSent (a protocol error after it).
-- Del: only after SnapshotSent (a protocol error before it, as in ztunnel).
+- Del: only after SnapshotSent (a protocol error before it, as in ztunnel). As ztunnel's
+  ``del_workload``: the pod leaves the mesh table and its listeners close before the ack;
+  its open connections drain in the background for up to ``drain_seconds`` (ztunnel's
+  ``CONNECTION_TERMINATION_DEADLINE``, 5 s by default), then are closed. A replaced proxy
+  (new netns) and one missing from a new snapshot drain the same way.
 - SnapshotSent: only once per connection; workloads neither added nor kept during this
   connection's snapshot are dropped (they went away while ztunnel was disconnected).
 
@@ -34,6 +38,8 @@ from testbed.ztunnel_standin.sockets import listeners_in
 
 log = logging.getLogger("testbed.ztunnel_standin")
 
+DRAIN_SECONDS = 5.0  # ztunnel's DEFAULT_CONNECTION_TERMINATION_DEADLINE
+
 
 class ProxyStartError(Exception):
     """A pod's proxy could not start (transient in ztunnel's terms: nack, keep the stream)."""
@@ -46,8 +52,11 @@ class WorkloadManager:
         ca: MeshCa,
         access_log: AccessLog,
         dns_upstream: tuple[str, int],
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.loop = loop
+        self.drain_seconds = drain_seconds
+        self.draining: set[PodProxy] = set()
         self.ca = ca
         self.access_log = access_log
         self.dns_upstream = dns_upstream
@@ -144,10 +153,13 @@ class WorkloadManager:
         self.snapshot_received = True
 
     def close_all(self) -> None:
+        """The stand-in stops: every proxy, draining ones included, closes at once."""
         for uid in list(self.pending):
             self._forget_pending(uid)
         for uid in list(self.proxies):
-            self._drop(uid)
+            self._call(self._close(self.proxies.pop(uid)))
+        for proxy in list(self.draining):
+            self._call(self._close(proxy))
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -163,7 +175,24 @@ class WorkloadManager:
         self.mesh.put(proxy.wl)
 
     async def _stop(self, proxy: PodProxy) -> None:
+        """Out of the mesh table, listeners closed, now; connections drain in the background."""
         self.mesh.drop(proxy.wl)
+        proxy.stop_listening()
+        self.draining.add(proxy)
+        task = asyncio.ensure_future(self._drain(proxy))
+        proxy.background = task  # a reference, so the task is not collected mid-drain
+
+    async def _drain(self, proxy: PodProxy) -> None:
+        try:
+            await proxy.drain(self.drain_seconds)
+        finally:
+            if proxy in self.draining:
+                self.draining.discard(proxy)
+                log.info("proxy drained", extra={"fields": {"uid": proxy.wl.uid}})
+
+    async def _close(self, proxy: PodProxy) -> None:
+        self.mesh.drop(proxy.wl)
+        self.draining.discard(proxy)
         await proxy.close()
 
     def _call(self, coro: Coroutine[object, object, None]) -> None:

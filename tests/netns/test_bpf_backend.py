@@ -4,6 +4,7 @@ and the availability probe's messages. Pins live under a per-test root, always r
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import socket
@@ -439,3 +440,115 @@ def test_vm_original_destination_with_conntrack_active_in_the_pod(
                 assert client.getpeername() == (PEER, 8443)
                 conn.sendall(b"pong")
                 assert client.recv(4) == b"pong"
+
+
+def test_draining_variant_keeps_captured_connections_and_steers_no_new_one(pod: Pod) -> None:
+    """Leaving the mesh (issue 19): a connection captured before keeps its path to 15001; a
+    new one goes where it was sent, even from the client port of an earlier captured one."""
+    from dataclasses import replace
+
+    outbound = _listener(pod.path, 15001)
+    app_side = _listener(f"/run/netns/{pod.peer}", 9090)
+    pod.backend.apply(pod.path, SETTINGS)
+    try:
+        with _outbound_connection(pod, outbound, 9090) as (app, conn):
+            app.sendall(b"before")
+            assert conn.recv(6) == b"before"
+            port = app.getsockname()[1]
+            # Packets flow while the variant changes: no moment without the rewrite.
+            stop = threading.Event()
+
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def flood() -> None:
+                while not stop.is_set():
+                    app.sendall(b".")
+                    time.sleep(0.0002)
+
+            sender = threading.Thread(target=flood)
+            sender.start()
+            time.sleep(0.05)
+            draining = replace(SETTINGS, draining=True)
+            pod.backend.apply(pod.path, draining)
+            time.sleep(0.05)
+            stop.set()
+            sender.join(5)
+            assert pod.backend.check(pod.path, draining).ok
+            got = b""
+            conn.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                while chunk := conn.recv(65536):
+                    got += chunk
+            assert got and set(got) == {ord(".")}
+            app.sendall(b"during")
+            conn.settimeout(5)
+            assert conn.recv(6) == b"during"  # still its proxy's
+            conn.sendall(b"reply")
+            assert app.recv(5) == b"reply"
+
+        # A new connection, from the same client port as the captured one: direct.
+        def make() -> socket.socket:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.settimeout(5)
+            s.bind((POD, port))
+            return s
+
+        fresh = run_in_netns(pod.path, make)
+        with fresh:
+            fresh.connect((PEER, 9090))
+            direct, _ = app_side.accept()
+            with direct:
+                fresh.sendall(b"new")
+                assert direct.recv(3) == b"new"
+                direct.sendall(b"ok")
+                assert fresh.recv(2) == b"ok"
+    finally:
+        pod.backend.remove(pod.path, SETTINGS)
+        outbound.close()
+        app_side.close()
+
+
+def test_syn_sent_before_the_redirection_is_retransmitted_where_it_was_going(pod: Pod) -> None:
+    """A connection whose first SYN left before the programs were attached (its answer was
+    lost) retransmits after: steered to ztunnel, its handshake would cross the server's
+    answer and be reset (issue 19). It completes with the server instead; a new connection
+    after it is steered as usual."""
+    outbound = _listener(pod.path, 15001)
+    app_side = _listener(f"/run/netns/{pod.peer}", 9090)
+    drop = (
+        "table inet lose {\n chain in {\n type filter hook input priority 0;\n"
+        " tcp dport 9090 drop\n }\n}\n"
+    )
+    subprocess.run(["ip", "netns", "exec", pod.peer, "nft", "-f", "-"], input=drop, text=True,
+                   check=True)  # fmt: skip
+    app = run_in_netns(pod.path, socket.socket)
+    box: dict[str, object] = {}
+
+    def dial() -> None:
+        try:
+            app.connect((PEER, 9090))
+            box["ok"] = True
+        except OSError as e:
+            box["error"] = e
+
+    try:
+        app.settimeout(8)
+        dialer = threading.Thread(target=dial)
+        dialer.start()  # first SYN: dropped by the peer
+        time.sleep(0.3)
+        pod.backend.apply(pod.path, SETTINGS)
+        _sh("ip", "netns", "exec", pod.peer, "nft", "delete", "table", "inet", "lose")
+        dialer.join(10)  # the retransmission (1 s) gets through
+        assert box == {"ok": True}, box
+        direct, _ = app_side.accept()
+        with direct:
+            app.sendall(b"hi")
+            assert direct.recv(2) == b"hi"
+        with _outbound_connection(pod, outbound, 9090) as (_, conn):
+            assert conn.getsockname()[1] == 15001  # a new one: to ztunnel
+    finally:
+        app.close()
+        pod.backend.remove(pod.path, SETTINGS)
+        outbound.close()
+        app_side.close()

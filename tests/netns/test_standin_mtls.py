@@ -48,7 +48,10 @@ def _mesh(tmp_path: Path, ipv6: bool) -> Iterator[tuple[TwoPods, StandinProcess,
     )
     backend = make_backend("iptables", applier="iptables-restore")
     settings = RedirectSettings(dns_capture=True, ipv6=ipv6)
-    standin = StandinProcess(server.socket_path, tmp_path, "--dns-upstream", f"{pods.b.ip}:53")
+    standin = StandinProcess(
+        server.socket_path, tmp_path, "--dns-upstream", f"{pods.b.ip}:53",
+        "--drain-seconds", str(DRAIN_S),
+    )  # fmt: skip
     app = None
     try:
         for p in (pods.a, pods.b):
@@ -277,7 +280,16 @@ def standin_agent_delete(mesh: tuple[TwoPods, StandinProcess, AppServer], uid: s
 _SERVERS: dict[str, ZdsServer] = {}  # the agent serving each stand-in (by socket path)
 
 
-def test_del_closes_the_pods_open_connections(
+DRAIN_S = 1.0  # the stand-in's drain deadline here (ztunnel's default is 5 s)
+
+
+def listeners_of(pod: Pod) -> set[int]:
+    out = subprocess.run(["ip", "netns", "exec", pod.name, "ss", "-Hltn"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return {int(ln.split()[3].rsplit(":", 1)[1]) for ln in out.splitlines() if ln.strip()}
+
+
+def test_del_drains_the_pods_open_connections_then_closes_them(
     mesh: tuple[TwoPods, StandinProcess, AppServer],
 ) -> None:
     pods, _, _ = mesh
@@ -285,12 +297,19 @@ def test_del_closes_the_pods_open_connections(
     with _mesh_connection(pods, 9090) as (client, conn):
         client.sendall(b"ping")
         assert conn.recv(4) == b"ping"
+        deleted = time.monotonic()
         standin_agent_delete(mesh, "uid-a")
+        # As ztunnel: the open connection may go on until the drain deadline ...
+        client.sendall(b"pong")
+        assert conn.recv(4) == b"pong"
+        assert listeners_of(pods.a) & {15001, 15006, 15008} == set()  # ... nothing new
         try:
-            got = client.recv(16)  # A's proxy is gone: EOF ...
+            got = client.recv(16)  # ... then A's proxy closes it: EOF ...
         except ConnectionResetError:
             got = b""  # ... or reset
+        waited = time.monotonic() - deleted
         assert got == b"", "the connection outlived its pod's proxy"
+        assert DRAIN_S * 0.8 <= waited < DRAIN_S + 3, waited
 
 
 def test_dns_over_tcp_goes_to_the_resolver_the_pod_dialled(

@@ -131,9 +131,13 @@ def test_label_enrolls_unlabel_removes_skips_untouched_delete_sends_del(
 
     ln.label_namespace(ns, {c.DATAPLANE_MODE_LABEL: None})
     wait(lambda: all(rig.ann(p) is None for p in pods), 60, "annotations null", rig.agent)
-    for p in pods:
-        rep = rig.backend.check(p.netns, SETTINGS)
-        assert rep.missing and not rep.extra, f"rules left in {p.name}"
+
+    def rules_gone() -> bool:
+        reports = [rig.backend.check(p.netns, SETTINGS) for p in pods]
+        return all(rep.missing and not rep.extra for rep in reports)
+
+    # ebpf pods drain first (captured connections keep their path until ztunnel's deadline).
+    wait(rules_gone, 30, "rules gone from every pod", rig.agent)
     wait(lambda: not ({p.uid for p in pods} & rig.proxies()), 30, "Del for every pod")
 
 

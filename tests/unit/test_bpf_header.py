@@ -40,6 +40,7 @@ def test_flag_bits_and_counter_names_match_the_header() -> None:
     assert _define("F_BYPASS_INBOUND") == programs.F_BYPASS_INBOUND
     assert _define("F_IPV6") == programs.F_IPV6
     assert _define("F_INBOUND_NAT") == programs.F_INBOUND_NAT
+    assert _define("F_DRAIN") == programs.F_DRAIN
     names = ["C_OUTBOUND", "C_INBOUND", "C_DNS_TCP", "C_DNS_UDP", "C_REPLY", "C_NO_LISTENER",
              "C_LOCAL_REDIRECT", "C_VIRTUAL"]  # fmt: skip
     assert [_define(n) for n in names] == list(range(len(programs.COUNTER_NAMES)))

@@ -1,4 +1,5 @@
-"""Enroller: the SPEC §4 order of add/remove steps and what each failure leaves behind.
+"""Enroller: the order of add/remove steps and what each failure leaves behind (ztunnel's
+listeners before the rules while ztunnel is connected, SPEC §4's rules first otherwise).
 The namespace handle is this process's own netns (opened with the host check off): the
 edges are recording fakes, the real ones run in tests/netns/test_agent_netns.py."""
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cni_plugin import constants as c
-from cni_plugin.errors import NotRetryableError, ZtunnelUnavailableError
+from cni_plugin.errors import NotRetryableError, ZtunnelRejectedError, ZtunnelUnavailableError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.enrollment import Enroller
@@ -39,17 +40,20 @@ def _netns() -> Netns:
     return Netns.open("/proc/self/ns/net", host_netns=None)
 
 
-def test_add_then_remove_follow_the_spec_order() -> None:
+def test_add_with_ztunnel_connected_opens_listeners_before_the_rules_then_remove() -> None:
     order: list[str] = []
     e, _rules, zt, probes, _ = _enroller(order)
     entry = e.add(POD, _netns())
-    assert order == ["rules", "zds-add", "probe-add", f"annotate:{c.REDIRECTION_ENABLED}"]
+    # Issue 19: rules first would redirect the running pod's connections to ports ztunnel
+    # does not listen on yet; ztunnel acks an Add once its listeners are open.
+    assert order == ["zds-add", "rules", "probe-add", f"annotate:{c.REDIRECTION_ENABLED}"]
     assert (
         entry.state == "enabled" and entry.zds == "acked" and probes.members == {"10.0.0.9": "u1"}
     )
     order.clear()
     e.remove(POD, exists=True)
-    assert order == ["probe-remove", "rules-remove", "zds-del", "annotate:None"]
+    # The annotation goes first, ztunnel's listeners stay for the other ztunnels to hear it.
+    assert order == ["probe-remove", "rules-remove", "annotate:None", "zds-del-after:2"]
     assert "u1" not in e.cache and zt.dels == ["u1"]
     assert entry.netns is not None and entry.netns.fd == -1  # handle closed
 
@@ -63,15 +67,47 @@ def test_deleted_pod_keeps_its_rules_untouched_and_gets_no_patch() -> None:
     assert order == ["probe-remove", "zds-del"]
 
 
-def test_rules_failure_stops_the_attempt_not_retryable_nothing_cached() -> None:
+@pytest.mark.parametrize("connected", [True, False])
+def test_rules_failure_stops_the_attempt_not_retryable_nothing_cached(connected: bool) -> None:
     order: list[str] = []
-    e, rules, *_ = _enroller(order)
+    e, rules, zt, *_ = _enroller(order, zt_connected=connected)
     rules.fail = True
     ns = _netns()
     with pytest.raises(NotRetryableError):
         e.add(POD, ns)
-    assert order == ["rules"] and "u1" not in e.cache
+    # With ztunnel connected it took the pod first, and is told to let go of it again.
+    assert order == (["zds-add", "rules", "zds-del"] if connected else ["rules"])
+    assert "u1" not in e.cache and zt.dels == (["u1"] if connected else [])
     assert ns.fd == -1  # the handle is not leaked
+
+
+def test_rules_failure_on_a_known_pod_keeps_its_proxy_and_entry() -> None:
+    order: list[str] = []
+    e, rules, *_ = _enroller(order)
+    ns = _netns()
+    e.add(POD, ns)
+    order.clear()
+    rules.fail = True
+    with pytest.raises(NotRetryableError):
+        e.add(POD, ns)  # e.g. the bypass-inbound annotation toggled: same namespace
+    # Its older rules may still redirect to ztunnel: no Del, the entry stays (failed).
+    assert order == ["zds-add", "rules"]
+    entry = e.cache.get("u1")
+    assert entry is not None and entry.state == "failed" and ns.fd >= 0
+    e.cache.close()
+
+
+def test_ztunnel_refusing_before_the_rules_leaves_the_pod_captured_and_pending() -> None:
+    order: list[str] = []
+    e, _rules, zt, *_ = _enroller(order)
+    zt.reject = True
+    with pytest.raises(ZtunnelRejectedError):
+        e.add(POD, _netns())
+    # Never unredirected: the rules still go in; ztunnel is not asked twice in one attempt.
+    assert order == ["zds-add", "rules", f"annotate:{c.REDIRECTION_PENDING}"]
+    entry = e.cache.get("u1")
+    assert entry is not None and entry.state == "pending" and entry.zds == "pending"
+    e.cache.close()
 
 
 def test_ztunnel_failure_caches_pending_and_annotates_pending() -> None:
@@ -91,7 +127,94 @@ def test_already_annotated_pod_is_not_patched_again() -> None:
     annotated = PodInfo(uid="u1", namespace="ns", name="p", ips=("10.0.0.9",),
                         annotations={c.REDIRECTION_ANNOTATION: c.REDIRECTION_ENABLED})  # fmt: skip
     e.add(annotated, _netns())
-    assert order == ["rules", "zds-add", "probe-add"]
+    assert order == ["zds-add", "rules", "probe-add"]
+    e.cache.close()
+
+
+def test_a_pod_ztunnel_took_before_its_rules_is_in_a_reconnecting_ztunnels_snapshot() -> None:
+    """Between the Add and the rules the entry is ``enrolling``; a ztunnel reconnecting then
+    must get it in its snapshot, or it would drop the proxy the rules are about to use."""
+    from node_agent.adapters import CacheSnapshot
+    from node_agent.pod_cache import CachedPod
+
+    cache = PodCache()
+    cache.put(CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=_netns()))
+    assert [s.uid for s in CacheSnapshot(cache).snapshot()] == ["u1"]
+    cache.close()
+
+
+class _RecordingServer:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.connected = True
+
+    def add(self, uid: str, netns_path: str, info: object) -> None:
+        self.sent.append(f"add {uid}")
+
+    def delete(self, uid: str) -> None:
+        self.sent.append(f"del {uid}")
+
+
+def test_deferred_del_is_sent_after_its_delay_unless_the_pod_is_added_again() -> None:
+    import time
+
+    from node_agent.adapters import ZdsZtunnel
+    from node_agent.pod_cache import CachedPod
+
+    server = _RecordingServer()
+    zt = ZdsZtunnel(server)  # type: ignore[arg-type]
+    pod = CachedPod("u1", "ns", "p", "sa", ("10.0.0.9",), netns=None)
+    zt.delete_later("u1", 0.2)
+    zt.delete_later("u2", 0.05)
+    zt.add_pod(pod, "/proc/self/ns/net")  # re-enrolled within the grace: no Del for u1
+    deadline = time.monotonic() + 5
+    while "del u2" not in server.sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.4)
+    assert server.sent == ["add u1", "del u2"]
+    zt.delete_later("u1", 0.05)
+    zt.delete("u1")  # deleted meanwhile: one Del now, none later
+    time.sleep(0.2)
+    assert server.sent == ["add u1", "del u2", "del u1"]
+
+
+def test_a_running_pod_leaves_through_its_departure_and_an_add_cancels_it() -> None:
+    """Leaving goes through the backend's departure (captured connections keep their path
+    until ztunnel drained them); enrolling again cancels what is pending; a running pod is
+    primed under a NAT hold before its rules, a new sandbox is not."""
+    order: list[str] = []
+    e, *_ = _enroller(order)
+
+    class Hold:
+        def hold(self, netns_path: str) -> None:
+            order.append("hold")
+
+        def release(self, netns_path: str) -> None:
+            order.append("release")
+
+        def open_connections(self, netns_path: str) -> int:
+            return 1
+
+    class Leave:
+        def leave(
+            self, uid: str, netns_path: str, settings: RedirectSettings, drain_s: float
+        ) -> None:
+            order.append(f"leave:{uid}:{drain_s:g}")
+
+        def cancel(self, uid: str) -> None:
+            order.append(f"cancel:{uid}")
+
+    e.nat, e.departure, e.prime_s = Hold(), Leave(), 0.0
+    ns = _netns()
+    e.add(POD, ns)
+    assert order == ["cancel:u1", "zds-add", "hold", "rules", "release", "probe-add",
+                     f"annotate:{c.REDIRECTION_ENABLED}"]  # fmt: skip
+    order.clear()
+    e.remove(POD, exists=True)
+    assert order == ["probe-remove", "leave:u1:8", "annotate:None", "zds-del-after:2"]
+    order.clear()
+    e.add(POD, _netns(), running=False)
+    assert "hold" not in order and order[0] == "cancel:u1"
     e.cache.close()
 
 

@@ -94,3 +94,24 @@ def test_access_log_line_has_the_seed_fields(tmp_path: Path) -> None:
     assert first["message"] == "connection complete" and first["bytes_recv"] == 34
     assert str(first["duration"]).endswith("ms") and "error" not in first
     assert second["error"] == "connect 10.0.0.2:8080: refused"
+
+
+def test_directory_names_hbone_peers_only_for_pods_annotated_enabled() -> None:
+    """istiod tells ztunnel HBONE for a pod once annotated ``enabled``: not pending, not
+    unannotated, not a finished pod; the identity comes from its service account."""
+    from cni_plugin import constants as c
+    from testbed.ztunnel_standin.directory import Peer, peers_of
+
+    def pod(annotation: str | None, phase: str = "Running") -> dict[str, object]:
+        ann = {} if annotation is None else {c.REDIRECTION_ANNOTATION: annotation}
+        return {
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u", "annotations": ann},
+            "spec": {"serviceAccountName": "web-sa"},
+            "status": {"phase": phase, "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}]},
+        }
+
+    want = Peer("web", "shop", "spiffe://cluster.local/ns/shop/sa/web-sa")
+    assert peers_of(pod(c.REDIRECTION_ENABLED)) == {"10.1.0.5": want}
+    assert peers_of(pod(c.REDIRECTION_PENDING)) == {}
+    assert peers_of(pod(None)) == {}
+    assert peers_of(pod(c.REDIRECTION_ENABLED, "Succeeded")) == {}
