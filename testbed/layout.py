@@ -17,6 +17,7 @@ Inside the node's private mount namespace:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -210,6 +211,11 @@ class Layout:
     def api_server_in_node(self) -> str:
         return f"https://{self.node_ip}:{self.apiserver_port}"
 
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """The ``kubernetes`` Service's cluster IP (the API server assigns the range's first)."""
+        return str(ipaddress.ip_network(self.service_cidr)[1])
+
     # --- configuration files ----------------------------------------------------------------
     def mount_script(self) -> str:
         """Shell run once inside the new mount namespace: the private mounts listed above."""
@@ -223,6 +229,9 @@ class Layout:
             "set -e",
             "mount -t tmpfs -o mode=755 icni-tb-run /run",
             "mkdir -p /run/netns /run/lock",
+            # hostPath mounts with mountPropagation (the istio-cni-node pod's netns dir and
+            # bpffs) need a shared source mount; shared within this private namespace only.
+            "mount --make-rshared /run",
             "mount -t tmpfs -o mode=755 icni-tb-varlib /var/lib",
         ]
         for src, dst in binds:
@@ -230,6 +239,7 @@ class Layout:
         for name in self.sysctls():
             f = self.sysctl_dir / name
             lines.append(f"mount --bind {f} /proc/sys/{name.replace('.', '/')}")
+        lines.append("if mountpoint -q /sys/fs/bpf; then mount --make-shared /sys/fs/bpf; fi")
         return "\n".join(lines) + "\n"
 
     @staticmethod
