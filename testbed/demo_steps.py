@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin import constants as c
+from testbed import agent_image
+from testbed import daemonset as D
 from testbed import demo_node as N
 from testbed.bookinfo import manifests as M
 from testbed.demo_cluster import (
@@ -30,6 +31,7 @@ from testbed.demo_cluster import (
     is_ready,
     wait_for,
 )
+from testbed.mesh import mesh_env, start_standin
 from testbed.node import Testbed
 
 NS = M.NAMESPACE
@@ -100,16 +102,12 @@ class Walkthrough:
             time.sleep(0.2)
 
     def agent_table(self) -> str:
-        command(f"istio-cni-agent pods -n {NS}")
-        done = subprocess.run(
-            [sys.executable, "-m", "node_agent.cli", "pods", "-n", NS, "--run-dir",
-             str(self.k.run_dir)],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise DemoError(f"istio-cni-agent pods failed: {done.stderr.strip()}")
-        show(done.stdout)
-        return done.stdout
+        """``istio-cni-agent pods`` run inside the agent's own pod (its run dir, its view)."""
+        ns, pod = D.helm_namespace(), self.k.agent_pod_name
+        out = self.kubectl("exec", "-n", ns, pod, "-c", D.CONTAINER, "--",
+                           "istio-cni-agent", "pods", "-n", NS)  # fmt: skip
+        show(out)
+        return out
 
     def wait_agent(self, what: str, ok: Callable[[dict[str, Any]], bool], names: list[str]) -> None:
         def probe() -> bool:
@@ -140,15 +138,38 @@ class Walkthrough:
 
     # --- 1 ------------------------------------------------------------------------------------
     def step1_node(self) -> None:
-        heading(1, "A real node (API server, kubelet, containerd) with our CNI installed by our "
-                   "installer, chained after bridge; the agent running; the ztunnel stand-in "
+        heading(1, "A real node (API server, kubelet, containerd); our chart installed with Helm "
+                   "(the seed's IstioCNI: profile ambient): its istio-cni-node pod, from our "
+                   "image, installs the plugin and runs the agent; the ztunnel stand-in "
                    "connected")  # fmt: skip
-        command(f"istio-cni-testbed up --mesh --backend {self.backend}")
+        command("make image    # Debian packages + our wheel + the plugin, no registry")
         started = time.monotonic()
-        info = self.bed.up(mesh=True, backend=self.backend)
-        self.cluster = Cluster(self.bed, info)
+        image = agent_image.build()
+        note(f"{image.ref} ({image.tarball.stat().st_size / 1e6:.0f} MB) in "
+             f"{time.monotonic() - started:.1f}s")  # fmt: skip
+        command("istio-cni-testbed up")
+        started = time.monotonic()
+        info = self.bed.up(mesh=False, backend=self.backend)
         note(f"node {info['node']} Ready, Kubernetes {info.get('kubernetes_version')}, "
-             f"mesh up in {time.monotonic() - started:.1f}s")  # fmt: skip
+             f"in {time.monotonic() - started:.1f}s")  # fmt: skip
+        command(f"ctr -n k8s.io images import {image.tarball.name}")
+        D.import_image(self.bed, image)
+        ns = D.helm_namespace()
+        self.kubectl("create", "namespace", ns)
+        vals = D.values(info, self.backend, image.ref)
+        command(f"helm install {D.RELEASE} install/helm/istio-cni -n {ns} "
+                + " ".join(f"--set {k}={v}" for k, v in _flat(vals)))  # fmt: skip
+        started = time.monotonic()
+        D.install(self.bed, vals)
+        pod = D.wait_ready(self.bed, timeout=float(os.environ.get("DEMO_AGENT_TIMEOUT", "180")))
+        note(f"pod {ns}/{pod['metadata']['name']} Ready (readiness probe "
+             f"{pod['spec']['containers'][0]['readinessProbe']['httpGet']}) "
+             f"{time.monotonic() - started:.1f}s after helm install")  # fmt: skip
+        self.cluster = Cluster(self.bed, info, pod)
+        info["mesh_pids"] = {"ztunnel-standin": start_standin(
+            self.bed, info, mesh_env(info, self.backend))}  # fmt: skip
+        info["pids"].update(info["mesh_pids"])
+        self.bed._save(info)
         chain: list[str] = []
         for f in sorted(self.bed.layout.cni_conf_dir.glob("*.conflist")):
             chain = [p.get("type", "?") for p in json.loads(f.read_text()).get("plugins", [])]
@@ -176,6 +197,14 @@ class Walkthrough:
         note(f"agent pid {state['pid']} ready, backend {state.get('backend')}; ztunnel stand-in "
              f"connected over {info['ztunnel_socket_in_node']}")  # fmt: skip
         self.facts["1"] = {
+            "image": image.ref,
+            "agent_pod": {
+                "name": pod["metadata"]["name"],
+                "uid": pod["metadata"]["uid"],
+                "image": pod["spec"]["containers"][0]["image"],
+                "host_network": pod["spec"].get("hostNetwork"),
+            },
+            "helm_values": vals,
             "chain": chain,
             "plugin": str(plugin),
             "agent_pid": state["pid"],
@@ -318,6 +347,17 @@ class Walkthrough:
             "enrolled_after_s": round(took, 2),
             "failed_probes": failed_probes,
         }
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``--set`` pairs of a values dict (as an operator would type them)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out += _flat(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", str(v).lower() if isinstance(v, bool) else v))
+    return out
 
 
 def probe_failures(kubelet_log: Path, offset: int) -> list[str]:
