@@ -86,6 +86,14 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     f1 = facts["1"]
     assert f1["chain"][0] == "bridge" and f1["chain"][-1] == "istio-cni", f1["chain"]
     assert f1["agent_backend"] == backend and f1["ztunnel_connected"] is True
+    # ... by the chart's DaemonSet pod, from our image, in the node's network namespace; the
+    # only process of ours on the node is the ztunnel stand-in; every agent process on the
+    # machine sees the image's root filesystem, not the host's.
+    assert f1["agent_pod"]["image"] == f1["image"] and f1["agent_pod"]["host_network"] is True
+    assert f1["helm_values"]["profile"] == "ambient"
+    assert set(f1["mesh_pids"]) == {"ztunnel-standin"}, f1["mesh_pids"]
+    assert f1["agent_processes"], "no istio-cni-agent process found"
+    assert not any(p["host_root"] for p in f1["agent_processes"]), f1["agent_processes"]
 
     # 2: the pods, one service account per app, probes, and the app answering end to end.
     pods = facts["2"]["pods"]
