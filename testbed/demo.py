@@ -36,7 +36,9 @@ from types import FrameType
 from typing import Any
 
 from testbed import demo_node as N
+from testbed.agent_image import AgentImageError
 from testbed.build import BuildError
+from testbed.daemonset import DaemonSetError
 from testbed.demo_ambient import AMBIENT_STEPS
 from testbed.demo_cluster import DemoError
 from testbed.demo_node import ObservationError
@@ -141,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             step()
             walk.k.assert_mesh_alive()  # a crashed agent or stand-in fails the step it hit
         rc = 0
-    except (DemoError, ObservationError) as e:
+    except (DemoError, ObservationError, DaemonSetError) as e:
         failure = str(e)
-    except (TestbedError, MeshUnavailable, BuildError, ImageError) as e:
+    except (TestbedError, MeshUnavailable, BuildError, ImageError, AgentImageError) as e:
         failure = f"the testbed could not provide the node: {e}"
     except Interrupted as e:
         failure, rc = f"interrupted ({e})", 130

@@ -227,11 +227,12 @@ class Layout:
         ]
         lines = [
             "set -e",
+            # As systemd does on a real node: mounts shared (within this namespace only; it
+            # was made private from the host's), which hostPath mounts with
+            # mountPropagation (the istio-cni-node pod's netns dir, bpffs) require.
+            "mount --make-rshared /",
             "mount -t tmpfs -o mode=755 icni-tb-run /run",
             "mkdir -p /run/netns /run/lock",
-            # hostPath mounts with mountPropagation (the istio-cni-node pod's netns dir and
-            # bpffs) need a shared source mount; shared within this private namespace only.
-            "mount --make-rshared /run",
             "mount -t tmpfs -o mode=755 icni-tb-varlib /var/lib",
         ]
         for src, dst in binds:
@@ -239,7 +240,6 @@ class Layout:
         for name in self.sysctls():
             f = self.sysctl_dir / name
             lines.append(f"mount --bind {f} /proc/sys/{name.replace('.', '/')}")
-        lines.append("if mountpoint -q /sys/fs/bpf; then mount --make-shared /sys/fs/bpf; fi")
         return "\n".join(lines) + "\n"
 
     @staticmethod
