@@ -11,6 +11,7 @@ ipsets and annotations stay, so a restart does not touch a single pod's traffic.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -286,8 +287,26 @@ class Agent:
             self.installer.stop(uninstall=uninstall)
         if self.ebpf is not None and uninstall:
             self._uninstall_ebpf()
+        if uninstall:
+            self._uninstall_host_state()
         self.cache.close()
         log.info("agent stopped; pod rules left in place")
+
+    def _uninstall_host_state(self) -> None:
+        """Uninstall: the host probe SNAT rule and its ipsets go, as Istio's agent removes
+        them, unless pods are still enrolled (their kubelet probes need the rule: unlabel
+        before uninstalling); the state file goes too (nothing reads it any more)."""
+        enrolled = len(self.cache)
+        if self.host_probe is not None and enrolled:
+            log.warning(
+                "uninstall: host probe rule and sets kept, pods still enrolled",
+                extra={"fields": {"pods": enrolled}},
+            )
+        elif self.host_probe is not None:
+            self.host_probe.teardown()
+            log.info("uninstall: host probe rule and sets removed")
+        with contextlib.suppress(OSError):
+            os.unlink(self.cfg.state_file)
 
     def _uninstall_ebpf(self) -> None:
         assert self.ebpf is not None

@@ -158,3 +158,14 @@ def wait_ready(bed: Testbed, timeout: float = 120.0, not_uid: str = "") -> dict[
             last = f"pod {pod['metadata']['name']} phase {pod['status'].get('phase')}, not Ready"
         time.sleep(0.5)
     raise DaemonSetError(f"istio-cni-node not Ready after {timeout:g}s: {last}")
+
+
+def wait_gone(bed: Testbed, timeout: float = 90.0) -> None:
+    """Until no ``istio-cni-node`` pod is left (the agent's cleanup ran on its way out)."""
+    deadline = time.monotonic() + timeout
+    while agent_pods(bed):
+        if time.monotonic() > deadline:
+            names = [p["metadata"]["name"] for p in agent_pods(bed)]
+            raise DaemonSetError(f"istio-cni-node pods still there {timeout:g}s after "
+                                 f"uninstall: {names}")  # fmt: skip
+        time.sleep(0.3)

@@ -33,6 +33,7 @@ from testbed.demo_cluster import (
 )
 from testbed.mesh import mesh_env, start_standin
 from testbed.node import Testbed
+from testbed.node_state import NodeState
 
 NS = M.NAMESPACE
 STEPS = 9
@@ -68,6 +69,9 @@ class Walkthrough:
         self.backend = backend
         self.facts: dict[str, Any] = {}
         self.cluster: Cluster | None = None
+        # The node before `helm install` (files, rules, sets, pins) and whether it ran.
+        self.node_before: NodeState | None = None
+        self.installed = False
         self.ips: dict[str, str] = {}
 
     @property
@@ -157,10 +161,12 @@ class Walkthrough:
         ns = D.helm_namespace()
         self.kubectl("create", "namespace", ns)
         vals = D.values(info, self.backend, image.ref)
+        self.node_before = NodeState.take(self.bed, info)
         command(f"helm install {D.RELEASE} install/helm/istio-cni -n {ns} "
                 + " ".join(f"--set {k}={v}" for k, v in _flat(vals)))  # fmt: skip
         started = time.monotonic()
         D.install(self.bed, vals)
+        self.installed = True
         pod = D.wait_ready(self.bed, timeout=float(os.environ.get("DEMO_AGENT_TIMEOUT", "180")))
         note(f"pod {ns}/{pod['metadata']['name']} Ready (readiness probe "
              f"{pod['spec']['containers'][0]['readinessProbe']['httpGet']}) "
