@@ -42,8 +42,38 @@ def _files(root: Path) -> dict[str, str]:
     return out
 
 
+def _without_empty_tables(lines: list[str]) -> list[str]:
+    """Drop tables with no rules: iptables-nft creates a family's ``nat`` table with its
+    built-in chains on first use and never deletes it; empty, it is the same as absent."""
+    out: list[str] = []
+    block: list[str] = []
+    for ln in lines:
+        if ln.startswith("*") or ln.startswith("table "):
+            block = [ln]
+            continue
+        if block:
+            block.append(ln)
+            if ln == "COMMIT" or ln == "}":
+                body = block[1:-1]
+                has_rules = any(
+                    b.startswith("-A ")
+                    or not (
+                        b.startswith(":")
+                        or b.strip().startswith(("chain ", "type ", "}", "policy "))
+                    )
+                    for b in body
+                )
+                if has_rules:
+                    out += block
+                block = []
+            continue
+        out.append(ln)
+    return out + block
+
+
 def _rules(text: str) -> list[str]:
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = _without_empty_tables(lines)
     # packet/byte counters (iptables-save's [p:b], nft's "packets p bytes b") move on
     lines = [re.sub(r"packets \d+ bytes \d+", "", ln) for ln in lines]
     return [re.sub(r"\[\d+:\d+\]", "", ln).rstrip() for ln in lines]
