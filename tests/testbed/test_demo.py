@@ -178,6 +178,8 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
 
     # 9: nothing left, by the demo's account and by this test's own look.
     f9 = facts["9"]
+    # helm uninstall: the pod's cleanup left the node's files, rules, sets, pins as before
+    assert f9["uninstall"]["differences"] == {} and f9["uninstall"]["seconds"] > 0, f9
     assert f9["down_problems"] == [] and not any(f9["leftovers"].values()), f9
     lay = Layout.for_instance(instance)
     assert lay.node_name not in subprocess.run(["ip", "netns"], capture_output=True,
