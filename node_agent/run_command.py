@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -318,6 +319,8 @@ class Agent:
             )
             return
         if removed:
+            if self.ebpf.cache_dir:  # the compiled programs serve restarts, not a reinstall
+                shutil.rmtree(self.ebpf.cache_dir, ignore_errors=True)
             log.info(
                 "uninstall: ebpf node objects removed",
                 extra={"fields": {"pin_root": str(self.ebpf.pin_root)}},
