@@ -169,3 +169,14 @@ def wait_gone(bed: Testbed, timeout: float = 90.0) -> None:
             raise DaemonSetError(f"istio-cni-node pods still there {timeout:g}s after "
                                  f"uninstall: {names}")  # fmt: skip
         time.sleep(0.3)
+
+
+def set_flags(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """``--set`` pairs of a values dict (as an operator would type them)."""
+    out: list[tuple[str, Any]] = []
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out += set_flags(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", str(v).lower() if isinstance(v, bool) else v))
+    return out

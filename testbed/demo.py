@@ -44,6 +44,7 @@ from testbed.build import BuildError
 from testbed.daemonset import DaemonSetError
 from testbed.demo_ambient import AMBIENT_STEPS
 from testbed.demo_cluster import DemoError
+from testbed.demo_metrics import metrics_from_prometheus
 from testbed.demo_node import ObservationError
 from testbed.demo_steps import Walkthrough, command, heading, note, show
 from testbed.images import ImageError
@@ -176,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             walk.step3_table_tcp,
             walk.step4_label,
             *(functools.partial(f, walk) for f in AMBIENT_STEPS),
+            functools.partial(metrics_from_prometheus, walk),
         ]
         for step in steps:
             step()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin import constants as c
-from testbed import agent_image
+from testbed import agent_image, prometheus
 from testbed import daemonset as D
 from testbed import demo_node as N
 from testbed.bookinfo import manifests as M
@@ -163,7 +163,7 @@ class Walkthrough:
         vals = D.values(info, self.backend, image.ref)
         self.node_before = NodeState.take(self.bed, info)
         command(f"helm install {D.RELEASE} install/helm/istio-cni -n {ns} "
-                + " ".join(f"--set {k}={v}" for k, v in _flat(vals)))  # fmt: skip
+                + " ".join(f"--set {k}={v}" for k, v in D.set_flags(vals)))  # fmt: skip
         started = time.monotonic()
         D.install(self.bed, vals)
         self.installed = True
@@ -175,6 +175,9 @@ class Walkthrough:
         info["mesh_pids"] = {"ztunnel-standin": start_standin(
             self.bed, info, mesh_env(info, self.backend))}  # fmt: skip
         info["pids"].update(info["mesh_pids"])
+        info["pids"]["prometheus"] = prometheus.start(self.bed, info, ns)
+        note(f"Prometheus (Debian's) on the node at 127.0.0.1:{prometheus.PORT}, discovering "
+             f"pods of {ns} by their prometheus.io/* annotations")  # fmt: skip
         self.bed._save(info)
         chain: list[str] = []
         for f in sorted(self.bed.layout.cni_conf_dir.glob("*.conflist")):
@@ -211,7 +214,7 @@ class Walkthrough:
                 "host_network": pod["spec"].get("hostNetwork"),
             },
             "helm_values": vals,
-            "agent_processes": agent_processes(self.bed.layout.node_netns),
+            "agent_processes": N.agent_processes(self.bed.layout.node_netns),
             "chain": chain,
             "plugin": str(plugin),
             "agent_pid": state["pid"],
@@ -354,40 +357,6 @@ class Walkthrough:
             "enrolled_after_s": round(took, 2),
             "failed_probes": failed_probes,
         }
-
-
-def agent_processes(node_netns: Path) -> list[dict[str, Any]]:
-    """Every ``istio-cni-agent`` process in the node's network namespace with the root it
-    sees: in a container it is the image's root filesystem, never the host's ``/``."""
-    want = node_netns.stat().st_ino
-    out: list[dict[str, Any]] = []
-    for proc in Path("/proc").iterdir():
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            if not any(a.endswith(b"istio-cni-agent") for a in argv[:2]):
-                continue
-            if (proc / "ns" / "net").stat().st_ino != want:
-                continue
-            root = (proc / "root").stat()
-        except OSError:
-            continue
-        # the magic link resolves into the process's own root: compare it with ours
-        host = Path("/").stat()
-        same = (root.st_dev, root.st_ino) == (host.st_dev, host.st_ino)
-        out.append({"pid": int(proc.name), "argv": [a.decode() for a in argv if a],
-                    "host_root": same})  # fmt: skip
-    return out
-
-
-def _flat(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """``--set`` pairs of a values dict (as an operator would type them)."""
-    out: list[tuple[str, Any]] = []
-    for k, v in values.items():
-        if isinstance(v, dict):
-            out += _flat(v, f"{prefix}{k}.")
-        else:
-            out.append((f"{prefix}{k}", str(v).lower() if isinstance(v, bool) else v))
-    return out
 
 
 def probe_failures(kubelet_log: Path, offset: int) -> list[str]:

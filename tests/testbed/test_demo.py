@@ -176,6 +176,16 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     assert f8["capture"]["ports"] == [9080] and f8["capture"]["plaintext_streams"] > 0
     assert set(f8["annotations"].values()) == {None}
 
+    # Prometheus (Debian's) found the pod by its annotations and answers PromQL with the
+    # agent's own series: installed, informer events seen, the plugin's requests counted.
+    answers = facts["metrics"]["answers"]
+    assert answers["istio_cni_install_ready"][0]["value"][1] == "1"
+    assert answers["istio_cni_install_ready"][0]["metric"]["pod"].startswith("istio-cni-node-")
+    assert sum(float(r["value"][1]) for r in
+               answers["sum by (type) (nodeagent_reconcile_events_total)"]) > 0  # fmt: skip
+    plugin = answers["sum by (response_code) (istio_cni_plugin_requests_total)"]
+    assert sum(float(r["value"][1]) for r in plugin) >= 1, plugin  # reviews-v4's ADD at least
+
     # 9: nothing left, by the demo's account and by this test's own look.
     f9 = facts["9"]
     # helm uninstall: the pod's cleanup left the node's files, rules, sets, pins as before
