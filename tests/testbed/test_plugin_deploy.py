@@ -79,11 +79,16 @@ def conflist_has_istio(info: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def agent_image_ref(testbed_node: Testbed) -> str:
+def built_image(testbed_node: Testbed) -> agent_image.AgentImage:
     """Our image, built (cached) and imported into the node's containerd."""
     image = agent_image.build()
     D.import_image(testbed_node, image)
-    return image.ref
+    return image
+
+
+@pytest.fixture(scope="module")
+def agent_image_ref(built_image: agent_image.AgentImage) -> str:
+    return built_image.ref
 
 
 def ensure_namespace(bed: Testbed) -> None:
@@ -286,7 +291,7 @@ class NodeFilesWatch:
 
 def test_upgrade_under_traffic_loses_no_request(
     testbed_node: Testbed, testbed_info: dict[str, Any], release: dict[str, Any],
-    agent_image_ref: str, tmp_path: Path,
+    built_image: agent_image.AgentImage, tmp_path: Path,
 ) -> None:  # fmt: skip
     """Roll the DaemonSet to another tag of the same build while a client in the mesh keeps
     requesting a server in the mesh, and a pod is created while no agent is ready."""
@@ -314,9 +319,9 @@ def test_upgrade_under_traffic_loses_no_request(
             return [ln for ln in out.split() if ln in ("OK", "FAIL")]
 
         wait(lambda: len(requests()) >= 10, 60, "the client's first requests")
-        new_tag = "upgrade-" + agent_image_ref.rsplit(":", 1)[1]
-        D.import_image(bed, agent_image.build(), tags=(new_tag,))
-        vals = D.values(info, "iptables", agent_image_ref.rsplit(":", 1)[0] + ":" + new_tag)
+        new_tag = "upgrade-" + built_image.tag  # the same build under another tag
+        D.import_image(bed, built_image, tags=(new_tag,))
+        vals = D.values(info, "iptables", f"{agent_image.REPO}:{new_tag}")
         before = len(requests())
         started = time.monotonic()
         with NodeFilesWatch(info) as files:
@@ -351,6 +356,8 @@ def test_upgrade_under_traffic_loses_no_request(
                              "involvedObject.name=late", "-o", "json").stdout  # fmt: skip
         reasons = [e["reason"] for e in json.loads(events)["items"]]
         print(f"upgrade: the pod created meanwhile: {reasons}")
+        # it met no ready agent: the plugin failed its sandbox closed until the new one was
+        assert "FailedCreatePodSandBox" in reasons and "Started" in reasons, reasons
         bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode-")
     finally:
         bed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
