@@ -52,6 +52,7 @@ from testbed.layout import Layout
 from testbed.mesh import MeshUnavailable
 from testbed.node import BACKENDS, Testbed, TestbedError
 from testbed.node_state import NodeState, differences
+from testbed.prometheus import PrometheusError
 
 INSTANCE = "demo"
 STEP9 = ("helm uninstall leaves the node as before the install; then everything torn down: "
@@ -183,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             step()
             walk.k.assert_mesh_alive()  # a crashed agent or stand-in fails the step it hit
         rc = 0
-    except (DemoError, ObservationError, DaemonSetError) as e:
+    except (DemoError, ObservationError, DaemonSetError, PrometheusError) as e:
         failure = str(e)
     except (TestbedError, MeshUnavailable, BuildError, ImageError, AgentImageError) as e:
         failure = f"the testbed could not provide the node: {e}"

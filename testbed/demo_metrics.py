@@ -1,8 +1,7 @@
 """The end of step 8: the agent's own series answered by a real Prometheus, as in the seed.
 
-Role: Debian's ``prometheus`` (started in step 1 by :mod:`testbed.prometheus`) found the
-``istio-cni-node`` pod through Kubernetes pod discovery and its ``prometheus.io/*``
-annotations; here PromQL asks it for the install gauge, the informer events and the
+Role: Debian's ``prometheus`` (started in step 1 by :mod:`testbed.prometheus`) scrapes the
+``istio-cni-node`` pod its ``prometheus.io/*`` annotations point at; here PromQL asks it for the install gauge, the informer events and the
 plugin's requests (the late pod of step 7 made some), and the answers go into ``facts``.
 """
 
@@ -23,7 +22,7 @@ QUERIES = (
 
 def metrics_from_prometheus(w: Walkthrough) -> None:
     note("the agent's metrics, scraped by Debian's Prometheus from the pod the chart's "
-         "prometheus.io/* annotations point at (Kubernetes pod discovery):")  # fmt: skip
+         "prometheus.io/* annotations point at:")  # fmt: skip
     answers: dict[str, list[dict[str, Any]]] = {}
     try:
         targets = prometheus.wait_series(w.bed, 'up{namespace="istio-cni"} == 1')

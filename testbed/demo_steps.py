@@ -175,9 +175,9 @@ class Walkthrough:
         info["mesh_pids"] = {"ztunnel-standin": start_standin(
             self.bed, info, mesh_env(info, self.backend))}  # fmt: skip
         info["pids"].update(info["mesh_pids"])
-        info["pids"]["prometheus"] = prometheus.start(self.bed, info, ns)
-        note(f"Prometheus (Debian's) on the node at 127.0.0.1:{prometheus.PORT}, discovering "
-             f"pods of {ns} by their prometheus.io/* annotations")  # fmt: skip
+        info["pids"]["prometheus"] = prometheus.start(self.bed, D.agent_pods(self.bed))
+        note(f"Prometheus (Debian's) on the node at 127.0.0.1:{prometheus.PORT}, scraping the "
+             f"pods of {ns} that the prometheus.io/* annotations point at")  # fmt: skip
         self.bed._save(info)
         chain: list[str] = []
         for f in sorted(self.bed.layout.cni_conf_dir.glob("*.conflist")):

@@ -1,10 +1,13 @@
-"""Debian's ``prometheus`` server on the testbed node, scraping the ``istio-cni-node`` pod the
-way a cluster's Prometheus finds it: Kubernetes pod discovery through the API server, kept
-by the chart's ``prometheus.io/scrape|port|path`` annotations (no static target).
+"""Debian's ``prometheus`` server on the testbed node, scraping the ``istio-cni-node`` pod
+found by the chart's ``prometheus.io/scrape|port|path`` annotations.
 
-Role: :func:`start` writes the config under the node's state dir and starts the server in
-the node's network namespace (loopback :9090, so several nodes never collide; ``down``
-stops it with the node); :func:`query` asks its HTTP API an instant PromQL query.
+Debian builds Prometheus without Kubernetes service discovery (``kubernetes_sd_configs`` is
+not a known field there), so the testbed does that part: :func:`targets` turns the pods'
+annotations and IPs into a ``file_sd`` target file, as Kubernetes pod discovery plus the
+usual relabelling would. Role: :func:`start` writes config and targets under the node's
+state dir and starts the server in the node's network namespace (loopback :9090, so several
+nodes never collide; ``down`` stops it with the node); :func:`query` asks its HTTP API an
+instant PromQL query.
 """
 
 from __future__ import annotations
@@ -25,40 +28,53 @@ class PrometheusError(RuntimeError):
     """Prometheus is missing, did not start, or a query failed (the message says which)."""
 
 
-def config(kubeconfig: str, namespace: str) -> str:
-    """prometheus.yml: pods of ``namespace`` annotated ``prometheus.io/scrape: "true"``."""
+def targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """file_sd target groups of the pods annotated ``prometheus.io/scrape: "true"``:
+    ``<pod IP>:<prometheus.io/port>``, ``__metrics_path__`` from ``prometheus.io/path``."""
+    groups: list[dict[str, Any]] = []
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        ann = meta.get("annotations") or {}
+        if ann.get("prometheus.io/scrape") != "true" or not status.get("podIP"):
+            continue
+        groups.append({
+            "targets": [f"{status['podIP']}:{ann.get('prometheus.io/port', '80')}"],
+            "labels": {"__metrics_path__": ann.get("prometheus.io/path", "/metrics"),
+                       "namespace": meta["namespace"], "pod": meta["name"]},
+        })  # fmt: skip
+    return groups
+
+
+def config(targets_file: str) -> str:
+    """prometheus.yml: one job over the target file (re-read every few seconds)."""
     doc = {
         "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "evaluation_interval": "10s"},
         "scrape_configs": [{
             "job_name": "kubernetes-pods",
-            "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": kubeconfig,
-                                       "namespaces": {"names": [namespace]}}],
-            "relabel_configs": [
-                {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
-                 "action": "keep", "regex": "true"},
-                {"source_labels": ["__address__",
-                                   "__meta_kubernetes_pod_annotation_prometheus_io_port"],
-                 "action": "replace", "regex": r"([^:]+)(?::\d+)?;(\d+)",
-                 "replacement": "$1:$2", "target_label": "__address__"},
-                {"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"],
-                 "action": "replace", "regex": "(.+)", "target_label": "__metrics_path__"},
-                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            ],
+            "file_sd_configs": [{"files": [targets_file], "refresh_interval": "5s"}],
         }],
     }  # fmt: skip
     return json.dumps(doc, indent=2)  # JSON is YAML
 
 
-def start(bed: Testbed, info: dict[str, Any], namespace: str) -> int:
-    """Start Prometheus on the node; returns its pid once its API answers."""
+def write_targets(bed: Testbed, pods: list[dict[str, Any]]) -> None:
+    """(Re)write the target file from the pods (e.g. after a rollout made a new one)."""
+    path = bed.layout.state_dir / "prometheus" / "targets.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(targets(pods)))
+    tmp.rename(path)
+
+
+def start(bed: Testbed, pods: list[dict[str, Any]]) -> int:
+    """Start Prometheus on the node scraping ``pods``; returns its pid once it answers."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise PrometheusError("prometheus missing: install Debian's prometheus (make setup)")
     state = bed.layout.state_dir / "prometheus"
     state.mkdir(exist_ok=True)
     conf = state / "prometheus.yml"
-    conf.write_text(config(info["kubeconfig_node"], namespace))
+    write_targets(bed, pods)
+    conf.write_text(config(str(state / "targets.json")))
     launch = bed._launcher
     launch.start("prometheus", [binary, f"--config.file={conf}",
                                 f"--storage.tsdb.path={state / 'data'}",
