@@ -1,7 +1,8 @@
 """The end of step 8: the agent's own series answered by a real Prometheus, as in the seed.
 
 Role: Debian's ``prometheus`` (started in step 1 by :mod:`testbed.prometheus`) scrapes the
-``istio-cni-node`` pod its ``prometheus.io/*`` annotations point at; here PromQL asks it for the install gauge, the informer events and the
+``istio-cni-node`` pod its ``prometheus.io/*`` annotations point at; here PromQL asks it
+for the install gauge, the informer events and the
 plugin's requests (the late pod of step 7 made some), and the answers go into ``facts``.
 """
 
