@@ -373,3 +373,52 @@ def test_helm_uninstall_leaves_the_node_as_before_the_install(
     diff = differences(release["before"], NodeState.take(bed, testbed_info))
     assert diff == {}, diff
     assert not conflist_has_istio(testbed_info)
+
+
+def test_pods_still_labelled_at_uninstall_keep_their_redirection_and_probes(
+    testbed_node: Testbed, testbed_info: dict[str, Any], agent_image_ref: str, tmp_path: Path
+) -> None:
+    """Uninstall without unlabelling first (docs/operations.md, section 7): the plugin and
+    its conflist entry go, but the enrolled pod keeps its in-pod rules and annotation, and
+    the host probe rule and sets stay so kubelet's probes keep passing. Reinstalling,
+    unlabelling and uninstalling again cleans the node."""
+    bed, info = testbed_node, testbed_info
+    ensure_namespace(bed)
+    before = NodeState.take(bed, info)
+    vals = D.values(info, "iptables", agent_image_ref)
+    D.install(bed, vals)
+    standin = NodeProcess(bed, [sys.executable, "-m", "testbed.ztunnel_standin", "--socket",
+                                info["ztunnel_socket_in_node"], "--access-log",
+                                str(tmp_path / "access.log"), "--ca-dir", str(tmp_path / "ca")],
+                          mesh_env(info, "iptables"), tmp_path / "standin.log")  # fmt: skip
+    ns = "labelled"
+    try:
+        D.wait_ready(bed, timeout=180)
+        bed.kubectl("create", "namespace", ns)
+        bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
+        bed.kubectl("apply", "-f", "-", input=P.manifest(ns, [
+            P.httpd_pod("web", info["images"]["httpd"], 8080)]))  # fmt: skip
+        P.wait_ready(bed, ns, ["web"], timeout=180)
+        D.uninstall(bed)
+        D.wait_gone(bed)
+        left = differences(before, NodeState.take(bed, info))
+        assert not conflist_has_istio(info) and "cni_bin_dir" not in left, left
+        assert any("ISTIO_POSTRT" in ln for ln in left.get("iptables-save", [])), left
+        assert left.get("ipset") == ["+ istio-inpod-probes-v4", "+ istio-inpod-probes-v6"], left
+        web = json.loads(bed.kubectl("get", "pod", "web", "-n", ns, "-o", "json").stdout)
+        assert web["metadata"]["annotations"]["ambient.istio.io/redirection"] == "enabled"
+        P.wait_ready(bed, ns, ["web"], timeout=30)  # its probes still pass (SNAT rule kept)
+        # the way out: reinstall, unlabel, uninstall
+        D.install(bed, vals)
+        D.wait_ready(bed, timeout=180)
+        bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode-")
+        wait(lambda: "redirection" not in json.dumps(json.loads(bed.kubectl(
+            "get", "pod", "web", "-n", ns, "-o", "json").stdout)["metadata"].get(
+            "annotations", {})), 60, "the pod to leave the mesh")  # fmt: skip
+        D.uninstall(bed)
+        D.wait_gone(bed)
+        assert differences(before, NodeState.take(bed, info)) == {}
+    finally:
+        bed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        uninstall_quietly(bed)
+        standin.stop()
