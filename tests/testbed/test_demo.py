@@ -24,6 +24,7 @@ import pytest
 from testbed.layout import Layout
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(900)]
+NEEDS_AGENT_IMAGE = True  # built before the first test (testbed.pytest_plugin.prebuild)
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = ["details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3", "productpage-v1"]

@@ -35,6 +35,7 @@ from tests.testbed import pods as P
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(1800)]
 SA = "system:serviceaccount:istio-cni:istio-cni"
+NEEDS_AGENT_IMAGE = True  # built before the first test (testbed.pytest_plugin.prebuild)
 ROOT = str(agent_image.ROOT)
 
 
