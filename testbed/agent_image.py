@@ -261,6 +261,9 @@ def build(cache: Path = CACHE_DIR / "agent-image", log: Log = _stderr) -> AgentI
     if os.geteuid() != 0:
         raise AgentImageError("building the image needs root (mmdebstrap, overlay, chroot)")
     with _locked(cache):
+        # The plugin from this checkout's sources (a no-op when build/ is up to date), so
+        # the image never ships a plugin older than its agent.
+        _run(["bash", str(ROOT / "scripts" / "build-plugin.sh")], "make plugin")
         bkey = base_key()
         tag = app_key(bkey)
         image = AgentImage(f"{REPO}:{tag}", cache / f"istio-cni-py-{tag}.tar", tag)
