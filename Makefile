@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit netns demo plugin plugin-forms bench clean vm-test vm-test-one vm-smoke
+.PHONY: setup test lint typecheck unit netns demo plugin plugin-forms bench clean vm-test vm-test-one vm-smoke image
 
 setup:
 	@bash scripts/setup.sh
@@ -54,6 +54,13 @@ bench-nftables: setup
 	$(PY) -m bench.nftables_install --samples 200 --ipv6
 
 bench-plugin: setup build/istio-cni
+
+# The istio-cni-node image as an OCI archive (testbed/agent_image.py): Debian packages of
+# install/image/packages.txt by mmdebstrap from the machine's apt sources, the project's
+# wheel, the plugin. Cached by its inputs' hash under /var/cache/istio-cni-testbed/agent-image;
+# prints {ref, tarball, size_mb, seconds}. Import: ctr -n k8s.io images import <tarball>.
+image: setup build/istio-cni
+	$(PY) -m testbed.agent_image
 	$(PY) -m bench.plugin_startup --runs 100
 	$(PY) -m bench.plugin_ambient --pods 40
 
@@ -81,6 +88,13 @@ build/istio-cni: $(PLUGIN_SOURCES)
 	bash scripts/build-plugin.sh bundled-cpython
 
 plugin: setup build/istio-cni
+
+# The istio-cni-node image as an OCI archive (testbed/agent_image.py): Debian packages of
+# install/image/packages.txt by mmdebstrap from the machine's apt sources, the project's
+# wheel, the plugin. Cached by its inputs' hash under /var/cache/istio-cni-testbed/agent-image;
+# prints {ref, tarball, size_mb, seconds}. Import: ctr -n k8s.io images import <tarball>.
+image: setup build/istio-cni
+	$(PY) -m testbed.agent_image
 
 plugin-forms: setup
 	bash scripts/build-plugin.sh bundled-cpython nuitka-standalone nuitka-onefile pyinstaller-onefile pyinstaller-onedir zipapp

@@ -23,6 +23,7 @@ constructed, nothing is assigned into another part afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -353,6 +354,27 @@ class Agent:
                 self.host_probe.ensure()
                 self._sync_probes()
 
+    def _uninstall_host_state(self) -> None:
+        """Uninstall: the host probe SNAT rule and its ipsets go, as Istio's agent removes
+        them, unless pods are still enrolled (their kubelet probes need the rule: unlabel
+        before uninstalling); the state file goes too (nothing reads it any more)."""
+        enrolled = len(self.cache)
+        if self.host_probe is not None and enrolled:
+            log.warning(
+                "uninstall: host probe rule and sets kept, pods still enrolled",
+                extra={"fields": {"pods": enrolled}},
+            )
+        elif self.host_probe is not None:
+            try:
+                self.host_probe.teardown()
+            except (OSError, IstioCniError) as e:  # a missing tool: say so, go on
+                log.warning(
+                    "uninstall: host probe rules not fully removed",
+                    extra={"fields": {"error": str(e)}},
+                )
+        with contextlib.suppress(OSError):
+            os.unlink(self.cfg.state_file)
+
     def stop(self, *, uninstall: bool | None = None) -> None:
         """Stop serving; leave every pod's rules, the ipsets and annotations in place,
         unless this is an uninstall from this node.
@@ -372,16 +394,9 @@ class Agent:
         if (self.installer is not None or self.host_probe is not None) and uninstalling():
             if self.installer is not None:
                 self.installer.stop(uninstall=True)
-            if self.host_probe is not None:
-                try:
-                    self.host_probe.teardown()
-                except (OSError, IstioCniError) as e:  # a missing tool: say so, go on
-                    log.warning(
-                        "uninstall: host probe rules not fully removed",
-                        extra={"fields": {"error": str(e)}},
-                    )
+            self._uninstall_host_state()
             cleaned = True
-            log.info("uninstall: plugin, conflist entry and host probe rules removed")
+            log.info("uninstall: plugin and conflist entry removed, host state released")
         self.reconciler.stop()
         self.queue.stop()
         self.pod_informer.stop()

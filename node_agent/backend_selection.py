@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ class EbpfNodeState:
             )
             return
         if outcome.removed:
+            if self.ebpf.cache_dir:  # the compiled programs serve restarts, not a reinstall
+                shutil.rmtree(self.ebpf.cache_dir, ignore_errors=True)
             log.info(
                 "uninstall: ebpf node objects removed",
                 extra={"fields": {"pin_root": str(self.ebpf.pin_root)}},

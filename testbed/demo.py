@@ -10,7 +10,8 @@ ambient walkthrough, end to end, on the testbed's real single-node Kubernetes.
 6. requests cross the mesh: access log per hop with SPIFFE ids, TLS on the wire;
 7. reviews-v4, added now, is enrolled by the CNI plugin before its app starts;
 8. the label is removed: TCP again, rules gone, traffic flows directly;
-9. everything is torn down and the host is shown to be as it was.
+9. `helm uninstall`: the pod's cleanup leaves the node as before the install; then
+   everything is torn down and the host is shown to be as it was.
 
 Step 9 always runs (``finally``; SIGINT/SIGTERM/SIGHUP end the walkthrough early and are
 ignored while tearing down). The node is the testbed instance ``demo``
@@ -32,21 +33,30 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from testbed import daemonset as D
 from testbed import demo_node as N
+from testbed.agent_image import AgentImageError
 from testbed.build import BuildError
+from testbed.daemonset import DaemonSetError
 from testbed.demo_ambient import AMBIENT_STEPS
 from testbed.demo_cluster import DemoError
+from testbed.demo_metrics import metrics_from_prometheus
 from testbed.demo_node import ObservationError
-from testbed.demo_steps import Walkthrough, heading, note, show
+from testbed.demo_steps import Walkthrough, command, heading, note, show
 from testbed.images import ImageError
 from testbed.layout import Layout
 from testbed.mesh import MeshUnavailable
 from testbed.node import BACKENDS, Testbed, TestbedError
+from testbed.node_state import NodeState, differences
+from testbed.prometheus import PrometheusError
 
 INSTANCE = "demo"
+STEP9 = ("helm uninstall leaves the node as before the install; then everything torn down: "
+         "the host's namespaces, rules, bpffs and processes as before the demo")  # fmt: skip
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -58,14 +68,46 @@ def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def uninstall(walk: Walkthrough) -> dict[str, Any]:
+    """``helm uninstall``, then the node compared with its state before ``helm install``:
+    the pod's cleanup must have removed the conflist entry, the plugin, its kubeconfig, the
+    host probe rules and sets and the ebpf pins."""
+    bed, before = walk.bed, walk.node_before
+    command(f"helm uninstall {D.RELEASE} -n {D.helm_namespace()}")
+    started = time.monotonic()
+    D.uninstall(bed)
+    D.wait_gone(bed)
+    took = time.monotonic() - started
+    if before is None:
+        return {"seconds": took, "differences": {"snapshot": ["none taken before install"]}}
+    diff = differences(before, NodeState.take(bed, bed.info()))
+    note(f"istio-cni-node gone {took:.1f}s after helm uninstall; the node against its state "
+         f"before helm install (CNI files, run dir, rules, ipsets, pins): "
+         + ("identical" if not diff else "DIFFERENT"))  # fmt: skip
+    for kind, lines in diff.items():
+        show(f"{kind}:\n" + "\n".join(f"  {ln}" for ln in lines), 12)
+    return {"seconds": round(took, 1), "differences": diff}
+
+
+def _uninstall_step(walk: Walkthrough) -> dict[str, Any]:
+    """:func:`uninstall` when the chart was installed; ``problem`` says what failed."""
+    if not walk.installed:
+        return {}
+    try:
+        removed = uninstall(walk)
+    except (DaemonSetError, TestbedError) as e:
+        return {"error": str(e), "problem": f"helm uninstall: {e}"}
+    if removed["differences"]:
+        removed["problem"] = f"helm uninstall left the node changed: {removed['differences']}"
+    return removed
+
+
 def teardown(bed: Testbed, backend: str, before: N.HostSnapshot) -> dict[str, Any]:
     """Step 9: bring the node down; compare the host with the snapshot taken before step 1.
 
     The ebpf backend's pins (programs, NAT map, the getsockopt link on the host's cgroup
     root) live under a pin root private to this testbed instance, named after the node
     (``Layout.bpf_pin_root``), which ``down`` removes: nothing ebpf-specific to do here."""
-    heading(9, "Everything torn down: the host's namespaces, rules, bpffs and processes are "
-               "as before the demo")  # fmt: skip
     print("$ istio-cni-testbed down", flush=True)
     started = time.monotonic()
     problems = bed.down()
@@ -136,14 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             walk.step3_table_tcp,
             walk.step4_label,
             *(functools.partial(f, walk) for f in AMBIENT_STEPS),
+            functools.partial(metrics_from_prometheus, walk),
         ]
         for step in steps:
             step()
             walk.k.assert_mesh_alive()  # a crashed agent or stand-in fails the step it hit
         rc = 0
-    except (DemoError, ObservationError) as e:
+    except (DemoError, ObservationError, DaemonSetError, PrometheusError) as e:
         failure = str(e)
-    except (TestbedError, MeshUnavailable, BuildError, ImageError) as e:
+    except (TestbedError, MeshUnavailable, BuildError, ImageError, AgentImageError) as e:
         failure = f"the testbed could not provide the node: {e}"
     except Interrupted as e:
         failure, rc = f"interrupted ({e})", 130
@@ -155,10 +198,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if failure:
             print(f"\nDEMO FAILED: {failure}", flush=True)
             _failure_context(layout)
+        heading(9, STEP9)
+        removed = _uninstall_step(walk)
+        if removed.get("problem") and not failure:
+            failure = removed["problem"]
+            print(f"\nDEMO FAILED: {failure}", flush=True)
         if args.keep_logs and layout.logs_dir.exists():
             shutil.copytree(layout.logs_dir, args.keep_logs, dirs_exist_ok=True)
+            pod_logs = layout.state_dir / "var-log" / "pods"
+            if pod_logs.exists():
+                shutil.copytree(pod_logs, Path(args.keep_logs) / "pods", dirs_exist_ok=True)
             note(f"node logs copied to {args.keep_logs}")
         end = teardown(bed, args.backend, before)
+        end["uninstall"] = removed
         for s, handler in old.items():
             signal.signal(s, handler)
     left = end["leftovers"]
@@ -170,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.facts:
         with open(args.facts, "w") as f:
             json.dump(walk.facts, f, indent=2, default=str)
+    if failure and rc == 0:
+        rc = 1
     if not clean:
         instance = layout.node_name.removeprefix("icni-tb-")
         print(

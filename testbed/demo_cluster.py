@@ -19,6 +19,8 @@ from node_agent.pods_command import STATE_FILE
 from testbed.node import Testbed
 
 T = TypeVar("T")
+AGENT = "istio-cni-agent"
+AGENT_CONTAINER = "install-cni"
 
 
 class DemoError(RuntimeError):
@@ -28,9 +30,15 @@ class DemoError(RuntimeError):
 class Cluster:
     """Reads of one node: ``bed`` up with the mesh, ``info`` as ``up`` returned it."""
 
-    def __init__(self, bed: Testbed, info: dict[str, Any]) -> None:
+    def __init__(
+        self, bed: Testbed, info: dict[str, Any], agent_pod: dict[str, Any] | None = None
+    ) -> None:
         self.bed = bed
         self.info = info
+        # The istio-cni-node pod (DaemonSet) the agent runs in, as first seen Ready; None when
+        # the agent is the testbed's host process (`up --mesh`, as the enrol-under-traffic
+        # scenario runs it).
+        self._agent_pod = agent_pod
         from kubernetes import client
 
         self.core = client.CoreV1Api(bed.kube_client())
@@ -61,17 +69,43 @@ class Cluster:
         pods = self.agent_state().get("pods", [])
         return {p["name"]: p for p in pods if p.get("namespace") == namespace}
 
+    @property
+    def agent_pod(self) -> dict[str, Any]:
+        if self._agent_pod is None:
+            raise DemoError("no istio-cni-node pod: this node runs the agent as a host process")
+        return self._agent_pod
+
+    @property
+    def agent_pod_name(self) -> str:
+        return str(self.agent_pod["metadata"]["name"])
+
     def log_path(self, name: str) -> Path:
+        """A node process's log; for ``istio-cni-agent`` the pod's container log, which
+        kubelet writes under the node's /var/log/pods (bound from the state dir)."""
+        if name == AGENT and self._agent_pod is not None:
+            meta = self._agent_pod["metadata"]
+            pod = f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+            pod_dir = Path(self.info["run_dir"]) / "var-log" / "pods" / pod / AGENT_CONTAINER
+            logs = sorted(pod_dir.glob("*.log"), key=lambda p: p.stat().st_mtime)
+            return logs[-1] if logs else pod_dir / "0.log"
         return Path(self.info["logs_dir"]) / f"{name}.log"
+
+    def _lines(self, name: str) -> list[str]:
+        """The log's lines, without the CRI prefix (time, stream, P/F) of container logs."""
+        text = self.log_path(name).read_text(errors="replace")
+        lines = text.splitlines()
+        if name == AGENT and self._agent_pod is not None:
+            lines = [ln.split(" ", 3)[3] if ln.count(" ") >= 3 else ln for ln in lines]
+        return lines
 
     def log_records(self, name: str) -> list[dict[str, Any]]:
         """JSON lines of a mesh process's log (non-JSON lines skipped)."""
         try:
-            text = self.log_path(name).read_text(errors="replace")
+            lines = self._lines(name)
         except OSError:
             return []
         out: list[dict[str, Any]] = []
-        for line in text.splitlines():
+        for line in lines:
             try:
                 rec = json.loads(line)
             except ValueError:
@@ -82,10 +116,9 @@ class Cluster:
 
     def log_tail(self, name: str, lines: int = 12) -> str:
         try:
-            text = self.log_path(name).read_text(errors="replace")
+            return "\n".join(self._lines(name)[-lines:])
         except OSError:
             return f"(no log at {self.log_path(name)})"
-        return "\n".join(text.splitlines()[-lines:])
 
     def dead_mesh_processes(self) -> dict[str, str]:
         """name -> how it ended, for the mesh processes (installer excluded: it stays up
@@ -109,7 +142,27 @@ class Cluster:
                 out[name] = f"pid {pid} {how}"
         return out
 
+    def agent_pod_problem(self) -> str | None:
+        """Why the istio-cni-node pod is not the healthy one first seen: gone, restarted,
+        not running (None when it is)."""
+        name = self.agent_pod_name
+        pod = self.pod(self.agent_pod["metadata"]["namespace"], name)
+        if pod is None or pod["metadata"]["uid"] != self.agent_pod["metadata"]["uid"]:
+            return f"pod {name} is gone"
+        st = (pod.get("status", {}).get("containerStatuses") or [{}])[0]
+        if st.get("restartCount"):
+            last = (st.get("lastState") or {}).get("terminated") or {}
+            return (f"pod {name} restarted {st['restartCount']}x (last exit "
+                    f"{last.get('exitCode')} {last.get('reason')})")  # fmt: skip
+        if "running" not in (st.get("state") or {}):
+            return f"pod {name} not running: {st.get('state')}"
+        return None
+
     def assert_mesh_alive(self) -> None:
+        problem = self.agent_pod_problem()
+        if problem:
+            raise DemoError(f"the agent's DaemonSet pod failed: {problem}. Its log:\n"
+                            f"{self.log_tail(AGENT, 8)}")  # fmt: skip
         dead = self.dead_mesh_processes()
         deadline = time.monotonic() + 3
         while any("not running" in how for how in dead.values()) and time.monotonic() < deadline:

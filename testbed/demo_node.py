@@ -20,6 +20,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from testbed.layout import Layout
 
@@ -163,3 +164,26 @@ def leftovers(
         "bpffs": sorted(b for b in set(after.bpffs) - set(before.bpffs) if ours(b)),
         "processes": procs,
     }
+
+
+def agent_processes(node_netns: Path) -> list[dict[str, Any]]:
+    """Every ``istio-cni-agent`` process in the node's network namespace with the root it
+    sees: in a container it is the image's root filesystem, never the host's ``/``."""
+    want = node_netns.stat().st_ino
+    out: list[dict[str, Any]] = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            if not any(a.endswith(b"istio-cni-agent") for a in argv[:2]):
+                continue
+            if (proc / "ns" / "net").stat().st_ino != want:
+                continue
+            root = (proc / "root").stat()
+        except OSError:
+            continue
+        # the magic link resolves into the process's own root: compare it with ours
+        host = Path("/").stat()
+        same = (root.st_dev, root.st_ino) == (host.st_dev, host.st_ino)
+        out.append({"pid": int(proc.name), "argv": [a.decode() for a in argv if a],
+                    "host_root": same})  # fmt: skip
+    return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin import constants as c
+from testbed import agent_image, prometheus
+from testbed import daemonset as D
 from testbed import demo_node as N
 from testbed.bookinfo import manifests as M
 from testbed.demo_cluster import (
@@ -30,7 +31,9 @@ from testbed.demo_cluster import (
     is_ready,
     wait_for,
 )
+from testbed.mesh import mesh_env, start_standin
 from testbed.node import Testbed
+from testbed.node_state import NodeState
 
 NS = M.NAMESPACE
 STEPS = 9
@@ -66,6 +69,9 @@ class Walkthrough:
         self.backend = backend
         self.facts: dict[str, Any] = {}
         self.cluster: Cluster | None = None
+        # The node before `helm install` (files, rules, sets, pins) and whether it ran.
+        self.node_before: NodeState | None = None
+        self.installed = False
         self.ips: dict[str, str] = {}
 
     @property
@@ -84,16 +90,12 @@ class Walkthrough:
         return proc.stdout
 
     def agent_table(self) -> str:
-        command(f"istio-cni-agent pods -n {NS}")
-        done = subprocess.run(
-            [sys.executable, "-m", "node_agent.cli", "pods", "-n", NS, "--run-dir",
-             str(self.k.run_dir)],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise DemoError(f"istio-cni-agent pods failed: {done.stderr.strip()}")
-        show(done.stdout)
-        return done.stdout
+        """``istio-cni-agent pods`` run inside the agent's own pod (its run dir, its view)."""
+        ns, pod = D.helm_namespace(), self.k.agent_pod_name
+        out = self.kubectl("exec", "-n", ns, pod, "-c", D.CONTAINER, "--",
+                           "istio-cni-agent", "pods", "-n", NS)  # fmt: skip
+        show(out)
+        return out
 
     def wait_agent(self, what: str, ok: Callable[[dict[str, Any]], bool], names: list[str]) -> None:
         def probe() -> bool:
@@ -124,15 +126,43 @@ class Walkthrough:
 
     # --- 1 ------------------------------------------------------------------------------------
     def step1_node(self) -> None:
-        heading(1, "A real node (API server, kubelet, containerd) with our CNI installed by our "
-                   "installer, chained after bridge; the agent running; the ztunnel stand-in "
+        heading(1, "A real node (API server, kubelet, containerd); our chart installed with Helm "
+                   "(the seed's IstioCNI: profile ambient): its istio-cni-node pod, from our "
+                   "image, installs the plugin and runs the agent; the ztunnel stand-in "
                    "connected")  # fmt: skip
-        command(f"istio-cni-testbed up --mesh --backend {self.backend}")
+        command("make image    # Debian packages + our wheel + the plugin, no registry")
         started = time.monotonic()
-        info = self.bed.up(mesh=True, backend=self.backend)
-        self.cluster = Cluster(self.bed, info)
+        image = agent_image.build()
+        note(f"{image.ref} ({image.tarball.stat().st_size / 1e6:.0f} MB) in "
+             f"{time.monotonic() - started:.1f}s")  # fmt: skip
+        command("istio-cni-testbed up")
+        started = time.monotonic()
+        info = self.bed.up(mesh=False, backend=self.backend)
         note(f"node {info['node']} Ready, Kubernetes {info.get('kubernetes_version')}, "
-             f"mesh up in {time.monotonic() - started:.1f}s")  # fmt: skip
+             f"in {time.monotonic() - started:.1f}s")  # fmt: skip
+        command(f"ctr -n k8s.io images import {image.tarball.name}")
+        D.import_image(self.bed, image)
+        ns = D.helm_namespace()
+        self.kubectl("create", "namespace", ns)
+        vals = D.values(info, self.backend, image.ref)
+        self.node_before = NodeState.take(self.bed, info)
+        command(f"helm install {D.RELEASE} install/helm/istio-cni -n {ns} "
+                + " ".join(f"--set {k}={v}" for k, v in D.set_flags(vals)))  # fmt: skip
+        started = time.monotonic()
+        D.install(self.bed, vals)
+        self.installed = True
+        pod = D.wait_ready(self.bed, timeout=float(os.environ.get("DEMO_AGENT_TIMEOUT", "180")))
+        note(f"pod {ns}/{pod['metadata']['name']} Ready (readiness probe "
+             f"{pod['spec']['containers'][0]['readinessProbe']['httpGet']}) "
+             f"{time.monotonic() - started:.1f}s after helm install")  # fmt: skip
+        self.cluster = Cluster(self.bed, info, pod)
+        info["mesh_pids"] = {"ztunnel-standin": start_standin(
+            self.bed, info, mesh_env(info, self.backend))}  # fmt: skip
+        info["pids"].update(info["mesh_pids"])
+        info["pids"]["prometheus"] = prometheus.start(self.bed, D.agent_pods(self.bed))
+        note(f"Prometheus (Debian's) on the node at 127.0.0.1:{prometheus.PORT}, scraping the "
+             f"pods of {ns} that the prometheus.io/* annotations point at")  # fmt: skip
+        self.bed._save(info)
         chain: list[str] = []
         for f in sorted(self.bed.layout.cni_conf_dir.glob("*.conflist")):
             chain = [p.get("type", "?") for p in json.loads(f.read_text()).get("plugins", [])]
@@ -160,6 +190,15 @@ class Walkthrough:
         note(f"agent pid {state['pid']} ready, backend {state.get('backend')}; ztunnel stand-in "
              f"connected over {info['ztunnel_socket_in_node']}")  # fmt: skip
         self.facts["1"] = {
+            "image": image.ref,
+            "agent_pod": {
+                "name": pod["metadata"]["name"],
+                "uid": pod["metadata"]["uid"],
+                "image": pod["spec"]["containers"][0]["image"],
+                "host_network": pod["spec"].get("hostNetwork"),
+            },
+            "helm_values": vals,
+            "agent_processes": N.agent_processes(self.bed.layout.node_netns),
             "chain": chain,
             "plugin": str(plugin),
             "agent_pid": state["pid"],

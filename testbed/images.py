@@ -14,15 +14,15 @@ Invariant: tarballs are deterministic (mtime 0, sorted entries), cached under
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
-import json
 import shutil
 import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from testbed import oci
 
 REGISTRY = "icni-tb.local"
 BUSYBOX = Path("/bin/busybox")
@@ -52,8 +52,8 @@ class Image:
 Entry = tuple[int, bytes | str]
 
 
-def _layer(entries: dict[str, Entry]) -> tuple[bytes, str]:
-    """A gzip layer and the sha256 diff_id of its uncompressed tar."""
+def _layer_tar(entries: dict[str, Entry]) -> bytes:
+    """An uncompressed layer tar of ``entries`` (parents as 0755 directories)."""
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         dirs: set[str] = set()
@@ -78,82 +78,19 @@ def _layer(entries: dict[str, Entry]) -> tuple[bytes, str]:
                 info.size = len(content)
                 info.mode = mode
                 tar.addfile(info, io.BytesIO(content))
-    data = raw.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
-    return gzip.compress(data, mtime=0), diff_id
-
-
-def _blob(blobs: dict[str, bytes], data: bytes) -> tuple[str, int]:
-    digest = hashlib.sha256(data).hexdigest()
-    blobs[digest] = data
-    return "sha256:" + digest, len(data)
+    return raw.getvalue()
 
 
 def write_oci_tar(
     out: Path, ref: str, entries: dict[str, Entry], config: dict[str, object]
 ) -> None:
     """Write a one-layer OCI image archive for ``ref`` to ``out`` (atomically)."""
-    blobs: dict[str, bytes] = {}
-    layer, diff_id = _layer(entries)
-    layer_digest, layer_size = _blob(blobs, layer)
-    cfg = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created_by": "istio-cni-testbed"}],
-    }
-    cfg_digest, cfg_size = _blob(blobs, json.dumps(cfg, sort_keys=True).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": cfg_digest,
-            "size": cfg_size,
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                "digest": layer_digest,
-                "size": layer_size,
-            }
-        ],
-    }
-    man_digest, man_size = _blob(blobs, json.dumps(manifest, sort_keys=True).encode())
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": man_digest,
-                "size": man_size,
-                "platform": {"architecture": "amd64", "os": "linux"},
-                "annotations": {
-                    "io.containerd.image.name": ref,
-                    "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[-1],
-                },
-            }
-        ],
-    }
-    tmp = out.with_suffix(".partial")
-    with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        files = {
-            "oci-layout": json.dumps({"imageLayoutVersion": "1.0.0"}).encode(),
-            "index.json": json.dumps(index, sort_keys=True).encode(),
-        }
-        files.update({f"blobs/sha256/{d}": b for d, b in sorted(blobs.items())})
-        for name in ("blobs", "blobs/sha256"):
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            tar.addfile(info)
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            tar.addfile(info, io.BytesIO(data))
-    tmp.rename(out)
+    blob = out.with_name(out.name + ".layer.gz")
+    try:
+        layer = oci.layer_from_bytes(_layer_tar(entries), blob)
+        oci.write_archive(out, ref, [layer], config)
+    finally:
+        blob.unlink(missing_ok=True)
 
 
 def _compile_pause(work: Path) -> bytes:

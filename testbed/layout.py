@@ -17,6 +17,7 @@ Inside the node's private mount namespace:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -210,6 +211,11 @@ class Layout:
     def api_server_in_node(self) -> str:
         return f"https://{self.node_ip}:{self.apiserver_port}"
 
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """The ``kubernetes`` Service's cluster IP (the API server assigns the range's first)."""
+        return str(ipaddress.ip_network(self.service_cidr)[1])
+
     # --- configuration files ----------------------------------------------------------------
     def mount_script(self) -> str:
         """Shell run once inside the new mount namespace: the private mounts listed above."""
@@ -221,6 +227,10 @@ class Layout:
         ]
         lines = [
             "set -e",
+            # As systemd does on a real node: mounts shared (within this namespace only; it
+            # was made private from the host's), which hostPath mounts with
+            # mountPropagation (the istio-cni-node pod's netns dir, bpffs) require.
+            "mount --make-rshared /",
             "mount -t tmpfs -o mode=755 icni-tb-run /run",
             "mkdir -p /run/netns /run/lock",
             "mount -t tmpfs -o mode=755 icni-tb-varlib /var/lib",

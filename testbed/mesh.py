@@ -99,6 +99,17 @@ def start_mesh(bed: Testbed, info: dict[str, Any], backend: str) -> dict[str, in
     _wait_conflist(Path(info["cni_conflist"]).parent, launch, timeout=60.0)
     launch.start("istio-cni-agent", [*agent, "run"], env=env)
     _wait_agent_ready(bed, launch, timeout=60.0)
+    start_standin(bed, info, env)
+    rc = launch.exited().get("istio-cni-agent")
+    if rc is not None:
+        raise MeshUnavailable(f"istio-cni-agent exited {rc}:\n{launch.log_tail('istio-cni-agent')}")
+    return {n: launch.pids[n] for n in ("istio-cni-install", "istio-cni-agent", "ztunnel-standin")}
+
+
+def start_standin(bed: Testbed, info: dict[str, Any], env: dict[str, str]) -> int:
+    """Start the ztunnel stand-in on the node (it connects to the agent's ZDS socket, which
+    the agent, a host process or the istio-cni-node pod, serves); returns its pid."""
+    launch = bed._launcher
     standin = [
         sys.executable, "-m", STANDIN_MODULE,
         f"--socket={info['ztunnel_socket_in_node']}",
@@ -108,11 +119,10 @@ def start_mesh(bed: Testbed, info: dict[str, Any], backend: str) -> dict[str, in
     ]  # fmt: skip
     launch.start("ztunnel-standin", standin, env=env)
     time.sleep(1.0)  # a bad flag or import error shows within a second
-    for name in ("istio-cni-agent", "ztunnel-standin"):
-        rc = launch.exited().get(name)
-        if rc is not None:
-            raise MeshUnavailable(f"{name} exited {rc}:\n{launch.log_tail(name)}")
-    return {n: launch.pids[n] for n in ("istio-cni-install", "istio-cni-agent", "ztunnel-standin")}
+    rc = launch.exited().get("ztunnel-standin")
+    if rc is not None:
+        raise MeshUnavailable(f"ztunnel-standin exited {rc}:\n{launch.log_tail('ztunnel-standin')}")
+    return launch.pids["ztunnel-standin"]
 
 
 def _wait_agent_ready(bed: Testbed, launch: Any, timeout: float) -> None:

@@ -94,6 +94,7 @@ def make_namespaces(lay: Layout) -> None:
     _run([*n, "addr", "add", f"{lay.node_ip}/{lay.node_prefix_len}", "dev", lay.node_if])
     _run([*n, "link", "set", lay.node_if, "up"])
     _run([*n, "link", "set", lay.node_peer_if, "up"])
+    _service_route(lay)
     _run(
         [
             "unshare",
@@ -105,6 +106,27 @@ def make_namespaces(lay: Layout) -> None:
             lay.mount_script(),
         ]
     )
+
+
+def _service_route(lay: Layout) -> None:
+    """What kube-proxy would do for the one Service host-network pods use: the
+    ``kubernetes`` Service (first address of the service range, port 443) reaches the API
+    server. In-cluster clients (the istio-cni-node pod, and the plugin's kubeconfig the pod
+    writes from ``KUBERNETES_SERVICE_HOST``) connect there, as on a real cluster. A route
+    for the service range makes the address routable; a DNAT rule in the node's own nft
+    table (gone with the node netns) rewrites it to the API server."""
+    vip = lay.kubernetes_service_ip
+    _run(["ip", "-n", lay.netns_name, "route", "add", lay.service_cidr, "dev", lay.node_if])
+    rules = (
+        f"table ip icni-tb-services {{\n"
+        f"  chain output {{ type nat hook output priority -100; policy accept;\n"
+        f"    ip daddr {vip} tcp dport 443 dnat to {lay.node_ip}:{lay.apiserver_port}\n"
+        f"  }}\n}}\n"
+    )
+    proc = subprocess.run(["ip", "netns", "exec", lay.netns_name, "nft", "-f", "-"],
+                          input=rules, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise ProvisionError(f"nft (kubernetes Service DNAT in the node) failed: {proc.stderr}")
 
 
 def make_cgroups(lay: Layout) -> None:

@@ -53,16 +53,23 @@ def prebuild(session: pytest.Session) -> None:
         return
     if not any(item.get_closest_marker("testbed") for item in session.items):
         return
+    from testbed import agent_image
     from testbed.build import CACHE_DIR, ensure_binaries, find_binaries
     from testbed.images import build_images
 
-    if find_binaries(CACHE_DIR) is not None:
-        return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-        print("\ntestbed: building Kubernetes once (cached afterwards)...", flush=True)
-        ensure_binaries(CACHE_DIR)
-        build_images(CACHE_DIR / "images")
+        if find_binaries(CACHE_DIR) is None:
+            print("\ntestbed: building Kubernetes once (cached afterwards)...", flush=True)
+            ensure_binaries(CACHE_DIR)
+            build_images(CACHE_DIR / "images")
+        # The istio-cni-node image, for modules that say they run it (NEEDS_AGENT_IMAGE:
+        # the DaemonSet tests, the demo): seconds when cached, minutes cold; a missing
+        # `make plugin` is left for the tests to report.
+        if any(getattr(item.module, "NEEDS_AGENT_IMAGE", False) for item in session.items
+               if isinstance(item, pytest.Function)):  # fmt: skip
+            with contextlib.suppress(agent_image.AgentImageError):
+                agent_image.build()
 
 
 def session_instance() -> str:

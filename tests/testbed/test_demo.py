@@ -24,6 +24,7 @@ import pytest
 from testbed.layout import Layout
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(900)]
+NEEDS_AGENT_IMAGE = True  # built before the first test (testbed.pytest_plugin.prebuild)
 
 REPO = Path(__file__).resolve().parents[2]
 BOOKINFO = ["details-v1", "ratings-v1", "reviews-v1", "reviews-v2", "reviews-v3", "productpage-v1"]
@@ -86,6 +87,14 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     f1 = facts["1"]
     assert f1["chain"][0] == "bridge" and f1["chain"][-1] == "istio-cni", f1["chain"]
     assert f1["agent_backend"] == backend and f1["ztunnel_connected"] is True
+    # ... by the chart's DaemonSet pod, from our image, in the node's network namespace; the
+    # only process of ours on the node is the ztunnel stand-in; every agent process on the
+    # machine sees the image's root filesystem, not the host's.
+    assert f1["agent_pod"]["image"] == f1["image"] and f1["agent_pod"]["host_network"] is True
+    assert f1["helm_values"]["profile"] == "ambient"
+    assert set(f1["mesh_pids"]) == {"ztunnel-standin"}, f1["mesh_pids"]
+    assert f1["agent_processes"], "no istio-cni-agent process found"
+    assert not any(p["host_root"] for p in f1["agent_processes"]), f1["agent_processes"]
 
     # 2: the pods, one service account per app, probes, and the app answering end to end.
     pods = facts["2"]["pods"]
@@ -168,8 +177,20 @@ def test_demo_walkthrough_facts(backend: str, tmp_path: Path) -> None:
     assert f8["capture"]["ports"] == [9080] and f8["capture"]["plaintext_streams"] > 0
     assert set(f8["annotations"].values()) == {None}
 
+    # Prometheus (Debian's) found the pod by its annotations and answers PromQL with the
+    # agent's own series: installed, informer events seen, the plugin's requests counted.
+    answers = facts["metrics"]["answers"]
+    assert answers["istio_cni_install_ready"][0]["value"][1] == "1"
+    assert answers["istio_cni_install_ready"][0]["metric"]["pod"].startswith("istio-cni-node-")
+    assert sum(float(r["value"][1]) for r in
+               answers["sum by (type) (nodeagent_reconcile_events_total)"]) > 0  # fmt: skip
+    plugin = answers["sum by (response_code) (istio_cni_plugin_requests_total)"]
+    assert sum(float(r["value"][1]) for r in plugin) >= 1, plugin  # reviews-v4's ADD at least
+
     # 9: nothing left, by the demo's account and by this test's own look.
     f9 = facts["9"]
+    # helm uninstall: the pod's cleanup left the node's files, rules, sets, pins as before
+    assert f9["uninstall"]["differences"] == {} and f9["uninstall"]["seconds"] > 0, f9
     assert f9["down_problems"] == [] and not any(f9["leftovers"].values()), f9
     lay = Layout.for_instance(instance)
     assert lay.node_name not in subprocess.run(["ip", "netns"], capture_output=True,

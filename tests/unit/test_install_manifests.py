@@ -74,7 +74,7 @@ def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
         "/run/xtables.lock",
     }
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
-    assert c["command"] == ["istio-cni-agent", "run"]
+    assert c["command"] == ["istio-cni-entrypoint", "run"]
     env = {e["name"] for e in c["env"]}
     assert {"NODE_NAME", "POD_NAMESPACE", "POD_NAME"} <= env
     # Host probe rules in the node's namespace whether or not the pod shares it (17.5).
@@ -213,7 +213,8 @@ def test_containerfile_ships_agent_and_plugin() -> None:
     assert "RUN ln -s istio-cni.d/istio-cni /opt/cni/bin/istio-cni" in text
     assert "scripts/build-plugin.sh bundled-cpython" in text
     assert "scripts/plugin_bundle.py" in text  # the bundler the build script runs
-    assert re.search(r'^ENTRYPOINT \["istio-cni-agent"\]$', text, re.M)
+    assert re.search(r'^ENTRYPOINT \["/usr/local/bin/istio-cni-entrypoint"\]$', text, re.M)
+    assert "COPY install/image/entrypoint.sh /usr/local/bin/istio-cni-entrypoint" in text
     from install.config import InstallConfig
 
     assert InstallConfig().cni_bin_source_dir == "/opt/cni/bin"  # where the image puts it
