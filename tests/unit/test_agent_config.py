@@ -130,3 +130,12 @@ def test_backend_settings_istio_names() -> None:
     )
     with pytest.raises(ConfigError, match="AMBIENT_REDIRECT_FALLBACK='ebpf'"):
         AgentConfig.from_env({**base, "AMBIENT_REDIRECT_FALLBACK": "ebpf"})
+
+
+def test_ztunnel_uid_defaults_to_root_and_is_checked() -> None:
+    base = {"NODE_NAME": "n1"}
+    assert AgentConfig.from_env(base).ztunnel_uid == 0
+    assert AgentConfig.from_env({**base, "ZTUNNEL_UID": "1337"}).ztunnel_uid == 1337
+    for bad in ("-1", "root"):
+        with pytest.raises(ConfigError, match="ZTUNNEL_UID"):
+            AgentConfig.from_env({**base, "ZTUNNEL_UID": bad})
