@@ -38,6 +38,13 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer: set a number") from None
 
 
+def _uid(env: Mapping[str, str], name: str) -> int:
+    uid = _int(env, name, 0)
+    if uid < 0:
+        raise ConfigError(f"{name}={uid} is not a uid: set ztunnel's user id (0 for root)")
+    return uid
+
+
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -176,7 +183,7 @@ class AgentConfig:
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
             disable_safe_upgrade=env_bool(e, "AMBIENT_DISABLE_SAFE_UPGRADE", False),
-            ztunnel_uid=_int(e, "ZTUNNEL_UID", 0),
+            ztunnel_uid=_uid(e, "ZTUNNEL_UID"),
             **_newer_istio_settings(e),
         )
 

@@ -202,3 +202,12 @@ def test_settings_for_virtual_interfaces_bypass_and_node_fields() -> None:
     assert cfg.settings_for(_pod(**{"istio.io/reroute-virtual-interfaces": "tap0"})) == (
         cfg.settings_for(_pod(**{"istio.io/reroute-virtual-interfaces": "tap0"}))
     )
+
+
+def test_ztunnel_uid_defaults_to_root_and_is_checked() -> None:
+    base = {"NODE_NAME": "n1"}
+    assert AgentConfig.from_env(base).ztunnel_uid == 0
+    assert AgentConfig.from_env({**base, "ZTUNNEL_UID": "1337"}).ztunnel_uid == 1337
+    for bad in ("-1", "root"):
+        with pytest.raises(ConfigError, match="ZTUNNEL_UID"):
+            AgentConfig.from_env({**base, "ZTUNNEL_UID": bad})
