@@ -121,6 +121,7 @@ class Agent:
             cfg.ztunnel_socket, CacheSnapshot(self.cache), on_connected_change=self._ztunnel
         )
         self.ztunnel = ZdsZtunnel(self.zds)
+        self.metrics.count_ztunnel_connections(lambda: self.zds.connection_count)
         self.enroller = Enroller(
             self.rules,
             self.ztunnel,
@@ -220,7 +221,6 @@ class Agent:
         self.state.touch()
 
     def _ztunnel(self, connected: bool) -> None:
-        self.metrics.ztunnel_connected.set(1 if connected else 0)
         self.controller.ztunnel_changed(connected)
         self.state.touch()
 
