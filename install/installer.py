@@ -40,6 +40,11 @@ log = logging.getLogger("install")
 
 ORIGINAL_RECORD = "istio-cni-original-conf.json"
 
+RESULT_SUCCESS = "SUCCESS"
+RESULT_COPY_BINARIES_FAILURE = "COPY_BINARIES_FAILURE"
+RESULT_CREATE_KUBECONFIG_FAILURE = "CREATE_KUBECONFIG_FAILURE"
+RESULT_CREATE_CNI_CONFIG_FAILURE = "CREATE_CNI_CONFIG_FAILURE"
+
 WatcherFactory = Callable[[list[str], Waker], ChangeWatcher]
 
 
@@ -63,7 +68,9 @@ class Installer:
         self._last_install = -1e9
         self.conf_path: str | None = None
         self.last_error: str | None = None
+        # istio_cni_installs_total by Istio's result label values (cni/pkg/install).
         self.installs_total: dict[str, int] = {}
+        self._stage = RESULT_COPY_BINARIES_FAILURE
         self.entry = conflist.PluginEntry(
             plugin_log_level=config.plugin_log_level,
             cni_agent_run_dir=config.run_dir,
@@ -160,17 +167,17 @@ class Installer:
             ok = self.install_once()
         except IstioCniError as e:
             self.last_error = str(e)
-            self._count("failure")
+            self._count(self._stage)
             log.error("istio-cni install failed: %s", e)
             return False
         except OSError as e:
             self.last_error = f"{e.filename or ''}: {e.strerror or e}"
-            self._count("failure")
+            self._count(self._stage)
             log.error("istio-cni install failed: %s", self.last_error)
             return False
         self.last_error = None if ok else WAITING_FOR_PRIMARY
         if ok:
-            self._count("success")
+            self._count(RESULT_SUCCESS)
         return ok
 
     def _count(self, result: str) -> None:
@@ -178,13 +185,17 @@ class Installer:
 
     # --- one installation ----------------------------------------------------------------
     def install_once(self) -> bool:
-        """Binaries, kubeconfig, conflist. False when there is no primary config yet."""
+        """Binaries, kubeconfig, conflist. False when there is no primary config yet.
+        ``_stage`` names the step under way: a failure is counted under it."""
+        self._stage = RESULT_COPY_BINARIES_FAILURE
         for name in self.config.plugin_binaries:
             src = os.path.join(self.config.cni_bin_source_dir, name)
             for target in self.config.cni_bin_target_dirs:
                 if binaries.install_binary(src, target):
                     log.info("copied %s to %s", name, target)
+        self._stage = RESULT_CREATE_KUBECONFIG_FAILURE
         self.write_kubeconfig()
+        self._stage = RESULT_CREATE_CNI_CONFIG_FAILURE
         return self.write_conflist()
 
     def _credentials(self) -> tuple[str, bytes | None, str]:

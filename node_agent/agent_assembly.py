@@ -157,6 +157,7 @@ class Agent:
             departure = NetfilterDeparture(self.rules, nat)
         elif self.rules.name == "ebpf":
             departure = EbpfDeparture(self.rules)
+        self.metrics.count_ztunnel_connections(lambda: self.zds.connection_count)
         self.enroller = Enroller(
             self.rules,
             self.ztunnel,
@@ -259,7 +260,6 @@ class Agent:
         self.state.touch()
 
     def _ztunnel(self, connected: bool) -> None:
-        self.metrics.ztunnel_connected.set(1 if connected else 0)
         self.controller.ztunnel_changed(connected)
         self.state.touch()
 

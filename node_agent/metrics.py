@@ -1,11 +1,24 @@
 """Prometheus metrics on ``:15014/metrics`` (MONITORING_PORT) with the SPEC §4 names, plus
 enrolment latency histograms. One private registry per agent (tests run several agents in
-one process); :class:`AgentMetrics` is the only writer."""
+one process); :class:`AgentMetrics` is the only writer.
+
+Every series Istio's agent defines (``cni/pkg/install/monitoring.go``,
+``cni/pkg/nodeagent``, ``cni/pkg/repair/monitoring.go``), with its name, labels and label
+values: ``istio_cni_installs_total{result=SUCCESS|COPY_BINARIES_FAILURE|
+CREATE_KUBECONFIG_FAILURE|CREATE_CNI_CONFIG_FAILURE}``, ``istio_cni_install_ready``,
+``nodeagent_reconcile_events_total{type}``, ``istio_cni_plugin_requests_total
+{response_code}``, ``ztunnel_connected`` (the number of ztunnel connections, read at scrape
+time) and ``istio_cni_repair_pods_repaired_total{type,result}``, which stays without samples:
+this agent has no repair controller (Istio's repairs sidecar pods that raced the plugin).
+Where Istio's Go exporter adds the Go runtime's ``process_*`` series, ours has the same
+``process_*`` names from prometheus_client's process collector, plus ``python_info`` and
+``python_gc_*``.
+"""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from prometheus_client import (
@@ -13,7 +26,10 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -46,7 +62,7 @@ class AgentMetrics:
             "nodeagent_reconcile_events", "Informer events handled, by type", ["type"], registry=r
         )
         self.ztunnel_connected = Gauge(
-            "ztunnel_connected", "1 when ztunnel is connected to the ZDS socket", registry=r
+            "ztunnel_connected", "Connections from ztunnel to the ZDS socket", registry=r
         )
         self.plugin_requests = Counter(
             "istio_cni_plugin_requests",
@@ -74,8 +90,24 @@ class AgentMetrics:
             "not be installed): not retried until the pod changes",
             registry=r,
         )
+        self.repaired = Counter(
+            "istio_cni_repair_pods_repaired",
+            "Pods repaired by the repair controller (none here: no repair controller)",
+            ["type", "result"],
+            registry=r,
+        )
+        # What a Prometheus user expects of any process: process_* (cpu, memory, fds,
+        # start time), python_info and python_gc_*.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self._server: BoundedHTTPServer | None = None
         self._install_seen: dict[str, int] = {}
+
+    def count_ztunnel_connections(self, count: Callable[[], int]) -> None:
+        """``ztunnel_connected`` as Istio defines it: how many ztunnel connections there
+        are, read at every scrape (so a second connection during a ztunnel restart shows)."""
+        self.ztunnel_connected.set_function(count)
 
     # EnrollmentObserver
     def enrolled(self, latency_s: float) -> None:

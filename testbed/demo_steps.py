@@ -357,11 +357,16 @@ def probe_failures(kubelet_log: Path, offset: int) -> list[str]:
 
 def protocols(table: str) -> dict[str, str]:
     """POD NAME -> PROTOCOL from ``istio-cni-agent pods`` output."""
+    lines = table.splitlines()
+    if not lines or "POD NAME" not in lines[0] or "PROTOCOL" not in lines[0]:
+        return {}
+    # Columns are padded as kubectl pads them; -n leaves the NAMESPACE column out.
+    name_at, proto_at = lines[0].index("POD NAME"), lines[0].index("PROTOCOL")
     out: dict[str, str] = {}
-    for line in table.splitlines()[1:]:
-        cols = line.split()
-        if len(cols) >= 5:
-            out[cols[1]] = cols[4]
+    for line in lines[1:]:
+        name, proto = line[name_at:].split()[:1], line[proto_at:].split()[:1]
+        if name and proto:
+            out[name[0]] = proto[0]
     return out
 
 

@@ -385,6 +385,7 @@ def test_health_readiness_and_metrics(env: Env) -> None:
         "ztunnel_connected 1.0",
         'istio_cni_plugin_requests_total{response_code="400"} 1.0',
         "nodeagent_enrollment_duration_seconds_count 1.0",
+        "process_resident_memory_bytes",
     ):
         assert line in text, f"{line!r} not in metrics"
     assert 'nodeagent_reconcile_events_total{type="add"}' in text

@@ -43,9 +43,10 @@ def host_rules() -> dict[str, str]:
 
 
 def protocols(table: str) -> dict[str, str]:
+    # `pods -n NS` prints no NAMESPACE column (kubectl's habit): POD NAME comes first.
     rows = [ln.split() for ln in table.splitlines()]
-    assert rows and rows[0][:2] == ["NAMESPACE", "POD"], table
-    return {r[1]: r[4] for r in rows[1:] if len(r) >= 5}
+    assert rows and rows[0][:3] == ["POD", "NAME", "ADDRESS"], table
+    return {r[0]: r[3] for r in rows[1:] if len(r) >= 4}
 
 
 def ports(ss: str) -> dict[str, set[int]]:
