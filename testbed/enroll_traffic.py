@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from node_agent.enrollment import LEAVE_GRACE_S
 from testbed import cleanup
 from testbed.demo_cluster import Cluster, is_ready, redirection_annotation
 from testbed.demo_node import pod_pid
+from testbed.enroll_report import drained_by_ztunnel, epoch, evidence, summarise, table
 from testbed.layout import Layout
 from testbed.node import BACKENDS, Testbed
 from testbed.ztunnel_standin.workloads import DRAIN_SECONDS
@@ -249,7 +249,7 @@ class Scenario:
                 who = _pod_of(rec, by_uid, by_ip)
                 if who is None:
                     continue
-                events.append({"time": _epoch(rec.get("time")), "source": source, "pod": who,
+                events.append({"time": epoch(rec.get("time")), "source": source, "pod": who,
                                "msg": rec.get("msg"), "error": rec.get("error")})  # fmt: skip
         return sorted(events, key=lambda e: e["time"])
 
@@ -267,70 +267,6 @@ def _pod_of(rec: dict[str, Any], by_uid: dict[str, str], by_ip: dict[Any, str]) 
         if ip in by_ip:
             return by_ip[ip]
     return None
-
-
-def _epoch(stamp: Any) -> float:
-    try:
-        return datetime.strptime(str(stamp), "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
-    except ValueError:
-        return 0.0
-
-
-def drained_by_ztunnel(
-    failure: dict[str, Any], client: str, target: str | None, events: list[dict[str, Any]]
-) -> bool:
-    """A long-lived connection made *through* ztunnel ends when a proxy it runs through is
-    deleted: ztunnel lets it go on for its drain deadline, then closes it (a proxied
-    connection cannot outlive its proxy, whatever the CNI does). True when ``failure`` is
-    such an end: a fresh long-lived connection, closed within 1 s of the stand-in's "proxy
-    drained" for its client or target pod, itself at least the deadline after that pod's
-    "proxy stopped" (the Del)."""
-    if failure["kind"] != "long" or "(fresh)" not in str(failure["target"]):
-        return False
-    t = float(failure["time"])
-    for pod in (client, target):
-        mine = [e for e in events if e["pod"] == pod and e["source"] == "ztunnel-standin"]
-        for drained in (e for e in mine if e["msg"] == "proxy drained"):
-            if abs(drained["time"] - t) > 1.0:
-                continue
-            stops = [e["time"] for e in mine
-                     if e["msg"] == "proxy stopped" and e["time"] <= drained["time"]]  # fmt: skip
-            if stops and drained["time"] - max(stops) >= DRAIN_SECONDS - 0.5:
-                return True
-    return False
-
-
-def summarise(reports: dict[str, dict[str, Any]], phases: list[str]) -> dict[str, Any]:
-    """Per phase: new-connection and long-lived counts summed over the clients."""
-    out: dict[str, Any] = {}
-    for phase in phases:
-        row: dict[str, Any] = {}
-        for kind in ("new", "long"):
-            sent = failed = 0
-            errors: dict[str, int] = {}
-            for rep in reports.values():
-                t = rep["phases"].get(phase, {}).get(kind, {})
-                sent += t.get("sent", 0)
-                failed += t.get("failed", 0)
-                for k, v in t.get("errors", {}).items():
-                    errors[k] = errors.get(k, 0) + v
-            row[kind] = {"sent": sent, "failed": failed, "errors": errors}
-        out[phase] = row
-    return out
-
-
-def evidence(failure: dict[str, Any], client: str, events: list[dict[str, Any]],
-             ip_names: dict[str, str], window: float = 1.5) -> list[str]:  # fmt: skip
-    """The log lines about the failing client and its target within ``window`` seconds."""
-    target = ip_names.get(str(failure["target"]).split(" ", 1)[0], "?")
-    t = float(failure["time"])
-    began = float(failure.get("began") or t)  # a request: from its start to its failure
-    return [
-        f"{e['time'] - t:+.3f}s {e['source']} {e['pod']}: {e['msg']}"
-        + (f" ({e['error']})" if e.get("error") else "")
-        for e in events
-        if e["pod"] in (client, target) and began - window <= e["time"] <= t + window
-    ]
 
 
 PHASES = ["baseline", "label", "unlabel", "relabel", "opt-out", "opt-in"]
@@ -387,23 +323,6 @@ def run(backend: str, instance: str, capture: str | None = None) -> dict[str, An
         result["seconds"] = round(time.monotonic() - started, 1)
         result["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return result
-
-
-def table(result: dict[str, Any]) -> str:
-    """One line per phase: new connections sent/failed, long-lived pings sent/failed."""
-    lines = [
-        f"{'phase':10} {'requests':>9} {'failed':>7} {'pings':>7} {'failed':>7} {'drained':>8}"
-        "  errors (drained: long-lived through a deleted pod's ztunnel, ended at its deadline)"
-    ]
-    for phase, row in result.get("counts", {}).items():
-        errs = {**row["new"]["errors"], **row["long"]["errors"]}
-        lines.append(
-            f"{phase:10} {row['new']['sent']:9d} {row['new']['failed']:7d} "
-            f"{row['long']['sent']:7d} {row['long']['failed']:7d} "
-            f"{row['long'].get('drained', 0):8d}  "
-            + (", ".join(f"{k} x{v}" for k, v in errs.items()) or "-")
-        )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

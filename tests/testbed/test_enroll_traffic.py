@@ -14,7 +14,8 @@ import os
 
 import pytest
 
-from testbed.enroll_traffic import PHASES, run, table
+from testbed.enroll_report import table
+from testbed.enroll_traffic import PHASES, run
 from testbed.mesh import missing_pieces
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(900)]
