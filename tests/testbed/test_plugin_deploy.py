@@ -250,14 +250,17 @@ def test_the_pod_installs_the_plugin_and_enrolls_pods_created_through_the_api(
         bed.kubectl("label", "namespace", "mesh", "istio.io/dataplane-mode-")
         wait(lambda: annotation("mesh") is None, 60, "the unlabelled pod to leave the mesh")
     finally:
-        bed.kubectl("delete", "namespace", "mesh", "plain", "--wait=false", check=False)
+        leave_mesh_and_delete(bed, "mesh")
+        leave_mesh_and_delete(bed, "plain")
         standin.stop()
 
 
 def traffic_client(name: str, image: str, url: str) -> dict[str, Any]:
-    """A busybox pod requesting ``url`` every 0.2 s, one OK/FAIL line per request."""
-    loop = (f"while :; do if timeout 2 wget -qO- {url} >/dev/null 2>&1; then echo OK; "
-            f"else echo FAIL; fi; sleep 0.2; done")  # fmt: skip
+    """A busybox pod requesting ``url`` every 0.2 s, one line per request: ``OK`` or
+    ``FAIL@<epoch s>:<wget's exit code>`` (to place a failure in the rollout)."""
+    loop = (f"while :; do timeout 5 wget -qO- {url} >/dev/null 2>&1; rc=$?; "
+            f"if [ $rc = 0 ]; then echo OK; else echo FAIL@$(date +%s):$rc; fi; "
+            f"sleep 0.2; done")  # fmt: skip
     pod = P.client_pod(name, image)
     pod["spec"]["containers"][0]["command"] = ["sh", "-c", loop]
     return pod
@@ -319,14 +322,14 @@ def test_upgrade_under_traffic_loses_no_request(
 
         def requests() -> list[str]:
             out = bed.kubectl("logs", "-n", ns, "client", check=False).stdout
-            return [ln for ln in out.split() if ln in ("OK", "FAIL")]
+            return [ln for ln in out.split() if ln == "OK" or ln.startswith("FAIL@")]
 
         wait(lambda: len(requests()) >= 10, 60, "the client's first requests")
         new_tag = "upgrade-" + built_image.tag  # the same build under another tag
         D.import_image(bed, built_image, tags=(new_tag,))
         vals = D.values(info, "iptables", f"{agent_image.REPO}:{new_tag}")
         before = len(requests())
-        started = time.monotonic()
+        started, started_at = time.monotonic(), time.time()
         with NodeFilesWatch(info) as files:
             D.upgrade(bed, vals)
 
@@ -347,11 +350,10 @@ def test_upgrade_under_traffic_loses_no_request(
         assert new["spec"]["containers"][0]["image"].endswith(":" + new_tag)
         assert files.samples > 100 and files.missing == [], files.missing[:5]
         during = after[before:]
-        print(
-            f"upgrade: rolled in {rolled:.1f}s; {len(during)} requests meanwhile, "
-            f"{during.count('FAIL')} failed; files sampled {files.samples}x"
-        )
-        assert len(during) >= 10 and "FAIL" not in during, during
+        failed = [r for r in during if r != "OK"]
+        print(f"upgrade: rolled in {rolled:.1f}s (from {started_at:.0f}); {len(during)} "
+              f"requests meanwhile, failed: {failed}; files sampled {files.samples}x")  # fmt: skip
+        assert len(during) >= 10 and failed == [], (started_at, failed)
         late = json.loads(bed.kubectl("get", "pod", "late", "-n", ns, "-o", "json").stdout)
         assert late["metadata"].get("annotations", {}).get(
             "ambient.istio.io/redirection") == "enabled"  # fmt: skip
@@ -361,10 +363,18 @@ def test_upgrade_under_traffic_loses_no_request(
         print(f"upgrade: the pod created meanwhile: {reasons}")
         # it met no ready agent: the plugin failed its sandbox closed until the new one was
         assert "FailedCreatePodSandBox" in reasons and "Started" in reasons, reasons
-        bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode-")
     finally:
-        bed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        leave_mesh_and_delete(bed, ns)
         standin.stop()
+
+
+def leave_mesh_and_delete(bed: Testbed, ns: str) -> None:
+    """Unlabel, then delete the namespace and wait for its pods to go: a failed test must
+    not leave enrolled pods for the next one's uninstall."""
+    bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode-", check=False)
+    bed.kubectl("delete", "pods", "--all", "-n", ns, "--wait=true", "--timeout=120s",
+                check=False)  # fmt: skip
+    bed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def test_helm_uninstall_leaves_the_node_as_before_the_install(
@@ -422,6 +432,6 @@ def test_pods_still_labelled_at_uninstall_keep_their_redirection_and_probes(
         D.wait_gone(bed)
         assert differences(before, NodeState.take(bed, info)) == {}
     finally:
-        bed.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        leave_mesh_and_delete(bed, ns)
         uninstall_quietly(bed)
         standin.stop()
