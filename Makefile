@@ -102,6 +102,18 @@ clean:
 bench-ebpf: setup
 	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000 --rounds 3
 
+# Istio's own istio-cni plugin and install-cni agent (plus a driver of its in-pod rule code),
+# built from the Go module proxy into /var/cache/istio-cni-testbed/istio-<version> (cold ~7 min
+# on 2 busy cores, then a no-op). ISTIO_PEER_ARGS e.g. --version latest, --cold.
+.PHONY: istio-peer bench-vs-istio
+istio-peer: setup
+	$(PY) -m bench.istio_peer $(ISTIO_PEER_ARGS)
+
+# Ours vs Istio's own istio-cni, side by side (docs/benchmarks.md, "Ours vs Istio's istio-cni").
+bench-vs-istio: setup istio-peer build/istio-cni
+	$(PY) -m bench.vs_istio_rules --samples 200 --chart docs/img/vs-istio-rules.png
+	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
+
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` is cached under
 # /var/cache/istio-cni-testbed (cold ~6-8 min on 2 cores, then seconds): run it before the
 # suite so the `testbed` tests' timeouts only count bring-up. TESTBED_ARGS e.g. --mesh.
