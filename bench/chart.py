@@ -49,7 +49,7 @@ def draw(path: Path, title: str, unit: str, bars: list[Bar], note: str = "") -> 
         ax.set_title(title, fontsize=11)
         for y, b in zip(ys, bars, strict=True):
             text = f" {b.median:.3g}" + (f"  ({b.ratio:.2f}x)" if b.ratio is not None else "")
-            ax.text(b.median, y, text, va="center", ha="left", fontsize=8)
+            ax.text(max(b.median, b.upper), y, text, va="center", ha="left", fontsize=8)
         if note:
             fig.text(0.01, 0.01, note, fontsize=7, color="#555555")
         ax.margins(x=0.25)

@@ -168,11 +168,11 @@ def run(samples: int, ipv6: bool, version: str, workdir: Path) -> dict[str, Any]
     node = fresh_pod_netns()  # Istio's "host": its start-up probe rules land here
     drivers: list[IstioRuleDriver] = []
     try:
-        for nft in (False, True):
+        for mode in ("ipt", "nft"):
             drivers.append(
                 IstioRuleDriver(
                     peer.path(DRIVER), node_netns=f"/run/netns/{node}", ipv6=ipv6,
-                    nftables=nft, log=workdir / f"istio-{'nft' if nft else 'ipt'}.log",
+                    nftables=mode == "nft", log=workdir / f"istio-{mode}.log",
                 )
             )  # fmt: skip
         ipt, nft = drivers
@@ -262,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"istio.io/istio {res['istio_version']} ({res['go']}); load average at start "
-          f"{res['load_at_start']}; {res['seconds']} s\n")  # fmt: skip
+    print(
+        f"istio.io/istio {res['istio_version']} ({res['go']}); xtables "
+        f"{res['xtables_variant']}; load average at start {res['load_at_start']}; "
+        f"{res['seconds']} s\n"
+    )
     print(report(res, args.chart))
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")
