@@ -1,9 +1,9 @@
 """Light pods: everything the node agent sees of a pod, without a kubelet.
 
 A light pod is (1) a network namespace, (2) a process (``sleep``) inside it placed in a
-cgroup named ``pod<uid>`` of the v1 ``pids`` hierarchy (as kubelet's cgroupfs driver
-names them), and (3) a Pod object on a real API server, bound to a Node object of its own,
-whose status is set to Running with the pod IP. The agent treats such pods exactly as
+container cgroup ``pod<uid>/<container id>`` of the v1 ``pids`` hierarchy (as kubelet's
+cgroupfs driver names them), and (3) a Pod object on a real API server, bound to a Node
+object of its own, whose status is set to Running with the pod IP. The agent treats such pods exactly as
 kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
 Used by the agent bench (1000 pods are beyond the testbed kubelet on 2 cores) and by tests
 that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also after errors.
@@ -12,6 +12,7 @@ that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also af
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import subprocess
@@ -98,7 +99,10 @@ class LightNode:
             except OSError:
                 pass
             time.sleep(0.005)
-        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}"
+        # The process sits in a container's cgroup under the pod's, as kubelet's cgroupfs
+        # layout has it (Istio's finder only accepts pod<uid>/<container id>).
+        container = hashlib.sha256(uid.encode()).hexdigest()
+        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}" / container
         cg.mkdir(parents=True, exist_ok=True)
         (cg / "cgroup.procs").write_text(str(proc.pid))
         return proc
