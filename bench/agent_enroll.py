@@ -102,10 +102,12 @@ def start_agent(
     workers: int,
     backend: str,
     pin_root: str,
+    netns: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Our agent as its own process (``istio-cni-agent run``) for node ``node_name``: run dir
     ``tmp/run``, ztunnel socket ``tmp/zt/ztunnel.sock``, host-probe rules in the namespace
-    ``node_ns``, log ``tmp/agent.log``. The caller terminates it."""
+    ``node_ns``, log ``tmp/agent.log``; living in ``netns`` if given (``nsenter`` execs, so
+    the pid is the agent's). The caller terminates it."""
     env = dict(
         os.environ,
         NODE_NAME=node_name,
@@ -122,12 +124,11 @@ def start_agent(
         AMBIENT_EBPF_PIN_ROOT=pin_root,  # ebpf: this run's own pins, removed by the caller
         LOG_LEVEL="warning",
     )
-    with open(tmp / "agent.log", "w") as log:  # the child keeps its own copy of the fd
-        return subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--listen-address", "127.0.0.1"],
-            env=env,
-            stderr=log,
-        )
+    argv = [sys.executable, "-m", "node_agent.cli", "run", "--listen-address", "127.0.0.1"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    with open(tmp / "agent.log", "a") as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen(argv, env=env, stderr=log)
 
 
 def run(
