@@ -110,9 +110,10 @@ istio-peer: setup
 	$(PY) -m bench.istio_peer $(ISTIO_PEER_ARGS)
 
 # Ours vs Istio's own istio-cni, side by side (docs/benchmarks.md, "Ours vs Istio's istio-cni").
-bench-vs-istio: setup istio-peer build/istio-cni
+bench-vs-istio: setup istio-peer build/istio-cni testbed-build
 	$(PY) -m bench.vs_istio_rules --samples 200 --chart docs/img/vs-istio-rules.png
 	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
+	$(PY) -m bench.vs_istio_agent --pods 200 --order ours,istio,istio,ours --chart-dir docs/img
 
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` is cached under
 # /var/cache/istio-cni-testbed (cold ~6-8 min on 2 cores, then seconds): run it before the

@@ -3,8 +3,8 @@
 A light pod is (1) a network namespace, (2) a process (``sleep``) inside it placed in a
 container cgroup ``pod<uid>/<container id>`` of the v1 ``pids`` hierarchy (as kubelet's
 cgroupfs driver names them), and (3) a Pod object on a real API server, bound to a Node
-object of its own, whose status is set to Running with the pod IP. The agent treats such pods exactly as
-kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
+object of its own, whose status is set to Running with the pod IP. The agent treats such pods
+exactly as kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
 Used by the agent bench (1000 pods are beyond the testbed kubelet on 2 cores) and by tests
 that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also after errors.
 """
