@@ -13,6 +13,13 @@ setup:
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+# The layering contracts ([tool.importlinter] in pyproject.toml): which package may import
+# which, the one kubernetes-client module per side, pure modules free of I/O, no cycles.
+.PHONY: layers
+layers: setup
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy
@@ -21,6 +28,7 @@ typecheck: setup
 # kernels (the full other-kernel matrix is `make vm-test`: hours, see docs/kernels.md).
 test: setup build/istio-cni
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
 	bash scripts/pytest.sh -m "not vm" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory vm-smoke

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent import zds_socket
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from testbed.ztunnel_standin.topology import AppServer, TwoPods, client_socket, http_get
@@ -116,18 +117,18 @@ def acking_peer(path: str, stop: threading.Event) -> threading.Thread:
     def run() -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.connect(path)
-        w.send_packet(s, w.encode_hello(), timeout=5)
+        zds_socket.send_packet(s, w.encode_hello(), timeout=5)
         ack = w.encode_ack()
         try:
             while not stop.is_set():
                 try:
-                    pkt = w.recv_packet(s, timeout=0.2)
+                    pkt = zds_socket.recv_packet(s, timeout=0.2)
                 except w.ZdsClosedError as e:
                     if isinstance(e.__cause__, TimeoutError):
                         continue
                     return
                 pkt.close_fds()
-                w.send_packet(s, ack, timeout=5)
+                zds_socket.send_packet(s, ack, timeout=5)
         finally:
             s.close()
 

@@ -51,6 +51,10 @@ REDIRECTION_ANNOTATION: Final = "ambient.istio.io/redirection"
 REDIRECTION_ENABLED: Final = "enabled"
 REDIRECTION_PENDING: Final = "pending"
 BYPASS_INBOUND_ANNOTATION: Final = "ambient.istio.io/bypass-inbound-capture"
+# Istio 1.25+: per-pod DNS capture over the node default, and KubeVirt-style interfaces
+# whose inbound TCP is treated as outbound (sent to ztunnel's 15001).
+DNS_CAPTURE_ANNOTATION: Final = "ambient.istio.io/dns-capture"
+VIRTUAL_INTERFACES_ANNOTATION: Final = "istio.io/reroute-virtual-interfaces"
 ZTUNNEL_APP_LABEL: Final = "ztunnel"
 
 # Default paths and names (agent side unless noted).

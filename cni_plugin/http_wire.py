@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # nothing at run time: ``socket`` alone imports ``enum`` and 
         def sendall(self, data: bytes, /) -> None: ...
         def recv(self, bufsize: int, /) -> bytes: ...
 
+
 _MAX_RESPONSE = 4 << 20  # a pod and a namespace are far smaller; refuse runaway peers
 
 

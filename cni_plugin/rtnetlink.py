@@ -29,8 +29,9 @@ RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 RTM_NEWTFILTER, RTM_DELTFILTER, RTM_GETTFILTER = 44, 45, 46
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 RTM_GETADDR = 22
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 
-IFLA_IFNAME, IFLA_AF_SPEC = 3, 26
+IFLA_IFNAME, IFLA_MASTER, IFLA_AF_SPEC = 3, 10, 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_ACCEPT_LOCAL = 23
 IPV4_DEVCONF_ROUTE_LOCALNET = 26
@@ -72,12 +73,17 @@ def parse_attrs(data: bytes) -> dict[int, bytes]:
     return out
 
 
+def _u32_of(raw: bytes) -> int:
+    return int(struct.unpack("I", raw[:4])[0]) if len(raw) >= 4 else 0
+
+
 @dataclass(frozen=True)
 class Link:
     index: int
     name: str
     link_type: int
     inet_conf: bytes = b""  # IFLA_INET_CONF: the IPv4 devconf array (u32 per IPV4_DEVCONF_*)
+    master: int = 0  # IFLA_MASTER: the bridge (or bond) this interface is a port of
 
     def devconf(self, which: int) -> int:
         off = (which - 1) * 4
@@ -155,7 +161,8 @@ class Rtnl:
             name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode()
             spec = parse_attrs(attrs.get(IFLA_AF_SPEC, b""))
             conf = parse_attrs(spec.get(socket.AF_INET, b"")).get(IFLA_INET_CONF, b"")
-            out.append(Link(index, name, ltype, conf))
+            master = attrs.get(IFLA_MASTER, b"")
+            out.append(Link(index, name, ltype, conf, _u32_of(master)))
         return out
 
     def devconf(self, index: int, which: int) -> int:
@@ -279,6 +286,20 @@ class Rtnl:
             self.request(RTM_NEWROUTE, NLM_F_CREATE | NLM_F_EXCL, body)
         else:
             self.request(RTM_DELROUTE, 0, body)
+
+    def addresses(self, index: int, family: int) -> list[tuple[str, int, int]]:
+        """(address, scope, flags) of interface ``index`` in ``family``, in the kernel's
+        order (the first IPv4 one is the interface's primary address)."""
+        out: list[tuple[str, int, int]] = []
+        for body in self.dump(RTM_GETADDR, struct.pack("BBBBi", family, 0, 0, 0, 0)):
+            fam, _plen, flags, scope, idx = struct.unpack_from("BBBBi", body)
+            if idx != index or fam != family:
+                continue
+            attrs = parse_attrs(body[8:])
+            raw = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if raw:
+                out.append((socket.inet_ntop(family, raw), scope, flags))
+        return out
 
     def has_ipv6_address(self, index: int) -> bool:
         body = struct.pack("BBBBi", socket.AF_INET6, 0, 0, 0, 0)

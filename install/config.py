@@ -12,20 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cni_plugin.constants import DEFAULT_RUN_DIR
+from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    if raw.lower() in ("1", "true", "yes", "on"):
-        return True
-    if raw.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false")
 
 
 # In a source checkout, `make plugin` leaves the executable here.
@@ -69,7 +59,7 @@ class InstallConfig:
     def from_env(cls, env: Mapping[str, str]) -> InstallConfig:
         d = cls()
         targets = env.get("CNI_BIN_TARGET_DIRS")
-        chained = _bool(env, "CHAINED_CNI_PLUGIN", d.chained)
+        chained = env_bool(env, "CHAINED_CNI_PLUGIN", d.chained)
         if not chained:
             raise ConfigError(
                 "CHAINED_CNI_PLUGIN=false is not supported: ambient mode needs istio-cni "
@@ -85,13 +75,13 @@ class InstallConfig:
             ),
             run_dir=env.get("CNI_AGENT_RUN_DIR") or d.run_dir,
             plugin_log_level=env.get("PLUGIN_LOG_LEVEL") or d.plugin_log_level,
-            ambient_enabled=_bool(env, "AMBIENT_ENABLED", d.ambient_enabled),
+            ambient_enabled=env_bool(env, "AMBIENT_ENABLED", d.ambient_enabled),
             exclude_namespaces=env.get("EXCLUDE_NAMESPACES", d.exclude_namespaces),
             pod_namespace=env.get("POD_NAMESPACE") or d.pod_namespace,
             k8s_service_host=env.get("KUBERNETES_SERVICE_HOST", ""),
             k8s_service_port=env.get("KUBERNETES_SERVICE_PORT", ""),
             kube_ca_file=env.get("KUBE_CA_FILE") or d.kube_ca_file,
-            skip_tls_verify=_bool(env, "SKIP_TLS_VERIFY", d.skip_tls_verify),
+            skip_tls_verify=env_bool(env, "SKIP_TLS_VERIFY", d.skip_tls_verify),
             sa_token_file=env.get("SA_TOKEN_FILE") or d.sa_token_file,
             fallback_kubeconfig=env.get("KUBECONFIG", ""),
         )

@@ -34,6 +34,7 @@ from install.atomic_file import atomic_write, read_bytes
 from install.config import InstallConfig
 from install.watcher import ChangeWatcher, InotifyWatcher, Waker
 
+WAITING_FOR_PRIMARY = "waiting for a primary CNI config"
 log = logging.getLogger("install")
 
 ORIGINAL_RECORD = "istio-cni-original-conf.json"
@@ -127,8 +128,10 @@ class Installer:
                             log.info("cni config or plugin changed; checking and repairing")
                     else:
                         log.warning("installation not intact: %s", problem)
-                else:
-                    watcher.wait(None)  # waiting for a primary CNI config (or a fix)
+                elif self.last_error != WAITING_FOR_PRIMARY or self._choose_conf() is None:
+                    # Waiting for a primary CNI config (or a fix). The config is looked for
+                    # again once the watch is in place: one written in between raises no event.
+                    watcher.wait(None)
             finally:
                 self._ready.clear()
                 watcher.close()
@@ -162,7 +165,7 @@ class Installer:
             self._count("failure")
             log.error("istio-cni install failed: %s", self.last_error)
             return False
-        self.last_error = None if ok else "waiting for a primary CNI config"
+        self.last_error = None if ok else WAITING_FOR_PRIMARY
         if ok:
             self._count("success")
         return ok

@@ -2,23 +2,18 @@
 
 - :class:`KubeAccess`: what the agent needs from the API (``KubeApi`` is the real one), and
   the two list/watch views of it the informers consume (pods of this node, namespaces);
-- :class:`SerialRules`: a redirection backend whose library is not thread-safe, behind a lock;
-- :class:`ZdsZtunnel`: the ZDS server as enrollment's ``Ztunnel``, and the pod cache as the
-  server's snapshot source.
+- :class:`ZdsZtunnel`: the ZDS server as enrollment's ``Ztunnel``; :class:`CacheSnapshot`:
+  the pod cache as the server's snapshot source.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from cni_plugin.errors import ZtunnelUnavailableError
-from cni_plugin.redirection.backend import CheckReport
-from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.enrollment import Annotator, Rules
+from node_agent.enrollment import Annotator
 from node_agent.informers import WatchEvent
-from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.pod_cache import IN_SNAPSHOT, CachedPod, PodCache
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 
 
@@ -62,76 +57,36 @@ class NamespacesListWatch:
         return self.kube.watch_namespaces(resource_version, timeout_seconds)
 
 
-# Backends the agent calls one at a time (see SerialRules for why ebpf still is).
-SERIAL_BACKENDS = ("ebpf",)
-
-
-class SerialRules:
-    """A backend behind one lock: one apply/remove/check at a time.
-
-    Kept for the ebpf backend, on purpose, after the backend learnt to lock itself:
-    - the original crash (two bcc compiles at once corrupt libbcc's heap: SIGSEGV/SIGABRT)
-      is now prevented inside the backend (``image.load_image`` and the variant loading take
-      a lock, commit fc27673). ``tests/netns/test_bpf_concurrency.py`` shows it for real: 3
-      cold processes x 8 threads released together x 6 rounds of apply/check/remove/apply
-      across two settings variants, no error; the same stress without the image lock
-      crashed 3 runs out of 3 (rc 139, 139, 134);
-    - but one path is not safe to overlap: when the node-wide pins (NAT map, getsockopt
-      link) have been removed behind the agent's back, the next ``apply`` closes every
-      cached variant's program fds and loads new ones, while another thread may be
-      attaching with the old fds (closed, possibly reused numbers). Serialising the calls
-      excludes that;
-    - the cost is small: an ebpf apply is a few milliseconds of netlink and pinning (no
-      subprocess), so one at a time still enrols hundreds of pods per second.
-    Pin pruning (``node_agent.bpf_pins``) runs outside this lock: it only deletes pins of
-    namespaces that are gone, and only pins listed before the live namespaces were.
-    """
-
-    def __init__(self, inner: Rules) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._lock = threading.Lock()
-
-    def apply(self, netns_path: str, settings: RedirectSettings) -> None:
-        with self._lock:
-            self.inner.apply(netns_path, settings)
-
-    def remove(self, netns_path: str, settings: RedirectSettings) -> None:
-        with self._lock:
-            self.inner.remove(netns_path, settings)
-
-    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport:
-        with self._lock:
-            return self.inner.check(netns_path, settings)
-
-
-class ZdsZtunnel:
-    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel`` and the cache to its snapshot."""
+class CacheSnapshot:
+    """The pod cache as the ZDS server's snapshot source: the pods ztunnel must know."""
 
     def __init__(self, cache: PodCache) -> None:
         self.cache = cache
-        self.server: ZdsServer | None = None
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        out = []
+        for e in self.cache.entries():
+            if e.state not in IN_SNAPSHOT:
+                continue
+            info = WorkloadInfo(e.name, e.namespace, e.service_account)
+            out.append(SnapshotEntry(e.uid, info, e.netns_path))
+        return out
+
+
+class ZdsZtunnel:
+    """Adapts :class:`ZdsServer` to enrollment's ``Ztunnel``."""
+
+    def __init__(self, server: ZdsServer) -> None:
+        self.server = server
 
     @property
     def connected(self) -> bool:
-        return self.server is not None and self.server.connected
+        return self.server.connected
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
-        if self.server is None:
-            raise ZtunnelUnavailableError("the ZDS server is not started yet; will retry")
         self.server.add(
             pod.uid, netns_path, WorkloadInfo(pod.name, pod.namespace, pod.service_account)
         )
 
     def delete(self, uid: str) -> None:
-        if self.server is not None:
-            self.server.delete(uid)
-
-    def snapshot(self) -> list[SnapshotEntry]:
-        out = []
-        for e in self.cache.entries():
-            if e.state not in ("enabled", "pending"):
-                continue
-            info = WorkloadInfo(e.name, e.namespace, e.service_account)
-            out.append(SnapshotEntry(e.uid, info, e.netns_path))
-        return out
+        self.server.delete(uid)

@@ -20,7 +20,7 @@ from cni_plugin.errors import IstioCniError
 COMMANDS: dict[str, str] = {
     "redirect": "node_agent.redirect_command",
     "run": "node_agent.run_command",
-    "install": "install.install_command",
+    "install": "node_agent.install_command",
     "pods": "node_agent.pods_command",
     "pod": "node_agent.pods_command",
 }

@@ -15,22 +15,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from cni_plugin import constants as c
+from cni_plugin.enablement import bypass_inbound
+from cni_plugin.env_flags import env_bool
 from cni_plugin.errors import ConfigError
+from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.resources import PodInfo
+from node_agent.state import STATE_FILE
 
 # Reconcile period default: see reconciler.py for why 60 s.
 DEFAULT_RECONCILE_SECONDS = 60.0
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean: set it to true or false")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -126,14 +119,14 @@ class AgentConfig:
             )
         return cls(
             node_name=node,
-            ambient_enabled=_bool(e, "AMBIENT_ENABLED", True),
-            dns_capture=_bool(e, "AMBIENT_DNS_CAPTURE", False),
-            ipv6=_bool(e, "AMBIENT_IPV6", True),
+            ambient_enabled=env_bool(e, "AMBIENT_ENABLED", True),
+            dns_capture=env_bool(e, "AMBIENT_DNS_CAPTURE", False),
+            ipv6=env_bool(e, "AMBIENT_IPV6", True),
             run_dir=e.get("CNI_AGENT_RUN_DIR") or c.DEFAULT_RUN_DIR,
             ztunnel_socket=e.get("ZTUNNEL_UDS_ADDRESS") or c.DEFAULT_ZTUNNEL_SOCKET,
             mounted_cni_net_dir=e.get("MOUNTED_CNI_NET_DIR") or "/host/etc/cni/net.d",
             cni_conf_name=e.get("CNI_CONF_NAME", ""),
-            chained=_bool(e, "CHAINED_CNI_PLUGIN", True),
+            chained=env_bool(e, "CHAINED_CNI_PLUGIN", True),
             excluded_namespaces=_list(e, "EXCLUDE_NAMESPACES", c.DEFAULT_EXCLUDED_NAMESPACES),
             pod_namespace=e.get("POD_NAMESPACE") or "istio-system",
             system_namespace=e.get("SYSTEM_NAMESPACE") or c.DEFAULT_SYSTEM_NAMESPACE,
@@ -141,7 +134,7 @@ class AgentConfig:
             health_port=_int(e, "HEALTH_PORT", c.DEFAULT_HEALTH_PORT),
             host_probe_snat_ipv4=e.get("HOST_PROBE_SNAT_IP") or c.HOST_PROBE_SNAT_IPV4,
             host_probe_snat_ipv6=e.get("HOST_PROBE_SNAT_IPV6") or c.HOST_PROBE_SNAT_IPV6,
-            reconcile_rules_on_startup=_bool(e, "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", True),
+            reconcile_rules_on_startup=env_bool(e, "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", True),
             proc_root=e.get("HOST_PROC") or "/host/proc",
             netns_dir=e.get("HOST_NETNS_DIR") or "/host/var/run/netns",
             host_netns=e.get("HOST_NETNS") or "/proc/self/ns/net",
@@ -156,7 +149,7 @@ class AgentConfig:
             host_cgroup2_root=e.get("HOST_CGROUP2_ROOT", ""),
             reconcile_seconds=_float(e, "RECONCILE_PERIOD_SECONDS", DEFAULT_RECONCILE_SECONDS),
             workers=_int(e, "AGENT_WORKERS", 16),
-            install_cni=_bool(e, "INSTALL_CNI", False),
+            install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
         )
 
@@ -170,7 +163,18 @@ class AgentConfig:
 
     @property
     def state_file(self) -> str:
-        return os.path.join(self.run_dir, "agent-state.json")
+        return os.path.join(self.run_dir, STATE_FILE)
+
+    def settings_for(self, pod: PodInfo) -> RedirectSettings:
+        """The in-pod redirection for ``pod``: the node's settings (DNS capture, IPv6, probe
+        SNAT addresses) with the pod's own bypass-inbound annotation."""
+        return RedirectSettings(
+            dns_capture=self.dns_capture,
+            ipv6=self.ipv6,
+            bypass_inbound=bypass_inbound(pod.annotations),
+            probe_snat_ipv4=self.host_probe_snat_ipv4,
+            probe_snat_ipv6=self.host_probe_snat_ipv6,
+        )
 
     def host_netns_path(self, runtime_path: str) -> str:
         """Map a namespace path as the runtime/plugin sees it on the host to our mounts.

@@ -2,7 +2,8 @@
 
 Add, for a pod with an open namespace handle:
   1. install in-pod rules (backend ``apply``, idempotent). Failure: this attempt stops
-     here (:class:`NotRetryableError`), nothing is cached, nothing is annotated.
+     here (:class:`NotRetryableError`), nothing is cached, nothing is annotated; the work
+     queue does not retry it (as Istio's ``ErrNonRetryableAdd``), the next event may.
   2. ZDS Add to ztunnel with the namespace fd. Failure: the pod is cached as ``pending``
      (so the next ztunnel snapshot carries it), annotated ``pending``, and the error is
      raised so the caller retries later.
@@ -10,7 +11,7 @@ Add, for a pod with an open namespace handle:
   4. annotate ``ambient.istio.io/redirection: enabled`` (skipped when already so).
 Remove: probe set, cache, rules (only while the pod still exists: a deleted pod's
 namespace is gone with it), ZDS Del on every connection, annotation null (404 ignored).
-Every edge is a Protocol declared here; the composition root wires the real ones.
+Every edge is a Protocol declared here; :mod:`node_agent.agent_assembly` builds the real ones.
 """
 
 from __future__ import annotations
@@ -29,25 +30,17 @@ from cni_plugin.errors import (
     ZtunnelUnavailableError,
 )
 from cni_plugin.netns import Netns
-from cni_plugin.redirection.backend import CheckReport
+from cni_plugin.redirection.backend import CheckReport, PodRedirection
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.logs import PodLogger
-from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.pod_cache import CachedPod, PodCache, PodState, ZdsState
 from node_agent.resources import PodInfo
 
 log = logging.getLogger("node_agent.enrollment")
 
 
-class Rules(Protocol):
-    """The in-pod redirection backend (a :class:`RedirectionBackend`)."""
-
-    name: str
-
-    def apply(self, netns_path: str, settings: RedirectSettings) -> None: ...
-
-    def remove(self, netns_path: str, settings: RedirectSettings) -> None: ...
-
-    def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport: ...
+# The in-pod half of a redirection backend is all enrollment calls.
+Rules = PodRedirection
 
 
 class Ztunnel(Protocol):
@@ -131,7 +124,7 @@ class Enroller:
             self.rules.apply(path, settings)
         except IstioCniError as e:
             if prev is not None and prev.netns is netns:
-                prev.state, prev.last_error = "failed", str(e)
+                prev.state, prev.last_error = PodState.FAILED, str(e)
             else:
                 netns.close()
             plog.warning("cannot install redirection rules", extra={"fields": {"error": str(e)}})
@@ -142,12 +135,12 @@ class Enroller:
         try:
             self.ztunnel.add_pod(entry, path)
         except (ZtunnelUnavailableError, ZtunnelRejectedError) as e:
-            entry.state, entry.zds, entry.last_error = "pending", "pending", str(e)
+            entry.state, entry.zds, entry.last_error = PodState.PENDING, ZdsState.PENDING, str(e)
             plog.warning("ztunnel did not take the pod yet", extra={"fields": {"error": str(e)}})
             if pod.redirection_annotation != c.REDIRECTION_PENDING:
                 self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_PENDING)
             raise
-        entry.zds = "acked"
+        entry.zds = ZdsState.ACKED
         step("ztunnel")
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
@@ -157,7 +150,7 @@ class Enroller:
             self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_ENABLED)
             entry.annotated_at = time.monotonic()
         step("annotate")
-        entry.state, entry.last_error = "enabled", ""
+        entry.state, entry.last_error = PodState.ENABLED, ""
         entry.enrolled_at = time.time()
         entry.latency_s = time.monotonic() - t0
         entry.updated = time.time()
@@ -185,14 +178,27 @@ class Enroller:
             service_account=pod.service_account,
             ips=pod.ips,
             netns=netns,
-            state="enabled",
-            zds="keep" if netns is None else "snapshot",
+            state=PodState.ENABLED,
+            zds=ZdsState.KEEP if netns is None else ZdsState.SNAPSHOT,
             backend=self.rules.name,
             bypass_inbound=settings.bypass_inbound,
             enrolled_at=time.time(),
         )
         self.cache.put(entry)
         return entry
+
+    def check_rules(self, pod: PodInfo, netns_path: str) -> CheckReport:
+        """Whether ``pod``'s in-pod rules are as :meth:`add` installed them (changes nothing)."""
+        return self.rules.check(netns_path, self.settings_for(pod))
+
+    def reapply_rules(self, pod: PodInfo, netns_path: str) -> CheckReport:
+        """Install ``pod``'s rules again (drift repair); returns the check after."""
+        settings = self.settings_for(pod)
+        self.rules.apply(netns_path, settings)
+        return self.rules.check(netns_path, settings)
+
+    def clear_annotation(self, pod: PodInfo) -> None:
+        self.annotator.patch_redirection(pod.namespace, pod.name, None)
 
     def remove(self, pod: PodInfo, *, exists: bool) -> None:
         """Take ``pod`` out of the mesh; idempotent (events repeat)."""

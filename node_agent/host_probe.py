@@ -143,6 +143,24 @@ class HostProbe:
         self._cmd([ipt, "-t", "nat", "-F", c.CHAIN_POSTROUTING], check=False)
         self._cmd([ipt, "-t", "nat", "-X", c.CHAIN_POSTROUTING], check=False)
 
+    def describe(self) -> list[str]:
+        """The host probe rule and sets as they are now, one line per family (read only)."""
+        lines = []
+        for ipset, family, ipt, _snat in self._families():
+            listed = self._cmd(["ipset", "list", ipset], check=False)
+            saved = self._cmd([f"{ipt}-save", "-t", "nat"], check=False)
+            rule = f"-A POSTROUTING -j {c.CHAIN_POSTROUTING}" in saved.splitlines()
+            if not listed.strip():
+                members = "absent"
+            else:
+                entries = listed.split("Members:", 1)[-1].strip().splitlines()
+                members = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+            lines.append(
+                f"node: host probe ({family}): ipset {ipset} {members}, nat {c.CHAIN_POSTROUTING} "
+                f"rule {'present' if rule else 'absent'}"
+            )
+        return lines
+
     def teardown(self) -> None:
         """Remove the rule and the sets (uninstall only; a restart keeps them)."""
         for ipset, _family, ipt, _snat in self._families():

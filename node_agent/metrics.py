@@ -4,9 +4,22 @@ one process); :class:`AgentMetrics` is the only writer."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class InstallerStatus(Protocol):
+    """What the metrics read from an in-process installer (:class:`install.installer.Installer`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def installs_total(self) -> Mapping[str, int]: ...
 
 
 class AgentMetrics:
@@ -45,7 +58,14 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
+        self.not_retried = Counter(
+            "nodeagent_enrollment_not_retried",
+            "Pods whose enrollment failed in a way retrying cannot fix (in-pod rules could "
+            "not be installed): not retried until the pod changes",
+            registry=r,
+        )
         self._server: object | None = None
+        self._install_seen: dict[str, int] = {}
 
     # EnrollmentObserver
     def enrolled(self, latency_s: float) -> None:
@@ -53,6 +73,19 @@ class AgentMetrics:
 
     def removed(self) -> None:
         self.removals.inc()
+
+    def mirror_installer(self, installer: InstallerStatus | None, agent_ready: bool) -> None:
+        """Mirror the in-process installer's counters into the SPEC metric names. Without an
+        in-process installer (``istio-cni-agent install`` runs apart), ready = agent ready."""
+        if installer is None:
+            self.install_ready.set(1 if agent_ready else 0)
+            return
+        self.install_ready.set(1 if installer.ready else 0)
+        for result, n in dict(installer.installs_total).items():
+            delta = int(n) - self._install_seen.get(result, 0)
+            if delta > 0:
+                self.installs.labels(result=result).inc(delta)
+                self._install_seen[result] = int(n)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Start the HTTP exporter; returns the bound port (0 picks one)."""

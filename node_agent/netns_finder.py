@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cni_plugin.netns import NetnsId
+from cni_plugin.netns import Netns, NetnsId
 
 # pod<uid> where uid is 32 hex digits in 8-4-4-4-12 groups joined by '-' or '_', as a whole
 # path segment ("pod<uid>") or the tail of a systemd slice name ("kubepods-...-pod<uid>.slice").
@@ -131,3 +131,14 @@ class NetnsFinder:
             self._recent = self.scan()
             self._recent_at = time.monotonic()
             return self._recent.get(uid)
+
+
+class HostCheckedOpener:
+    """Opens pod namespaces for the agent: never ``host_netns`` (the host's own), never by
+    creating one (:meth:`cni_plugin.netns.Netns.open`)."""
+
+    def __init__(self, host_netns: str) -> None:
+        self.host_netns = host_netns
+
+    def open(self, path: str) -> Netns:
+        return Netns.open(path, host_netns=self.host_netns)

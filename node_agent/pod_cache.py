@@ -13,8 +13,32 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from cni_plugin.netns import Netns
+
+
+class PodState(StrEnum):
+    """Where a cached pod is in enrollment (SPEC §4 order)."""
+
+    ENROLLING = "enrolling"  # being added: rules not confirmed yet
+    ENABLED = "enabled"  # rules in place, ztunnel acked (or adopted at start)
+    PENDING = "pending"  # rules in place, ztunnel has not taken it yet (retried)
+    FAILED = "failed"  # re-applying rules failed on a pod that had them (drift repair retries)
+
+
+class ZdsState(StrEnum):
+    """What ztunnel knows of a cached pod."""
+
+    UNKNOWN = "unknown"  # not sent yet
+    ACKED = "acked"  # ZDS Add acknowledged
+    PENDING = "pending"  # Add not delivered: goes out with the next snapshot
+    KEEP = "keep"  # adopted at start without a namespace: sent as Keep{uid}
+    SNAPSHOT = "snapshot"  # adopted at start with its namespace: sent in the snapshot
+
+
+# States whose pods ztunnel must be told about (the ZDS snapshot carries them).
+IN_SNAPSHOT = frozenset({PodState.ENABLED, PodState.PENDING})
 
 
 @dataclass
@@ -25,8 +49,8 @@ class CachedPod:
     service_account: str
     ips: tuple[str, ...]
     netns: Netns | None
-    state: str = "enrolling"  # enrolling | enabled | pending | failed
-    zds: str = "unknown"  # acked | pending | keep
+    state: PodState = PodState.ENROLLING
+    zds: ZdsState = ZdsState.UNKNOWN
     last_error: str = ""
     backend: str = ""
     bypass_inbound: bool = False
@@ -71,6 +95,10 @@ class PodCache:
     def entries(self) -> list[CachedPod]:
         with self._lock:
             return list(self._pods.values())
+
+    def count(self, state: PodState) -> int:
+        with self._lock:
+            return sum(1 for p in self._pods.values() if p.state == state)
 
     def __len__(self) -> int:
         with self._lock:

@@ -12,31 +12,51 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cni_plugin import constants as c
 from cni_plugin.enablement import Decision, EnablementPolicy, bypass_inbound, decide
-from cni_plugin.errors import IstioCniError, NetnsError
+from cni_plugin.errors import IstioCniError, NetnsError, NotRetryableError
 from cni_plugin.netns import Netns
 from node_agent.enrollment import Enroller
 from node_agent.logs import PodLogger
-from node_agent.netns_finder import NetnsFinder
-from node_agent.pod_cache import PodCache
+from node_agent.netns_finder import FoundNetns
+from node_agent.pod_cache import PodCache, PodState
 from node_agent.resources import NamespaceInfo, PodInfo
+from node_agent.state import PodRecord, RuleCheck
 
 log = logging.getLogger("node_agent.controller")
 
+T_co = TypeVar("T_co", covariant=True)
 
-class Store(Protocol):
-    def get(self, key: str) -> Any: ...
 
-    def items(self) -> list[Any]: ...
+class Store(Protocol[T_co]):
+    """An informer's cache of one kind (the real one is :class:`node_agent.informers.Informer`)."""
+
+    def get(self, key: str) -> T_co | None: ...
+
+    def items(self) -> Sequence[T_co]: ...
 
 
 class PodReader(Protocol):
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+
+class NetnsLookup(Protocol):
+    """Finds a running pod's namespace (the real one is :class:`NetnsFinder`)."""
+
+    proc_root: str
+
+    def find(self, uid: str) -> FoundNetns | None: ...
+
+
+class NetnsOpener(Protocol):
+    """Opens an existing namespace, never the host's, never creating one (the real one is
+    :class:`node_agent.netns_finder.HostCheckedOpener`)."""
+
+    def open(self, path: str) -> Netns: ...
 
 
 # How long our own annotation patch may take to show up in the informer's copy of the pod.
@@ -47,8 +67,6 @@ class Enqueuer(Protocol):
     def add(self, key: str) -> None: ...
 
     def add_after(self, key: str, delay: float) -> None: ...
-
-    def retry(self, key: str) -> float: ...
 
     def forget(self, key: str) -> None: ...
 
@@ -75,15 +93,17 @@ class PodController:
         *,
         ambient_enabled: bool,
         policy: EnablementPolicy,
-        pods: Store,
-        namespaces: Store,
+        pods: Store[PodInfo],
+        namespaces: Store[NamespaceInfo],
         enroller: Enroller,
-        finder: NetnsFinder,
+        finder: NetnsLookup,
+        opener: NetnsOpener,
         cache: PodCache,
-        host_netns: str,
+        queue: Enqueuer,
         map_netns_path: Callable[[str], str] = lambda p: p,
         reader: PodReader | None = None,
         on_event: Callable[[str], None] = lambda kind: None,
+        on_settled: Callable[[], None] = lambda: None,
     ) -> None:
         self.ambient_enabled = ambient_enabled
         self.policy = policy
@@ -91,12 +111,13 @@ class PodController:
         self.namespaces = namespaces
         self.enroller = enroller
         self.finder = finder
+        self.opener = opener
         self.cache = cache
-        self.host_netns = host_netns
+        self.queue = queue
         self.map_netns_path = map_netns_path
         self.reader = reader
         self.on_event = on_event
-        self.queue: Enqueuer | None = None
+        self.on_settled = on_settled  # after every reconcile (gauges, state file)
         self._tombstones: dict[str, PodInfo] = {}
         self._lock = threading.Lock()
         self.last_errors: dict[str, str] = {}
@@ -108,13 +129,13 @@ class PodController:
             with self._lock:
                 self._tombstones[old.uid] = old
         pod = new or old
-        if pod is not None and self.queue is not None:
+        if pod is not None:
             self.queue.add(pod.uid)
 
     def on_namespace(self, old: NamespaceInfo | None, new: NamespaceInfo | None) -> None:
         before = (old.labels if old else {}).get(c.DATAPLANE_MODE_LABEL)
         after = (new.labels if new else {}).get(c.DATAPLANE_MODE_LABEL)
-        if before == after or self.queue is None:
+        if before == after:
             return
         name = (new or old).name  # type: ignore[union-attr]
         self.on_event("namespace")
@@ -130,7 +151,18 @@ class PodController:
         return self.ambient_enabled and self.decision(pod).enabled
 
     def reconcile(self, uid: str) -> None:
-        """Work-queue handler for one pod UID; raises to be retried with backoff."""
+        """Work-queue handler for one pod UID; raises to be retried with backoff, except
+        :class:`NotRetryableError` (in-pod rules could not be installed), which the queue
+        does not retry: the next event for the pod tries again. That is what Istio's agent
+        does with ``ErrNonRetryableAdd`` (cni/pkg/nodeagent: the informer handler logs
+        "will not retry" and drops the event; the pod is neither annotated nor put in the
+        probe set). Ours records the error for ``istio-cni-agent pod`` and counts it."""
+        try:
+            self._reconcile(uid)
+        finally:
+            self.on_settled()
+
+    def _reconcile(self, uid: str) -> None:
         pod: PodInfo | None = self.pods.get(uid)
         if pod is None:
             with self._lock:
@@ -145,7 +177,7 @@ class PodController:
                 # clear the annotation.
                 self.enroller.remove(pod, exists=False)
                 if pod.redirection_annotation:
-                    self.enroller.annotator.patch_redirection(pod.namespace, pod.name, None)
+                    self.enroller.clear_annotation(pod)
             self._done(uid)
             return
         entry = self.cache.get(uid)
@@ -158,7 +190,7 @@ class PodController:
             return  # no sandbox network yet: an update with the IP will come
         if (
             entry is not None
-            and entry.state == "enabled"
+            and entry.state == PodState.ENABLED
             and entry.netns is not None
             and entry.bypass_inbound == bypass_inbound(pod.annotations)
         ):
@@ -166,7 +198,7 @@ class PodController:
                 self._done(uid)
                 return  # already enrolled: nothing to do (the reconciler checks drift)
             lag = time.monotonic() - entry.annotated_at
-            if lag < ANNOTATION_LAG_S and self.queue is not None:
+            if lag < ANNOTATION_LAG_S:
                 # An event older than our own patch (the informer has not seen it yet):
                 # enrolling again would only repeat work. Look again once it must be there;
                 # if the annotation is still missing then (removed by someone), re-add.
@@ -177,6 +209,13 @@ class PodController:
         netns = self._netns_for(pod)
         try:
             self.enroller.add(pod, netns)
+        except NotRetryableError as e:
+            self.last_errors[uid] = str(e)
+            PodLogger(log, pod.namespace, pod.name, pod.uid).error(
+                "cannot capture pod, will not retry until the pod changes",
+                extra={"fields": {"error": str(e)}},
+            )
+            raise
         except IstioCniError as e:
             self.last_errors[uid] = str(e)
             raise
@@ -184,8 +223,18 @@ class PodController:
 
     def _done(self, uid: str) -> None:
         self.last_errors.pop(uid, None)
-        if self.queue is not None:
-            self.queue.forget(uid)
+        self.queue.forget(uid)
+
+    def ztunnel_changed(self, connected: bool) -> None:
+        """Pods left pending while ztunnel was away are retried as it connects, not after
+        their backoff."""
+        log.info("ztunnel connection changed", extra={"fields": {"connected": connected}})
+        if not connected:
+            return
+        for e in self.cache.entries():
+            if e.state == PodState.PENDING:
+                self.queue.forget(e.uid)
+                self.queue.add(e.uid)
 
     def _netns_for(self, pod: PodInfo) -> Netns:
         entry = self.cache.get(pod.uid)
@@ -198,7 +247,7 @@ class PodController:
                 "may still be starting; will retry"
             )
         try:
-            return Netns.open(found.path, host_netns=self.host_netns)
+            return self.opener.open(found.path)
         except NetnsError as e:
             raise RetryLater(str(e)) from None
 
@@ -222,11 +271,11 @@ class PodController:
         path = self.map_netns_path(event.netns)
 
         def work() -> str:
-            netns = Netns.open(path, host_netns=self.host_netns)
+            netns = self.opener.open(path)
             entry = self.cache.get(pod.uid)
             if (
                 entry is not None
-                and entry.state == "enabled"
+                and entry.state == PodState.ENABLED
                 and entry.netns is not None
                 and entry.netns.ident == netns.ident
             ):
@@ -235,14 +284,13 @@ class PodController:
             self.enroller.add(pod, netns, started=t0)
             return "enrolled"
 
-        assert self.queue is not None
         result: str = self.queue.run_exclusive(pod.uid, work)
         return result
 
     def _find_pod(self, namespace: str, name: str) -> PodInfo | None:
         for p in self.pods.items():
             if p.namespace == namespace and p.name == name and not p.terminal:
-                return p  # type: ignore[no-any-return]
+                return p
         if self.reader is None:
             return None
         raw = self.reader.get_pod(namespace, name)
@@ -262,3 +310,35 @@ class PodController:
                     "state": entry.state if entry else "",
                 }
         return {"known": False, "ambient": False, "reason": "pod not in the agent's cache"}
+
+    # -- state file -----------------------------------------------------------------------
+    def records(self, checks: Mapping[str, RuleCheck]) -> list[PodRecord]:
+        """Every pod of this node as the state file shows it (``checks``: the reconciler's)."""
+        out = []
+        for p in self.pods.items():
+            entry = self.cache.get(p.uid)
+            decision = self.decision(p).name.lower() if self.ambient_enabled else "ambient_disabled"
+            out.append(
+                PodRecord(
+                    namespace=p.namespace,
+                    name=p.name,
+                    uid=p.uid,
+                    ips=entry.ips if entry and entry.ips else p.ips,
+                    node=p.node_name,
+                    phase=p.phase,
+                    host_network=p.host_network,
+                    state=entry.state if entry else "",
+                    decision=decision,
+                    annotation=p.redirection_annotation,
+                    netns_inode=entry.netns_inode if entry else None,
+                    zds=entry.zds if entry else "",
+                    last_error=(entry.last_error if entry else "")
+                    or self.last_errors.get(p.uid, ""),
+                    bypass_inbound=entry.bypass_inbound if entry else False,
+                    enrolled_at=entry.enrolled_at if entry else 0.0,
+                    latency_ms=round(entry.latency_s * 1000, 2) if entry else None,
+                    steps_ms=entry.steps_ms if entry else {},
+                    check=checks.get(p.uid),
+                )
+            )
+        return out

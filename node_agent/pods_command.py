@@ -14,14 +14,13 @@ import json
 import os
 import sys
 import time
-from typing import Any
 
 from cni_plugin import constants as c
 from cni_plugin.errors import ConfigError
-from node_agent.state import read_state, writer_alive
+from node_agent.state import STATE_FILE, AgentState, PodRecord, read_state, state_path
 
 HELP = "show the pods the running node agent knows (table), or one pod in detail"
-STATE_FILE = "agent-state.json"
+__all__ = ["STATE_FILE", "add_arguments", "add_arguments_for", "load", "run"]
 
 
 def add_arguments_for(name: str, parser: argparse.ArgumentParser) -> None:
@@ -41,10 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_arguments_for("pods", parser)
 
 
-def load(run_dir: str) -> dict[str, Any]:
-    path = os.path.join(run_dir, STATE_FILE)
+def load(run_dir: str) -> AgentState:
+    path = state_path(run_dir)
     try:
-        doc = read_state(path)
+        return read_state(path)
     except FileNotFoundError:
         raise ConfigError(
             f"no agent state at {path}: is `istio-cni-agent run` running with this run dir? "
@@ -52,42 +51,44 @@ def load(run_dir: str) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read agent state {path}: {e}") from None
-    return doc
 
 
-def _warn_stale(doc: dict[str, Any]) -> None:
-    if not writer_alive(doc):
+def _warn_stale(doc: AgentState) -> None:
+    if not doc.writer_alive():
         print(
-            f"warning: the agent that wrote this state (pid {doc.get('pid')}) is not running; "
-            f"state is from {time.strftime('%H:%M:%S', time.localtime(doc.get('written_at', 0)))}",
+            f"warning: the agent that wrote this state (pid {doc.pid}) is not running; "
+            f"state is from {time.strftime('%H:%M:%S', time.localtime(doc.written_at))}",
             file=sys.stderr,
         )
 
 
-def status_word(pod: dict[str, Any]) -> str:
-    if pod.get("state"):
-        return str(pod["state"])
-    if pod.get("phase") in ("Succeeded", "Failed"):
+def status_word(pod: PodRecord) -> str:
+    if pod.state:
+        return pod.state
+    if pod.phase in ("Succeeded", "Failed"):
         return "terminated"
-    decision = str(pod.get("decision", ""))
-    return "not-ambient" if decision in ("ambient", "not_labelled") else decision.replace("_", "-")
+    return (
+        "not-ambient"
+        if pod.decision in ("ambient", "not_labelled")
+        else pod.decision.replace("_", "-")
+    )
 
 
-def table(doc: dict[str, Any], namespace: str | None = None) -> str:
+def table(doc: AgentState, namespace: str | None = None) -> str:
     rows = [("NAMESPACE", "POD NAME", "ADDRESS", "NODE", "PROTOCOL", "BACKEND", "STATE")]
-    pods = sorted(doc.get("pods", []), key=lambda p: (p["namespace"], p["name"]))
+    pods = sorted(doc.pods, key=lambda p: (p.namespace, p.name))
     for p in pods:
-        if namespace and p["namespace"] != namespace:
+        if namespace and p.namespace != namespace:
             continue
-        enrolled = p.get("state") == "enabled"
+        enrolled = p.state == "enabled"
         rows.append(
             (
-                p["namespace"],
-                p["name"],
-                ",".join(p.get("ips") or []) or "-",
-                p.get("node") or "-",
+                p.namespace,
+                p.name,
+                ",".join(p.ips) or "-",
+                p.node or "-",
                 "HBONE" if enrolled else "TCP",
-                doc.get("backend", "-") if p.get("state") else "-",
+                (doc.backend or "-") if p.state else "-",
                 status_word(p),
             )
         )
@@ -97,49 +98,45 @@ def table(doc: dict[str, Any], namespace: str | None = None) -> str:
     )
 
 
-def detail(doc: dict[str, Any], pod: dict[str, Any]) -> str:
+def detail(doc: AgentState, pod: PodRecord) -> str:
     lines = [
-        f"Pod:           {pod['namespace']}/{pod['name']}",
-        f"UID:           {pod['uid']}",
-        f"Addresses:     {', '.join(pod.get('ips') or []) or '-'}",
-        f"Node:          {pod.get('node') or '-'}",
-        f"Decision:      {pod.get('decision')}",
+        f"Pod:           {pod.namespace}/{pod.name}",
+        f"UID:           {pod.uid}",
+        f"Addresses:     {', '.join(pod.ips) or '-'}",
+        f"Node:          {pod.node or '-'}",
+        f"Decision:      {pod.decision}",
         f"State:         {status_word(pod)}",
-        f"Annotation:    {c.REDIRECTION_ANNOTATION}={pod.get('annotation')}",
-        f"Netns inode:   {pod.get('netns_inode') or '-'}",
-        f"ZDS:           {pod.get('zds') or '-'}"
-        + ("" if doc.get("ztunnel_connected") else " (ztunnel not connected)"),
-        f"Backend:       {doc.get('backend')}",
-        f"Latency:       {pod.get('latency_ms')} ms"
-        if pod.get("latency_ms")
-        else "Latency:       -",
-        f"Last error:    {pod.get('last_error') or '-'}",
+        f"Annotation:    {c.REDIRECTION_ANNOTATION}={pod.annotation}",
+        f"Netns inode:   {pod.netns_inode or '-'}",
+        f"ZDS:           {pod.zds or '-'}"
+        + ("" if doc.ztunnel_connected else " (ztunnel not connected)"),
+        f"Backend:       {doc.backend}",
+        f"Latency:       {pod.latency_ms} ms" if pod.latency_ms else "Latency:       -",
+        f"Last error:    {pod.last_error or '-'}",
     ]
-    check = pod.get("check")
+    check = pod.check
     if check:
-        when = time.strftime("%H:%M:%S", time.localtime(check.get("at", 0)))
-        lines.append(f"Last check:    {'ok' if check.get('ok') else 'DRIFT'} at {when}")
-        lines += [f"  missing: {m}" for m in check.get("missing", [])]
-        lines += [f"  extra:   {m}" for m in check.get("extra", [])]
-    if pod.get("state"):
+        when = time.strftime("%H:%M:%S", time.localtime(check.at))
+        lines.append(f"Last check:    {'ok' if check.ok else 'DRIFT'} at {when}")
+        lines += [f"  missing: {m}" for m in check.missing]
+        lines += [f"  extra:   {m}" for m in check.extra]
+    if pod.state:
         lines.append("Rules:")
         lines += ["  " + ln for ln in _render_rules(doc, pod).splitlines()]
     return "\n".join(lines)
 
 
-def _render_rules(doc: dict[str, Any], pod: dict[str, Any]) -> str:
+def _render_rules(doc: AgentState, pod: PodRecord) -> str:
     from cni_plugin.redirection.registry import make_backend
     from cni_plugin.redirection.settings import RedirectSettings
 
     settings = RedirectSettings(
-        dns_capture=bool(doc.get("dns_capture")),
-        ipv6=bool(doc.get("ipv6", True)),
-        bypass_inbound=bool(pod.get("bypass_inbound")),
+        dns_capture=doc.dns_capture, ipv6=doc.ipv6, bypass_inbound=pod.bypass_inbound
     )
     try:
-        return make_backend(str(doc.get("backend", "iptables"))).render(settings)
+        return make_backend(doc.backend or "iptables").render(settings)
     except Exception as e:  # rendering is informational only
-        return f"(cannot render rules for backend {doc.get('backend')}: {e})"
+        return f"(cannot render rules for backend {doc.backend}: {e})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,16 +146,16 @@ def run(args: argparse.Namespace) -> int:
         ns, _, name = args.pod.partition("/")
         if not name:
             raise ConfigError(f"give the pod as NAMESPACE/NAME, not {args.pod!r}")
-        for p in doc.get("pods", []):
-            if p["namespace"] == ns and p["name"] == name:
-                print(json.dumps(p, indent=2) if args.output == "json" else detail(doc, p))
+        for p in doc.pods:
+            if p.namespace == ns and p.name == name:
+                print(
+                    json.dumps(p.to_json(), indent=2) if args.output == "json" else detail(doc, p)
+                )
                 return 0
-        print(
-            f"pod {ns}/{name} is not known to the agent on node {doc.get('node')}", file=sys.stderr
-        )
+        print(f"pod {ns}/{name} is not known to the agent on node {doc.node}", file=sys.stderr)
         return 1
     if args.output == "json":
-        print(json.dumps(doc.get("pods", []), indent=2))
+        print(json.dumps([p.to_json() for p in doc.pods], indent=2))
     else:
         print(table(doc, args.namespace))
     return 0

@@ -27,7 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cni_plugin import constants as c
@@ -35,17 +35,22 @@ from cni_plugin.errors import IstioCniError, NetnsError
 from cni_plugin.netns import Netns
 from node_agent.enrollment import Enroller
 from node_agent.logs import PodLogger
-from node_agent.netns_finder import NetnsFinder
-from node_agent.pod_cache import PodCache
+from node_agent.netns_finder import FoundNetns
+from node_agent.pod_cache import PodCache, PodState
+from node_agent.pod_controller import NetnsOpener, Store
 from node_agent.resources import PodInfo
+from node_agent.state import RuleCheck
 
 log = logging.getLogger("node_agent.reconciler")
 
+# Cached pods whose rules a pass checks (pending ones are the controller's to retry).
+CHECKED_STATES = (PodState.ENABLED, PodState.FAILED)
 
-class PodStore(Protocol):
-    def get(self, key: str) -> Any: ...
 
-    def items(self) -> list[Any]: ...
+class NetnsScan(Protocol):
+    """Walks the host's processes for pod namespaces (the real one is ``NetnsFinder``)."""
+
+    def scan(self, wanted: set[str] | None = None) -> dict[str, FoundNetns]: ...
 
 
 class KeyRunner(Protocol):
@@ -66,11 +71,11 @@ class Reconciler:
     def __init__(
         self,
         *,
-        pods: PodStore,
+        pods: Store[PodInfo],
         cache: PodCache,
         enroller: Enroller,
-        finder: NetnsFinder,
-        host_netns: str,
+        finder: NetnsScan,
+        opener: NetnsOpener,
         runner: KeyRunner,
         wants: Callable[[PodInfo], bool],
         period: float = 60.0,
@@ -81,14 +86,15 @@ class Reconciler:
         self.cache = cache
         self.enroller = enroller
         self.finder = finder
-        self.host_netns = host_netns
+        self.opener = opener
         self.runner = runner
         self.wants = wants
         self.period = period
         self.on_repair = on_repair
-        # Backend housekeeping once per pass (ebpf: delete pins of pods gone without DEL).
+        # Backend housekeeping once per pass (the node-wide lifecycle's: for ebpf, delete
+        # the pins of pods gone without DEL).
         self.after_pass = after_pass
-        self.checks: dict[str, dict[str, Any]] = {}
+        self.checks: dict[str, RuleCheck] = {}
         self.last_pass: PassReport | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,7 +114,7 @@ class Reconciler:
             netns: Netns | None = None
             if hit is not None:
                 try:
-                    netns = Netns.open(hit.path, host_netns=self.host_netns)
+                    netns = self.opener.open(hit.path)
                 except NetnsError:
                     netns = None
             if netns is None:
@@ -125,7 +131,7 @@ class Reconciler:
         """Check every enrolled pod once; repair what drifted."""
         t0 = time.monotonic()
         report = PassReport()
-        entries = [e for e in self.cache.entries() if e.state in ("enabled", "failed")]
+        entries = [e for e in self.cache.entries() if e.state in CHECKED_STATES]
         found = self.finder.scan({e.uid for e in entries}) if entries else {}
         for entry in entries:
             pod: PodInfo | None = self.pods.get(entry.uid)
@@ -174,7 +180,7 @@ class Reconciler:
 
     def _reenroll(self, pod: PodInfo, path: str, reason: str, old: int | None, new: int) -> None:
         def work() -> None:
-            netns = Netns.open(path, host_netns=self.host_netns)
+            netns = self.opener.open(path)
             self.enroller.add(pod, netns)
 
         PodLogger(log, pod.namespace, pod.name, pod.uid).warning(
@@ -190,25 +196,19 @@ class Reconciler:
             path = entry.netns_path if entry is not None else None
             if entry is None or path is None:
                 return False
-            settings = self.enroller.settings_for(pod)
-            rep = self.enroller.rules.check(path, settings)
-            self.checks[pod.uid] = {
-                "ok": rep.ok,
-                "missing": list(rep.missing),
-                "extra": list(rep.extra),
-                "at": time.time(),
-            }
+            rep = self.enroller.check_rules(pod, path)
+            check = RuleCheck(ok=rep.ok, missing=rep.missing, extra=rep.extra, at=time.time())
+            self.checks[pod.uid] = check
             if rep.ok:
-                if entry.state == "failed":
-                    entry.state, entry.last_error = "enabled", ""
+                if entry.state == PodState.FAILED:
+                    entry.state, entry.last_error = PodState.ENABLED, ""
                 return False
             PodLogger(log, pod.namespace, pod.name, pod.uid).warning(
                 "redirection rules drifted, applying again",
                 extra={"fields": {"missing": len(rep.missing), "extra": len(rep.extra)}},
             )
-            self.enroller.rules.apply(path, settings)
-            after = self.enroller.rules.check(path, settings)
-            self.checks[pod.uid]["repaired_ok"] = after.ok
+            after = self.enroller.reapply_rules(pod, path)
+            self.checks[pod.uid] = replace(check, repaired_ok=after.ok)
             return True
 
         repaired: bool = self.runner.run_exclusive(pod.uid, work)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cni_plugin import constants as c
-from cni_plugin.enablement import EnablementPolicy, PodFacts, decide
+from cni_plugin.enablement import PodFacts
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 
@@ -91,6 +91,3 @@ class PodInfo:
             host_network=self.host_network,
             namespace_labels=namespace.labels if namespace else {},
         )
-
-    def wants_ambient(self, namespace: NamespaceInfo | None, policy: EnablementPolicy) -> bool:
-        return decide(self.facts(namespace), policy).enabled

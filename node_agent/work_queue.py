@@ -1,5 +1,7 @@
 """A keyed work queue: each pod is handled by one worker at a time, repeats coalesce,
-failures come back after an exponential backoff.
+failures come back after an exponential backoff, except :class:`NotRetryableError`
+(the handler says retrying cannot help): that key's failure count is dropped, it is
+reported through ``on_not_retryable`` and not scheduled again (a later ``add`` runs it).
 
 Invariants: a key is queued at most once; a key being processed is never handed to a
 second worker (an ``add`` meanwhile marks it dirty and it runs again afterwards); the
@@ -18,6 +20,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
+from cni_plugin.errors import NotRetryableError
+
 log = logging.getLogger("node_agent.work_queue")
 T = TypeVar("T")
 
@@ -30,8 +34,10 @@ class WorkQueue:
         workers: int = 4,
         base_delay: float = 0.2,
         max_delay: float = 30.0,
+        on_not_retryable: Callable[[str, NotRetryableError], None] = lambda key, error: None,
     ) -> None:
         self._process = process
+        self._on_not_retryable = on_not_retryable
         self._workers = workers
         self._base = base_delay
         self._max = max_delay
@@ -149,6 +155,13 @@ class WorkQueue:
                 return
             try:
                 self._process(key)
+            except NotRetryableError as e:
+                self.forget(key)
+                log.warning(
+                    "work failed, will not retry",
+                    extra={"fields": {"key": key, "error": str(e)}},
+                )
+                self._on_not_retryable(key, e)
             except Exception:
                 delay = self.retry(key)
                 log.warning(

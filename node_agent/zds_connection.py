@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from cni_plugin.errors import IstioCniError, NetnsError, ZtunnelUnavailableError
 from cni_plugin.netns import Netns
+from node_agent import zds_socket
 from node_agent import zds_wire as wire
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class Connection:
     def _run(self) -> None:
         registered = False
         try:
-            pkt = wire.recv_packet(self.sock, timeout=self.server.hello_timeout)
+            pkt = zds_socket.recv_packet(self.sock, timeout=self.server.hello_timeout)
             if pkt.fds:
                 pkt.close_fds()
                 raise wire.ZdsProtocolError("ztunnel attached an fd to its hello")
@@ -198,9 +199,9 @@ class Connection:
     def _exchange(self, req: Request) -> str:
         """Send one request and return its ack text; the connection is dropped on failure."""
         try:
-            wire.send_packet(self.sock, req.data, req.fd, timeout=self.server.ack_timeout)
+            zds_socket.send_packet(self.sock, req.data, req.fd, timeout=self.server.ack_timeout)
             while True:
-                pkt = wire.recv_packet(self.sock, timeout=self.server.ack_timeout)
+                pkt = zds_socket.recv_packet(self.sock, timeout=self.server.ack_timeout)
                 if pkt.fds:
                     pkt.close_fds()
                     raise wire.ZdsProtocolError(
@@ -237,7 +238,7 @@ class Connection:
 
     def _check_alive(self) -> None:
         try:
-            pkt = wire.recv_packet(self.sock, timeout=KEEPALIVE_READ)
+            pkt = zds_socket.recv_packet(self.sock, timeout=KEEPALIVE_READ)
         except wire.ZdsClosedError as e:
             if isinstance(e.__cause__, TimeoutError):
                 return  # nothing to read: alive

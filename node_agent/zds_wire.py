@@ -1,23 +1,12 @@
-"""ZDS on the wire: message encoding (pure) and one-packet I/O with SCM_RIGHTS (SPEC §5).
+"""ZDS messages (SPEC §5): encoding and decoding, pure (no socket, no fd).
 
 Shared by both ends (the agent's :mod:`node_agent.zds_server` and the testbed's ztunnel
-stand-in), so the two can never disagree on framing. Invariants:
-
-- one protobuf message per ``SOCK_SEQPACKET`` packet, no length prefix, at most
-  :data:`MAX_MESSAGE` (1024) bytes; a packet the kernel had to truncate (``MSG_TRUNC``) or
-  whose control data was cut (``MSG_CTRUNC``) is a :class:`ZdsProtocolError`;
-- an Add carries exactly one fd in the same ``sendmsg``; no other message carries one;
-- every fd received is owned by the caller of :func:`recv_packet`, and is closed here when
-  the packet is rejected, so a misbehaving peer can never leak descriptors into us.
+stand-in), so the two can never disagree on a message; one message per packet, at most
+:data:`MAX_MESSAGE` (1024) bytes. Sending and receiving packets with their fds is
+:mod:`node_agent.zds_socket`.
 """
 
 from __future__ import annotations
-
-import array
-import contextlib
-import os
-import socket
-from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
@@ -25,9 +14,6 @@ from cni_plugin.errors import IstioCniError
 from node_agent import zds_pb2 as pb
 
 MAX_MESSAGE = 1024
-# Room for a few fds: a peer sending more than one must not be able to hide the extra ones
-# behind MSG_CTRUNC (we would not see them to close them).
-_MAX_FDS = 8
 
 
 class ZdsProtocolError(IstioCniError):
@@ -36,22 +22,6 @@ class ZdsProtocolError(IstioCniError):
 
 class ZdsClosedError(IstioCniError):
     """The peer closed the connection (EOF) or it failed at the socket level."""
-
-
-@dataclass
-class Packet:
-    """One received packet: its bytes and the fds that came with it (caller closes them)."""
-
-    data: bytes
-    fds: list[int] = field(default_factory=list)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            _close_quietly(fd)
-        self.fds = []
-
-
-# --- encoding (pure) ---------------------------------------------------------------------------
 
 
 def encode_hello(version: pb.Version = pb.V1) -> bytes:
@@ -131,62 +101,3 @@ def _parse(
         msg.ParseFromString(data)
     except DecodeError as e:
         raise ZdsProtocolError(f"cannot decode {what} from {data[:32].hex()!r}: {e}") from None
-
-
-# --- one-packet I/O ----------------------------------------------------------------------------
-
-
-def send_packet(sock: socket.socket, data: bytes, fd: int | None = None, *, timeout: float) -> None:
-    """Send ``data`` as one packet (with ``fd`` as SCM_RIGHTS when given) within ``timeout``."""
-    ancillary = []
-    if fd is not None:
-        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes()))
-    sock.settimeout(timeout)
-    try:
-        sent = sock.sendmsg([data], ancillary)
-    except TimeoutError:
-        raise ZdsClosedError(f"write deadline ({timeout:g}s) exceeded: peer not reading") from None
-    except OSError as e:
-        raise ZdsClosedError(f"write failed: {e.strerror or e}") from None
-    if sent != len(data):  # cannot happen on SEQPACKET, but never assume
-        raise ZdsClosedError(f"short write: {sent} of {len(data)} bytes")
-
-
-def recv_packet(sock: socket.socket, *, timeout: float | None) -> Packet:
-    """Receive one packet within ``timeout`` (None blocks). Raises :class:`ZdsClosedError` on
-    EOF, socket errors and timeout (``TimeoutError`` cause), :class:`ZdsProtocolError` on a
-    truncated packet or control message (any fds that did arrive are closed first)."""
-    sock.settimeout(timeout)
-    try:
-        data, ancdata, flags, _ = sock.recvmsg(
-            MAX_MESSAGE, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-        )
-    except TimeoutError as e:
-        raise ZdsClosedError(f"read deadline ({timeout:g}s) exceeded") from e
-    except OSError as e:
-        raise ZdsClosedError(f"read failed: {e.strerror or e}") from None
-    pkt = Packet(data, _fds_from(ancdata))
-    if flags & socket.MSG_TRUNC:
-        pkt.close_fds()
-        raise ZdsProtocolError(f"packet over {MAX_MESSAGE} bytes (truncated)")
-    if flags & socket.MSG_CTRUNC:
-        pkt.close_fds()
-        raise ZdsProtocolError("control message truncated (too many fds attached)")
-    if not data and not pkt.fds:
-        raise ZdsClosedError("peer closed the connection (EOF)")
-    return pkt
-
-
-def _fds_from(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - (len(payload) % arr.itemsize)])
-            fds.extend(arr)
-    return fds
-
-
-def _close_quietly(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)

@@ -1,24 +1,32 @@
 """Fakes for the node agent's edges that cannot be staged in a unit test: an in-memory
 Kubernetes API (list/watch with resourceVersions, 410 on demand, merge-patch of the
-redirection annotation), a rules backend, ztunnel and the probe set that record calls.
-The real ones are exercised by the netns and testbed tests."""
+redirection annotation), a rules backend, ztunnel and the probe set that record calls, a
+netns finder over a made-up /proc and an opener (every namespace is this process's own:
+creating one needs root), an informer store, and a work queue that records what it was
+asked. The real ones are exercised by the netns and testbed tests."""
 
 from __future__ import annotations
 
 import copy
+import os
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from cni_plugin import constants as c
-from cni_plugin.errors import RedirectionError, ZtunnelUnavailableError
+from cni_plugin.enablement import bypass_inbound
+from cni_plugin.errors import NetnsError, RedirectionError, ZtunnelUnavailableError
+from cni_plugin.netns import Netns, NetnsId
 from cni_plugin.redirection.backend import CheckReport
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.enrollment import Enroller
 from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
-from node_agent.pod_cache import CachedPod
+from node_agent.netns_finder import FoundNetns
+from node_agent.pod_cache import CachedPod, PodCache
+from node_agent.resources import PodInfo
 from tests.time_scale import scaled
 
 
@@ -214,8 +222,6 @@ class FakeRules:
 
     @staticmethod
     def _key(path: str) -> str:
-        import os
-
         return str(os.stat(path).st_ino)
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
@@ -253,8 +259,6 @@ class FakeZtunnel:
         self._connected = v
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
-        import os
-
         self.order.append("zds-add")
         if not self._connected:
             raise ZtunnelUnavailableError("fake: no ztunnel")
@@ -279,6 +283,135 @@ class FakeProbes:
         self.order.append("probe-remove")
         for ip in ips:
             self.members.pop(ip, None)
+
+
+T = TypeVar("T")
+OWN_NETNS = "/proc/self/ns/net"
+
+
+class DictStore(Generic[T]):
+    """An informer's store, filled by the test."""
+
+    def __init__(self, key: Callable[[T], str]) -> None:
+        self.key = key
+        self.objects: dict[str, T] = {}
+
+    def put(self, obj: T) -> T:
+        self.objects[self.key(obj)] = obj
+        return obj
+
+    def drop(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+    def get(self, key: str) -> T | None:
+        return self.objects.get(key)
+
+    def items(self) -> list[T]:
+        return list(self.objects.values())
+
+
+def own_netns_id() -> NetnsId:
+    st = os.stat(OWN_NETNS)
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+class FakeFinder:
+    """Pods' namespaces as a /proc walk would find them; ``replaced`` ones report another
+    inode than the namespace the agent holds (the sandbox was re-created)."""
+
+    proc_root = "/fake/proc"
+
+    def __init__(self) -> None:
+        self.found: dict[str, FoundNetns] = {}
+        self.scans = 0
+
+    def show(self, uid: str, *, replaced: bool = False) -> None:
+        ident = own_netns_id()
+        if replaced:
+            ident = NetnsId(ident.dev, ident.inode + 1)
+        self.found[uid] = FoundNetns(uid, 4242, OWN_NETNS, ident, 1)
+
+    def hide(self, uid: str) -> None:
+        self.found.pop(uid, None)
+
+    def find(self, uid: str) -> FoundNetns | None:
+        return self.found.get(uid)
+
+    def scan(self, wanted: set[str] | None = None) -> dict[str, FoundNetns]:
+        self.scans += 1
+        return {u: f for u, f in self.found.items() if wanted is None or u in wanted}
+
+
+class FakeOpener:
+    """Opens this process's own namespace whatever the path (host check off); paths in
+    ``gone`` fail as a vanished namespace does."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self.gone: set[str] = set()
+
+    def open(self, path: str) -> Netns:
+        self.opened.append(path)
+        if path in self.gone:
+            raise NetnsError(f"{path}: no such network namespace")
+        return Netns.open(OWN_NETNS, host_netns=None)
+
+
+class RecordingQueue:
+    """The controller's work queue: records keys added (now and later) and forgotten;
+    ``run_exclusive`` runs the work at once."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+        self.later: list[tuple[str, float]] = []
+        self.forgotten: list[str] = []
+        self.exclusive: list[str] = []
+
+    def add(self, key: str) -> None:
+        self.added.append(key)
+
+    def add_after(self, key: str, delay: float) -> None:
+        self.later.append((key, delay))
+
+    def forget(self, key: str) -> None:
+        self.forgotten.append(key)
+
+    def run_exclusive(self, key: str, work: Callable[[], T]) -> T:
+        self.exclusive.append(key)
+        return work()
+
+
+class AgentEdges:
+    """Every fake edge of the agent's decision core, with the real Enroller and PodCache
+    over them: what the PodController and Reconciler unit tests build on."""
+
+    def __init__(self, *, zt_connected: bool = True) -> None:
+        self.kube = FakeKube()
+        self.rules = FakeRules()
+        self.zt = FakeZtunnel(zt_connected)
+        self.probes = FakeProbes()
+        self.cache = PodCache()
+        self.pods: DictStore[PodInfo] = DictStore(lambda p: p.uid)
+        self.finder = FakeFinder()
+        self.opener = FakeOpener()
+        self.queue = RecordingQueue()
+        self.enroller = Enroller(
+            self.rules,
+            self.zt,
+            self.probes,
+            self.kube,
+            self.cache,
+            lambda p: RedirectSettings(bypass_inbound=bypass_inbound(p.annotations)),
+        )
+
+    def pod(self, ns: str, name: str, *, found: bool = True, **kw: Any) -> PodInfo:
+        """A pod in the API and the informer's store, its sandbox visible in /proc."""
+        raw = make_pod(ns, name, **kw)
+        self.kube.put_pod(raw)
+        pod = self.pods.put(PodInfo.from_json(raw))
+        if found:
+            self.finder.show(pod.uid)
+        return pod
 
 
 def wait_for(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:

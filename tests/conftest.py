@@ -46,7 +46,15 @@ def _sweep_netns(include_own: bool = True) -> None:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
+BPF_FS = "/sys/fs/bpf"
+# What bpffs held when this session started: a leftover check tells this run's entries from
+# those of concurrent runs or testbeds (tests/netns/test_bpf_node_state.py).
+BPF_AT_START: set[str] = set()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Leftover checks run after everything else of the session.
+    items.sort(key=lambda item: "after_ebpf_suite" in item.keywords)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (real network namespaces)")
@@ -56,6 +64,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.path.isdir(BPF_FS):
+        BPF_AT_START.update(os.listdir(BPF_FS))
     if os.geteuid() == 0:
         _sweep_netns(include_own=False)
         atexit.register(_sweep_netns)

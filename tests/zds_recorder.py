@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from node_agent import zds_socket
 from node_agent import zds_wire as w
 
 
@@ -64,9 +65,9 @@ class ZdsRecorder:
             self.connections += 1
             conn = self.connections
             try:
-                w.send_packet(sock, w.encode_hello(), timeout=2)
+                zds_socket.send_packet(sock, w.encode_hello(), timeout=2)
                 while not self._stop.is_set():
-                    pkt = w.recv_packet(sock, timeout=None)
+                    pkt = zds_socket.recv_packet(sock, timeout=None)
                     req = w.decode_request(pkt.data)
                     kind = req.WhichOneof("payload") or ""
                     inode = os.fstat(pkt.fds[0]).st_ino if pkt.fds else None
@@ -81,7 +82,7 @@ class ZdsRecorder:
                     with self._lock:
                         self.seen.append(Seen(kind, uid, inode, conn))
                     err = "rejected by test" if uid in self.reject and kind == "add" else ""
-                    w.send_packet(sock, w.encode_ack(err), timeout=2)
+                    zds_socket.send_packet(sock, w.encode_ack(err), timeout=2)
             except (w.ZdsClosedError, w.ZdsProtocolError, OSError):
                 pass
             finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from cni_plugin.bpf import image as image_mod
-from cni_plugin.bpf import pod, programs, tc
+from cni_plugin.bpf import pod, programs, tc, virtual
 from cni_plugin.bpf.availability import (
     DEFAULT_PIN_ROOT,
     Availability,
@@ -35,13 +35,13 @@ from cni_plugin.bpf.availability import (
     probe,
     require_bpffs,
 )
-from cni_plugin.bpf.image import TC_PROGRAMS, ProgramImage
+from cni_plugin.bpf.image import TC_PROGRAMS, VIRT_PROGRAM, ProgramImage
 from cni_plugin.constants import DEFAULT_RUN_DIR
 from cni_plugin.errors import ConfigError, IstioCniError, RedirectionError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection import policy_routes
 from cni_plugin.redirection.backend import CheckReport
-from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.redirection.settings import RedirectSettings, checked_virtual_interfaces
 from cni_plugin.rtnetlink import (
     IPV4_DEVCONF_ACCEPT_LOCAL,
     IPV4_DEVCONF_ROUTE_LOCALNET,
@@ -105,6 +105,7 @@ class EbpfBackend:
             f"  tc filter add dev IF ingress prio {tc.PRIO} handle {tc.HANDLE} bpf da "
             "istio_ingress",
             f"  tc filter add dev IF egress prio {tc.PRIO} handle {tc.HANDLE} bpf da istio_egress",
+            *virtual.describe(settings, pods),
             "sysctl -w net.ipv4.conf.lo.accept_local=1 net.ipv4.conf.lo.route_localnet=1 "
             "(previous values kept in the state map)",
             *policy_routes.describe_all(settings),
@@ -113,6 +114,7 @@ class EbpfBackend:
         return "\n".join(lines) + "\n"
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None:
+        checked_virtual_interfaces(settings)  # a bad name changes nothing
         img = self._image()
         # The namespace is validated before anything is loaded or pinned for it.
         with Netns.open(netns_path, host_netns=self.host_netns) as ns:
@@ -239,12 +241,14 @@ class EbpfBackend:
                 # place, so even leftovers of a crashed attempt cannot double up).
                 _install(nl, directory, img, shared, settings, links)
                 return
-            wanted = _wanted(links, shared)
+            virt_ids, virt_missing = virtual.check(nl, links, directory, settings)
+            wanted = _wanted(links, shared, virt_ids)
             present = {a.key for a in tc.ours(nl, links)}
             if (
                 state is not None
                 and state.version == img.version
                 and present == wanted
+                and not virt_missing
                 and all(_lo(links).devconf(k) == 1 for k, _ in DEVCONF)
                 and all(pod.pinned_prog_id(directory, n) == shared.prog_id(n) for n in TC_PROGRAMS)
             ):
@@ -261,12 +265,19 @@ def _lo(links: list[Link]) -> Link:
     raise RedirectionError("the namespace has no loopback device: is it a pod namespace?")
 
 
-def _wanted(links: list[Link], shared: programs.Pinned) -> set[tuple[int, str, str, int]]:
+def _wanted(
+    links: list[Link], shared: programs.Pinned, virt: dict[int, int]
+) -> set[tuple[int, str, str, int]]:
+    """Our filters as ``tc.ours`` lists them; ``virt``: ifindex -> the pod's own
+    ``istio_virt_ingress`` id on its virtual interfaces."""
     ifaces, _ = tc.pod_interfaces(links)
     ing, eg = "istio_ingress", "istio_egress"
     out = {(LO[0], tc.INGRESS, ing, shared.prog_id(ing))}
     for idx, _name in ifaces:
-        out.add((idx, tc.INGRESS, ing, shared.prog_id(ing)))
+        if idx in virt:
+            out.add((idx, tc.INGRESS, VIRT_PROGRAM, virt[idx]))
+        else:
+            out.add((idx, tc.INGRESS, ing, shared.prog_id(ing)))
         out.add((idx, tc.EGRESS, eg, shared.prog_id(eg)))
     return out
 
@@ -280,7 +291,11 @@ def _install(
     links: list[Link],
 ) -> None:
     undo: list[Callable[[], None]] = []
+    own: programs.Pinned | None = None  # the pod's istio_virt_ingress and virt map, if any
     try:
+        addrs = virtual.addresses(nl, links, settings)
+        if addrs:
+            own = virtual.load(img, shared, directory.parent.parent, addrs)
         state = pod.PodState(img.version)
         lo = _lo(links)
         for key, attr in DEVCONF:
@@ -301,10 +316,14 @@ def _install(
             dirs = [tc.INGRESS] if idx == LO[0] else [tc.INGRESS, tc.EGRESS]
             for d in dirs:
                 prog = "istio_ingress" if d == tc.INGRESS else "istio_egress"
-                tc.attach(nl, idx, d, shared.fds[prog], prog)
+                fds = shared.fds
+                if own is not None and d == tc.INGRESS and idx in addrs:
+                    prog, fds = VIRT_PROGRAM, own.fds
+                tc.attach(nl, idx, d, fds[prog], prog)
                 undo.append(lambda i=idx, dd=d: tc.detach(nl, i, dd))  # type: ignore[misc]
         undo.append(lambda: pod.delete(directory))
-        pod.write(directory, state, {n: shared.fds[n] for n in TC_PROGRAMS})
+        pins = {n: shared.fds[n] for n in TC_PROGRAMS} | (own.fds if own is not None else {})
+        pod.write(directory, state, pins)
     except (OSError, IstioCniError, Exception) as e:
         for step in reversed(undo):
             with contextlib.suppress(Exception):
@@ -314,6 +333,9 @@ def _install(
         raise RedirectionError(
             f"attaching the redirection programs failed ({e}); nothing was left behind"
         ) from None
+    finally:
+        if own is not None:
+            own.close()  # pinned and attached, or undone
 
 
 def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
@@ -324,8 +346,10 @@ def _teardown(nl: Rtnl, directory: Path, settings: RedirectSettings) -> None:
         tc.detach(nl, a.ifindex, a.direction)
         touched.add(a.ifindex)
     # Qdiscs: the ones we created (state), else any we emptied; never one still in use.
+    # Interfaces gone since (a VM's, or a pod whose recycled netns inode left its pins)
+    # took their qdiscs with them.
     candidates = set(state.created_qdiscs) if state is not None else touched
-    for idx in candidates:
+    for idx in candidates & {link.index for link in nl.links()}:
         if tc.remaining_filters(nl, idx) == 0:
             nl.del_clsact(idx)
     for key, attr in DEVCONF:
@@ -356,7 +380,9 @@ def _check(
             for idx, _n in [LO, *ifaces]:
                 missing.append(f"tc filters on {names.get(idx, idx)}")
         else:
-            wanted = _wanted(links, shared)
+            virt_ids, virt_missing = virtual.check(nl, links, directory, settings)
+            wanted = _wanted(links, shared, virt_ids)
+            missing += virt_missing
             notes.append("counters: " + ", ".join(f"{k}={v}" for k, v in shared.counters().items()))
         for idx, d, prog, pid in sorted(wanted - present):
             missing.append(f"tc filter {d} dev {names.get(idx, idx)} bpf {prog} (prog id {pid})")
@@ -384,4 +410,5 @@ def _check(
         _, skipped = tc.pod_interfaces(links)
         if skipped:
             notes.append("not redirected (not Ethernet): " + ", ".join(skipped))
+        notes += virtual.notes(links, settings)
     return CheckReport(tuple(missing), tuple(extra), tuple(notes))

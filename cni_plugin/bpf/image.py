@@ -32,11 +32,15 @@ SOURCES = ("redirect.c", "redirect.h")
 PROGRAM_TYPES = {
     "istio_ingress": (3, 0),  # BPF_PROG_TYPE_SCHED_CLS
     "istio_egress": (3, 0),
+    "istio_virt_ingress": (3, 0),
     "istio_getsockopt": (25, 21),  # CGROUP_SOCKOPT, BPF_CGROUP_GETSOCKOPT
 }
 TC_PROGRAMS = ("istio_ingress", "istio_egress")
 PROGRAMS = tuple(PROGRAM_TYPES)
 NODE_MAPS = ("nat",)  # shared by every pod on the node (and read by istio_getsockopt)
+# One per pod with virtual interfaces (istio_virt_ingress is loaded per pod for them).
+VIRT_PROGRAM = "istio_virt_ingress"
+POD_MAPS = ("virt",)
 _DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD = 1
@@ -221,7 +225,7 @@ def compile_image(key: str) -> ProgramImage:
     try:
         maps: list[MapSpec] = []
         fd_to_index: dict[int, int] = {}
-        for name in ("cfg", "nat", "counters"):
+        for name in ("cfg", "nat", "counters", *POD_MAPS):
             t = b.get_table(name)
             fd_to_index[int(t.map_fd)] = len(maps)
             maps.append(

@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cni_plugin.bpf import syscall
-from cni_plugin.bpf.image import NODE_MAPS, PROGRAM_TYPES, TC_PROGRAMS, ProgramImage
+from cni_plugin.bpf.image import (
+    NODE_MAPS,
+    POD_MAPS,
+    PROGRAM_TYPES,
+    TC_PROGRAMS,
+    VIRT_PROGRAM,
+    ProgramImage,
+)
 from cni_plugin.redirection.settings import RedirectSettings
 
 F_DNS_CAPTURE = 1
@@ -33,6 +40,7 @@ F_INBOUND_NAT = 8
 SETTINGS_FORMAT = "<II16sII"  # struct settings in redirect.h
 NAT_KEY_FORMAT = "<16sHBB16s"  # struct nat_key
 NAT_VAL_FORMAT = "<16sHH"  # struct nat_val
+VIRT_ADDR_FORMAT = "<4s16s"  # struct virt_addr (addresses in network byte order)
 COUNTER_NAMES = (
     "outbound",
     "inbound",
@@ -41,6 +49,7 @@ COUNTER_NAMES = (
     "reply",
     "no_listener",
     "local_redirect",
+    "virtual",
 )
 CGROUP_GETSOCKOPT = 21
 GETSOCKOPT_LINK = "getsockopt_link"
@@ -199,7 +208,7 @@ def variant_objects(
 ) -> Pinned:
     """Adopt the pinned variant for ``s`` if present, else load and pin it."""
     final = pin_root / "progs" / variant_name(image, s, inbound_nat)
-    names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
+    names = [*TC_PROGRAMS, *_variant_maps(image)]
     if final.is_dir():
         try:
             return _open(final, names)
@@ -208,19 +217,77 @@ def variant_objects(
     made = Pinned(Path(), {})
     try:
         for m in image.maps:
-            if m.name not in NODE_MAPS:
+            if m.name in _variant_maps(image):
                 made.fds[m.name] = syscall.map_create(
                     m.map_type, m.key_size, m.value_size, m.max_entries, m.name
                 )
         value = settings_value(s, image.version, inbound_nat)
         syscall.map_update(made.fds["cfg"], struct.pack("<I", 0), value)
-        maps = {**made.fds, **{n: node.fds[n] for n in NODE_MAPS}}
-        for name in TC_PROGRAMS:
-            made.fds[name] = load_program(image, name, maps)
+        have = {**made.fds, **{n: node.fds[n] for n in NODE_MAPS}}
+        scratch = _scratch_maps(image, have)  # the per-pod slots these programs never use
+        try:
+            for name in TC_PROGRAMS:
+                made.fds[name] = load_program(image, name, {**scratch, **have})
+        finally:
+            for fd in scratch.values():
+                os.close(fd)
     except BaseException:
         made.close()
         raise
     return _publish(final, made, names)
+
+
+def _variant_maps(image: ProgramImage) -> list[str]:
+    return [m.name for m in image.maps if m.name not in NODE_MAPS and m.name not in POD_MAPS]
+
+
+def virt_value(addr4: str | None, addr6: str | None) -> bytes:
+    """The ``virt`` map's value for one interface (zero for a family it has no address of)."""
+    v4 = ipaddress.IPv4Address(addr4).packed if addr4 else bytes(4)
+    v6 = ipaddress.IPv6Address(addr6).packed if addr6 else bytes(16)
+    return struct.pack(VIRT_ADDR_FORMAT, v4, v6)
+
+
+def virt_objects(
+    image: ProgramImage,
+    shared: Pinned,
+    node: Pinned,
+    addresses: dict[int, tuple[str | None, str | None]],
+) -> Pinned:
+    """A pod's own ``virt`` map (ifindex -> the interface's address) and the
+    ``istio_virt_ingress`` program over it, sharing the variant's ``cfg``/``counters`` and
+    the node's ``nat``. Not pinned here: the pod's directory holds them."""
+    made = Pinned(Path(), {})
+    try:
+        spec = image.maps[image.map_index("virt")]
+        fd = syscall.map_create(spec.map_type, spec.key_size, spec.value_size,
+                                spec.max_entries, spec.name)  # fmt: skip
+        made.fds["virt"] = fd
+        for ifindex, (a4, a6) in addresses.items():
+            syscall.map_update(fd, struct.pack("<I", ifindex), virt_value(a4, a6))
+        maps = {**{n: shared.fds[n] for n in _variant_maps(image)}, "virt": fd}
+        maps.update({n: node.fds[n] for n in NODE_MAPS})
+        made.fds[VIRT_PROGRAM] = load_program(image, VIRT_PROGRAM, maps)
+    except BaseException:
+        made.close()
+        raise
+    return made
+
+
+def virt_entries(fd: int) -> dict[int, bytes]:
+    """Every entry of a pod's ``virt`` map: ifindex -> raw value."""
+    size = struct.calcsize(VIRT_ADDR_FORMAT)
+    out: dict[int, bytes] = {}
+    for key in syscall.map_keys(fd, 4):
+        raw = syscall.map_lookup(fd, key, size)
+        if raw:
+            out[struct.unpack("<I", key)[0]] = raw
+    return out
+
+
+def open_node(image: ProgramImage, pin_root: Path) -> Pinned:
+    """The node's pinned maps (for a per-pod load; they exist once a variant exists)."""
+    return _open(node_dir(pin_root, image), list(NODE_MAPS))
 
 
 def existing_variant(
@@ -228,7 +295,7 @@ def existing_variant(
 ) -> Pinned | None:
     """The pinned variant for ``s`` if present (never loads or pins anything)."""
     path = pin_root / "progs" / variant_name(image, s, inbound_nat)
-    names = [*TC_PROGRAMS, *(m.name for m in image.maps if m.name not in NODE_MAPS)]
+    names = [*TC_PROGRAMS, *_variant_maps(image)]
     try:
         return _open(path, names)
     except OSError:

@@ -2,6 +2,7 @@
  *
  * istio_egress     - tc egress of every pod interface but lo.
  * istio_ingress    - tc ingress of lo and of every pod interface.
+ * istio_virt_ingress - tc ingress of a pod's virtual interfaces (loaded per pod).
  * istio_getsockopt - cgroup getsockopt (node-wide): SO_ORIGINAL_DST from our NAT map.
  *
  * Inbound TCP is delivered transparently: the SYN is handed to ztunnel's 15006 listener
@@ -16,6 +17,12 @@
  * ztunnel's spoofed-source inbound connections are recognised by the kernel's own socket
  * table (a local non-listening socket owns the reversed 4-tuple) and turned back into lo
  * marked 0x111, which the policy route (fwmark 0x111 -> table 100 -> local) delivers.
+ *
+ * Virtual interfaces (istio.io/reroute-virtual-interfaces: a VM inside the pod) carry the
+ * VM's outbound traffic in: as Istio's `-i IF -p tcp -j REDIRECT --to-ports 15001` rule,
+ * istio_virt_ingress sends their TCP to the interface's own address, port 15001 (recorded
+ * in `nat`), and istio_egress gives ztunnel's replies their original source back as they
+ * leave on that interface. Nothing else happens to what arrives there (Istio's RETURN).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -46,6 +53,8 @@
 BPF_ARRAY(cfg, struct settings, 1);
 BPF_TABLE("lru_hash", struct nat_key, struct nat_val, nat, 65536);
 BPF_ARRAY(counters, u64, C_COUNT);
+/* Per pod (only pods with virtual interfaces load istio_virt_ingress): ifindex -> address. */
+BPF_HASH(virt, __u32, struct virt_addr, MAX_VIRTUAL_IFACES);
 
 struct flow {
     __u32 src[4];
@@ -247,21 +256,30 @@ static __always_inline void nat_key_of(struct nat_key *k, __u8 family, __u8 prot
     k->proto = proto;
 }
 
-/* Send an outgoing packet to loopback:target through lo, remembering where it
- * was going (a new connection or datagram) or checking it still goes there (later
- * packets of a captured connection). */
-static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u16 target,
-                                      int record)
+/* Rewrite a packet's destination to to:target, first recording (`record`) where it was
+ * going, keyed by its source: the replies and SO_ORIGINAL_DST read it back. -1 on failure. */
+static __always_inline int redirect_to(struct __sk_buff *skb, struct flow *f, const __u32 *to,
+                                       __u16 target, int record)
 {
-    struct nat_key k = {};
-    nat_key_of(&k, f->family, f->proto, f->src, f->sport);
     if (record) {
+        struct nat_key k = {};
+        nat_key_of(&k, f->family, f->proto, f->src, f->sport);
         struct nat_val v = {};
         __builtin_memcpy(v.addr, f->dst, 16);
         v.port = f->dport;
         v.target = target;
         nat.update(&k, &v);
     }
+    if (set_addr(skb, f, 1, f->dst, to) || set_port(skb, f, 1, f->dport, htons(target)))
+        return -1;
+    return 0;
+}
+
+/* Send an outgoing packet to loopback:target through lo, remembering where it was going
+ * (a new connection or datagram; `record`) or not (later packets of a captured one). */
+static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u16 target,
+                                      int record)
+{
     /* 127.0.0.1 / ::1, as iptables' REDIRECT picks for locally generated packets: ztunnel
      * may listen on loopback only (its DNS proxy does). */
     __u32 lo[4] = {}; /* element by element: an initialiser list would land in .rodata */
@@ -270,7 +288,7 @@ static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u
     } else {
         lo[3] = htonl(1);
     }
-    if (set_addr(skb, f, 1, f->dst, lo) || set_port(skb, f, 1, f->dport, htons(target)))
+    if (redirect_to(skb, f, lo, target, record))
         return TC_ACT_SHOT;
     return to_lo(skb);
 }
@@ -286,22 +304,28 @@ static __always_inline __u16 captured_target(struct flow *f)
     return v->target;
 }
 
-/* A reply from 15001/15053 on lo to a client we rewrote: give it the source the client
- * asked for. */
-static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
+/* A reply from 15001/15053 to a client we rewrote: give it the source the client asked
+ * for. 1 when rewritten, 0 when not ours, -1 when the rewrite failed. */
+static __always_inline int reply_source(struct __sk_buff *skb, struct flow *f)
 {
     if (f->sport != htons(ZTUNNEL_OUTBOUND_PORT) && f->sport != htons(ZTUNNEL_DNS_PORT))
-        return TC_ACT_UNSPEC;
+        return 0;
     struct nat_key k = {};
     nat_key_of(&k, f->family, f->proto, f->dst, f->dport);
     struct nat_val *found = nat.lookup(&k);
     if (!found || htons(found->target) != f->sport)
-        return TC_ACT_UNSPEC;
+        return 0;
     struct nat_val v = *found;
     if (set_addr(skb, f, 0, f->src, v.addr) || set_port(skb, f, 0, f->sport, v.port))
-        return TC_ACT_SHOT;
+        return -1;
     count(C_REPLY);
-    return TC_ACT_UNSPEC;
+    return 1;
+}
+
+/* On lo: the replies to the pod's own (outbound, DNS) clients. */
+static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
+{
+    return reply_source(skb, f) < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
 /* Inbound by port rewrite (where bpf_sk_assign refuses SO_REUSEPORT listeners): the
@@ -348,11 +372,22 @@ int istio_egress(struct __sk_buff *skb)
     struct settings *s = cfg.lookup(&zero);
     if (!s || !s->version)
         return TC_ACT_UNSPEC;
+    /* Forwarded, not made here: iptables' nat OUTPUT never sees it (a VM's UDP, say). */
+    CTX_FRESH(skb);
+    if (skb->ingress_ifindex)
+        return TC_ACT_UNSPEC;
     struct flow f = {};
     if (parse(skb, &f, s->flags))
         return TC_ACT_UNSPEC;
     if (f.proto == IPPROTO_TCP && f.sport == htons(ZTUNNEL_INBOUND_PORT))
         inbound_reply(skb, &f); /* ztunnel's (marked) replies, before the mark test */
+    /* ztunnel's answer from 15001 to a client behind a virtual interface: the client is
+     * not local, so this is the only way out (outbound clients are answered on lo). */
+    if (f.proto == IPPROTO_TCP && f.sport == htons(ZTUNNEL_OUTBOUND_PORT)) {
+        int r = reply_source(skb, &f);
+        if (r)
+            return r < 0 ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+    }
     if ((skb->mark & MARK_MASK) == ZTUNNEL_MARK)
         return TC_ACT_UNSPEC; /* ztunnel's own traffic, its upstream DNS included */
     int dns = (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT);
@@ -436,6 +471,44 @@ int istio_ingress(struct __sk_buff *skb)
     return TC_ACT_UNSPEC;
 }
 
+/* What arrives on a virtual interface (a VM's outbound traffic): TCP to ztunnel's 15001
+ * at the interface's own address, as iptables' REDIRECT does in PREROUTING; the rest is
+ * left alone. Without an address of the family the SYN is dropped, as REDIRECT drops it. */
+int istio_virt_ingress(struct __sk_buff *skb)
+{
+    int zero = 0;
+    struct settings *s = cfg.lookup(&zero);
+    if (!s || !s->version)
+        return TC_ACT_UNSPEC;
+    struct flow f = {};
+    if (parse(skb, &f, s->flags) || f.proto != IPPROTO_TCP)
+        return TC_ACT_UNSPEC;
+    __u32 ifindex = skb->ifindex;
+    struct virt_addr *va = virt.lookup(&ifindex);
+    if (!va)
+        return TC_ACT_UNSPEC;
+    __u32 to[4] = {};
+    if (f.family == 4) {
+        to[0] = va->addr4;
+    } else {
+        to[0] = va->addr6[0];
+        to[1] = va->addr6[1];
+        to[2] = va->addr6[2];
+        to[3] = va->addr6[3];
+    }
+    if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
+        if (!to[0] && !to[1] && !to[2] && !to[3])
+            return TC_ACT_SHOT;
+        count(C_VIRTUAL);
+        return redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 1) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+    }
+    /* Later packets of a redirected conversation follow the same rewrite. */
+    if (captured_target(&f) == ZTUNNEL_OUTBOUND_PORT &&
+        redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 0))
+        return TC_ACT_SHOT;
+    return TC_ACT_UNSPEC;
+}
+
 /* ztunnel asks SO_ORIGINAL_DST of a connection it accepted on 15001/15053. Without
  * conntrack the kernel fails it; with conntrack active in the pod (some other netfilter
  * user) it answers the loopback address itself, having seen only the rewritten packets.
@@ -456,32 +529,38 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
     /* Inbound entries also carry the pod address (the conversation's local address);
      * outbound ones were made for the client's own address alone. */
     int inbound = local_port == ZTUNNEL_INBOUND_PORT;
-    __u32 expect4 = htonl(0x7f000001); /* conntrack's answer when it saw only our rewrite */
+    /* Conntrack's answer when it saw only our rewrite: the accepted socket's own address
+     * (127.0.0.1/::1 for the pod's clients, a virtual interface's address for a VM's, the
+     * pod address inbound). */
+    __u32 expect4 = 0;
+    __u32 expect6[4] = {};
     if (family == AF_INET && ctx->level == SOL_IP_LEVEL) {
         k.family = 4;
         k.addr[0] = sk->dst_ip4;
+        expect4 = sk->src_ip4;
         if (inbound)
-            k.local[0] = expect4 = sk->src_ip4;
+            k.local[0] = expect4;
     } else if (family == AF_INET6 && ctx->level == SOL_IP_LEVEL && sk->dst_ip6[0] == 0 &&
                sk->dst_ip6[1] == 0 && sk->dst_ip6[2] == htonl(0xffff)) {
         /* an IPv4 connection accepted by a dual-stack [::] listener (ztunnel's default):
          * ::ffff:a.b.c.d; SOL_IP is what ztunnel asks first, answered as for IPv4 */
         k.family = 4;
         k.addr[0] = sk->dst_ip6[3];
+        expect4 = sk->src_ip6[3];
         if (inbound)
-            k.local[0] = expect4 = sk->src_ip6[3];
+            k.local[0] = expect4;
     } else if (family == AF_INET6 && ctx->level == SOL_IPV6_LEVEL) {
         k.family = 6;
         k.addr[0] = sk->dst_ip6[0];
         k.addr[1] = sk->dst_ip6[1];
         k.addr[2] = sk->dst_ip6[2];
         k.addr[3] = sk->dst_ip6[3];
-        if (inbound) {
-            k.local[0] = sk->src_ip6[0];
-            k.local[1] = sk->src_ip6[1];
-            k.local[2] = sk->src_ip6[2];
-            k.local[3] = sk->src_ip6[3];
-        }
+        expect6[0] = sk->src_ip6[0];
+        expect6[1] = sk->src_ip6[1];
+        expect6[2] = sk->src_ip6[2];
+        expect6[3] = sk->src_ip6[3];
+        if (inbound)
+            __builtin_memcpy(k.local, expect6, 16);
     } else {
         return 1;
     }
@@ -503,18 +582,11 @@ int istio_getsockopt(struct bpf_sockopt *ctx)
         struct sockaddr_in6 *sa6 = ctx->optval;
         if ((void *)(sa6 + 1) > ctx->optval_end)
             return 1;
-        __u32 e0 = 0, e1 = 0, e2 = 0, e3 = htonl(1);
-        if (inbound) {
-            e0 = k.local[0];
-            e1 = k.local[1];
-            e2 = k.local[2];
-            e3 = k.local[3];
-        }
         if (answered && (sa6->sin6_port != htons(local_port) ||
-                         sa6->sin6_addr.in6_u.u6_addr32[0] != e0 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[1] != e1 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[2] != e2 ||
-                         sa6->sin6_addr.in6_u.u6_addr32[3] != e3))
+                         sa6->sin6_addr.in6_u.u6_addr32[0] != expect6[0] ||
+                         sa6->sin6_addr.in6_u.u6_addr32[1] != expect6[1] ||
+                         sa6->sin6_addr.in6_u.u6_addr32[2] != expect6[2] ||
+                         sa6->sin6_addr.in6_u.u6_addr32[3] != expect6[3]))
             return 1;
         sa6->sin6_family = AF_INET6;
         sa6->sin6_port = v->port;

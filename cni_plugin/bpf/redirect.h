@@ -69,6 +69,15 @@ struct nat_val {
     __u16 target; /* ztunnel port, host byte order */
 };
 
+/* A pod's virtual interface (istio.io/reroute-virtual-interfaces), keyed by ifindex in
+ * the pod's own `virt` map: the address iptables' REDIRECT would pick on it (its first
+ * IPv4 address and first global IPv6 address, zero when it has none). */
+struct virt_addr {
+    __u32 addr4;    /* network byte order */
+    __u32 addr6[4]; /* network byte order */
+};
+#define MAX_VIRTUAL_IFACES 8
+
 /* counters (array index) */
 #define C_OUTBOUND 0       /* outbound SYN sent to 15001 */
 #define C_INBOUND 1        /* inbound SYN handed to the 15006 listener */
@@ -77,6 +86,7 @@ struct nat_val {
 #define C_REPLY 4          /* reply from 15001/15053 given back its original source */
 #define C_NO_LISTENER 5    /* inbound SYN dropped: no 15006 listener (yet) */
 #define C_LOCAL_REDIRECT 6 /* packet of a local conversation turned back to lo */
+#define C_VIRTUAL 7        /* SYN from a virtual interface sent to 15001 */
 #define C_COUNT 8
 
 #endif

@@ -21,6 +21,7 @@ MAP_CREATE = 0
 MAP_LOOKUP_ELEM = 1
 MAP_UPDATE_ELEM = 2
 MAP_DELETE_ELEM = 3
+MAP_GET_NEXT_KEY = 4
 PROG_LOAD = 5
 OBJ_PIN = 6
 OBJ_GET = 7
@@ -77,6 +78,22 @@ def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return v.raw
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key of a (hash) map, walked with ``BPF_MAP_GET_NEXT_KEY``."""
+    keys: list[bytes] = []
+    prev: ctypes.Array[ctypes.c_char] | None = None
+    while True:
+        nxt = ctypes.create_string_buffer(key_size)
+        a = _attr()
+        struct.pack_into("IxxxxQQ", a, 0, fd, _addr(prev), _addr(nxt))
+        try:
+            _call(MAP_GET_NEXT_KEY, a)
+        except FileNotFoundError:
+            return keys
+        keys.append(nxt.raw)
+        prev = nxt
 
 
 def prog_load(

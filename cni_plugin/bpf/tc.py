@@ -36,11 +36,16 @@ class Attached:
 
 
 def pod_interfaces(links: list[Link]) -> tuple[list[tuple[int, str]], list[str]]:
-    """(index, name) of every Ethernet interface but lo, and the names of those skipped."""
+    """(index, name) of every Ethernet interface but lo, and the names of those skipped.
+
+    Ports of a bridge (or bond) are left out: what they carry reaches IP on their master,
+    which is steered instead, as iptables (no br_netfilter) only sees it there too. A VM's
+    tap port of a KubeVirt bridge must not hand the VM's SYNs to 15006 before the
+    bridge's own (virtual-interface) program sees them."""
     chosen: list[tuple[int, str]] = []
     skipped: list[str] = []
     for link in links:
-        if link.link_type == ARPHRD_LOOPBACK:
+        if link.link_type == ARPHRD_LOOPBACK or link.master:
             continue
         if link.link_type == ARPHRD_ETHER:
             chosen.append((link.index, link.name))

@@ -31,17 +31,22 @@ class CheckReport:
         return not self.missing and not self.extra
 
 
-class RedirectionBackend(Protocol):
-    """Installs, removes and verifies in-pod redirection inside one network namespace."""
+class PodRedirection(Protocol):
+    """Installs, removes and verifies in-pod redirection inside one network namespace: the
+    part of a backend the node agent's enrollment calls."""
 
     name: str
-
-    def render(self, settings: RedirectSettings) -> str:
-        """Human-readable text of what ``apply`` would install (rules, programs, routes)."""
-        ...
 
     def apply(self, netns_path: str, settings: RedirectSettings) -> None: ...
 
     def remove(self, netns_path: str, settings: RedirectSettings) -> None: ...
 
     def check(self, netns_path: str, settings: RedirectSettings) -> CheckReport: ...
+
+
+class RedirectionBackend(PodRedirection, Protocol):
+    """A whole backend: the in-pod operations plus what they would install, as text."""
+
+    def render(self, settings: RedirectSettings) -> str:
+        """Human-readable text of what ``apply`` would install (rules, programs, routes)."""
+        ...

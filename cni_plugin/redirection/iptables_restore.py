@@ -8,11 +8,18 @@ it never creates tables or rules in the host namespace.
 Each install is one restore invocation per family, the families' processes running
 concurrently (they write disjoint tables); if the kernel rejects any part, whatever part was
 committed is deleted again before the error is raised (atomic per call).
+
+With the ``nft`` variant a restore also creates the nf_tables tables and base chains it
+writes into (``table ip mangle`` with its ``PREROUTING`` chain, ...), which survive the
+deletion of every rule. Removal therefore also deletes a table it emptied, when nothing but
+empty accept-policy base chains is left in it, so the namespace is exactly as before
+``apply`` (legacy tables are the kernel's and always exist: nothing to do there).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -35,6 +42,7 @@ _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 # Per family: the nf_tables family iptables-nft writes, the legacy /proc table list.
 _NFPROTO = {Family.IPV4: socket.AF_INET, Family.IPV6: socket.AF_INET6}
+_NFT_FAMILY = {Family.IPV4: "ip", Family.IPV6: "ip6"}
 _LEGACY_NAMES = {
     Family.IPV4: "/proc/thread-self/net/ip_tables_names",
     Family.IPV6: "/proc/thread-self/net/ip6_tables_names",
@@ -120,6 +128,37 @@ def detect_variant() -> tuple[str, str]:
         version = ""
     variant = "legacy" if re.search(r"\(legacy\)", version) else "nft"
     return variant, f"no host rules in either variant; iptables --version: {version.strip()!r}"
+
+
+def emptied_tables_script(listing: str, family: Family, candidates: list[str]) -> str:
+    """``nft -f`` input deleting each of ``candidates`` (xtables table names) that the
+    ``nft -j list ruleset`` ``listing`` shows holding nothing but base chains with policy
+    accept and no rules: what an iptables-nft restore leaves once its rules are gone. Any
+    other object in a table (a rule, a regular chain, a set, a drop policy) keeps it. Pure."""
+    fam = _NFT_FAMILY[family]
+    try:
+        objects = json.loads(listing).get("nftables", [])
+    except (ValueError, AttributeError):
+        return ""
+    tables = {
+        o["table"]["name"]
+        for o in objects
+        if isinstance(o, dict) and "table" in o and o["table"].get("family") == fam
+    }
+    keep: set[str] = set()
+    for o in objects:
+        if not isinstance(o, dict):
+            continue
+        kind, body = next(iter(o.items()), ("", {}))
+        if kind in ("metainfo", "table") or not isinstance(body, dict):
+            continue
+        if body.get("family") != fam:
+            continue
+        base = kind == "chain" and "hook" in body and body.get("policy", "accept") == "accept"
+        if not base:
+            keep.add(str(body.get("table", "")))
+    doomed = [t for t in candidates if t in tables and t not in keep]
+    return "".join(f"delete table {fam} {t}\n" for t in doomed)
 
 
 class IptablesRestoreApplier:
@@ -240,5 +279,15 @@ class IptablesRestoreApplier:
 
     def uninstall(self, family: Family, saved: SavedTables) -> None:
         script = removal_script(saved)
+        if not script:
+            return
+        self._run([self._cmd(family, "restore"), "--noflush", "-w", "5"], script)
+        if self.variant == "nft":
+            self._delete_emptied_tables(family, saved)
+
+    def _delete_emptied_tables(self, family: Family, saved: SavedTables) -> None:
+        touched = [t for t in sorted(saved.chains) if saved.own_chains(t) or saved.jumps_to_own(t)]
+        listing = self._run(["nft", "-j", "list", "ruleset", _NFT_FAMILY[family]])
+        script = emptied_tables_script(listing, family, touched)
         if script:
-            self._run([self._cmd(family, "restore"), "--noflush", "-w", "5"], script)
+            self._run(["nft", "-f", "-"], script)

@@ -4,7 +4,8 @@ Rules are built as an ordered list of :class:`Rule` (table, chain, arguments), t
 Istio's builder does, and rendered per table in sorted table order: first ``-N`` for every
 non-built-in chain that holds a rule (in order of first use), then for chains only jumped
 to, then every ``-A`` line in insertion order, then ``COMMIT``. That ordering is what makes
-the output equal Istio 1.24's golden files byte for byte (tests load the goldens and compare).
+the output equal Istio 1.24's golden files, and newest Istio's (virtual interfaces, per-pod
+DNS capture), byte for byte (tests load the goldens and compare).
 
 Two rule sets exist: the in-pod one (:func:`inpod_rules`, SPEC §6) and the host-side probe
 SNAT rule (:func:`host_probe_rules`, applied in the node namespace by the agent). Each rule
@@ -19,7 +20,7 @@ import itertools
 from dataclasses import dataclass
 
 from cni_plugin import constants as c
-from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.redirection.settings import RedirectSettings, checked_virtual_interfaces
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 # Chains this project owns inside a pod namespace, in every table; removal deletes them
@@ -151,7 +152,8 @@ def _mark(value: int, mask: int) -> str:
 
 
 def inpod_rules(settings: RedirectSettings, family: Family) -> RuleSet:
-    """The in-pod rules (SPEC §6) for one family, in Istio 1.24's order."""
+    """The in-pod rules (SPEC §6) for one family, in Istio 1.24's order (with newer
+    Istio's virtual-interface rules when the settings name any)."""
     s = settings
     pre, out = c.CHAIN_PREROUTING, c.CHAIN_OUTPUT
     ztunnel_mark = _mark(s.ztunnel_mark, s.mark_mask)
@@ -173,11 +175,20 @@ def inpod_rules(settings: RedirectSettings, family: Family) -> RuleSet:
         add("raw", "OUTPUT", "-j", out)
     add("nat", "PREROUTING", "-j", pre)
 
-    if not s.bypass_inbound:
+    # Virtual interfaces (Istio 1.25+, KubeVirt and the like) short-circuit first: what
+    # arrives on them comes from a VM inside the pod, so it is outbound traffic for
+    # ztunnel. TCP only (UDP cannot be proxied); RETURN skips the inbound rules below.
+    for iface in checked_virtual_interfaces(s):
+        add("nat", pre, "-i", iface, "-p", "tcp", "-j", "REDIRECT", "--to-ports",
+            str(s.outbound_port))  # fmt: skip
+        add("nat", pre, "-i", iface, "-p", "tcp", "-j", "RETURN")
+
+    if not s.bypass_inbound or s.ingress_connmark:
         # ztunnel's marked packets set a connmark, so replies to its spoofed-source inbound
         # connections can be steered back to it (mark restore + policy route to table 100).
         add("mangle", pre, "-m", "mark", "--mark", ztunnel_mark, "-j", "CONNMARK",
             "--set-xmark", connmark)  # fmt: skip
+    if not s.bypass_inbound:
         # Kubelet probes arrive SNATed from the probe address: never capture them.
         add("nat", pre, "-s", probe, "-p", "tcp", "-m", "tcp", "-j", "ACCEPT")
     # ...nor the pod's answers to them.

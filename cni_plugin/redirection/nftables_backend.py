@@ -50,8 +50,10 @@ class NftContext(Protocol):
 
     def cmd(self, cmdline: str) -> tuple[int, str, str]: ...
 
+    def set_json_output(self, on: bool) -> object: ...
 
-def _libnftables() -> NftContext:
+
+def libnftables_context() -> NftContext:
     try:
         nft = nftables.Nftables()
     except OSError as e:
@@ -74,16 +76,14 @@ class NftablesBackend:
     def __init__(
         self,
         *,
-        virtual_interfaces: Sequence[str] = (),
-        nft_factory: Callable[[], NftContext] = _libnftables,
+        nft_factory: Callable[[], NftContext] = libnftables_context,
         routes: PolicyRoutes | None = None,
     ) -> None:
-        self._virtual = tuple(virtual_interfaces)
         self._nft_factory = nft_factory
         self._routes: PolicyRoutes = routes if routes is not None else policy_routes
 
     def ruleset(self, settings: RedirectSettings) -> Ruleset:
-        return inpod_ruleset(settings, self._virtual)
+        return inpod_ruleset(settings)
 
     def render(self, settings: RedirectSettings) -> str:
         """The ``nft -f`` text (Istio's golden format) then the routes as ``#`` comments,
@@ -105,7 +105,7 @@ class NftablesBackend:
             rc, _, err = nft.cmd(script)
             if rc != 0:
                 raise RedirectionError(
-                    f"installing nftables rules in {netns_path} failed: {_first_line(err)}; "
+                    f"installing nftables rules in {netns_path} failed: {first_line(err)}; "
                     "nothing was changed. Check that the kernel has nf_tables and that "
                     "nothing else owns the istio-ambient-* tables there"
                 )
@@ -116,7 +116,7 @@ class NftablesBackend:
                 if rc != 0:
                     raise RedirectionError(
                         f"{e}; putting the previous nftables tables back in {netns_path} also "
-                        f"failed: {_first_line(err)}; run remove, then apply again"
+                        f"failed: {first_line(err)}; run remove, then apply again"
                     ) from e
                 raise
 
@@ -131,7 +131,7 @@ class NftablesBackend:
             self._routes.uninstall(settings)
             if rc != 0:
                 raise RedirectionError(
-                    f"removing nftables rules from {netns_path} failed: {_first_line(err)}; "
+                    f"removing nftables rules from {netns_path} failed: {first_line(err)}; "
                     "the routes were removed, the tables were left: retry the removal"
                 )
 
@@ -176,11 +176,11 @@ def _stale_tables_script(ruleset: Ruleset) -> str:
 def _run(nft: NftContext, command: str, netns_path: str) -> str:
     rc, out, err = nft.cmd(command)
     if rc != 0:
-        raise RedirectionError(f"nft {command!r} in {netns_path} failed: {_first_line(err)}")
+        raise RedirectionError(f"nft {command!r} in {netns_path} failed: {first_line(err)}")
     return out if out.endswith("\n") else out + "\n"
 
 
-def _first_line(err: str) -> str:
+def first_line(err: str) -> str:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     return lines[0] if lines else "unknown error"
 
@@ -190,7 +190,7 @@ def _our_tables(nft: NftContext) -> list[str]:
     order, so the namespace lists exactly as before)."""
     rc, out, err = nft.cmd("list tables")
     if rc != 0:
-        raise RedirectionError(f"listing nftables tables failed: {_first_line(err)}")
+        raise RedirectionError(f"listing nftables tables failed: {first_line(err)}")
     names: list[str] = []
     for line in out.splitlines():
         parts = line.split()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cni_plugin import constants as c
-from cni_plugin.redirection.settings import RedirectSettings
+from cni_plugin.redirection.settings import RedirectSettings, checked_virtual_interfaces
 
 FAMILY = "inet"
 NAT_TABLE = "istio-ambient-nat"
@@ -151,11 +151,12 @@ def _hex(value: int) -> str:
     return f"0x{value:x}"
 
 
-def inpod_ruleset(settings: RedirectSettings, virtual_interfaces: Sequence[str] = ()) -> Ruleset:
+def inpod_ruleset(settings: RedirectSettings) -> Ruleset:
     """The in-pod ruleset for ``settings``.
 
-    ``virtual_interfaces`` (Istio 1.25+ ``istio.io/reroute-virtual-interfaces``): inbound TCP
-    arriving on these interfaces is treated as outbound and sent to ztunnel's outbound port.
+    ``settings.virtual_interfaces`` (Istio 1.25+ ``istio.io/reroute-virtual-interfaces``):
+    inbound TCP arriving on these interfaces is treated as outbound and sent to ztunnel's
+    outbound port (invalid names raise :class:`~cni_plugin.errors.RedirectionError`).
     """
     s = settings
     mask = _hex(s.mark_mask)
@@ -197,8 +198,7 @@ def inpod_ruleset(settings: RedirectSettings, virtual_interfaces: Sequence[str] 
     nat.add(PREROUTING, f"jump {ISTIO_PREROUTING}")
 
     # Virtual interfaces first: short-circuits before any other inbound handling.
-    for iface in virtual_interfaces:
-        _check_ifname(iface)
+    for iface in checked_virtual_interfaces(s):
         nat.add(
             ISTIO_PREROUTING,
             f"iifname {iface} meta l4proto tcp counter redirect to :{s.outbound_port}",
@@ -331,15 +331,6 @@ def host_probe_sets_text(ipv6: bool) -> str:
             f'add set {t} {c.PROBE_IPSET_V6} {{ type ipv6_addr ; comment "{PROBE_SET_COMMENT}" ; }}'
         )
     return "\n".join(lines) + "\n"
-
-
-def _check_ifname(name: str) -> None:
-    # Interface names reach nft text verbatim: accept only what Linux allows in a name and
-    # nothing nft would parse as syntax (quotes, spaces, braces, semicolons).
-    if not (0 < len(name) < 16) or not all(ch.isalnum() or ch in "-_.@:" for ch in name):
-        raise ValueError(
-            f"invalid interface name {name!r}: use 1-15 characters from [A-Za-z0-9-_.@:]"
-        )
 
 
 # --- canonical listing form -------------------------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 
+from node_agent import zds_socket
 from node_agent import zds_wire as wire
 from node_agent.zds_pb2 import WorkloadRequest
 from testbed.ztunnel_standin.workloads import ProxyStartError, WorkloadManager
@@ -92,12 +93,12 @@ class ZdsClient:
 
     def _process(self, sock: socket.socket) -> None:
         self.manager.reset_snapshot()
-        wire.send_packet(sock, wire.encode_hello(), timeout=WRITE_TIMEOUT)
+        zds_socket.send_packet(sock, wire.encode_hello(), timeout=WRITE_TIMEOUT)
         while True:
             try:
                 # With pods pending, wake up to retry them (ztunnel: every 5 s).
                 wait = RETRY_INTERVAL if self.manager.pending else None
-                pkt = wire.recv_packet(sock, timeout=wait)
+                pkt = zds_socket.recv_packet(sock, timeout=wait)
             except wire.ZdsClosedError as e:
                 if isinstance(e.__cause__, TimeoutError):
                     self.manager.retry_pending()
@@ -127,13 +128,13 @@ class ZdsClient:
                 log.exception("request failed", extra={"fields": {"kind": kind}})
                 self._nack(sock, f"failure to process message: {type(e).__name__}: {e}")
                 continue
-            wire.send_packet(sock, wire.encode_ack(), timeout=WRITE_TIMEOUT)
+            zds_socket.send_packet(sock, wire.encode_ack(), timeout=WRITE_TIMEOUT)
 
     def _handle(self, req: WorkloadRequest, kind: str | None, fds: list[int]) -> None:
         m = self.manager
         if kind == "add":
             if not req.add.HasField("workload_info"):
-                wire.Packet(b"", fds).close_fds()
+                zds_socket.Packet(b"", fds).close_fds()
                 raise wire.ZdsProtocolError(f"add for {req.add.uid} without workload_info")
             i = req.add.workload_info
             m.add(req.add.uid, i.name, i.namespace, i.service_account, fds[0])
@@ -149,4 +150,4 @@ class ZdsClient:
     def _nack(self, sock: socket.socket, text: str) -> None:
         log.warning("nack", extra={"fields": {"error": text}})
         with contextlib.suppress(wire.ZdsClosedError):
-            wire.send_packet(sock, wire.encode_ack(text), timeout=WRITE_TIMEOUT)
+            zds_socket.send_packet(sock, wire.encode_ack(text), timeout=WRITE_TIMEOUT)

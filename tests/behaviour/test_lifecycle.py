@@ -11,13 +11,13 @@ import pytest
 from cni_plugin.errors import IstioCniError
 from cni_plugin.redirection.settings import RedirectSettings
 from tests.behaviour.backends import BackendCase
-from tests.behaviour.cases import DEFAULT, DNS_OFF, INGRESS
+from tests.behaviour.cases import DEFAULT, DNS_OFF, INGRESS, VIRTUAL
 from tests.behaviour.topology import Topology, read_state, snapshot
 
 pytestmark = pytest.mark.netns
 
 SETTINGS = {"default": DEFAULT, "dns-off": DNS_OFF, "ingress": INGRESS,
-            "ipv4-only": {**DEFAULT, "ipv6": False}}  # fmt: skip
+            "ipv4-only": {**DEFAULT, "ipv6": False}, "virtual": VIRTUAL}  # fmt: skip
 
 
 def _diff(before: dict[str, str], after: dict[str, str]) -> list[str]:
@@ -30,6 +30,8 @@ def test_remove_restores_state_exactly(
     backend_case: BackendCase, topology: Topology, variant: str
 ) -> None:
     settings = RedirectSettings(**SETTINGS[variant])
+    if settings.virtual_interfaces:
+        topology.add_vm()
     backend = backend_case.build()
     before = snapshot(topology.pod_path)
     backend.apply(topology.pod_path, settings)
@@ -61,6 +63,24 @@ def test_apply_with_other_settings_converges(backend_case: BackendCase, topology
     assert not backend.check(topology.pod_path, ingress).ok
     backend.apply(topology.pod_path, ingress)
     assert backend.check(topology.pod_path, ingress).ok
+
+
+def test_virtual_interfaces_come_and_go_with_the_pod_setting(
+    backend_case: BackendCase, topology: Topology
+) -> None:
+    topology.add_vm()
+    backend = backend_case.build()
+    before = snapshot(topology.pod_path)
+    plain, virtual = RedirectSettings(**DEFAULT), RedirectSettings(**VIRTUAL)
+    backend.apply(topology.pod_path, plain)
+    assert not backend.check(topology.pod_path, virtual).ok
+    backend.apply(topology.pod_path, virtual)
+    assert backend.check(topology.pod_path, virtual).ok
+    assert not backend.check(topology.pod_path, plain).ok
+    backend.apply(topology.pod_path, plain)
+    assert backend.check(topology.pod_path, plain).ok
+    backend.remove(topology.pod_path, plain)
+    assert not _diff(before, snapshot(topology.pod_path))
 
 
 def test_check_detects_tampering_and_apply_repairs(

@@ -18,7 +18,8 @@ FAMILIES = ["ipv4", "ipv6"]
 def _send(topo: Topology, case: TrafficCase, fam: str) -> Answer:
     dst = (topo.address(case.dst, fam), case.port)
     if case.proto == "udp":
-        return topo.udp("pod", fam, dst, mark=ZTUNNEL_MARK if case.src == "ztunnel" else None)
+        side = "vm" if case.src == "vm" else "pod"
+        return topo.udp(side, fam, dst, mark=ZTUNNEL_MARK if case.src == "ztunnel" else None)
     if case.src == "probe":
         return topo.tcp("peer", fam, dst, source=topo.address("probe", fam))
     if case.src == "ztunnel":
@@ -38,6 +39,8 @@ def test_traffic(
     gap = backend_case.known_gaps.get(case.id)
     if gap:
         request.applymarker(pytest.mark.xfail(reason=f"known gap: {gap}", strict=True))
+    if case.src == "vm":
+        topology.add_vm(case.vm_bridge)  # before apply: the backend sees the interfaces
     if case.apply:
         backend_case.build().apply(topology.pod_path, RedirectSettings(**case.settings))
     answer = _send(topology, case, fam)

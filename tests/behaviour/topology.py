@@ -7,6 +7,10 @@ SNAT addresses on the peer (it plays the node that kubelet's probes come from).
 In the pod: the ztunnel stand-in listens on TCP 15001/15006/15008/15053 and UDP 15053 (IPv4
 and IPv6) and its own outgoing sockets carry SO_MARK 1337; an app listens on TCP 8080 and,
 on loopback only, 9090. On the peer: TCP 80, and DNS on TCP and UDP 53.
+
+On demand (:meth:`Topology.add_vm`), a third namespace ``vm`` plays a VM inside the pod
+(KubeVirt style): it reaches the pod through the pod's interface ``virt0``, its default
+route points at the pod, and the pod forwards (203.0.113.0/24, 2001:db8:8::/64).
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ APP_LOOPBACK_PORT = 9090
 IP_TRANSPARENT = 19
 IPV6_TRANSPARENT = 75
 TIMEOUT_S = 2.0
+VIRT_IFACE = "virt0"
+VM = {"ipv4": "203.0.113.2", "ipv6": "2001:db8:8::2"}
+VM_GATEWAY = {"ipv4": "203.0.113.1", "ipv6": "2001:db8:8::1"}
 
 
 @dataclass(frozen=True)
@@ -50,21 +57,62 @@ def _ip(ns: str, *args: str) -> None:
 class Topology:
     """Built by :func:`build`; ``close`` stops servers (namespaces belong to the fixture)."""
 
-    def __init__(self, pod_ns: str, peer_ns: str) -> None:
+    def __init__(
+        self, pod_ns: str, peer_ns: str, make_netns: Callable[[str], str] | None = None
+    ) -> None:
         self.pod_ns, self.peer_ns = pod_ns, peer_ns
         self.pod_path, self.peer_path = f"/run/netns/{pod_ns}", f"/run/netns/{peer_ns}"
+        self.vm_path: str | None = None
         self.servers = Servers()
+        self._make_netns = make_netns
 
     def close(self) -> None:
         self.servers.close()
 
     def ns_path(self, side: str) -> str:
+        if side == "vm":
+            assert self.vm_path, "add_vm() first"
+            return self.vm_path
         return self.pod_path if side == "pod" else self.peer_path
 
     def address(self, who: str, fam: str) -> str:
-        """Address of ``who``: pod, peer, probe (the peer's probe source) or loopback."""
-        table = {"pod": POD, "peer": PEER, "probe": PROBE, "loopback": LOOPBACK}[who]
+        """Address of ``who``: pod, peer, probe (the peer's probe source), loopback or vm."""
+        table = {"pod": POD, "peer": PEER, "probe": PROBE, "loopback": LOOPBACK, "vm": VM}[who]
         return table[fam]
+
+    def add_vm(self, bridge: bool = False) -> None:
+        """The VM namespace behind the pod's ``virt0`` (once; the fixture removes it). With
+        ``bridge``, ``virt0`` is a bridge and the VM's veth end in the pod (``tap0``) one
+        of its ports, as KubeVirt's bridge binding has it."""
+        if self.vm_path is not None:
+            return
+        assert self._make_netns is not None, "built without make_netns"
+        vm = self._make_netns("vm")
+        subprocess.run(["ip", "netns", "exec", vm, "sysctl", "-qw",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True)  # fmt: skip
+        port = "tap0" if bridge else VIRT_IFACE
+        subprocess.run(["ip", "link", "add", port, "netns", self.pod_ns, "type", "veth",
+                        "peer", "name", "eth0", "netns", vm], check=True)  # fmt: skip
+        if bridge:
+            _ip(self.pod_ns, "link", "add", VIRT_IFACE, "type", "bridge", "stp_state", "0")
+            _ip(self.pod_ns, "link", "set", port, "master", VIRT_IFACE)
+            _ip(self.pod_ns, "link", "set", port, "up")
+        for fam in FAMILIES:
+            extra = ["nodad"] if fam == "ipv6" else []
+            _ip(self.pod_ns, "addr", "add", f"{VM_GATEWAY[fam]}/{PREFIX[fam]}", "dev",
+                VIRT_IFACE, *extra)  # fmt: skip
+            _ip(vm, "addr", "add", f"{VM[fam]}/{PREFIX[fam]}", "dev", "eth0", *extra)
+        _ip(self.pod_ns, "link", "set", VIRT_IFACE, "up")
+        _ip(vm, "link", "set", "eth0", "up")
+        for fam in FAMILIES:
+            six = ["-6"] if fam == "ipv6" else []
+            _ip(vm, *six, "route", "add", "default", "via", VM_GATEWAY[fam])
+            net = "203.0.113.0/24" if fam == "ipv4" else "2001:db8:8::/64"
+            _ip(self.peer_ns, *six, "route", "add", net, "via", POD[fam])
+        subprocess.run(["ip", "netns", "exec", self.pod_ns, "sysctl", "-qw",
+                        "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+                       check=True)  # fmt: skip
+        self.vm_path = f"/run/netns/{vm}"
 
     def _socket(
         self, side: str, fam: str, kind: int, mark: int | None, transparent: bool
@@ -158,7 +206,7 @@ def build(make_netns: Callable[[str], str]) -> Topology:
     _ip(peer, "addr", "add", f"{PROBE['ipv6']}/128", "dev", "eth0", "nodad")
     _ip(pod, "route", "add", f"{PROBE['ipv4']}/32", "dev", "eth0")
     _ip(pod, "route", "add", f"{PROBE['ipv6']}/128", "dev", "eth0")
-    topo = Topology(pod, peer)
+    topo = Topology(pod, peer, make_netns)
     try:
         srv = topo.servers
         for fam, af in FAMILIES.items():
@@ -184,8 +232,10 @@ def build(make_netns: Callable[[str], str]) -> Topology:
 def snapshot(netns_path: str) -> dict[str, str]:
     """Everything redirection may touch in a namespace, normalised: xtables (legacy, both
     families), the nftables ruleset (which includes iptables-nft), policy rules and all
-    route tables. Empty tables holding only built-in chains with policy ACCEPT are dropped:
-    they behave exactly like absent ones, and legacy xtables can never unregister them."""
+    route tables. Empty legacy xtables holding only built-in chains with policy ACCEPT are
+    dropped: they behave exactly like absent ones, and legacy xtables can never unregister
+    them. nf_tables tables are kept as they are, empty or not: a table ``apply`` created
+    must be gone after ``remove``."""
 
     return run_in_netns(netns_path, read_state)
 
@@ -233,31 +283,5 @@ def _empty_xtable(lines: list[str]) -> bool:
 
 
 def _normalise_nft(text: str) -> str:
-    """Drop tables that hold nothing but empty base chains with policy accept."""
-    blocks: list[list[str]] = []
     # Counters move with every packet (IPv6 neighbour discovery, for one): not state.
-    text = re.sub(r"counter packets \d+ bytes \d+", "counter", text)
-    for line in text.splitlines():
-        if line.startswith("table "):
-            blocks.append([])
-        if blocks:
-            blocks[-1].append(line)
-    return "\n".join("\n".join(b) for b in blocks if not _empty_nft_table(b))
-
-
-def _empty_nft_table(block: list[str]) -> bool:
-    inner = [ln.strip() for ln in block[1:-1] if ln.strip()]
-    chains: list[list[str]] = []
-    for ln in inner:
-        if ln.startswith("chain "):
-            chains.append([])
-        elif ln == "}" and chains:
-            continue
-        elif chains:
-            chains[-1].append(ln)
-        else:
-            return False  # sets, maps, flowtables...: not empty
-    return all(
-        len(body) == 1 and body[0].startswith("type ") and body[0].endswith("policy accept;")
-        for body in chains
-    )
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", text)

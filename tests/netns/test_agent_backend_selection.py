@@ -21,10 +21,10 @@ import pytest
 from cni_plugin.errors import ConfigError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.agent_assembly import Agent
 from node_agent.backend_selection import select_backend
 from node_agent.bpf_pins import PinPruner, live_netns_inodes
 from node_agent.config import AgentConfig
-from node_agent.run_command import Agent
 from tests.netns.bpf_support import CACHE_DIR, skip_if_unavailable
 from tests.time_scale import scaled
 
@@ -177,16 +177,16 @@ def test_agent_stop_uninstalls_node_objects_only_on_uninstall(
             probes=cast(Any, object()),
             is_upgrade=lambda u=upgrade: u,  # type: ignore[misc]
         )
-        assert agent.ebpf is not None and agent.rules.name == "ebpf"
-        agent.ebpf.apply(f"/run/netns/{ns}", RedirectSettings())
-        agent.ebpf.remove(f"/run/netns/{ns}", RedirectSettings())
+        assert agent.selection.ebpf is not None and agent.rules.name == "ebpf"
+        agent.selection.ebpf.apply(f"/run/netns/{ns}", RedirectSettings())
+        agent.selection.ebpf.remove(f"/run/netns/{ns}", RedirectSettings())
         # A pod deleted without DEL: the agent's own reconcile pass prunes its pins.
         gone = make_netns("prpass")
-        agent.ebpf.apply(f"/run/netns/{gone}", RedirectSettings())
-        assert len(agent.ebpf.pinned_pods()) == 1
+        agent.selection.ebpf.apply(f"/run/netns/{gone}", RedirectSettings())
+        assert len(agent.selection.ebpf.pinned_pods()) == 1
         subprocess.run(["ip", "netns", "del", gone], check=True)
         agent.reconciler.run_pass()
-        assert agent.ebpf.pinned_pods() == set()
+        assert agent.selection.ebpf.pinned_pods() == set()
         node_pins = sorted(p.name for p in bpf_root.iterdir())
         assert any(n.startswith("node-") for n in node_pins), node_pins
         agent.stop()

@@ -24,8 +24,8 @@ import pytest
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.agent_assembly import Agent
 from node_agent.host_probe import HostProbe
-from node_agent.run_command import Agent
 from tests.agent_fakes import FakeKube, make_pod, wait_for
 from tests.throwaway_node import agent_config, own_namespaces
 from tests.time_scale import scaled

@@ -346,3 +346,96 @@ def test_lost_node_objects_are_reported_and_rebuilt_by_apply(pod: Pod) -> None:
         _outbound_connection(pod, outbound, 8443) as (_, conn),
     ):
         assert _original_dst(conn)[1:] == (PEER, 8443)  # answered by the rebuilt link
+
+
+VIRT_GW, VM = "203.0.113.1", "203.0.113.2"
+
+
+def _add_vm(pod: Pod, make_netns: Callable[[str], str]) -> str:
+    """A VM namespace behind the pod's interface virt0 (KubeVirt style)."""
+    vm = make_netns("bpfvm")
+    _sh("ip", "link", "add", "virt0", "netns", pod.ns, "type", "veth", "peer", "name", "eth0",
+        "netns", vm)  # fmt: skip
+    _sh("ip", "-n", pod.ns, "addr", "add", f"{VIRT_GW}/24", "dev", "virt0")
+    _sh("ip", "-n", vm, "addr", "add", f"{VM}/24", "dev", "eth0")
+    for n, dev in ((pod.ns, "virt0"), (vm, "eth0")):
+        _sh("ip", "-n", n, "link", "set", dev, "up")
+    _sh("ip", "-n", vm, "route", "add", "default", "via", VIRT_GW)
+    return vm
+
+
+def _virt0_filters(p: Pod) -> str:
+    return "".join(_sh("tc", "-n", p.ns, "filter", "show", "dev", "virt0", d)
+                   for d in ("ingress", "egress"))  # fmt: skip
+
+
+def test_virtual_interface_gets_its_own_program_and_goes_exactly(
+    pod: Pod, make_netns: Callable[[str], str]
+) -> None:
+    _add_vm(pod, make_netns)
+    virt = RedirectSettings(virtual_interfaces=("virt0", "absent0"))
+    before = (_state(pod), _virt0_filters(pod))
+    pod.backend.apply(pod.path, virt)
+    with Netns.open(pod.path) as ns:
+        pod_dir = pod.pin_root / "pods" / str(ns.inode)
+    assert {p.name for p in pod_dir.iterdir()} == {
+        "state", "istio_ingress", "istio_egress", "istio_virt_ingress", "virt"
+    }  # fmt: skip
+    filters = _virt0_filters(pod)
+    assert "istio_virt_ingress" in filters and "istio_egress" in filters
+    assert "istio_virt_ingress" not in _state(pod)["filters"]  # lo and eth0 keep theirs
+    report = pod.backend.check(pod.path, virt)
+    assert report.ok, report
+    assert any("absent0" in n for n in report.notes)
+    applied = (_state(pod), filters)
+    pod.backend.apply(pod.path, virt)
+    assert (_state(pod), _virt0_filters(pod)) == applied, "a second apply changes nothing"
+
+    # The interface's address changed: check says so, the next apply follows it.
+    _sh("ip", "-n", pod.ns, "addr", "del", f"{VIRT_GW}/24", "dev", "virt0")
+    _sh("ip", "-n", pod.ns, "addr", "add", "203.0.113.9/24", "dev", "virt0")
+    stale = pod.backend.check(pod.path, virt)
+    assert any("virtual interface addresses" in m for m in stale.missing), stale
+    pod.backend.apply(pod.path, virt)
+    assert pod.backend.check(pod.path, virt).ok
+
+    # The pod's annotation went away: virt0 is an ordinary interface again.
+    plain = RedirectSettings()
+    pod.backend.apply(pod.path, plain)
+    assert pod.backend.check(pod.path, plain).ok
+    assert "istio_virt_ingress" not in _virt0_filters(pod)
+    assert not (pod_dir / "virt").exists() and not (pod_dir / "istio_virt_ingress").exists()
+
+    pod.backend.apply(pod.path, virt)
+    pod.backend.remove(pod.path, virt)
+    _sh("ip", "-n", pod.ns, "addr", "del", "203.0.113.9/24", "dev", "virt0")
+    _sh("ip", "-n", pod.ns, "addr", "add", f"{VIRT_GW}/24", "dev", "virt0")
+    assert (_state(pod), _virt0_filters(pod)) == before
+    assert not any((pod.pin_root / "pods").iterdir())
+
+
+def test_vm_original_destination_with_conntrack_active_in_the_pod(
+    pod: Pod, make_netns: Callable[[str], str]
+) -> None:
+    """As for the pod's own clients: with conntrack active, the kernel answers
+    SO_ORIGINAL_DST with the virtual interface's address it saw; the program must answer
+    the real destination, and ztunnel's replies must leave with the peer's address."""
+    vm = _add_vm(pod, make_netns)
+    for chain in ("PREROUTING", "INPUT"):
+        _sh("ip", "netns", "exec", pod.ns, "iptables-legacy", "-t", "mangle", "-A", chain,
+            "-m", "conntrack", "--ctstate", "NEW", "-j", "ACCEPT")  # fmt: skip
+    pod.backend.apply(pod.path, RedirectSettings(virtual_interfaces=("virt0",)))
+    with _listener(pod.path, 15001) as outbound:
+        client = run_in_netns(f"/run/netns/{vm}", socket.socket)
+        with client:
+            client.settimeout(5)
+            client.connect((PEER, 8443))
+            conn, peer = outbound.accept()
+            with conn:
+                assert peer[0] == VM and conn.getsockname() == (VIRT_GW, 15001)
+                tracked = _sh("ip", "netns", "exec", pod.ns, "cat", "/proc/net/nf_conntrack")
+                assert "dport=15001" in tracked, "conntrack must be tracking the connection"
+                assert _original_dst(conn)[1:] == (PEER, 8443)
+                assert client.getpeername() == (PEER, 8443)
+                conn.sendall(b"pong")
+                assert client.recv(4) == b"pong"

@@ -3,7 +3,7 @@ fresh processes (cold image cache, so concurrent first applies race into the bcc
 that once corrupted libbcc's heap), 8 namespaces, 8 threads released together, rounds of
 apply / check / remove / apply switching settings variants. Each process must exit 0 with
 no error and every check as expected; a crash in libbcc shows as a signal exit status.
-The agent's decision on its own lock is in ``node_agent.adapters.SerialRules``."""
+The agent's decision on its own lock is in ``node_agent.backend_selection.SerialRules``."""
 
 from __future__ import annotations
 

@@ -273,3 +273,61 @@ def test_inbound_by_port_rewrite_where_sk_assign_refuses_reuseport(harness: Harn
     gone = harness.run(v, "istio_ingress", pk.frame(PEER4, POD4, 50001, 8080),
                        ifindex=harness.eth0)  # fmt: skip
     assert gone.retval == TC_ACT_SHOT
+
+
+VM4, VIRT4 = "203.0.113.2", "203.0.113.1"
+VM6, VIRT6 = "2001:db8:8::2", "2001:db8:8::1"
+
+
+def _virt(harness: Harness, v: programs.Pinned, a4: str | None, a6: str | None) -> programs.Pinned:
+    """A pod's own istio_virt_ingress with eth0 as its virtual interface."""
+    own = programs.virt_objects(harness.img, v, harness.node, {harness.eth0: (a4, a6)})
+    harness.variants.append(own)
+    return own
+
+
+@pytest.mark.parametrize(("fam", "vm", "virt", "peer"),
+                         [(4, VM4, VIRT4, PEER4), (6, VM6, VIRT6, PEER6)])  # fmt: skip
+def test_virtual_interface_tcp_goes_to_its_own_address_15001(
+    harness: Harness, fam: int, vm: str, virt: str, peer: str
+) -> None:
+    v = harness.variant()
+    own = _virt(harness, v, VIRT4, VIRT6)
+    before = v.counters()["virtual"]
+    r = harness.run(own, "istio_virt_ingress", pk.frame(vm, peer, 40000, 80),
+                    ifindex=harness.eth0)  # fmt: skip
+    assert r.retval == TC_ACT_UNSPEC, "delivered by ordinary routing: the address is local"
+    out = pk.parse(r.data)
+    assert (out.src, out.sport, out.dst, out.dport) == (vm, 40000, virt, 15001)
+    assert out.l3_ok and out.l4_ok
+    assert harness.nat(fam, socket.IPPROTO_TCP, vm, 40000) == (peer, 80, 15001)
+    assert v.counters()["virtual"] == before + 1  # the variant's counters are shared
+    # Later packets follow; a conversation we never saw, and UDP, are left alone.
+    later = harness.run(own, "istio_virt_ingress", pk.frame(vm, peer, 40000, 80, flags=pk.ACK),
+                        ifindex=harness.eth0)  # fmt: skip
+    assert pk.parse(later.data).dport == 15001
+    for untouched in (pk.frame(vm, peer, 40001, 80, flags=pk.ACK),
+                      pk.frame(vm, peer, 40002, 53, proto="udp")):  # fmt: skip
+        left = harness.run(own, "istio_virt_ingress", untouched, ifindex=harness.eth0)
+        assert left.retval == TC_ACT_UNSPEC and left.data == untouched
+    # An interface not in the pod's map (here lo) is not a virtual one.
+    lo = harness.run(own, "istio_virt_ingress", pk.frame(vm, peer, 40003, 80), ifindex=1)
+    assert lo.data == pk.frame(vm, peer, 40003, 80)
+    # ztunnel's answer leaves through the interface with the peer's address back.
+    reply = pk.frame(virt, vm, 15001, 40000, flags=pk.SYN | pk.ACK)
+    back = harness.run(v, "istio_egress", reply, mark=c.ZTUNNEL_MARK)
+    assert back.retval == TC_ACT_UNSPEC
+    out = pk.parse(back.data)
+    assert (out.src, out.sport, out.dst, out.dport) == (peer, 80, vm, 40000)
+    assert out.l3_ok and out.l4_ok
+
+
+def test_virtual_interface_without_an_address_drops_the_syn(harness: Harness) -> None:
+    # As REDIRECT does when the receiving interface has no address of the family.
+    own = _virt(harness, harness.variant(), VIRT4, None)
+    r6 = harness.run(own, "istio_virt_ingress", pk.frame(VM6, PEER6, 40000, 80),
+                     ifindex=harness.eth0)  # fmt: skip
+    assert r6.retval == TC_ACT_SHOT
+    r4 = harness.run(own, "istio_virt_ingress", pk.frame(VM4, PEER4, 40000, 80),
+                     ifindex=harness.eth0)  # fmt: skip
+    assert r4.retval == TC_ACT_UNSPEC and pk.parse(r4.data).dst == VIRT4

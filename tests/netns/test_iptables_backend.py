@@ -22,6 +22,11 @@ VARIANTS = {
     "ingress": RedirectSettings(bypass_inbound=True),
     "dns-off": RedirectSettings(dns_capture=False),
     "ipv4-only": RedirectSettings(ipv6=False),
+    # Newest Istio's per-pod fields: interfaces need not exist for `-i` to match later.
+    "virtual-interfaces": RedirectSettings(virtual_interfaces=("fake1s0f0", "fake1s0f1")),
+    "ingress-virtual-newest": RedirectSettings(
+        bypass_inbound=True, virtual_interfaces=("k6t-eth0",), ingress_connmark=True
+    ),
 }
 
 

@@ -27,20 +27,24 @@ ISTIO_TEST = RedirectSettings(
     probe_snat_ipv4="169.254.7.127", probe_snat_ipv6="e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164"
 )
 VIRTUAL = ("fake1s0f0", "fake1s0f1")
-# golden name -> (settings, virtual interfaces)
-VARIANTS: dict[str, tuple[RedirectSettings, tuple[str, ...]]] = {
-    "default": (ISTIO_TEST, ()),
-    "default_ipv6": (ISTIO_TEST, ()),
-    "ingress": (replace(ISTIO_TEST, dns_capture=False, bypass_inbound=True), ()),
-    "ingress_ipv6": (replace(ISTIO_TEST, dns_capture=False, bypass_inbound=True), ()),
-    "dns_pod_disabled_and_on_globally": (replace(ISTIO_TEST, dns_capture=False), ()),
-    "virtual_interfaces_ipv6": (replace(ISTIO_TEST, dns_capture=False), VIRTUAL),
+DNS_OFF = replace(ISTIO_TEST, dns_capture=False)
+# golden name -> settings (IPv6 from the name)
+VARIANTS: dict[str, RedirectSettings] = {
+    "default": ISTIO_TEST,
+    "default_ipv6": ISTIO_TEST,
+    "ingress": replace(DNS_OFF, bypass_inbound=True),
+    "ingress_ipv6": replace(DNS_OFF, bypass_inbound=True),
+    "dns_pod_disabled_and_on_globally": DNS_OFF,
+    "dns_pod_enabled_and_off_globally_ipv6": ISTIO_TEST,
+    "virtual_interfaces_ipv6": replace(DNS_OFF, virtual_interfaces=VIRTUAL),
+    "ingress_and_virtual_interfaces": replace(
+        DNS_OFF, bypass_inbound=True, virtual_interfaces=VIRTUAL
+    ),
 }
 
 
-def _settings(name: str) -> tuple[RedirectSettings, tuple[str, ...]]:
-    s, virtual = VARIANTS[name]
-    return replace(s, ipv6=name.endswith("_ipv6")), virtual
+def _settings(name: str) -> RedirectSettings:
+    return replace(VARIANTS[name], ipv6=name.endswith("_ipv6"))
 
 
 def sh(*argv: str, check: bool = True) -> str:
@@ -67,13 +71,13 @@ def state(ns: str) -> str:
 def test_kernel_holds_what_the_golden_gives_and_apply_is_idempotent(
     make_netns: Callable[[str], str], golden: str
 ) -> None:
-    settings, virtual = _settings(golden)
+    settings = _settings(golden)
     ours, ref = make_netns("nft"), make_netns("ref")
     path = GOLDEN_DIR / f"{golden}.golden"
     assert path.is_file(), f"golden {path} missing"
     sh("ip", "netns", "exec", ref, "nft", "-f", str(path))
 
-    backend = NftablesBackend(virtual_interfaces=virtual)
+    backend = NftablesBackend()
     backend.apply(f"/run/netns/{ours}", settings)
     assert nft_state(ours) == nft_state(ref)
     report = backend.check(f"/run/netns/{ours}", settings)

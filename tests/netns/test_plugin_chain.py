@@ -25,8 +25,8 @@ import pytest
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from node_agent.agent_assembly import Agent
 from node_agent.host_probe import HostProbe
-from node_agent.run_command import Agent
 from tests import plugin_fakes
 from tests.agent_fakes import FakeKube, make_pod, wait_for
 from tests.cni_chain import Chain, ChainError, k8s_env

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.netns import run_in_netns
+from node_agent import zds_socket
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from tests.time_scale import scaled
@@ -234,12 +235,12 @@ class RawAgent:
 
     def accept_hello(self) -> socket.socket:
         conn, _ = self.listener.accept()
-        assert w.recv_packet(conn, timeout=scaled(5)).data == bytes.fromhex("0801")
+        assert zds_socket.recv_packet(conn, timeout=scaled(5)).data == bytes.fromhex("0801")
         return conn
 
     def ask(self, conn: socket.socket, data: bytes, fd: int | None = None) -> str:
-        w.send_packet(conn, data, fd, timeout=scaled(5))
-        return w.decode_ack(w.recv_packet(conn, timeout=scaled(10)).data)
+        zds_socket.send_packet(conn, data, fd, timeout=scaled(5))
+        return w.decode_ack(zds_socket.recv_packet(conn, timeout=scaled(10)).data)
 
     def close(self) -> None:
         self.listener.close()
@@ -287,7 +288,7 @@ def test_standin_enforces_ztunnel_protocol_rules(
         assert err, f"{case}: must be nacked"
         # ...and the stream is ended: EOF here, then a fresh connection with a new hello.
         with pytest.raises(w.ZdsClosedError, match="EOF"):
-            w.recv_packet(conn, timeout=scaled(5))
+            zds_socket.recv_packet(conn, timeout=scaled(5))
         conn.close()
         again = agent.accept_hello()
         again.close()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node_agent.state import STATE_FILE
 from testbed.mesh import mesh_env
 from testbed.node import Testbed
 
@@ -84,7 +85,7 @@ class NodeAgent:
     # -- observations -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         try:
-            doc: dict[str, Any] = json.loads((self.run_dir / "agent-state.json").read_text())
+            doc: dict[str, Any] = json.loads((self.run_dir / STATE_FILE).read_text())
         except (OSError, ValueError):
             return {}
         return doc

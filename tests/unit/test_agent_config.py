@@ -11,6 +11,7 @@ from cni_plugin.errors import ConfigError
 from node_agent import pods_command
 from node_agent.config import AgentConfig
 from node_agent.host_probe import render_hostprobe
+from node_agent.state import SCHEMA_VERSION, AgentState
 
 GOLDEN = (
     Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "istio-1.24" / "iptables"
@@ -86,7 +87,9 @@ def test_pods_table_shape() -> None:
             },
         ],
     }
-    lines = pods_command.table(doc).splitlines()
+    lines = pods_command.table(
+        AgentState.from_json({"version": SCHEMA_VERSION, **doc})
+    ).splitlines()
     assert lines[0].split() == [
         "NAMESPACE",
         "POD",

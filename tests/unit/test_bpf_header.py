@@ -41,7 +41,7 @@ def test_flag_bits_and_counter_names_match_the_header() -> None:
     assert _define("F_IPV6") == programs.F_IPV6
     assert _define("F_INBOUND_NAT") == programs.F_INBOUND_NAT
     names = ["C_OUTBOUND", "C_INBOUND", "C_DNS_TCP", "C_DNS_UDP", "C_REPLY", "C_NO_LISTENER",
-             "C_LOCAL_REDIRECT"]  # fmt: skip
+             "C_LOCAL_REDIRECT", "C_VIRTUAL"]  # fmt: skip
     assert [_define(n) for n in names] == list(range(len(programs.COUNTER_NAMES)))
 
 
@@ -50,6 +50,15 @@ def test_struct_formats_have_the_c_sizes() -> None:
     assert struct.calcsize(programs.SETTINGS_FORMAT) == 32
     assert struct.calcsize(programs.NAT_KEY_FORMAT) == 36
     assert struct.calcsize(programs.NAT_VAL_FORMAT) == 20
+    assert struct.calcsize(programs.VIRT_ADDR_FORMAT) == 20  # struct virt_addr: 1 + 4 u32
+
+
+def test_virt_value_packs_both_families_or_zero() -> None:
+    raw = programs.virt_value("203.0.113.1", "2001:db8:8::1")
+    assert (
+        raw[:4] == bytes([203, 0, 113, 1]) and raw[4:].hex() == "20010db8000800000000000000000001"
+    )
+    assert programs.virt_value(None, None) == bytes(20)
 
 
 def test_settings_value_encodes_flags_and_addresses() -> None:

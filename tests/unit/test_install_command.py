@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -66,12 +67,15 @@ def test_daemon_keeps_it_installed_then_uninstalls_on_sigterm(env: dict[str, str
     before = {p.name: p.read_bytes() for p in net.iterdir()}
     proc = subprocess.Popen([*CMD, "--on-exit", "uninstall"], env=env, cwd=ROOT,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines_read: list[str] = []
+    reader = threading.Thread(target=lambda: lines_read.extend(proc.stderr or ()), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 20
-        while not (net / "10-bridge.conflist").exists():
+        # Installed and watching (its "installed" record comes after the watch is set up).
+        while not any('"istio-cni installed"' in line for line in lines_read):
             assert time.monotonic() < deadline, "not installed in 20 s"
             time.sleep(0.05)
-        time.sleep(1.0)
         # "Another CNI" puts its original file back: the entry is re-inserted.
         (net / "10-bridge.conflist").unlink()
         (net / "10-bridge.conf").write_bytes(ref("bridge.conf"))
@@ -81,7 +85,9 @@ def test_daemon_keeps_it_installed_then_uninstalls_on_sigterm(env: dict[str, str
             time.sleep(0.05)
     finally:
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
+        proc.wait(timeout=20)
+        reader.join(timeout=20)
+    err = "".join(lines_read)
     assert proc.returncode == 0, err
     assert {p.name: p.read_bytes() for p in net.iterdir()} == before
     assert list(Path(env["CNI_BIN_TARGET_DIRS"]).iterdir()) == []

@@ -135,7 +135,7 @@ def test_waits_for_a_primary_config_then_installs(
     node: dict[str, str], started: Callable[[Installer], Installer]
 ) -> None:
     inst = started(Installer(config(node, min_repair_interval_s=0.0)))
-    time.sleep(0.3)
+    wait_for(lambda: inst.last_error is not None, 5.0)  # its first attempt is done
     assert not inst.ready and inst.last_error == "waiting for a primary CNI config"
     put(os.path.join(node["net"], "10-list.conflist"), ref("list.conflist"))
     assert inst.wait_ready(5)
@@ -146,9 +146,12 @@ def test_rewrite_by_another_cni_is_repaired_within_5s(
 ) -> None:
     path = os.path.join(node["net"], "10-list.conflist")
     put(path, ref("list.conflist"))
-    inst = started(Installer(config(node)))
+    # The installer's clock, moved one second on after it is ready: the rewrite does not
+    # fall at the very edge of the 5 s repair rate limit, without the test waiting for it.
+    skew = [0.0]
+    inst = started(Installer(config(node), clock=lambda: time.monotonic() + skew[0]))
     assert inst.wait_ready(5)
-    time.sleep(1.0)  # not at the very edge of the 5 s repair rate limit
+    skew[0] = 1.0
     put(path, ref("list.conflist"))  # the primary CNI rewrites its file without our entry
 
     def repaired() -> bool:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from cni_plugin.constants import DNS_CAPTURE_ANNOTATION, VIRTUAL_INTERFACES_ANNOTATION
+from cni_plugin.errors import RedirectionError
 from cni_plugin.redirection.iptables_rules import (
     Family,
     Rule,
@@ -14,6 +17,7 @@ from cni_plugin.redirection.iptables_rules import (
     render_host_probe,
     render_inpod,
 )
+from cni_plugin.redirection.pod_overrides import pod_settings
 from cni_plugin.redirection.settings import RedirectSettings
 
 REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"
@@ -51,6 +55,71 @@ def test_inpod_rules_equal_istio_golden(name: str) -> None:
 @pytest.mark.parametrize(("name", "ipv6"), [("hostprobe", False), ("hostprobe_ipv6", True)])
 def test_host_probe_rule_equals_istio_golden(name: str, ipv6: bool) -> None:
     assert render_host_probe(RedirectSettings(ipv6=ipv6)) == golden(name)
+
+
+# Newest Istio's goldens (istio-newest/iptables): its test config has DNS capture off
+# unless the case names it, and the e9ac:... IPv6 probe address throughout.
+NEWEST_DIR = REFERENCE / "istio-newest" / "iptables"
+NEWEST_NODE = RedirectSettings(
+    dns_capture=False, probe_snat_ipv6=ISTIO_TEST_PROBE_V6, ingress_connmark=True
+)
+VIRT_ANNOTATION = {VIRTUAL_INTERFACES_ANNOTATION: "fake1s0f0,fake1s0f1"}
+# case -> (node settings, pod annotations); the pod's settings come from the same parser
+# the agent uses (pod_overrides.pod_settings).
+NEWEST_CASES: dict[str, tuple[RedirectSettings, dict[str, str]]] = {
+    "default": (replace(NEWEST_NODE, dns_capture=True), {}),
+    "virtual_interfaces": (NEWEST_NODE, VIRT_ANNOTATION),
+    "ingress_and_virtual_interfaces": (replace(NEWEST_NODE, bypass_inbound=True), VIRT_ANNOTATION),
+    "dns_pod_enabled_and_off_globally": (NEWEST_NODE, {DNS_CAPTURE_ANNOTATION: "true"}),
+    "dns_pod_disabled_and_on_globally": (
+        replace(NEWEST_NODE, dns_capture=True),
+        {DNS_CAPTURE_ANNOTATION: "false"},
+    ),
+}
+
+
+CONNMARK_SET = "-A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff"
+
+
+def newest_golden(name: str) -> str:
+    """The restore input of a newest-Istio golden: its first two lines are the
+    ``iptables-save`` / ``ip6tables-save`` commands Istio's dry run records."""
+    path = NEWEST_DIR / f"{name}.golden"
+    assert path.is_file(), f"golden file {path} is missing: shared/ must sit beside the repo"
+    head, rest = path.read_text().split("\n", 2)[:2], path.read_text().split("\n", 2)[2]
+    assert head == ["iptables-save", "ip6tables-save"], f"{path}: unexpected header {head}"
+    return rest
+
+
+def test_every_newest_golden_is_covered() -> None:
+    names = {p.stem for p in NEWEST_DIR.glob("*.golden")}
+    assert names == {n + sfx for n in NEWEST_CASES for sfx in ("", "_ipv6")}
+
+
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("name", sorted(NEWEST_CASES))
+def test_inpod_rules_equal_newest_istio_golden(name: str, ipv6: bool) -> None:
+    node, annotations = NEWEST_CASES[name]
+    settings = pod_settings(replace(node, ipv6=ipv6), annotations)
+    assert render_inpod(settings) == newest_golden(name + ("_ipv6" if ipv6 else ""))
+
+
+def test_newest_rules_differ_from_1_24_only_by_the_ingress_connmark() -> None:
+    legacy = RedirectSettings(ipv6=False, bypass_inbound=True, dns_capture=False)
+    newest = render_inpod(replace(legacy, ingress_connmark=True))
+    assert newest != render_inpod(legacy) == golden("ingress")
+    # The same lines plus that one rule (ISTIO_PRERT is declared first, holding it).
+    assert sorted(newest.split("\n")) == sorted([*golden("ingress").split("\n"), CONNMARK_SET])
+    # Outside the ingress variant the rule is there either way.
+    assert render_inpod(replace(legacy, bypass_inbound=False, ingress_connmark=True)) == (
+        render_inpod(replace(legacy, bypass_inbound=False))
+    )
+
+
+def test_virtual_interface_names_are_refused_before_any_rule() -> None:
+    bad = RedirectSettings(virtual_interfaces=("eth0 -j DROP",))
+    with pytest.raises(RedirectionError, match="reroute-virtual-interfaces"):
+        render_inpod(bad)
 
 
 def _without_dns(text: str) -> str:

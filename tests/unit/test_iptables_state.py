@@ -68,3 +68,36 @@ def test_host_probe_state_uses_the_host_chain() -> None:
     assert diff(rs, saved) == ([], [])
     script = removal_script(saved)
     assert "-X ISTIO_POSTRT" in script and "ISTIO_OUTPUT" not in script
+
+
+def _listing(*objects: dict[str, object]) -> str:
+    import json
+
+    return json.dumps({"nftables": [{"metainfo": {"json_schema_version": 1}}, *objects]})
+
+
+def test_only_tables_left_with_empty_accept_base_chains_are_deleted() -> None:
+    from cni_plugin.redirection.iptables_restore import emptied_tables_script
+
+    def base(table: str, name: str, policy: str = "accept") -> dict[str, object]:
+        return {"chain": {"family": "ip", "table": table, "name": name, "hook": "x",
+                          "policy": policy}}  # fmt: skip
+
+    listing = _listing(
+        {"table": {"family": "ip", "name": "mangle"}},
+        base("mangle", "PREROUTING"),
+        {"table": {"family": "ip", "name": "nat"}},
+        base("nat", "OUTPUT"),
+        {"rule": {"family": "ip", "table": "nat", "chain": "OUTPUT", "expr": []}},
+        {"table": {"family": "ip", "name": "raw"}},
+        base("raw", "OUTPUT", policy="drop"),
+        {"table": {"family": "ip", "name": "filter"}},
+        {"chain": {"family": "ip", "table": "filter", "name": "KUBE-X"}},
+        {"table": {"family": "ip6", "name": "mangle"}},
+    )
+    candidates = ["filter", "mangle", "nat", "raw", "security"]
+    assert emptied_tables_script(listing, Family.IPV4, candidates) == "delete table ip mangle\n"
+    # A table we never wrote into is left alone even when empty; IPv6 reads its own family.
+    assert emptied_tables_script(listing, Family.IPV4, ["nat", "raw"]) == ""
+    assert emptied_tables_script(listing, Family.IPV6, ["mangle"]) == "delete table ip6 mangle\n"
+    assert emptied_tables_script("not json", Family.IPV4, candidates) == ""

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cni_plugin.constants import DNS_CAPTURE_ANNOTATION as DNS_ANN
+from cni_plugin.constants import VIRTUAL_INTERFACES_ANNOTATION as VIRT_ANN
+from cni_plugin.errors import RedirectionError
 from cni_plugin.redirection import nftables_rules as m
+from cni_plugin.redirection.pod_overrides import pod_settings
 from cni_plugin.redirection.settings import RedirectSettings
 
 REFERENCE = Path(__file__).resolve().parents[2] / ".." / "shared" / "reference"
@@ -19,20 +23,22 @@ BASE = RedirectSettings(
     probe_snat_ipv6="e9ac:1e77:90ca:399f:4d6d:ece2:2f9b:3164",
 )
 VIRTUAL = ("fake1s0f0", "fake1s0f1")
+DNS_OFF = replace(BASE, dns_capture=False)
 
-# case -> (settings without ipv6 applied, virtual interfaces). Istio's cases: `default` has
-# DNS on; the others have global DNS off; the dns_pod_* cases are the per-pod override
-# resolved to the effective flag (enabled over off -> on, disabled over on -> off).
-INPOD_CASES: dict[str, tuple[RedirectSettings, tuple[str, ...]]] = {
-    "default": (replace(BASE, dns_capture=True), ()),
-    "ingress": (replace(BASE, dns_capture=False, bypass_inbound=True), ()),
-    "virtual_interfaces": (replace(BASE, dns_capture=False), VIRTUAL),
-    "ingress_and_virtual_interfaces": (
-        replace(BASE, dns_capture=False, bypass_inbound=True),
-        VIRTUAL,
+# case -> settings without ipv6 applied. Istio's cases: `default` has DNS on; the others
+# have global DNS off. The dns_pod_* cases go through the pod-annotation parser over the
+# node setting they name, as the agent does.
+INPOD_CASES: dict[str, RedirectSettings] = {
+    "default": replace(BASE, dns_capture=True),
+    "ingress": replace(DNS_OFF, bypass_inbound=True),
+    "virtual_interfaces": pod_settings(DNS_OFF, {VIRT_ANN: "fake1s0f0,fake1s0f1"}),
+    "ingress_and_virtual_interfaces": replace(
+        DNS_OFF, bypass_inbound=True, virtual_interfaces=VIRTUAL
     ),
-    "dns_pod_enabled_and_off_globally": (replace(BASE, dns_capture=True), ()),
-    "dns_pod_disabled_and_on_globally": (replace(BASE, dns_capture=False), ()),
+    "dns_pod_enabled_and_off_globally": pod_settings(DNS_OFF, {DNS_ANN: "true"}),
+    "dns_pod_disabled_and_on_globally": pod_settings(
+        replace(BASE, dns_capture=True), {DNS_ANN: "false"}
+    ),
 }
 
 
@@ -54,8 +60,7 @@ def test_every_golden_is_covered() -> None:
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("case", sorted(INPOD_CASES))
 def test_inpod_text_equals_golden(case: str, ipv6: bool) -> None:
-    settings, virtual = INPOD_CASES[case]
-    text = m.inpod_ruleset(replace(settings, ipv6=ipv6), virtual).text()
+    text = m.inpod_ruleset(replace(INPOD_CASES[case], ipv6=ipv6)).text()
     assert text == golden(case + ("_ipv6" if ipv6 else ""))
 
 
@@ -83,8 +88,8 @@ def test_ports_and_marks_come_from_settings() -> None:
 
 @pytest.mark.parametrize("bad", ["", "a b", 'x"y', "eth0;flush", "x" * 16])
 def test_virtual_interface_names_are_validated(bad: str) -> None:
-    with pytest.raises(ValueError, match="invalid interface name"):
-        m.inpod_ruleset(BASE, virtual_interfaces=(bad,))
+    with pytest.raises(RedirectionError, match=r"invalid virtual interface.*reroute-virtual"):
+        m.inpod_ruleset(replace(BASE, virtual_interfaces=(bad,)))
 
 
 def test_host_sets_text_declares_the_sets_the_rule_uses() -> None:

@@ -74,3 +74,20 @@ def test_ebpf_uses_the_agents_pin_root(
     out = capsys.readouterr().out
     assert "/sys/fs/bpf/istio-cni-x/pods/<netns inode>" in out
     assert "cgroup /host/sys/fs/cgroup" in out
+
+
+def test_render_virtual_interfaces_equals_newest_istio(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.unit.test_iptables_rules import newest_golden
+
+    argv = ["redirect", "render", "--no-ipv6", "--no-dns-capture",
+            "--virtual-interfaces", " fake1s0f0, fake1s0f1"]  # fmt: skip
+    assert main(argv) == 0
+    rules = capsys.readouterr().out.partition("\n# policy routing")[0]
+    assert rules == newest_golden("virtual_interfaces")
+
+
+def test_bad_virtual_interface_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["redirect", "render", "--virtual-interfaces", "eth0,not a name"]) == 1
+    err = capsys.readouterr().err
+    assert "not a name" in err and "reroute-virtual-interfaces" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

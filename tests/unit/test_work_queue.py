@@ -6,6 +6,7 @@ import itertools
 import threading
 import time
 
+from cni_plugin.errors import NotRetryableError
 from node_agent.work_queue import WorkQueue
 from tests.agent_fakes import wait_for
 
@@ -39,8 +40,8 @@ def test_one_worker_per_key_and_coalescing() -> None:
         q.add("b")
         wait_for(lambda: "b" in runs, what="b runs while a is busy")
         gate.set()
-        wait_for(lambda: q.idle() and runs.count("a") == 2, what="one rerun of a")
-        time.sleep(0.1)
+        # Idle with nothing queued, processing or scheduled: no third run can follow.
+        wait_for(lambda: q.idle() and len(q) == 0 and runs.count("a") == 2, what="one rerun")
         assert runs.count("a") == 2
         assert overlap == []
     finally:
@@ -71,11 +72,12 @@ def test_failures_retry_with_backoff_then_forget() -> None:
 
 def test_run_exclusive_blocks_workers_for_that_key() -> None:
     seen: list[str] = []
-    q = WorkQueue(lambda k: seen.append(k), workers=2)
+    inside = threading.Event()
+    release = threading.Event()
+    # A worker running the key while the holder still has it would record it unreleased.
+    q = WorkQueue(lambda k: seen.append(k if release.is_set() else f"{k} while held"), workers=2)
     q.start()
     try:
-        inside = threading.Event()
-        release = threading.Event()
 
         def hold() -> str:
             inside.set()
@@ -86,10 +88,43 @@ def test_run_exclusive_blocks_workers_for_that_key() -> None:
         t.start()
         inside.wait(2)
         q.add("p")
-        time.sleep(0.2)
+        assert not q.idle()  # the key is held: the add waits for the holder
         assert seen == []  # worker waits for the exclusive holder
         release.set()
         t.join()
         wait_for(lambda: seen == ["p"], what="queued key runs after the holder")
+    finally:
+        q.stop()
+
+
+def test_not_retryable_failure_is_not_retried() -> None:
+    """A NotRetryableError ends the key's retries (its failure count dropped) and is
+    reported once; a later add runs the key again. Other errors keep their backoff."""
+    attempts: list[str] = []
+    given_up: list[tuple[str, str]] = []
+
+    def process(key: str) -> None:
+        attempts.append(key)
+        if key == "rules":
+            raise NotRetryableError("cannot install rules")
+        if attempts.count(key) < 2:
+            raise RuntimeError("transient")
+
+    q = WorkQueue(
+        process,
+        workers=1,
+        base_delay=0.01,
+        on_not_retryable=lambda key, e: given_up.append((key, str(e))),
+    )
+    q.start()
+    try:
+        q.add("rules")
+        q.add("flaky")
+        wait_for(lambda: attempts.count("flaky") == 2 and q.idle() and len(q) == 0, what="idle")
+        assert attempts.count("rules") == 1 and q.failures("rules") == 0
+        assert given_up == [("rules", "cannot install rules")]
+        q.add("rules")  # the pod changed: tried again, once
+        wait_for(lambda: attempts.count("rules") == 2 and q.idle() and len(q) == 0, what="rerun")
+        assert len(given_up) == 2
     finally:
         q.stop()

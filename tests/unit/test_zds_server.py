@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cni_plugin.errors import ConfigError, ZtunnelUnavailableError
+from node_agent import zds_socket
 from node_agent import zds_wire as w
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 from tests.time_scale import scaled
@@ -34,14 +35,14 @@ class RawPeer:
         self.sock.connect(path)
 
     def send(self, data: bytes, fd: int | None = None) -> None:
-        w.send_packet(self.sock, data, fd, timeout=2)
+        zds_socket.send_packet(self.sock, data, fd, timeout=2)
 
-    def recv(self, timeout: float = 2) -> w.Packet:
-        return w.recv_packet(self.sock, timeout=timeout)
+    def recv(self, timeout: float = 2) -> zds_socket.Packet:
+        return zds_socket.recv_packet(self.sock, timeout=timeout)
 
     def nothing_for(self, seconds: float) -> bool:
         try:
-            pkt = w.recv_packet(self.sock, timeout=seconds)
+            pkt = zds_socket.recv_packet(self.sock, timeout=seconds)
         except w.ZdsClosedError as e:
             return isinstance(e.__cause__, TimeoutError)
         pkt.close_fds()

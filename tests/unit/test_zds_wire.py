@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from node_agent import zds_pb2 as pb
+from node_agent import zds_socket
 from node_agent import zds_wire as w
 
 
@@ -66,8 +67,8 @@ def test_fd_travels_with_its_packet(pair: tuple[socket.socket, socket.socket]) -
     a, b = pair
     r, wr = os.pipe()
     try:
-        w.send_packet(a, w.encode_add("u", "n", "ns", "sa"), r, timeout=1)
-        pkt = w.recv_packet(b, timeout=1)
+        zds_socket.send_packet(a, w.encode_add("u", "n", "ns", "sa"), r, timeout=1)
+        pkt = zds_socket.recv_packet(b, timeout=1)
         assert len(pkt.fds) == 1
         # The received fd is the same open file (same inode) as the one sent.
         assert os.fstat(pkt.fds[0]).st_ino == os.fstat(r).st_ino
@@ -88,14 +89,14 @@ def test_truncated_packet_is_an_error_and_closes_fds(
     os.close(r)
     os.close(wr)
     with pytest.raises(w.ZdsProtocolError, match="truncated"):
-        w.recv_packet(b, timeout=1)
+        zds_socket.recv_packet(b, timeout=1)
     assert _fds() == before
 
 
 def test_eof_and_timeout(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
     with pytest.raises(w.ZdsClosedError, match="deadline"):
-        w.recv_packet(b, timeout=0.05)
+        zds_socket.recv_packet(b, timeout=0.05)
     a.shutdown(socket.SHUT_WR)
     with pytest.raises(w.ZdsClosedError, match="EOF"):
-        w.recv_packet(b, timeout=1)
+        zds_socket.recv_packet(b, timeout=1)

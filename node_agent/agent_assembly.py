@@ -1,0 +1,292 @@
+"""The node agent's composition root: builds the real parts once, in dependency order, and
+starts and stops them in the SPEC §4 order. It decides nothing about pods or backends.
+
+Start order: metrics and health (not ready) -> installer (when configured) -> host probe
+set and rule, backend node setup -> informers, wait for cache sync -> adopt pods already
+annotated ``enabled`` (rebuild the ZDS snapshot, namespaces found again via /proc) -> check
+their rules (startup reconcile) -> ZDS server (accept ztunnel) -> plugin-event server ->
+ready -> process the queue, periodic reconcile. Stop undoes the servers only: in-pod rules,
+ipsets and annotations stay, so a restart does not touch a single pod's traffic; on
+uninstall (decided once, SPEC §7) the installer's files and the backend's node-wide state
+go too.
+
+Edges may be injected (tests): ``kube``, ``rules`` (then no node-wide backend state),
+``probes`` (then no host probe rule is set up), ``installer`` and ``is_upgrade``. Parts
+that call each other both ways (informers and controller, queue and controller, ZDS server
+and controller) are joined by closures over this object: every part is complete when
+constructed, nothing is assigned into another part afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from cni_plugin import constants as c
+from cni_plugin.enablement import EnablementPolicy
+from cni_plugin.errors import ConfigError, NotRetryableError
+from install.teardown import is_upgrade as daemonset_still_present
+from node_agent.adapters import (
+    CacheSnapshot,
+    KubeAccess,
+    NamespacesListWatch,
+    PodsListWatch,
+    ZdsZtunnel,
+)
+from node_agent.backend_selection import Selection, select_backend
+from node_agent.config import AgentConfig
+from node_agent.enrollment import Enroller, ProbeSet, Rules
+from node_agent.health import HealthServer
+from node_agent.host_probe import HostProbe
+from node_agent.informers import Informer
+from node_agent.metrics import AgentMetrics, InstallerStatus
+from node_agent.netns_finder import HostCheckedOpener, NetnsFinder
+from node_agent.plugin_events import PluginEventServer
+from node_agent.pod_cache import PodCache, PodState
+from node_agent.pod_controller import PodController
+from node_agent.reconciler import Reconciler
+from node_agent.resources import NamespaceInfo, PodInfo
+from node_agent.state import InformerRecord, StateExporter, StateSources
+from node_agent.work_queue import WorkQueue
+from node_agent.zds_server import ZdsServer
+
+log = logging.getLogger("node_agent.agent")
+
+
+class InProcessInstaller(InstallerStatus, Protocol):
+    """The CNI installer run inside the agent (:class:`install.installer.Installer`)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, *, uninstall: bool | None = None) -> None: ...
+
+
+def make_installer() -> InProcessInstaller:
+    """Istio's agent runs the installer in-process; ours does when INSTALL_CNI/--install
+    says so. The installer reads its own (Istio-named) environment."""
+    try:
+        from install.installer import Installer
+    except ImportError as e:
+        raise ConfigError(f"--install given but the installer is not available: {e}") from None
+    return Installer()
+
+
+class Agent:
+    """The wired agent. Edges may be injected (tests); defaults are the real ones."""
+
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        kube: KubeAccess | None = None,
+        rules: Rules | None = None,
+        probes: ProbeSet | None = None,
+        installer: InProcessInstaller | None = None,
+        is_upgrade: Callable[[], bool] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        # Chosen first: an unusable backend refuses the start before anything is created.
+        self.selection = select_backend(cfg) if rules is None else Selection(rules)
+        self.rules = self.selection.pod_rules()
+        if kube is None:
+            from node_agent.kube import KubeApi
+
+            kube = KubeApi(cfg.kubeconfig)
+        self.kube = kube
+        self._is_upgrade = is_upgrade or (lambda: daemonset_still_present(cfg.pod_namespace))
+        self.host_probe: HostProbe | None = None
+        if probes is None:
+            self.host_probe = HostProbe(
+                ipv6=cfg.ipv6,
+                node_netns=cfg.node_netns,
+                snat_v4=cfg.host_probe_snat_ipv4,
+                snat_v6=cfg.host_probe_snat_ipv6,
+            )
+            probes = self.host_probe
+        self.probes = probes
+        if installer is None and cfg.install_cni:
+            installer = make_installer()
+        self.installer = installer
+        self.metrics = AgentMetrics()
+        self.cache = PodCache()
+        self.node = self.selection.node_lifecycle(
+            cfg.proc_root, cfg.netns_dir, held=lambda: [e.netns_inode for e in self.cache.entries()]
+        )
+        self.zds = ZdsServer(
+            cfg.ztunnel_socket, CacheSnapshot(self.cache), on_connected_change=self._ztunnel
+        )
+        self.ztunnel = ZdsZtunnel(self.zds)
+        self.enroller = Enroller(
+            self.rules,
+            self.ztunnel,
+            self.probes,
+            self.kube,
+            self.cache,
+            cfg.settings_for,
+            observer=self.metrics,
+        )
+        self.pod_informer: Informer[PodInfo] = Informer(
+            "pods",
+            PodsListWatch(self.kube, cfg.node_name),
+            PodInfo.from_json,
+            lambda p: p.uid,
+            lambda old, new: self.controller.on_pod(old, new),
+        )
+        self.ns_informer: Informer[NamespaceInfo] = Informer(
+            "namespaces",
+            NamespacesListWatch(self.kube),
+            NamespaceInfo.from_json,
+            lambda n: n.name,
+            lambda old, new: self.controller.on_namespace(old, new),
+        )
+        self.queue = WorkQueue(
+            lambda uid: self.controller.reconcile(uid),
+            workers=cfg.workers,
+            on_not_retryable=self._not_retried,
+        )
+        finder = NetnsFinder(cfg.proc_root, cfg.host_netns)
+        opener = HostCheckedOpener(cfg.host_netns)
+        self.controller = PodController(
+            ambient_enabled=cfg.ambient_enabled,
+            policy=EnablementPolicy(
+                excluded_namespaces=cfg.excluded_namespaces,
+                ztunnel_namespace=cfg.system_namespace,
+            ),
+            pods=self.pod_informer,
+            namespaces=self.ns_informer,
+            enroller=self.enroller,
+            finder=finder,
+            opener=opener,
+            cache=self.cache,
+            queue=self.queue,
+            map_netns_path=cfg.host_netns_path,
+            reader=self.kube,
+            on_event=lambda kind: self.metrics.reconcile_events.labels(type=kind).inc(),
+            on_settled=self._settled,
+        )
+        self.reconciler = Reconciler(
+            pods=self.pod_informer,
+            cache=self.cache,
+            enroller=self.enroller,
+            finder=finder,
+            opener=opener,
+            runner=self.queue,
+            wants=self.controller.wants,
+            period=cfg.reconcile_seconds,
+            on_repair=lambda reason: self.metrics.repairs.labels(reason=reason).inc(),
+            after_pass=self.node.housekeeping,
+        )
+        self.plugin_server = PluginEventServer(
+            cfg.plugin_event_socket,
+            self.controller.plugin_add,
+            self.controller.pod_status,
+            on_request=lambda code: self.metrics.plugin_requests.labels(
+                response_code=str(code)
+            ).inc(),
+            log_socket_path=os.path.join(cfg.run_dir, c.PLUGIN_LOG_SOCKET),
+        )
+        self.health = HealthServer(self.is_ready, cfg.health_port, cfg.listen_address)
+        self.ready = threading.Event()
+        self.started_at = time.time()
+        self.state = StateExporter(
+            cfg.state_file,
+            StateSources(
+                node=cfg.node_name,
+                backend=self.rules.name,
+                dns_capture=cfg.dns_capture,
+                ipv6=cfg.ipv6,
+                started_at=self.started_at,
+                ready=self.ready.is_set,
+                ztunnel_connected=lambda: self.ztunnel.connected,
+                pods=lambda: self.controller.records(self.reconciler.checks),
+                informers=self._informer_records,
+                before_write=lambda: self.metrics.mirror_installer(
+                    self.installer, self.ready.is_set()
+                ),
+            ).collect,
+        )
+        self.health_port = 0
+        self.metrics_port = 0
+
+    # -- joins between parts (observers only: the decisions are the parts') -------------
+    def _settled(self) -> None:
+        self.metrics.enrolled_pods.set(self.cache.count(PodState.ENABLED))
+        self.state.touch()
+
+    def _ztunnel(self, connected: bool) -> None:
+        self.metrics.ztunnel_connected.set(1 if connected else 0)
+        self.controller.ztunnel_changed(connected)
+        self.state.touch()
+
+    def _not_retried(self, uid: str, error: NotRetryableError) -> None:
+        self.metrics.not_retried.inc()
+        self.state.touch()
+
+    def _informer_records(self) -> dict[str, InformerRecord]:
+        return {
+            i.name: InformerRecord(relists=i.relists, errors=i.errors, synced=i.synced.is_set())
+            for i in (self.pod_informer, self.ns_informer)
+        }
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set() and (self.installer is None or self.installer.ready)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self, sync_timeout: float = 60.0) -> None:
+        cfg = self.cfg
+        log.info(
+            "agent starting", extra={"fields": {"node": cfg.node_name, "backend": self.rules.name}}
+        )
+        self.metrics_port = self.metrics.serve(cfg.monitoring_port, cfg.listen_address)
+        self.health_port = self.health.start()
+        if self.installer is not None:
+            self.installer.start()
+        if self.host_probe is not None:
+            self.host_probe.setup()
+        self.node.setup()
+        self.ns_informer.start()
+        self.pod_informer.start()
+        deadline = time.monotonic() + sync_timeout
+        for inf in (self.ns_informer, self.pod_informer):
+            if not inf.synced.wait(max(0.0, deadline - time.monotonic())):
+                raise ConfigError(
+                    f"could not sync {inf.name} from the API server within {sync_timeout:g}s: "
+                    "check the kubeconfig and that the API server is reachable"
+                )
+        self.reconciler.adopt_annotated()
+        if cfg.reconcile_rules_on_startup:
+            self.reconciler.run_pass()
+        self.zds.start()
+        self.plugin_server.start()
+        self.state.start()
+        self.ready.set()
+        self.queue.start()
+        self.reconciler.start()
+        log.info("agent ready", extra={"fields": {"enrolled": len(self.cache)}})
+
+    def stop(self) -> None:
+        """Stop serving; leave every pod's rules, the ipsets and annotations in place."""
+        self.ready.clear()
+        self.reconciler.stop()
+        self.plugin_server.stop()
+        self.queue.stop()
+        self.pod_informer.stop()
+        self.ns_informer.stop()
+        self.zds.stop()
+        self.state.stop()
+        self.health.stop()
+        self.metrics.stop()
+        # Uninstall or upgrade: decided once (SPEC §7, as the installer does), and only
+        # asked when something depends on it, for the installer's files and the backend's
+        # node-wide state.
+        uninstalling = functools.cache(lambda: not self._is_upgrade())
+        if self.installer is not None:
+            self.installer.stop(uninstall=uninstalling())
+        self.node.teardown(uninstalling)
+        self.cache.close()
+        log.info("agent stopped; pod rules left in place")
