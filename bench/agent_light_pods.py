@@ -114,8 +114,11 @@ class LightNode:
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
         host_netns: str | None = None,
+        running: bool = True,
     ) -> LightPod:
-        """A running light pod; ``host_netns`` makes it a hostNetwork pod living there."""
+        """A running light pod; ``host_netns`` makes it a hostNetwork pod living there.
+        ``running=False`` leaves the Pod object Pending without an IP, as it is while the
+        runtime runs the CNI ADD for its sandbox (the namespace and process exist)."""
         self._n += 1
         ip = f"10.{200 + self._n // 62500 % 50}.{self._n // 250 % 250}.{self._n % 250 + 2}"
         netns = host_netns or self._new_netns(ip)
@@ -141,6 +144,8 @@ class LightNode:
         proc = self._spawn(netns, uid)
         pod = LightPod(namespace, name, uid, ip, netns, proc)
         self.pods.append(pod)
+        if not running:
+            return pod
         self.core.patch_namespaced_pod_status(
             name,
             namespace,

@@ -154,7 +154,9 @@ def mount_script(scratch: Path, peer: PeerBinaries) -> str:
     # mount namespace of its own and remounts / private first).
     lines = [
         "set -e",
-        "mount --make-rprivate /",
+        # Slave, not private: pod namespaces mounted on the host later still appear under
+        # /host/var/run/netns (the chart's mountPropagation: HostToContainer); nothing leaks out.
+        "mount --make-rslave /",
         f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))}",
     ]
     for rel, src, rbind in _MOUNTS:
@@ -187,7 +189,17 @@ def start_istio_agent(
     ``scratch/istio-agent.log``. The caller terminates it and removes ``scratch``."""
     prepare(scratch, kubeconfig_in_node)
     _token, _ca, host, port = service_account_from_kubeconfig(kubeconfig_in_node)
-    argv = ["nsenter", f"--net={netns}", "unshare", "-m", "sh", "-c", mount_script(scratch, peer)]
+    argv = [
+        "nsenter",
+        f"--net={netns}",
+        "unshare",
+        "-m",
+        "--propagation",
+        "unchanged",
+        "sh",
+        "-c",
+        mount_script(scratch, peer),
+    ]
     with open(scratch / "istio-agent.log", "ab") as log:
         return subprocess.Popen(
             argv, env=install_env(node_name, host, port), stdout=log, stderr=subprocess.STDOUT

@@ -23,8 +23,10 @@ reads ``/proc/1/ns/net`` at start, which this machine forbids for its real pid 1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import select
 import shutil
 import signal
 import statistics
@@ -40,9 +42,116 @@ from bench.agent_light_pods import LightNode, wait_until
 from bench.chart import Bar, draw
 from bench.istio_agent import start_istio_agent
 from bench.istio_peer import DEFAULT_VERSION, PeerBuildError, ensure_peer
+from bench.vs_istio_plugin import cni_env, cni_stdin
+from cni_plugin.netns import run_in_netns
 from tests.zds_recorder import ZdsRecorder
 
 Launcher = Callable[[], "subprocess.Popen[bytes]"]
+ROOT = Path(__file__).resolve().parents[1]
+Job = tuple[list[str], dict[str, str], bytes]
+
+
+def spawn_all(jobs: list[Job], stderr: Path) -> list[tuple[float, int]]:
+    """Spawn every job at once (as a runtime creating sandboxes together does); (wall ms from
+    its spawn to its exit, exit status) each, exits seen through pidfds (no stray reaping);
+    their stderr appended to ``stderr``."""
+    started: list[tuple[int, int, float]] = []
+    try:
+        for argv, env, stdin in jobs:
+            r, w = os.pipe()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            t0 = time.perf_counter()
+            try:
+                pid = os.posix_spawn(
+                    argv[0], argv, env,
+                    file_actions=[(os.POSIX_SPAWN_DUP2, r, 0), (os.POSIX_SPAWN_DUP2, devnull, 1),
+                              (os.POSIX_SPAWN_OPEN, 2, str(stderr),
+                               os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)],
+                )  # fmt: skip
+            finally:
+                os.close(r)
+                os.close(devnull)
+            os.write(w, stdin)
+            os.close(w)
+            started.append((pid, os.pidfd_open(pid), t0))
+        out: dict[int, tuple[float, int]] = {}
+        poller = select.poll()
+        for _pid, fd, _t in started:
+            poller.register(fd, select.POLLIN)
+        by_fd = {fd: (pid, t0) for pid, fd, t0 in started}
+        while len(out) < len(started):
+            for fd, _ev in poller.poll():
+                pid, t0 = by_fd[fd]
+                end = time.perf_counter()
+                _, status = os.waitpid(pid, 0)
+                out[pid] = ((end - t0) * 1000, os.waitstatus_to_exitcode(status))
+                poller.unregister(fd)
+        return [out[pid] for pid, _fd, _t in started]
+    finally:
+        for _pid, fd, _t in started:
+            os.close(fd)
+
+
+def installed_config(conf_dir: Path, run_dir: Path, netns: str, ip: str) -> bytes:
+    """The stdin a runtime gives the plugin: the ``istio-cni`` entry Istio's installer wrote
+    into the chained conflist (its selectors, exclusions, log level...), with the agent dir as
+    seen from this host and the pod's prevResult."""
+    (conflist,) = sorted(conf_dir.glob("*.conflist"))
+    doc = json.loads(conflist.read_text())
+    (entry,) = [p for p in doc["plugins"] if p.get("type") == "istio-cni"]
+    base = json.loads(cni_stdin(run_dir, netns, ip))
+    return json.dumps({**entry, "cniVersion": doc["cniVersion"], "name": doc["name"],
+                       "cni_agent_run_dir": str(run_dir),
+                       "prevResult": base["prevResult"]}).encode()  # fmt: skip
+
+
+def ambient_adds(
+    ln: LightNode, ns: str, plugin: str, scratch: Path, node_netns: str, pods: int,
+    istio: bool, levels: tuple[int, ...] = (1, 20),
+) -> dict[str, Any]:  # fmt: skip
+    """Plugin ADD of new pods in the labelled namespace, ``levels`` sandboxes at once: spawn ->
+    exit of the plugin (the agent judged, rules in, ZDS acked, annotated) per pod. Istio's
+    plugin gets the config its installer wrote; ours the chart-default one (it asks the agent
+    to judge, so it carries no selectors)."""
+    run_dir = scratch / "run"
+    if istio:  # its installer re-chains itself after a restart; the runtime waits for that too
+        wait_until(
+            lambda: "istio-cni" in "".join(p.read_text() for p in (scratch / "net.d").glob("*")),
+            60, "Istio's CNI config installed",
+        )  # fmt: skip
+    res: dict[str, Any] = {}
+    for conc in levels:
+        lat: list[float] = []
+        failures = 0
+        made = []
+        for b in range(max(1, pods // conc)):
+            batch = [ln.add_pod(ns, f"add{conc}-{b}-{j}", running=False) for j in range(conc)]
+            made += batch
+            jobs: list[Job] = [
+                ([plugin], cni_env("/var/run/netns/" + Path(p.netns).name, ns, p.name, p.uid),
+                 installed_config(scratch / "net.d", run_dir, p.netns, p.ip) if istio
+                 else cni_stdin(run_dir, p.netns, p.ip))
+                for p in batch
+            ]  # fmt: skip
+            spawn = functools.partial(spawn_all, jobs, scratch / "plugin-stderr.log")
+            for wall, rc in run_in_netns(node_netns, spawn):
+                if rc == 0:
+                    lat.append(wall)
+                else:
+                    failures += 1
+        names = {p.uid for p in made}
+        annotated = sum(1 for u, v in ln.annotations(ns).items() if u in names and v == "enabled")
+        s = sorted(lat) or [float("nan")]
+        res[str(conc)] = {
+            "pods": len(made),
+            "failures": failures,
+            "annotated": annotated,
+            "median_ms": round(statistics.median(s), 2),
+            "p99_ms": round(s[min(len(s) - 1, int(len(s) * 0.99))], 2),
+        }
+        if failures:
+            res[str(conc)]["stderr_tail"] = (scratch / "plugin-stderr.log").read_text()[-600:]
+    return res
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -60,8 +169,9 @@ def _snapshot_of(rec: ZdsRecorder, conn: int) -> bool:
 
 
 def turn(
-    kind: str, core: Any, info: dict[str, Any], peer: Any, pods: int, rss_pods: int
-) -> dict[str, Any]:
+    kind: str, core: Any, info: dict[str, Any], peer: Any, pods: int, rss_pods: int,
+    add_pods: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     """One agent's whole turn on a fresh light node; everything made here is removed."""
     ln = LightNode(core)
     tmp = Path(f"/var/tmp/icnia-vsagent-{ln.tag}")
@@ -129,6 +239,13 @@ def turn(
         out["restart_snapshot_pods"] = len(readded)
         annotations = ln.annotations(ns)
         out["annotated_after_restart"] = sum(1 for v in annotations.values() if v == "enabled")
+        if add_pods:
+            plugin = (
+                str(peer.path("istio-cni")) if kind == "istio" else str(ROOT / "build/istio-cni")
+            )
+            out["ambient_add"] = ambient_adds(
+                ln, ns, plugin, tmp, info["node_netns"], add_pods, kind == "istio"
+            )
         if rss_pods > pods:
             for i in range(pods, rss_pods):
                 ln.add_pod(ns, f"p{i}")
@@ -176,6 +293,19 @@ def report(res: dict[str, Any], chart_dir: Path | None) -> str:
     for label, key, better in rows:
         o, i = _med(turns, "ours", key), _med(turns, "istio", key)
         lines.append(f"| {label} ({better} is better) | {o:g} | {i:g} | **{o / i:.2f}x** |")
+    adds = [t for t in turns if "ambient_add" in t]
+    for conc in sorted({c for t in adds for c in t["ambient_add"]}, key=int):
+        for stat in ("median_ms", "p99_ms"):
+            o = statistics.median(
+                t["ambient_add"][conc][stat] for t in adds if t["agent"] == "ours"
+            )
+            i = statistics.median(
+                t["ambient_add"][conc][stat] for t in adds if t["agent"] == "istio"
+            )
+            lines.append(
+                f"| ambient ADD end to end, {conc} at once, {stat[:-3]} ms (lower is better) "
+                f"| {o:g} | {i:g} | **{o / i:.2f}x** |"
+            )
     for part in ("own", "children"):
         o = statistics.median(t["cpu_ms_per_pod"][part] for t in turns if t["agent"] == "ours")
         i = statistics.median(t["cpu_ms_per_pod"][part] for t in turns if t["agent"] == "istio")
@@ -207,6 +337,22 @@ def report(res: dict[str, Any], chart_dir: Path | None) -> str:
                      Bar(f"ours, {label}", o, o, False, o / i)]  # fmt: skip
         draw(chart_dir / "vs-istio-agent-time.png", f"Node agent, {pods} running pods",
              "seconds (lower is better)", bars, note=note)  # fmt: skip
+        if adds:
+            bars = []
+            for conc in sorted({c for t in adds for c in t["ambient_add"]}, key=int):
+                vals = {}
+                for who in ("istio", "ours"):
+                    ts = [t["ambient_add"][conc] for t in adds if t["agent"] == who]
+                    vals[who] = (statistics.median(x["median_ms"] for x in ts),
+                                 statistics.median(x["p99_ms"] for x in ts))  # fmt: skip
+                bars += [
+                    Bar(f"Istio's, {conc} at once", *vals["istio"], True, 1.0),
+                    Bar(f"ours, {conc} at once", *vals["ours"], False,
+                        vals["ours"][0] / vals["istio"][0]),
+                ]  # fmt: skip
+            draw(chart_dir / "vs-istio-ambient-add.png",
+                 "Ambient pod ADD end to end (plugin spawn -> exit), median, whisker p99",
+                 "ms per pod (lower is better)", bars, note=note)  # fmt: skip
     return "\n".join(lines)
 
 
@@ -214,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--pods", type=int, default=200)
     p.add_argument("--rss-pods", type=int, default=0, help="also RSS at this many pods")
+    p.add_argument("--add-pods", type=int, default=0, help="ambient ADDs per concurrency")
     p.add_argument("--order", default="ours,istio,istio,ours")
     p.add_argument("--istio-version", default=DEFAULT_VERSION)
     p.add_argument("--instance", default="vsistio", help="testbed instance to use or bring up")
@@ -251,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     core = client.CoreV1Api(bed.kube_client())
     load = os.getloadavg()
     order = [k.strip() for k in args.order.split(",")]
-    turns = [turn(k, core, info, peer, args.pods, args.rss_pods) for k in order]
+    turns = [turn(k, core, info, peer, args.pods, args.rss_pods, args.add_pods) for k in order]
     res = {
         "istio_version": peer.version,
         "kubernetes": info.get("kubernetes_version"),
