@@ -123,9 +123,10 @@ bench-vs-istio: setup istio-peer build/istio-cni testbed-build
 	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
 	$(PY) -m bench.vs_istio_agent --pods 200 --order ours,istio,istio,ours --chart-dir docs/img
 
-# The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` is cached under
-# /var/cache/istio-cni-testbed (cold ~6-8 min on 2 cores, then seconds): run it before the
-# suite so the `testbed` tests' timeouts only count bring-up. TESTBED_ARGS e.g. --mesh.
+# The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` builds Kubernetes 1.36
+# and etcd from the Go module proxy, cached under /var/cache/istio-cni-testbed (cold: tens of
+# minutes on 2 busy cores, then under a second): run it before the suite so the `testbed`
+# tests' timeouts only count bring-up. TESTBED_ARGS e.g. --mesh.
 .PHONY: testbed-build testbed-up testbed-down testbed-test
 testbed-build: setup
 	$(VENV)/bin/istio-cni-testbed build
