@@ -129,6 +129,19 @@ clean:
 bench-ebpf: setup
 	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000 --rounds 3
 
+# Istio's own istio-cni plugin and install-cni agent (plus a driver of its in-pod rule code),
+# built from the Go module proxy into /var/cache/istio-cni-testbed/istio-<version> (cold ~7 min
+# on 2 busy cores, then a no-op). ISTIO_PEER_ARGS e.g. --version latest, --cold.
+.PHONY: istio-peer bench-vs-istio
+istio-peer: setup
+	$(PY) -m bench.istio_peer $(ISTIO_PEER_ARGS)
+
+# Ours vs Istio's own istio-cni, side by side (docs/benchmarks.md, "Ours vs Istio's istio-cni").
+bench-vs-istio: setup istio-peer build/istio-cni testbed-build
+	$(PY) -m bench.vs_istio_rules --samples 200 --chart docs/img/vs-istio-rules.png
+	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
+	$(PY) -m bench.vs_istio_agent --pods 200 --order ours,istio,istio,ours --chart-dir docs/img
+
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` builds Kubernetes 1.36
 # and etcd from the Go module proxy, cached under /var/cache/istio-cni-testbed (cold: tens of
 # minutes on 2 busy cores, then under a second): run it before the suite so the `testbed`

@@ -94,6 +94,43 @@ class EnabledWatch:
         self._stop.set()
 
 
+def start_agent(
+    tmp: Path,
+    node_name: str,
+    kubeconfig: str,
+    node_ns: str,
+    workers: int,
+    backend: str,
+    pin_root: str,
+    netns: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Our agent as its own process (``istio-cni-agent run``) for node ``node_name``: run dir
+    ``tmp/run``, ztunnel socket ``tmp/zt/ztunnel.sock``, host-probe rules in the namespace
+    ``node_ns``, log ``tmp/agent.log``; living in ``netns`` if given (``nsenter`` execs, so
+    the pid is the agent's). The caller terminates it."""
+    env = dict(
+        os.environ,
+        NODE_NAME=node_name,
+        KUBECONFIG=kubeconfig,
+        CNI_AGENT_RUN_DIR=str(tmp / "run"),
+        ZTUNNEL_UDS_ADDRESS=str(tmp / "zt" / "ztunnel.sock"),
+        HOST_PROC="/proc",
+        HOST_NETNS_DIR="/run/netns",
+        NODE_NETNS=f"/run/netns/{node_ns}",
+        HEALTH_PORT="0",
+        MONITORING_PORT="0",
+        AGENT_WORKERS=str(workers),
+        REDIRECTION_BACKEND=backend,
+        AMBIENT_EBPF_PIN_ROOT=pin_root,  # ebpf: this run's own pins, removed by the caller
+        LOG_LEVEL="warning",
+    )
+    argv = [sys.executable, "-m", "node_agent.cli", "run", "--listen-address", "127.0.0.1"]
+    if netns is not None:
+        argv = ["nsenter", f"--net={netns}", *argv]
+    with open(tmp / "agent.log", "a") as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen(argv, env=env, stderr=log)
+
+
 def run(
     pods: int, rss_pods: int, workers: int, kubeconfig: str, out: str | None, backend: str
 ) -> dict[str, Any]:
@@ -118,28 +155,7 @@ def run(
         for i in range(pods):
             ln.add_pod(ns, f"p{i}")
         result["staging_s"] = round(time.monotonic() - t0, 1)
-        env = dict(
-            os.environ,
-            NODE_NAME=ln.node_name,
-            KUBECONFIG=kubeconfig,
-            CNI_AGENT_RUN_DIR=str(tmp / "run"),
-            ZTUNNEL_UDS_ADDRESS=str(tmp / "zt" / "ztunnel.sock"),
-            HOST_PROC="/proc",
-            HOST_NETNS_DIR="/run/netns",
-            NODE_NETNS=f"/run/netns/{node_ns}",
-            HEALTH_PORT="0",
-            MONITORING_PORT="0",
-            AGENT_WORKERS=str(workers),
-            REDIRECTION_BACKEND=backend,
-            AMBIENT_EBPF_PIN_ROOT=pin_root,  # ebpf: this run's own pins, removed below
-            LOG_LEVEL="warning",
-        )
-        log = open(tmp / "agent.log", "w")  # noqa: SIM115 (closed with the process)
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "node_agent.cli", "run", "--listen-address", "127.0.0.1"],
-            env=env,
-            stderr=log,
-        )
+        agent = start_agent(tmp, ln.node_name, kubeconfig, node_ns, workers, backend, pin_root)
         rec = ZdsRecorder(str(tmp / "zt" / "ztunnel.sock"))
         rec.start()
         wait_until(lambda: rec is not None and rec.of("snapshot_sent"), 60, "agent ready")

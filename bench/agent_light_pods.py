@@ -1,10 +1,10 @@
 """Light pods: everything the node agent sees of a pod, without a kubelet.
 
 A light pod is (1) a network namespace, (2) a process (``sleep``) inside it placed in a
-cgroup named ``pod<uid>`` of the v1 ``pids`` hierarchy (as kubelet's cgroupfs driver
-names them), and (3) a Pod object on a real API server, bound to a Node object of its own,
-whose status is set to Running with the pod IP. The agent treats such pods exactly as
-kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
+container cgroup ``pod<uid>/<container id>`` of the v1 ``pids`` hierarchy (as kubelet's
+cgroupfs driver names them), and (3) a Pod object on a real API server, bound to a Node
+object of its own, whose status is set to Running with the pod IP. The agent treats such pods
+exactly as kubelet pods: it finds them by the same watch, the same /proc walk and the same netns.
 Used by the agent bench (1000 pods are beyond the testbed kubelet on 2 cores) and by tests
 that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also after errors.
 """
@@ -12,6 +12,7 @@ that need many pods fast. :meth:`LightNode.cleanup` removes every piece, also af
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import subprocess
@@ -98,7 +99,10 @@ class LightNode:
             except OSError:
                 pass
             time.sleep(0.005)
-        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}"
+        # The process sits in a container's cgroup under the pod's, as kubelet's cgroupfs
+        # layout has it (Istio's finder only accepts pod<uid>/<container id>).
+        container = hashlib.sha256(uid.encode()).hexdigest()
+        cg = self.cgroup / "kubepods" / "besteffort" / f"pod{uid}" / container
         cg.mkdir(parents=True, exist_ok=True)
         (cg / "cgroup.procs").write_text(str(proc.pid))
         return proc
@@ -110,8 +114,11 @@ class LightNode:
         labels: dict[str, str] | None = None,
         annotations: dict[str, str] | None = None,
         host_netns: str | None = None,
+        running: bool = True,
     ) -> LightPod:
-        """A running light pod; ``host_netns`` makes it a hostNetwork pod living there."""
+        """A running light pod; ``host_netns`` makes it a hostNetwork pod living there.
+        ``running=False`` leaves the Pod object Pending without an IP, as it is while the
+        runtime runs the CNI ADD for its sandbox (the namespace and process exist)."""
         self._n += 1
         ip = f"10.{200 + self._n // 62500 % 50}.{self._n // 250 % 250}.{self._n % 250 + 2}"
         netns = host_netns or self._new_netns(ip)
@@ -137,6 +144,8 @@ class LightNode:
         proc = self._spawn(netns, uid)
         pod = LightPod(namespace, name, uid, ip, netns, proc)
         self.pods.append(pod)
+        if not running:
+            return pod
         self.core.patch_namespaced_pod_status(
             name,
             namespace,

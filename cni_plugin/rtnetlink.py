@@ -45,7 +45,7 @@ FR_ACT_TO_TBL = 1
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 RTN_LOCAL = 2
 RT_SCOPE_UNIVERSE, RT_SCOPE_HOST = 0, 254
-RTPROT_STATIC = 4
+RTPROT_BOOT = 3  # what Istio's agent (vishvananda/netlink) and `ip route add` install
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -276,7 +276,10 @@ class Rtnl:
     def local_route(self, add: bool, family: int, table: int, lo_index: int) -> None:
         scope = RT_SCOPE_HOST if family == socket.AF_INET else RT_SCOPE_UNIVERSE
         tbl = table if table < 256 else 0
-        body = struct.pack("BBBBBBBBI", family, 0, 0, 0, tbl, RTPROT_STATIC, scope, RTN_LOCAL, 0)
+        # Protocol as Istio's agent installs it, and 0 ("any") on delete: a route of either
+        # agent is removed by the other (the kernel matches a non-zero protocol exactly).
+        proto = RTPROT_BOOT if add else 0
+        body = struct.pack("BBBBBBBBI", family, 0, 0, 0, tbl, proto, scope, RTN_LOCAL, 0)
         body += _u32(RTA_TABLE, table)
         if add:
             body += _u32(RTA_OIF, lo_index)
