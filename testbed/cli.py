@@ -1,6 +1,8 @@
 """``istio-cni-testbed``: build, bring up, inspect and tear down the single-node Kubernetes.
 
 - ``build``: build (or find cached) Kubernetes binaries and images; prints their location.
+  The release is ``ISTIO_CNI_TESTBED_KUBERNETES`` (default ``testbed.build.KUBERNETES_VERSION``),
+  built from the Go module proxy; ``1.20`` is the old Debian-source build (comparisons only).
 - ``up [--mesh] [--backend iptables|nftables|ebpf]``: prints ONE JSON object on stdout
   (progress goes to stderr); exit 0 only when the node is Ready.
 - ``down``: removes everything (also after a crashed run); exit 1 lists what remains.
@@ -15,7 +17,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from testbed.build import BuildError, ensure_binaries
+from testbed.build import KUBERNETES_VERSION, BuildError, ensure_binaries
 from testbed.images import ImageError, build_images
 from testbed.layout import Layout
 from testbed.mesh import MeshUnavailable
@@ -30,7 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="node instance (default: $ISTIO_CNI_TESTBED_INSTANCE or 'node' = icni-tb-node)",
     )
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build/cache the Kubernetes binaries and images")
+    sub.add_parser(
+        "build",
+        help="build/cache the Kubernetes binaries and images "
+        f"(release: $ISTIO_CNI_TESTBED_KUBERNETES, default {KUBERNETES_VERSION})",
+    )
     up = sub.add_parser("up", help="bring the node up; prints one JSON object")
     up.add_argument("--mesh", action="store_true", help="also start installer, agent, stand-in")
     up.add_argument("--backend", choices=BACKENDS, default="iptables")
