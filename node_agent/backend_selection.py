@@ -132,7 +132,8 @@ class NoNodeState:
         return [
             f"node: the {self.backend} backend keeps nothing node-wide (its rules live in the "
             "pods); the host probe rule and ipsets are the agent's, for every backend: kept "
-            "while it is installed, removed by `istio-cni-agent redirect uninstall-node`"
+            "while it is installed, removed by its uninstall when no pod is still enrolled, "
+            "else removed by `istio-cni-agent redirect uninstall-node`"
         ]
 
     def release(self) -> NodeRelease:

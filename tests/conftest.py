@@ -5,6 +5,7 @@ crashed run left, and never a namespace that another live pytest process is stil
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import secrets
 import subprocess
@@ -61,6 +62,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "netns" in item.keywords or "testbed" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Istio's own binaries (the peer some netns tests compare with) are built before the
+    first test when a module that needs them is selected (``NEEDS_ISTIO_PEER``): a cold
+    build takes minutes and must not count against a test's timeout. Progress is shown; a
+    failed build is left for the module's fixture to report."""
+    if session.config.option.collectonly or os.geteuid() != 0:
+        return
+    if not any(getattr(item.module, "NEEDS_ISTIO_PEER", False) for item in session.items
+               if isinstance(item, pytest.Function)):  # fmt: skip
+        return
+    from bench.istio_peer import DEFAULT_VERSION, PeerBuildError, ensure_peer, find_peer
+
+    if find_peer(DEFAULT_VERSION) is not None:
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        print("\nistio peer: building Istio's istio-cni once (cached afterwards)...", flush=True)
+        with contextlib.suppress(PeerBuildError):
+            ensure_peer()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -20,6 +20,8 @@ from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
 
 pytestmark = pytest.mark.netns
+# Istio's binaries are built before the first test (tests/conftest.py), outside timeouts.
+NEEDS_ISTIO_PEER = True
 
 
 @pytest.fixture(scope="module")
