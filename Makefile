@@ -110,9 +110,10 @@ clean:
 bench-ebpf: setup
 	$(PY) -m bench.ebpf_redirect --samples 100 --seconds 3 --requests 3000 --rounds 3
 
-# The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` is cached under
-# /var/cache/istio-cni-testbed (cold ~6-8 min on 2 cores, then seconds): run it before the
-# suite so the `testbed` tests' timeouts only count bring-up. TESTBED_ARGS e.g. --mesh.
+# The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` builds Kubernetes 1.36
+# and etcd from the Go module proxy, cached under /var/cache/istio-cni-testbed (cold: tens of
+# minutes on 2 busy cores, then under a second): run it before the suite so the `testbed`
+# tests' timeouts only count bring-up. TESTBED_ARGS e.g. --mesh.
 .PHONY: testbed-build testbed-up testbed-down testbed-test
 testbed-build: setup
 	$(VENV)/bin/istio-cni-testbed build

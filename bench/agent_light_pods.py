@@ -67,14 +67,14 @@ class LightNode:
             client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels))
         )
         self.namespaces.append(name)
-        # Pods are refused until the token controller gave the default SA its token.
+        # ServiceAccount admission refuses pods until the default account exists.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             sas = self.core.list_namespaced_service_account(name).items
-            if any(sa.metadata.name == "default" and sa.secrets for sa in sas):
+            if any(sa.metadata.name == "default" for sa in sas):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"namespace {name}: no default service account token after 60s")
+        raise TimeoutError(f"namespace {name}: no default service account after 60s")
 
     def _new_netns(self, ip: str) -> str:
         self._k += 1

@@ -67,10 +67,15 @@ class Launcher:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def etcd_argv(layout: Layout) -> list[str]:
+def _legacy(bins: KubeBinaries) -> bool:
+    """The Debian 1.20 set (comparisons only): flags removed since then are still needed."""
+    return bins.minor < 24
+
+
+def etcd_argv(layout: Layout, bins: KubeBinaries) -> list[str]:
     url = f"http://127.0.0.1:{layout.etcd_port}"
     return [
-        "etcd",
+        bins.etcd,
         "--name=icni-tb",
         f"--data-dir={layout.etcd_dir}",
         f"--listen-client-urls={url}",
@@ -89,7 +94,7 @@ def apiserver_argv(layout: Layout, bins: KubeBinaries, pki: Pki) -> list[str]:
         f"--etcd-servers=http://127.0.0.1:{layout.etcd_port}",
         "--bind-address=0.0.0.0",
         f"--secure-port={layout.apiserver_port}",
-        "--insecure-port=0",
+        *(["--insecure-port=0"] if _legacy(bins) else []),
         f"--advertise-address={layout.node_ip}",
         f"--tls-cert-file={pki.server_cert}",
         f"--tls-private-key-file={pki.server_key}",
@@ -116,7 +121,7 @@ def controller_manager_argv(layout: Layout, bins: KubeBinaries, pki: Pki) -> lis
         f"--service-account-private-key-file={pki.sa_key}",
         f"--root-ca-file={pki.ca_cert}",
         "--bind-address=127.0.0.1",
-        "--port=0",
+        *(["--port=0"] if _legacy(bins) else []),
         "--controllers=*,-nodeipam,-cloud-node-lifecycle,-service,-route",
         "--node-monitor-grace-period=40s",
         "--profiling=false",
@@ -130,14 +135,14 @@ def scheduler_argv(layout: Layout, bins: KubeBinaries) -> list[str]:
         f"--kubeconfig={layout.kubeconfig_node}",
         "--leader-elect=false",
         "--bind-address=127.0.0.1",
-        "--port=0",
+        *(["--port=0"] if _legacy(bins) else []),
         "--profiling=false",
         "--v=1",
     ]
 
 
-def containerd_argv(layout: Layout) -> list[str]:
-    return ["containerd", f"--config={layout.containerd_dir / 'config.toml'}"]
+def containerd_argv(layout: Layout, bins: KubeBinaries) -> list[str]:
+    return [bins.containerd, f"--config={layout.containerd_dir / 'config.toml'}"]
 
 
 def kubelet_argv(layout: Layout, bins: KubeBinaries, pause_ref: str) -> list[str]:
@@ -145,19 +150,20 @@ def kubelet_argv(layout: Layout, bins: KubeBinaries, pause_ref: str) -> list[str
         str(bins.path("kubelet")),
         f"--config={layout.kubelet_dir / 'config.json'}",
         f"--kubeconfig={layout.kubelet_kubeconfig}",
-        "--container-runtime=remote",
+        *(["--container-runtime=remote"] if _legacy(bins) else []),
         f"--container-runtime-endpoint=unix://{layout.containerd_socket}",
         f"--root-dir={layout.kubelet_dir / 'root'}",
         f"--cert-dir={layout.kubelet_dir / 'pki'}",
         f"--hostname-override={layout.node_name}",
         f"--node-ip={layout.node_ip}",
-        f"--pod-infra-container-image={pause_ref}",
+        # Removed in 1.35 (the sandbox image is containerd's `sandbox_image` anyway).
+        *([f"--pod-infra-container-image={pause_ref}"] if _legacy(bins) else []),
         "--v=1",
     ]
 
 
-def ctr_argv(layout: Layout, *args: str) -> list[str]:
-    return ["ctr", f"--address={layout.containerd_socket}", "--namespace=k8s.io", *args]
+def ctr_argv(layout: Layout, bins: KubeBinaries, *args: str) -> list[str]:
+    return [bins.ctr, f"--address={layout.containerd_socket}", "--namespace=k8s.io", *args]
 
 
 def log_path(layout: Layout, name: str) -> Path:

@@ -83,22 +83,6 @@ class Walkthrough:
             raise DemoError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc.stdout
 
-    def _wait_service_account_tokens(self, timeout: float = 60.0) -> None:
-        """Kubernetes 1.20 refuses a pod whose service account has no token secret yet, and
-        the token controller fills them in asynchronously after ``kubectl apply``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self.kubectl("get", "serviceaccounts", "-n", NS, "-o", "json", echo=False)
-            accounts = json.loads(out)["items"]
-            if accounts and all(a.get("secrets") for a in accounts):
-                return
-            if time.monotonic() > deadline:
-                raise DemoError(
-                    f"the service accounts in {NS} got no token within {timeout:.0f} s: check "
-                    "that the controller-manager runs (istio-cni-testbed status)"
-                )
-            time.sleep(0.2)
-
     def agent_table(self) -> str:
         command(f"istio-cni-agent pods -n {NS}")
         done = subprocess.run(
@@ -195,8 +179,9 @@ class Walkthrough:
         command(f"kubectl apply -f -    # testbed/bookinfo: service accounts, the app scripts "
                 f"(a ConfigMap), then the pods in {waves} waves, callees first")  # fmt: skip
         note("no kube-proxy or cluster DNS on the testbed: callers get their upstreams' pod IPs")
+        # The service accounts exist once apply returns (their tokens are projected into pods
+        # at start, nothing to wait for), so the pods that name them can follow at once.
         self.kubectl("apply", "-f", "-", stdin=json.dumps(M.as_list(M.objects())), echo=False)
-        self._wait_service_account_tokens()
         first = True
         for wave in M.waves():
             specs = [M.pod(w, image, M.upstream_env(w, self.ips)) for w in wave]

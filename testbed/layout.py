@@ -294,8 +294,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     max_conf_num = 1
 """
 
-    def kubelet_config_json(self) -> str:
-        conf = {
+    def kubelet_config_json(self, minor: int = 99) -> str:
+        """KubeletConfiguration for a kubelet of 1.``minor``."""
+        conf: dict[str, object] = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
             "cgroupDriver": "cgroupfs",
@@ -328,4 +329,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "resolvConf": "/etc/resolv.conf",
             "volumePluginDir": str(self.kubelet_dir / "volume-plugins"),
         }
+        if minor >= 31:
+            # This machine mounts cgroup v1 controllers (v2 only at .../unified); kubelet >= 1.35
+            # refuses that by default. Pods' cgroups stay v1, as the docs describe.
+            conf["failCgroupV1"] = False
         return json.dumps(conf, indent=2) + "\n"

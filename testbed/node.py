@@ -59,10 +59,21 @@ class Testbed:
 
     __test__ = False
 
-    def __init__(self, layout: Layout | None = None, cache: Path = CACHE_DIR) -> None:
+    def __init__(
+        self,
+        layout: Layout | None = None,
+        cache: Path = CACHE_DIR,
+        kubernetes_version: str | None = None,
+        apiserver_flags: Sequence[str] = (),
+    ) -> None:
         self.layout = layout or Layout.for_instance()
         self.cache = cache
+        # None: ISTIO_CNI_TESTBED_KUBERNETES or the default release (testbed.build).
+        self.kubernetes_version = kubernetes_version
+        # Extra kube-apiserver flags (e.g. --feature-gates=WatchList=false for a test).
+        self.apiserver_flags = list(apiserver_flags)
         self._launcher = daemons.Launcher(self.layout)
+        self.timings: dict[str, float] = {}
 
     # --- public API -------------------------------------------------------------------------
     def up(
@@ -86,7 +97,7 @@ class Testbed:
                     "mount namespace hides: set ISTIO_CNI_TESTBED_DIR elsewhere "
                     "(default /var/tmp/icni-tb)"
                 )
-        bins = ensure_binaries(self.cache)
+        bins = ensure_binaries(self.cache, self.kubernetes_version)
         images = build_images(self.cache / "images")
         with self._locked():
             if self.running() and not replace:
@@ -255,7 +266,7 @@ class Testbed:
         deadline: float,
     ) -> dict[str, Any]:
         lay = self.layout
-        pki = provision.write_files(lay, images)
+        pki = provision.write_files(lay, images, bins.minor)
         provision.make_namespaces(lay)
         provision.make_cgroups(lay)
         launch = self._launcher
@@ -271,17 +282,18 @@ class Testbed:
             ],
             in_node=False,
         )
-        launch.start("etcd", daemons.etcd_argv(lay))
-        launch.start("containerd", daemons.containerd_argv(lay))
+        launch.start("etcd", daemons.etcd_argv(lay, bins))
+        launch.start("containerd", daemons.containerd_argv(lay, bins))
         port = int(str(self._wait("loopback forwarder", deadline, self._forward_port)))
         server = f"https://127.0.0.1:{port}"
         lay.kubeconfig.write_text(kubeconfig(server, pki.ca_cert, pki.admin_token, "admin"))
-        launch.start("kube-apiserver", daemons.apiserver_argv(lay, bins, pki))
+        apiserver = [*daemons.apiserver_argv(lay, bins, pki), *self.apiserver_flags]
+        launch.start("kube-apiserver", apiserver)
         self._wait("containerd", deadline, lambda: lay.containerd_socket.exists())
         for image in images.values():
             _run(
                 daemons.ctr_argv(
-                    lay, "images", "import", "--snapshotter=native", str(image.tarball)
+                    lay, bins, "images", "import", "--snapshotter=native", str(image.tarball)
                 )
             )
         self._wait("kube-apiserver /readyz", deadline, self._apiserver_ready)
@@ -309,6 +321,7 @@ class Testbed:
             except Exception:  # probes raise while the thing is still starting
                 result = None
             if result:
+                self.timings[what] = round(time.monotonic() - started, 2)
                 _log(f"{what}: ok after {time.monotonic() - started:.1f}s")
                 return result
             dead = self._launcher.exited()
@@ -395,6 +408,8 @@ class Testbed:
             "bpf_pin_root": str(lay.bpf_pin_root),
             "mesh": mesh,
             "pids": dict(self._launcher.pids),
+            # seconds each bring-up wait took ("kube-apiserver /readyz", "node Ready", ...)
+            "timings": dict(self.timings),
         }
 
     def _save(self, info: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ def _run(argv: Sequence[str]) -> None:
         )
 
 
-def write_files(lay: Layout, images: dict[str, Image]) -> Pki:
+def write_files(lay: Layout, images: dict[str, Image], kube_minor: int) -> Pki:
     """Directories, PKI, kubeconfigs, CNI plugins + conflist, daemon configs, sysctl files."""
     for d in (
         lay.state_dir,
@@ -75,7 +75,7 @@ def write_files(lay: Layout, images: dict[str, Image]) -> Pki:
         shutil.copy2(plugin, lay.cni_bin_dir / plugin.name)
     lay.cni_conflist.write_text(lay.cni_conflist_json())
     (lay.containerd_dir / "config.toml").write_text(lay.containerd_toml(images["pause"].ref))
-    (lay.kubelet_dir / "config.json").write_text(lay.kubelet_config_json())
+    (lay.kubelet_dir / "config.json").write_text(lay.kubelet_config_json(kube_minor))
     for name, value in lay.sysctls().items():
         (lay.sysctl_dir / name).write_text(value + "\n")
     return pki

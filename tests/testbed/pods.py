@@ -65,6 +65,19 @@ def manifest(namespace: str, pods: list[dict[str, Any]]) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
+def wait_service_account(bed: Testbed, namespace: str, timeout: float = 30.0) -> None:
+    """Until the controller-manager has made ``namespace``'s default ServiceAccount, which
+    ServiceAccount admission wants before it admits a pod (its token is projected at start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = bed.kubectl("get", "serviceaccount", "default", "-n", namespace, check=False)
+        if got.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no default service account in {namespace} after {timeout}s")
+        time.sleep(0.1)
+
+
 def wait_ready(bed: Testbed, namespace: str, names: list[str], timeout: float = 90.0) -> float:
     """Seconds until every named pod is Ready (probes passing)."""
     started = time.monotonic()

@@ -245,7 +245,11 @@ def restart_apiserver(bed: Testbed, info: dict[str, Any]) -> None:
     import time
     from pathlib import Path
 
-    pid = int(bed.status()["info"]["pids"]["kube-apiserver"])
+    # The launcher knows the current pid if this process restarted it before; the state file
+    # only has the one `up` started.
+    pid = bed._launcher.pids.get("kube-apiserver") or int(
+        bed.status()["info"]["pids"]["kube-apiserver"]
+    )
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10

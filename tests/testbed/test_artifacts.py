@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed import build
+from testbed import build_debian
 from testbed.images import write_oci_tar
 from testbed.layout import Layout
 
@@ -26,8 +26,8 @@ def test_deb_src_is_added_to_every_stanza(tmp_path: Path, monkeypatch: pytest.Mo
     def fake_path(p: str) -> Path:
         return src if p == "/etc/apt/sources.list.d" else real_path(p)
 
-    monkeypatch.setattr(build, "Path", fake_path)
-    out = build._sources_with_deb_src()
+    monkeypatch.setattr(build_debian, "Path", fake_path)
+    out = build_debian._sources_with_deb_src()
     assert out.count("Types: deb deb-src") == 2
     assert "deb-src deb-src" not in out
     # The machine's URIs are carried over at run time, never written into the repository.

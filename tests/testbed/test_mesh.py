@@ -24,19 +24,6 @@ from tests.testbed import pods as P
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(1800)]
 
 
-def _wait_default_service_account(bed: Testbed, ns: str, timeout: float = 60.0) -> None:
-    """Pods are refused until the default service account exists with its token secret
-    (the token controller adds both after the namespace, 1.20)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        out = bed.kubectl("get", "serviceaccounts", "-n", ns, "-o", "json").stdout
-        accounts = json.loads(out)["items"]
-        if any(a["metadata"]["name"] == "default" and a.get("secrets") for a in accounts):
-            return
-        assert time.monotonic() < deadline, f"no default service account token in {ns}"
-        time.sleep(0.2)
-
-
 def test_mesh_enrolls_ambient_pods_only() -> None:
     if missing_pieces():
         pytest.skip(f"--mesh pieces not landed: {missing_pieces()}")
@@ -51,8 +38,8 @@ def test_mesh_enrolls_ambient_pods_only() -> None:
         bed.kubectl("create", "namespace", "amb")
         bed.kubectl("label", "namespace", "amb", f"{c.DATAPLANE_MODE_LABEL}=ambient")
         bed.kubectl("create", "namespace", "plain")
-        for ns in ("amb", "plain"):
-            _wait_default_service_account(bed, ns)
+        for ns in ("amb", "plain"):  # ServiceAccount admission needs the default account
+            P.wait_service_account(bed, ns)
         image = info["images"]["httpd"]
         bed.kubectl("apply", "-f", "-", input=P.manifest("amb", [P.httpd_pod("web", image, 8080)]))
         bed.kubectl(

@@ -10,7 +10,6 @@ the node the way the DaemonSet's container would (node namespaces, DaemonSet env
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -46,15 +45,12 @@ def wait(cond: Any, timeout: float, what: str) -> Any:
 
 
 def sa_kubeconfig(bed: Testbed, info: dict[str, Any], path: Path) -> None:
-    """A kubeconfig with the istio-cni ServiceAccount's token (1.20: the token Secret)."""
-
-    def secret() -> str:
-        out = bed.kubectl("get", "sa", "istio-cni", "-n", "istio-cni", "-o", "json").stdout
-        return str((json.loads(out).get("secrets") or [{}])[0].get("name", ""))
-
-    name = wait(secret, 60, "the istio-cni token secret")
-    data = json.loads(bed.kubectl("get", "secret", name, "-n", "istio-cni", "-o", "json").stdout)
-    token = base64.b64decode(data["data"]["token"]).decode()
+    """A kubeconfig with a token of the istio-cni ServiceAccount from the TokenRequest API:
+    the same kind of bound, expiring token kubelet projects into the DaemonSet's pod (there
+    are no token Secrets any more)."""
+    out = bed.kubectl("create", "token", "istio-cni", "-n", "istio-cni", "--duration=2h")
+    token = out.stdout.strip()
+    assert token.count(".") == 2, f"not a JWT: {token[:40]!r}"
     with open(info["kubeconfig_node"]) as f:
         cluster = json.load(f)["clusters"][0]
     path.write_text(json.dumps({
@@ -168,6 +164,8 @@ def test_agent_with_its_own_token_enrolls_pods_created_through_the_api(
         bed.kubectl("create", "namespace", "mesh")
         bed.kubectl("label", "namespace", "mesh", "istio.io/dataplane-mode=ambient")
         bed.kubectl("create", "namespace", "plain")
+        for ns in ("mesh", "plain"):
+            P.wait_service_account(bed, ns)
         images = info["images"]
         bed.kubectl("apply", "-f", "-", input=P.manifest("mesh", [
             P.httpd_pod("web", images["httpd"], 8080)]))  # fmt: skip
