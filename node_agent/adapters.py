@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from cni_plugin.errors import NetnsError
 from node_agent.enrollment import Annotator
 from node_agent.informers import WatchEvent
+from node_agent.keyed_timers import KeyedTimers
 from node_agent.pod_cache import IN_SNAPSHOT, CachedPod, PodCache
 from node_agent.zds_server import SnapshotEntry, WorkloadInfo, ZdsServer
 
@@ -95,16 +96,15 @@ class ZdsZtunnel:
 
     def __init__(self, server: ZdsServer) -> None:
         self.server = server
-        self._lock = threading.Lock()
-        self._sending = threading.Lock()  # held while a deferred Del is on the wire
-        self._timers: dict[str, threading.Timer] = {}
+        # The guard is held while a deferred Del is on the wire: an Add cancelling it waits.
+        self._deferred = KeyedTimers(guard=threading.Lock())
 
     @property
     def connected(self) -> bool:
         return self.server.connected
 
     def add_pod(self, pod: CachedPod, netns_path: str) -> None:
-        self._cancel(pod.uid)
+        self._deferred.cancel(pod.uid)
         info = WorkloadInfo(pod.name, pod.namespace, pod.service_account)
         if pod.netns is not None:
             # The cached handle itself (duplicated: the server closes its copy), not a path
@@ -114,31 +114,8 @@ class ZdsZtunnel:
             self.server.add(pod.uid, netns_path, info)
 
     def delete(self, uid: str) -> None:
-        self._cancel(uid)
+        self._deferred.cancel(uid)
         self.server.delete(uid)
 
     def delete_later(self, uid: str, delay: float) -> None:
-        timer = threading.Timer(delay, self._deferred, args=(uid,))
-        timer.daemon = True
-        with self._lock:
-            old = self._timers.pop(uid, None)
-            self._timers[uid] = timer
-        if old is not None:
-            old.cancel()
-        timer.start()
-
-    def _cancel(self, uid: str) -> None:
-        with self._lock:
-            timer = self._timers.pop(uid, None)
-        if timer is not None:
-            timer.cancel()
-        with self._sending:  # a deferred Del already on its way goes first
-            pass
-
-    def _deferred(self, uid: str) -> None:
-        with self._sending:
-            with self._lock:
-                if self._timers.get(uid) is not threading.current_thread():
-                    return  # replaced or cancelled meanwhile
-                del self._timers[uid]
-            self.server.delete(uid)
+        self._deferred.schedule(uid, delay, lambda: self.server.delete(uid))

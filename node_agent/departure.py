@@ -20,7 +20,6 @@ handle on the namespace; one that fails is logged.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -28,16 +27,17 @@ from cni_plugin.errors import IstioCniError
 from cni_plugin.netns import Netns
 from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.enrollment import NatHolder, Rules
+from node_agent.keyed_timers import KeyedTimers
 
 log = logging.getLogger("node_agent.departure")
 
 
 class Pending:
-    """At most one delayed job per pod, cancellable until it runs."""
+    """At most one delayed job per pod, cancellable until it runs; each holds its own handle
+    on the pod's namespace, closed when the job has run or was dropped."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._timers: dict[str, threading.Timer] = {}
+        self._timers = KeyedTimers()
 
     def after(self, uid: str, netns_path: str, delay: float, work: Callable[[str], None]) -> None:
         """Run ``work(path)`` in ``delay`` seconds on a handle of its own on the namespace."""
@@ -46,34 +46,10 @@ class Pending:
         except IstioCniError as e:
             log.debug("namespace gone: nothing left to do", extra={"fields": {"error": str(e)}})
             return
-
-        def run() -> None:
-            try:
-                with self._lock:
-                    if self._timers.get(uid) is not threading.current_thread():
-                        return  # cancelled or replaced meanwhile
-                    del self._timers[uid]
-                work(f"/proc/self/fd/{ns.fd}")
-            except Exception as e:  # a timer thread: log, never raise into nothing
-                log.warning("finishing a departure failed",
-                            extra={"fields": {"uid": uid, "error": str(e)}})  # fmt: skip
-            finally:
-                ns.close()
-
-        timer = threading.Timer(delay, run)
-        timer.daemon = True
-        with self._lock:
-            old = self._timers.pop(uid, None)
-            self._timers[uid] = timer
-        if old is not None:
-            old.cancel()
-        timer.start()
+        self._timers.schedule(uid, delay, lambda: work(f"/proc/self/fd/{ns.fd}"), ns.close)
 
     def cancel(self, uid: str) -> None:
-        with self._lock:
-            timer = self._timers.pop(uid, None)
-        if timer is not None:
-            timer.cancel()
+        self._timers.cancel(uid)
 
 
 class NetfilterDeparture:
