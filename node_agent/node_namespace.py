@@ -20,6 +20,7 @@ agent's own) is read from a short-lived thread inside it.
 
 from __future__ import annotations
 
+from cni_plugin.errors import ConfigError
 from cni_plugin.netns import netns_id, run_in_netns
 from cni_plugin.redirection.iptables_restore import detect_variant
 
@@ -50,9 +51,18 @@ def node_namespace(path: str) -> str:
     """``path`` as the node namespace to enter, or ``""`` when it is the agent's own (the
     agent shares the host network namespace: nothing to enter, and entering our own
     namespace is refused anyway)."""
-    if path and netns_id(path) == netns_id(SELF_NETNS):
-        return ""
-    return path
+    if not path:
+        return path
+    try:
+        node = netns_id(path)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot open the node's network namespace {path} ({e.strerror}): give the pod "
+            "the host's /proc with SYS_PTRACE and SYS_ADMIN (the chart does), share the "
+            "host network namespace (ambient.shareHostNetworkNamespace=true), or name the "
+            "node's namespace in NODE_NETNS"
+        ) from None
+    return "" if node == netns_id(SELF_NETNS) else path
 
 
 def xtables_variant(node_netns: str) -> tuple[str, str]:

@@ -77,8 +77,18 @@ def test_daemonset_shape(seed: list[dict[str, Any]]) -> None:
     assert c["command"] == ["istio-cni-entrypoint", "run"]
     env = {e["name"] for e in c["env"]}
     assert {"NODE_NAME", "POD_NAMESPACE", "POD_NAME"} <= env
-    # Host probe rules in the node's namespace whether or not the pod shares it (17.5).
-    assert {"name": "ALLOW_SWITCH_TO_HOST_NS", "value": "true"} in c["env"]
+    # The seed's pod shares the host network namespace: nothing to switch to (as Istio's
+    # chart, which sets ALLOW_SWITCH_TO_HOST_NS only for a pod that does not; 17.5).
+    assert spec["hostNetwork"] is True
+    assert "ALLOW_SWITCH_TO_HOST_NS" not in env
+    own = docs("\n---\n".join(render_manifests.render(
+        {"profile": "ambient", "ambient": {"shareHostNetworkNamespace": False}}, "istio-cni"
+    ).values()))  # fmt: skip
+    (ds,) = by_kind(own, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    assert "hostNetwork" not in pod
+    (own_c,) = pod["containers"]
+    assert {"name": "ALLOW_SWITCH_TO_HOST_NS", "value": "true"} in own_c["env"]
     hostpaths = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
     assert hostpaths["cni-bin-dir"] == "/opt/cni/bin"
     assert hostpaths["cni-net-dir"] == "/etc/cni/net.d"

@@ -29,3 +29,16 @@ def test_own_namespace_as_the_node_namespace_is_entered_by_nobody(tmp_path: Path
     cfg = replace(agent_config(tmp_path, ""), node_netns="/proc/self/ns/net")
     agent = Agent(cfg, kube=FakeKube(), rules=FakeRules(), probes=FakeProbes())
     assert agent.cfg.node_netns == ""
+
+
+def test_an_unopenable_node_namespace_is_one_config_error(tmp_path: Path) -> None:
+    # /host/proc/1/ns/net of a pid the agent may not inspect (as this machine's own init):
+    # one line naming the path and the ways out, not a traceback from the start.
+    import pytest
+
+    from cni_plugin.errors import ConfigError
+    from node_agent.node_namespace import node_namespace
+
+    with pytest.raises(ConfigError, match=r"cannot open the node's network namespace .*NODE_NETNS"):
+        node_namespace(str(tmp_path / "1" / "ns" / "net"))
+    assert node_namespace("") == ""
