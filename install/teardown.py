@@ -6,8 +6,12 @@ probe rules are removed only when the API server says this node's agent is going
 - it still exists but no longer targets this node (its ``nodeSelector`` or required node
   affinity does not match the node's labels: :func:`install.node_selection.selects_node`);
 - the API rejects our credentials (401): the ServiceAccount went with the release, as
-  newer Istio reads it.
-Anything else (API unreachable, timeouts, 403, 5xx, the node unreadable) is *unknown* and
+  newer Istio reads it;
+- the API refuses us the DaemonSet (403): the release's ClusterRoleBinding is gone. ``helm
+  uninstall`` deletes the DaemonSet, its RBAC and its ServiceAccount at once, so the pod's
+  SIGTERM handler meets 403 or 401 rather than the deletion itself (the chart grants the
+  read; the deploy test checks the RBAC is exactly what the agent uses).
+Anything else (API unreachable, timeouts, 5xx, the node unreadable) is *unknown* and
 keeps everything, so an API outage can never take the plugin off a node: new pods wait
 (fail closed) until an agent is ready again. ``AMBIENT_DISABLE_SAFE_UPGRADE`` (Istio's
 flag) skips the question and always uninstalls on stop.
@@ -55,6 +59,8 @@ def _ask_once(read_daemonset: Reader, read_node: Reader | None) -> tuple[StopVer
             return StopVerdict.UNINSTALL, "the DaemonSet is gone"
         if _status(e) == 401:
             return StopVerdict.UNINSTALL, "the API rejects our credentials (release removed)"
+        if _status(e) == 403:
+            return StopVerdict.UNINSTALL, "our permission to read the DaemonSet was revoked"
         raise
     if (ds.get("metadata") or {}).get("deletionTimestamp"):
         return StopVerdict.UNINSTALL, "the DaemonSet is being deleted"

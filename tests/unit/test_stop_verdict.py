@@ -98,11 +98,11 @@ def test_only_positive_answers_uninstall() -> None:
     assert verdict(reader(HttpError(404)), node) is StopVerdict.UNINSTALL
     assert verdict(reader(ds(deleting=True)), node) is StopVerdict.UNINSTALL
     assert verdict(reader(HttpError(401)), node) is StopVerdict.UNINSTALL
+    assert verdict(reader(HttpError(403)), node) is StopVerdict.UNINSTALL  # RBAC removed
     moved = ds({"nodeSelector": {"pool": "green"}})
     assert verdict(reader(moved), node) is StopVerdict.UNINSTALL  # no longer targets us
     # Anything that is not an answer keeps the plugin (fail closed).
     assert verdict(reader(ConnectionRefusedError("refused")), node) is StopVerdict.UNKNOWN
-    assert verdict(reader(HttpError(403)), node) is StopVerdict.UNKNOWN
     assert verdict(reader(HttpError(500)), node) is StopVerdict.UNKNOWN
     assert verdict(reader(ds()), reader(TimeoutError("node"))) is StopVerdict.UNKNOWN
     # A blip is retried: the second answer counts.
