@@ -357,7 +357,8 @@ class Agent:
     def _uninstall_host_state(self) -> None:
         """Uninstall: the host probe SNAT rule and its ipsets go, as Istio's agent removes
         them, unless pods are still enrolled (their kubelet probes need the rule: unlabel
-        before uninstalling); the state file goes too (nothing reads it any more)."""
+        before uninstalling). The state file goes at the end of :meth:`stop`, once its
+        writer has stopped (a last write would bring it back)."""
         enrolled = len(self.cache)
         if self.host_probe is not None and enrolled:
             log.warning(
@@ -372,8 +373,6 @@ class Agent:
                     "uninstall: host probe rules not fully removed",
                     extra={"fields": {"error": str(e)}},
                 )
-        with contextlib.suppress(OSError):
-            os.unlink(self.cfg.state_file)
 
     def stop(self, *, uninstall: bool | None = None) -> None:
         """Stop serving; leave every pod's rules, the ipsets and annotations in place,
@@ -403,6 +402,9 @@ class Agent:
         self.ns_informer.stop()
         self.zds.stop()
         self.state.stop()
+        if cleaned:  # nothing reads it any more; its writer is stopped
+            with contextlib.suppress(OSError):
+                os.unlink(self.cfg.state_file)
         self.health.stop()
         self.metrics.stop()
         if self.installer is not None and not cleaned:
