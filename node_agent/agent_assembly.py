@@ -359,7 +359,8 @@ class Agent:
         them, unless pods are still enrolled (their kubelet probes need the rule: unlabel
         before uninstalling). The state file goes at the end of :meth:`stop`, once its
         writer has stopped (a last write would bring it back)."""
-        enrolled = len(self.cache)
+        # Pods whose kubelet probes go through the SNAT rule: the ones in the probe set.
+        enrolled = sum(1 for e in self.cache.entries() if e.state in CHECKED_STATES)
         if self.host_probe is not None and enrolled:
             log.warning(
                 "uninstall: host probe rule and sets kept, pods still enrolled",

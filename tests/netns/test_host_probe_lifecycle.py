@@ -112,10 +112,18 @@ def test_uninstall_leaves_the_node_namespace_exactly_as_before(env: Env) -> None
     agent = start(env, is_upgrade=lambda: False)
     wait_for(lambda: all(env.enrolled(p) for p in pods), what="enrolled")
     assert node_state(env) != before
-    # Pods arriving as the uninstall starts: their enrolments race it (whatever they
-    # reached, the node namespace must come out as before).
+    # Unlabel first, as Istio documents (pods still enrolled at uninstall keep the rule
+    # and sets for their kubelet probes: tests/testbed/test_plugin_deploy.py).
+    env.kube.put_namespace("shop", {})
+    wait_for(lambda: not env.probe.members(), what="the pods out of the probe set")
+    # Pods arriving as the uninstall starts, with no ztunnel to take them: their
+    # enrolments are in flight (rules, pending) and race it; the node namespace must come
+    # out as before.
+    assert env.recorder is not None
+    env.recorder.stop()
+    env.kube.put_namespace("late", AMBIENT)
     for i in range(3):
-        env.stage("shop", f"late-{i}")
+        env.stage("late", f"late-{i}")
     t0 = time.monotonic()
     agent.stop()
     took = time.monotonic() - t0
