@@ -8,6 +8,7 @@ Pod A (redirection, a ztunnel-like echo on 15001 inside it) talks to pod B (an e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import subprocess
@@ -40,7 +41,9 @@ class Echo:
 
         self.tag = tag
         self.sock = run_in_netns(netns_path, listen)
-        threading.Thread(target=self._serve, daemon=True).start()
+        self._conns: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        self._threads[0].start()
 
     def _serve(self) -> None:
         while True:
@@ -48,7 +51,10 @@ class Echo:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            self._conns.append(conn)
+            t = threading.Thread(target=self._echo, args=(conn,), daemon=True)
+            self._threads.append(t)
+            t.start()
 
     def _echo(self, conn: socket.socket) -> None:
         with conn:
@@ -59,6 +65,13 @@ class Echo:
                 return
 
     def close(self) -> None:
+        """Stop serving and end every connection's thread (a closed fd alone wakes no
+        blocked accept or recv): the tests after this one count the process's threads."""
+        for s in (self.sock, *self._conns):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(5)
         self.sock.close()
 
 
