@@ -36,7 +36,10 @@ def _files(root: Path) -> dict[str, str]:
         if p.is_symlink():
             out[rel] = "->" + str(p.readlink())
         elif p.is_file():
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            try:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+            except OSError:  # a pinned BPF object (program, map, link): not readable as bytes
+                out[rel] = "pinned"
         elif p.is_socket():
             out[rel] = "socket"
     return out

@@ -271,7 +271,9 @@ def test_bad_peer_dropped_agent_alive_no_fd_leak(
     assert drops, f"{case}: no log line about the dropped peer"
     fields = drops[-1].fields  # type: ignore[attr-defined]
     assert f"pid={os.getpid()}" in fields["peer"] and fields["reason"]
-    assert wait_for(lambda: fd_count() == before), f"{case}: fd leaked"
+    # The process's fd count: other threads of a long pytest session may hold one for a
+    # moment, so the wait is generous; a real leak still fails it.
+    assert wait_for(lambda: fd_count() == before, timeout=10.0), f"{case}: fd leaked"
     assert not server.connected
     # The agent is alive: a well-behaved ztunnel is served right after.
     good = RawPeer(sock_path)
