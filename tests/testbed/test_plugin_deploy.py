@@ -98,6 +98,17 @@ def ensure_namespace(bed: Testbed) -> None:
         bed.kubectl("create", "namespace", ns)
 
 
+def fresh_host_probe_state(info: dict[str, Any]) -> None:
+    """Start from a node without the host probe rule and sets, as a new node is: a host-
+    process agent of an earlier test on this shared node that stopped with pods still
+    enrolled keeps them (by design, for those pods' kubelet probes), and the DaemonSet's
+    uninstall, rightly, takes them away, which a snapshot taken with them would call a
+    change."""
+    from node_agent.host_probe import HostProbe
+
+    HostProbe(node_netns=info["node_netns"]).teardown()
+
+
 def uninstall_quietly(bed: Testbed) -> None:
     with contextlib.suppress(D.DaemonSetError):
         D.uninstall(bed)
@@ -165,6 +176,7 @@ def release(
     state before the install and the pod. The last test uninstalls."""
     bed = testbed_node
     ensure_namespace(bed)
+    fresh_host_probe_state(testbed_info)
     before = NodeState.take(bed, testbed_info)
     D.install(bed, D.values(testbed_info, "iptables", agent_image_ref))
     try:
@@ -397,6 +409,7 @@ def test_pods_still_labelled_at_uninstall_keep_their_redirection_and_probes(
     unlabelling and uninstalling again cleans the node."""
     bed, info = testbed_node, testbed_info
     ensure_namespace(bed)
+    fresh_host_probe_state(info)
     before = NodeState.take(bed, info)
     vals = D.values(info, "iptables", agent_image_ref)
     D.install(bed, vals)
