@@ -54,13 +54,6 @@ bench-nftables: setup
 	$(PY) -m bench.nftables_install --samples 200 --ipv6
 
 bench-plugin: setup build/istio-cni
-
-# The istio-cni-node image as an OCI archive (testbed/agent_image.py): Debian packages of
-# install/image/packages.txt by mmdebstrap from the machine's apt sources, the project's
-# wheel, the plugin. Cached by its inputs' hash under /var/cache/istio-cni-testbed/agent-image;
-# prints {ref, tarball, size_mb, seconds}. Import: ctr -n k8s.io images import <tarball>.
-image: setup build/istio-cni
-	$(PY) -m testbed.agent_image
 	$(PY) -m bench.plugin_startup --runs 100
 	$(PY) -m bench.plugin_ambient --pods 40
 
