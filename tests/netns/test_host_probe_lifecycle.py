@@ -197,9 +197,10 @@ def test_kernel_without_ipv6_runs_ipv4_only_with_one_warning(
     caplog.set_level(logging.WARNING)
     agent = start(env)  # AMBIENT_IPV6 on (the default)
     wait_for(lambda: env.enrolled(pod), what="enrolled over IPv4 only")
-    warnings = [r.getMessage() for r in caplog.records if "IPv6 unavailable" in r.getMessage()]
-    assert len(warnings) == 1, warnings
-    assert "ipv6.disable=1" in warnings[0], warnings
+    warnings = [r for r in caplog.records if "IPv6 unavailable" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    reason = warnings[0].fields["reason"]  # type: ignore[attr-defined]
+    assert "ipv6.disable=1" in reason, reason
     assert agent.cfg.ipv6 is False
     assert env.probe.members() == {pod.ip: pod.uid}
     assert c.PROBE_IPSET_V6 not in in_node(env, "ipset", "list", "-n")
