@@ -268,7 +268,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plugin", default=str(ROOT / "build" / "istio-cni"))
     p.add_argument("--json", type=Path, help="also write the result here")
     p.add_argument("--chart", type=Path, help="write a PNG of fds and RSS over the cycles")
+    p.add_argument("--chart-from", type=Path, metavar="JSON", help="run nothing: chart this result")
     args = p.parse_args(argv)
+    if args.chart_from is not None:
+        if args.chart is None:
+            p.error("--chart-from needs --chart FILE.png")
+        doc = json.loads(args.chart_from.read_text())
+        doc["samples"] = [Sample(**s) for s in doc["samples"]]
+        doc["load"] = tuple(doc["load"])
+        chart(SoakResult(**doc), args.chart)
+        return 0
     if os.geteuid() != 0:
         print("enrol_cycles: run as root (it makes network namespaces)", file=sys.stderr)
         return 2
