@@ -42,7 +42,7 @@ unit: setup
 	bash scripts/pytest.sh -m "not netns and not vm and not testbed" $(PYTEST_ARGS)
 
 netns: setup
-	bash scripts/pytest.sh -m "netns and not chaos" $(PYTEST_ARGS)
+	bash scripts/pytest.sh -m netns $(PYTEST_ARGS)
 
 # Istio's ambient walkthrough with bookinfo on the testbed node, torn down at the end
 # (testbed/demo.py). Other backends: make demo DEMO_ARGS='--backend ebpf' (or nftables).
