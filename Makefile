@@ -42,7 +42,7 @@ unit: setup
 	bash scripts/pytest.sh -m "not netns and not vm and not testbed" $(PYTEST_ARGS)
 
 netns: setup
-	bash scripts/pytest.sh -m netns $(PYTEST_ARGS)
+	bash scripts/pytest.sh -m "netns and not chaos" $(PYTEST_ARGS)
 
 # Istio's ambient walkthrough with bookinfo on the testbed node, torn down at the end
 # (testbed/demo.py). Other backends: make demo DEMO_ARGS='--backend ebpf' (or nftables).
@@ -108,7 +108,7 @@ plugin-forms: setup
 # running the netns suite inside (tests/vm, marker vm); then the table of results in build/vm.
 # Slow (CPU-bound): tens of minutes per kernel. One kernel: make vm-test-one KERNEL=6.12
 # (a series, an exact release such as 6.12.117+deb12-amd64, or host). VM_PYTEST_ARGS replaces
-# the default pytest selection (-m netns) inside the guest; KERNEL_ARGS are added to the guest
+# the default pytest selection (-m 'netns and not chaos') inside the guest; KERNEL_ARGS are added to the guest
 # kernel's command line (e.g. KERNEL_ARGS=ipv6.disable=1; results in build/vm/<release>_<args>, = as -).
 KERNEL ?= 6.1
 VM_PYTEST_ARGS ?=
