@@ -30,14 +30,19 @@ test: setup build/istio-cni
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy
-	bash scripts/pytest.sh -m "not vm" $(PYTEST_ARGS)
+	bash scripts/pytest.sh -m "not vm and not chaos" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory vm-smoke
+
+# The long fault and soak runs (marker chaos; figures in docs/reliability.md).
+.PHONY: chaos
+chaos: setup build/istio-cni
+	bash scripts/pytest.sh -m chaos $(PYTEST_ARGS)
 
 unit: setup
 	bash scripts/pytest.sh -m "not netns and not vm and not testbed" $(PYTEST_ARGS)
 
 netns: setup
-	bash scripts/pytest.sh -m netns $(PYTEST_ARGS)
+	bash scripts/pytest.sh -m "netns and not chaos" $(PYTEST_ARGS)
 
 # Istio's ambient walkthrough with bookinfo on the testbed node, torn down at the end
 # (testbed/demo.py). Other backends: make demo DEMO_ARGS='--backend ebpf' (or nftables).
@@ -96,15 +101,18 @@ plugin-forms: setup
 # running the netns suite inside (tests/vm, marker vm); then the table of results in build/vm.
 # Slow (CPU-bound): tens of minutes per kernel. One kernel: make vm-test-one KERNEL=6.12
 # (a series, an exact release such as 6.12.117+deb12-amd64, or host). VM_PYTEST_ARGS replaces
-# the default pytest selection (-m netns) inside the guest.
+# the default pytest selection (-m 'netns and not chaos') inside the guest; KERNEL_ARGS are added to the guest
+# kernel's command line (e.g. KERNEL_ARGS=ipv6.disable=1; results in build/vm/<release>_<args>, = as -).
 KERNEL ?= 6.1
 VM_PYTEST_ARGS ?=
+KERNEL_ARGS ?=
 vm-test: setup
 	bash scripts/pytest.sh -m vm tests/vm $(PYTEST_ARGS); rc=$$?; \
 	$(PY) -m vagrant.run_kernels --report; exit $$rc
 
 vm-test-one: setup
-	$(PY) -m vagrant.run_kernels $(KERNEL) $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
+	$(PY) -m vagrant.run_kernels $(KERNEL) $(foreach a,$(KERNEL_ARGS),--kernel-arg $(a)) \
+	    $(if $(VM_PYTEST_ARGS),-- $(VM_PYTEST_ARGS))
 
 # CI-sized (part of `make test`): the behaviour table's core cases for every backend (12 tests)
 # on Debian's 6.1 and 6.12 kernels; about 90 s per kernel on an idle machine.

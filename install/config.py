@@ -79,7 +79,8 @@ class InstallConfig:
     sa_token_file: str = f"{SA_DIR}/token"
     # Outside a pod (development, the testbed): credentials from this kubeconfig instead.
     fallback_kubeconfig: str = ""
-    # Repairs happen at most once per this many seconds (SPEC §7).
+    # One repair is free per this many seconds; sooner ones wait up to 1 s (SPEC §7, Istio's
+    # installationThrottle: install.installer).
     min_repair_interval_s: float = 5.0
     plugin_binaries: tuple[str, ...] = field(default=("istio-cni",))
     # Written into the plugin entry only when set (unset: the 1.24 entry, default selectors).

@@ -5,9 +5,13 @@ Cycle (one thread, as Istio's ``Installer.Run``):
 1. install: copy the executable(s) atomically, write ``<run_dir>/istio-cni-kubeconfig``
    (0600) from the service account, merge the entry into the chosen CNI config (0644);
 2. create an inotify watch on the bin dir(s), the conf dir and the token's directory;
-3. check the work is intact -> ready; wait for a change -> not ready -> back to 1,
-   at most once per ``min_repair_interval_s`` (5 s).
-A missing primary CNI config is waited for (conf-dir events), not an error.
+3. check the work is intact -> ready; wait for a change -> not ready -> back to 1.
+Repairs are throttled as Istio's are (:mod:`install.repair_throttle`: one free every
+``min_repair_interval_s``, 5 s; a sooner one waits at most 1 s).
+A missing primary CNI config is waited for (conf-dir events), not an error. A failed attempt
+(for instance a config caught half-written by its owner) is retried on the next change or
+after ``min_repair_interval_s``, whichever is first: the change that completes it may have
+landed before the watch was in place.
 
 Teardown, decided by the caller: ``stop(uninstall=True)`` when the DaemonSet is gone
 removes the entry (restoring the original file byte for byte when nobody else changed it
@@ -33,6 +37,7 @@ from install import binaries, conf_layout, conflist, kubeconfig
 from install.atomic_file import atomic_write, read_bytes
 from install.config import InstallConfig
 from install.own_config_file import OwnConfigFile
+from install.repair_throttle import MAX_REPAIR_WAIT_S, RepairThrottle
 from install.watcher import ChangeWatcher, InotifyWatcher, Waker
 
 WAITING_FOR_PRIMARY = "waiting for a primary CNI config"
@@ -44,6 +49,10 @@ RESULT_SUCCESS = "SUCCESS"
 RESULT_COPY_BINARIES_FAILURE = "COPY_BINARIES_FAILURE"
 RESULT_CREATE_KUBECONFIG_FAILURE = "CREATE_KUBECONFIG_FAILURE"
 RESULT_CREATE_CNI_CONFIG_FAILURE = "CREATE_CNI_CONFIG_FAILURE"
+
+# Merges in a row that found the primary config rewritten under them before giving up
+# (until the next change or the repair interval).
+MERGE_ATTEMPTS = 3
 
 WatcherFactory = Callable[[list[str], Waker], ChangeWatcher]
 
@@ -60,12 +69,11 @@ class Installer:
         config = config if config is not None else InstallConfig.from_env(os.environ)
         self.config = config
         self._watcher_factory = watcher_factory
-        self._clock = clock
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
-        self._last_install = -1e9
+        self.throttle = RepairThrottle(config.min_repair_interval_s, clock, self._stopping.wait)
         self.conf_path: str | None = None
         self.last_error: str | None = None
         # istio_cni_installs_total by Istio's result label values (cni/pkg/install).
@@ -122,7 +130,7 @@ class Installer:
     # --- the cycle -----------------------------------------------------------------------
     def run(self) -> None:
         while not self._stopping.is_set():
-            self._rate_limit()
+            self.throttle.before_repair(self.conf_path or self.config.mounted_cni_net_dir)
             if self._stopping.is_set():
                 break
             installed = self._install_counted()
@@ -138,18 +146,17 @@ class Installer:
                             log.info("cni config or plugin changed; checking and repairing")
                     else:
                         log.warning("installation not intact: %s", problem)
-                elif self.last_error != WAITING_FOR_PRIMARY or self._choose_conf() is None:
-                    # Waiting for a primary CNI config (or a fix). The config is looked for
-                    # again once the watch is in place: one written in between raises no event.
+                elif self.last_error != WAITING_FOR_PRIMARY:
+                    # Failed: retried on a change, or after the interval (what fixes it may
+                    # have been written before this watch existed).
+                    watcher.wait(max(self.config.min_repair_interval_s, MAX_REPAIR_WAIT_S))
+                elif self._choose_conf() is None:
+                    # Waiting for a primary CNI config. The config is looked for again once
+                    # the watch is in place: one written in between raises no event.
                     watcher.wait(None)
             finally:
                 self._ready.clear()
                 watcher.close()
-
-    def _rate_limit(self) -> None:
-        wait = self._last_install + self.config.min_repair_interval_s - self._clock()
-        if wait > 0:
-            self._stopping.wait(wait)
 
     def _watch_paths(self) -> list[str]:
         paths = [self.config.mounted_cni_net_dir, os.path.dirname(self.config.sa_token_file)]
@@ -162,7 +169,6 @@ class Installer:
         return paths
 
     def _install_counted(self) -> bool:
-        self._last_install = self._clock()
         try:
             ok = self.install_once()
         except IstioCniError as e:
@@ -293,21 +299,29 @@ class Installer:
         if path is None:
             log.info("waiting for a primary CNI config in %s", self.config.mounted_cni_net_dir)
             return False
-        data = read_bytes(path)
-        if data is None:
-            return False
-        filename = os.path.basename(path)
-        merged, new_name = conflist.merge(data, filename, self.entry)
-        new_path = os.path.join(os.path.dirname(path), new_name)
-        self._remember_original(path, data, new_path, merged)
-        if new_path != path or merged != data:
-            # The primary keeps its own mode (Istio preserves it; a new file gets 0644).
-            atomic_write(new_path, merged, os.stat(path).st_mode & 0o777)
-            if new_path != path:
-                os.unlink(path)
-            log.info("inserted istio-cni into %s", new_path)
-        self.conf_path = new_path
-        return True
+        for _ in range(MERGE_ATTEMPTS):
+            data = read_bytes(path)
+            if data is None:
+                return False
+            filename = os.path.basename(path)
+            merged, new_name = conflist.merge(data, filename, self.entry)
+            new_path = os.path.join(os.path.dirname(path), new_name)
+            self._remember_original(path, data, new_path, merged)
+            if new_path != path or merged != data:
+                # The primary keeps its own mode (Istio preserves it; a new file gets 0644).
+                mode = os.stat(path).st_mode & 0o777
+                if not atomic_write(new_path, merged, mode, unless_changed=(path, data)):
+                    log.info("%s changed while istio-cni merged into it; merging again", path)
+                    continue
+                if new_path != path:
+                    os.unlink(path)
+                log.info("inserted istio-cni into %s", new_path)
+            self.conf_path = new_path
+            return True
+        raise ConfigError(
+            f"{path} changed {MERGE_ATTEMPTS} times while istio-cni merged its entry into it: "
+            "another component keeps rewriting it; retrying"
+        )
 
     # --- remembering the original for a byte-exact uninstall -------------------------------
     @property

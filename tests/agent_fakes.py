@@ -121,6 +121,15 @@ class FakeKube:
             self._bump(pod)
             self._emit(self._pod_streams, "DELETED", pod)
 
+    def compact(self) -> None:
+        """Forget the pod events already delivered and the patches recorded, as the API
+        server's compaction does (a long soak must not grow its fake API). Call it only
+        when every watcher has seen every event (a later watch from an older version would
+        miss them)."""
+        with self._lock:
+            self._history.pop(id(self._pod_streams), None)
+            self.patches.clear()
+
     def drop_watches(self) -> None:
         """End every open watch (like an API server restart)."""
         with self._lock:

@@ -72,6 +72,7 @@ def guest_script(repo: Path, out: Path, pytest_args: list[str]) -> str:
 exec >{q(str(out / "guest.log"))} 2>&1
 up() {{ cut -d' ' -f1 /proc/uptime; }}
 echo "guest kernel: $(uname -r)"
+echo "guest cmdline: $(cat /proc/cmdline)"
 echo "guest uptime at start: $(up) s"
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf || echo "bpffs mount failed"
 modprobe -a {" ".join(GUEST_MODULES)} 2>&1 | sed -n 's/.*Module \\([^ ]*\\) not found.*/\\1/p' \
@@ -163,8 +164,10 @@ def run_in_guest(
     memory: str = "2G",
     timeout: float = DEFAULT_TIMEOUT,
     nice: int = 19,
+    kernel_args: tuple[str, ...] = (),
 ) -> KernelResult:
-    """Boot ``kernel`` under qemu TCG and run pytest with ``pytest_args`` inside."""
+    """Boot ``kernel`` under qemu TCG and run pytest with ``pytest_args`` inside;
+    ``kernel_args`` are added to the kernel's command line (``ipv6.disable=1``)."""
     out, repo = out.resolve(), repo.resolve()
     _fresh_out(out)
     script = out / "guest.sh"
@@ -202,6 +205,8 @@ def run_in_guest(
         f"--qemu-opts=-virtfs local,path=/,mount_tag={FAST_TAG},security_model=none,"
         "readonly=on,multidevs=remap",
     ]
+    for arg in kernel_args:
+        cmd += ["--append", arg]
     start = time.monotonic()
     error = _run_bounded(cmd, out / "vng.log", timeout, env)
     result = KernelResult(kernel.release, "qemu-tcg", None, time.monotonic() - start, error=error)

@@ -2,7 +2,8 @@
 14.7, 17.7): adoption at start re-adds enrolled pods' addresses (a node restart empties the
 sets) and prunes stale ones; the jump sits first in POSTROUTING and is put back by a
 reconcile pass; an uninstall leaves the node namespace exactly as before the install; the
-rule goes to the xtables variant given; a node without IPv6 runs IPv4 only."""
+rule goes to the xtables variant given; a node without IPv6 (disabled in its namespace, or a
+kernel booted with ``ipv6.disable=1``, under qemu) runs IPv4 only."""
 
 from __future__ import annotations
 
@@ -175,6 +176,33 @@ def test_node_without_ipv6_runs_ipv4_only_with_one_warning(
     warnings = [r for r in caplog.records if "IPv6 unavailable" in r.getMessage()]
     assert len(warnings) == 1
     assert agent.cfg.ipv6 is False
+    assert c.PROBE_IPSET_V6 not in in_node(env, "ipset", "list", "-n")
+
+
+KERNEL_WITHOUT_IPV6 = not Path("/proc/sys/net/ipv6").exists()
+
+
+@pytest.mark.skipif(
+    not KERNEL_WITHOUT_IPV6,
+    reason="needs a kernel booted with ipv6.disable=1: make vm-test-one KERNEL_ARGS=ipv6.disable=1 "
+    "VM_PYTEST_ARGS='tests/netns/test_host_probe_lifecycle.py -k kernel_without_ipv6'",
+)
+def test_kernel_without_ipv6_runs_ipv4_only_with_one_warning(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    # ipv6.disable=1: no /proc/sys/net/ipv6 and no IPv6 sockets at all, in every namespace.
+    env.kube.put_namespace("shop", AMBIENT)
+    pod = env.stage("shop", "nov6")
+    env.start_ztunnel()
+    caplog.set_level(logging.WARNING)
+    agent = start(env)  # AMBIENT_IPV6 on (the default)
+    wait_for(lambda: env.enrolled(pod), what="enrolled over IPv4 only")
+    warnings = [r for r in caplog.records if "IPv6 unavailable" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    reason = warnings[0].fields["reason"]  # type: ignore[attr-defined]
+    assert "ipv6.disable=1" in reason, reason
+    assert agent.cfg.ipv6 is False
+    assert env.probe.members() == {pod.ip: pod.uid}
     assert c.PROBE_IPSET_V6 not in in_node(env, "ipset", "list", "-n")
 
 

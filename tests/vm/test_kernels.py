@@ -29,11 +29,15 @@ KERNELS = os.environ.get("ICNI_VM_KERNELS", "6.1 6.12").split()
 SELECTION = shlex.split(os.environ.get("ICNI_VM_PYTEST_ARGS", ""))
 
 
-def _run(out: Path, kernel: str, *pytest_args: str) -> tuple[int, dict[str, Any], str]:
+def _run(
+    out: Path, kernel: str, *pytest_args: str, kernel_args: tuple[str, ...] = ()
+) -> tuple[int, dict[str, Any], str]:
     summary = out / f"summary-{kernel}.json"
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "vagrant.run_kernels", kernel, "--out", str(out),
            "--json", str(summary)]  # fmt: skip
+    for arg in kernel_args:
+        cmd += ["--kernel-arg", arg]
     if pytest_args:
         cmd += ["--", *pytest_args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=4 * 3600)
@@ -82,4 +86,20 @@ def test_netns_suite_passes_on_another_kernel(kernel: str) -> None:
     assert r["missing_modules"] == [], output
     # A backend the kernel cannot support is skipped with a stated reason, never silently.
     assert "(no reason given)" not in r["skip_reasons"], output
+    assert rc == 0, output
+
+
+def test_agent_on_a_kernel_booted_without_ipv6_runs_ipv4_only(tmp_path: Path) -> None:
+    """Issue 14.7 on a real kernel with no IPv6 at all: with AMBIENT_IPV6 on, the agent starts,
+    says so in one warning line and enrols a pod over IPv4 (the netns test it runs skips on a
+    kernel that has IPv6, so it is only meaningful here)."""
+    select = "tests/netns/test_host_probe_lifecycle.py"
+    rc, r, output = _run(
+        tmp_path / "out", KERNELS[0], select, "-k", "kernel_without_ipv6",
+        kernel_args=("ipv6.disable=1",),
+    )  # fmt: skip
+    guest_log = (tmp_path / "out" / f"{r['kernel']}_ipv6.disable-1" / "guest.log").read_text()
+    cmdline = next(ln for ln in guest_log.splitlines() if ln.startswith("guest cmdline: "))
+    assert "ipv6.disable=1" in cmdline.split(), guest_log[-2000:]
+    assert r["totals"] == {"passed": 1, "skipped": 0, "failed": 0}, output + guest_log[-4000:]
     assert rc == 0, output

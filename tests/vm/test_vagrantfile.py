@@ -91,7 +91,9 @@ def test_each_vm_provisions_with_make_setup_then_runs_the_netns_suite(
     guest_repo = synced[0]["args"][1]
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^setup:\n\t@?bash scripts/setup.sh", makefile, re.M)
-    assert re.search(r"^netns: setup\n\tbash scripts/pytest.sh -m netns", makefile, re.M)
+    assert re.search(
+        r'^netns: setup\n\tbash scripts/pytest.sh -m "netns and not chaos"', makefile, re.M
+    )
     for name, walk in _machines(calls).items():
         scripts = [c["kw"]["inline"] for p, c in walk if p[-1] == "provision"]
         assert len(scripts) == 2, name
