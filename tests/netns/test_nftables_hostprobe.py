@@ -333,3 +333,35 @@ def test_native_nftables_keeps_iptables_while_the_node_holds_the_probe_ipsets(
         assert (sel.rules.name, sel.host_probe) == ("iptables", "iptables")
     finally:
         run("nsenter", f"--net={node}", "--", "ipset", "destroy", c.PROBE_IPSET_V4)
+
+
+def redirect(node_netns: str, *args: str, native: bool) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NODE_NETNS": node_netns,
+           "NATIVE_NFTABLES": "true" if native else "false", "AMBIENT_IPV6": "false"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "node_agent.cli", "redirect", *args, "--backend", "nftables"],
+        env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+        timeout=scaled(120),
+    )  # fmt: skip
+
+
+def test_redirect_check_and_uninstall_node_see_the_nftables_host_probe(
+    make_netns: Callable[[str], str],
+) -> None:
+    node = f"/run/netns/{make_netns('node')}"
+    before = node_state(node)
+    probe = NftablesHostProbe(kubelet_uid=0, ipv6=False, node_netns=node)
+    probe.setup()
+    probe.add("uid-a", ("10.231.9.5",))
+    check = redirect(node, "check", native=True)
+    assert check.returncode == 0, check
+    assert "node: host probe (nftables, kubelet uid 0): table inet istio-ambient-nat in " \
+           "place, 1 entry in istio-inpod-probes-v4" in check.stdout, check.stdout  # fmt: skip
+    refused = redirect(node, "uninstall-node", native=False)
+    assert refused.returncode == 1 and "1 pod address(es) still in them" in refused.stdout
+    assert probe.members() == {"10.231.9.5": "uid-a"}
+    probe.remove("uid-a", ("10.231.9.5",))
+    done = redirect(node, "uninstall-node", native=False)
+    assert done.returncode == 0, done
+    assert "native nftables host probe table inet istio-ambient-nat removed" in done.stdout
+    assert node_state(node) == before
