@@ -5,7 +5,11 @@ rules (tables ``inet istio-ambient-*`` in the pod, no iptables rule there), and 
 readiness probes reach them through the nftables host probe: the pod's address is in the
 ``istio-inpod-probes-v4`` set of ``inet istio-ambient-nat`` in the node namespace and the
 UID-matched SNAT rule's counter grows while kubelet probes. No ipset is created on the node;
-``helm uninstall`` leaves the node as it was before the install."""
+``helm uninstall`` leaves the node as it was before the install.
+
+The same with the agent as a host process on the node (the DaemonSet's environment, no
+image): pods already running are enrolled when their namespace is labelled, and stay Ready
+through the nftables host probe."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from testbed.mesh import mesh_env
 from testbed.node import Testbed
 from testbed.node_state import NodeState, differences
 from tests.testbed import pods as P
+from tests.testbed.agent_on_node import NodeAgent
 from tests.testbed.test_plugin_deploy import (
     NodeProcess,
     agent_image_ref,
@@ -35,7 +40,8 @@ from tests.testbed.test_plugin_deploy import (
 )
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(1200)]
-NEEDS_AGENT_IMAGE = True  # built before the first test (testbed.pytest_plugin.prebuild)
+# No NEEDS_AGENT_IMAGE: the DaemonSet test builds the image through its fixture (cached
+# base: the app layer only), the host-process one needs none.
 __all__ = ["agent_image_ref", "built_image"]  # the image fixtures, shared
 
 
@@ -109,3 +115,50 @@ def test_native_nftables_enrols_with_nftables_and_probes_pass_the_nft_host_probe
         leave_mesh_and_delete(bed, ns)
         uninstall_quietly(bed)
         standin.stop()
+
+
+def test_host_process_agent_with_native_nftables_keeps_probes_passing(
+    testbed_node: Testbed, testbed_info: dict[str, Any]
+) -> None:
+    bed, info = testbed_node, testbed_info
+    fresh_host_probe_state(info)
+    before = NodeState.take(bed, info)
+    agent = NodeAgent(bed, info, backend="iptables")
+    agent.env["NATIVE_NFTABLES"] = "true"
+    ns = "nativenft-host"
+    try:
+        agent.start_standin()
+        agent.start()
+        wait(agent.ready, 90, "the agent ready with ztunnel connected")
+        assert "native nftables: pods and host probe through nftables" in agent.agent_log()
+        bed.kubectl("create", "namespace", ns)
+        P.wait_service_account(bed, ns)
+        bed.kubectl("apply", "-f", "-", input=P.manifest(ns, [
+            P.httpd_pod("web", info["images"]["httpd"], 8080)]))  # fmt: skip
+        P.wait_ready(bed, ns, ["web"], timeout=180)
+        bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
+
+        def web() -> dict[str, Any]:
+            doc: dict[str, Any] = json.loads(
+                bed.kubectl("get", "pod", "web", "-n", ns, "-o", "json").stdout
+            )
+            return doc
+
+        wait(lambda: web()["metadata"].get("annotations", {}).get(
+            "ambient.istio.io/redirection") == "enabled", 60, "the pod enrolled")  # fmt: skip
+        ip, uid = web()["status"]["podIP"], web()["metadata"]["uid"]
+        assert "table inet istio-ambient-nat" in in_pod(bed, uid, ["nft", "list", "tables"])
+        assert re.search(rf"{re.escape(ip)} comment \"{uid}\"", probe_set(bed)), probe_set(bed)
+        first = snat_packets(bed)
+        assert first is not None
+        wait(lambda: (snat_packets(bed) or 0) > first, 60, "kubelet probes through the rule")
+        P.wait_ready(bed, ns, ["web"], timeout=30)
+        bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode-")
+        wait(lambda: ip not in probe_set(bed), 60, "the pod out of the probe set")
+        agent.stop()  # no DaemonSet targets the node: an uninstall, host state removed
+        wait(lambda: snat_packets(bed) is None, 30, "the host probe table removed")
+        assert differences(before, NodeState.take(bed, info)) == {}
+    finally:
+        agent.stop()
+        agent.cleanup()
+        leave_mesh_and_delete(bed, ns)
