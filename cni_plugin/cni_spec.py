@@ -161,6 +161,9 @@ _FIELD_TYPES: Mapping[str, tuple[type, str]] = {
     "plugin_log_level": (str, "a string (debug, info, warn, error)"),
     "cni_agent_run_dir": (str, "a directory path string"),
     "ambient_enabled": (bool, "true or false"),
+    # Newer Istio's plugin: it selects nftables for sidecar rules, which this plugin never
+    # applies (ambient rules are the agent's); typed here so a bad entry is named.
+    "native_nftables": (bool, "true or false"),
     "pod_namespace": (str, "a string"),
     "exclude_namespaces": (list, "a list of namespace names"),
     "prevResult": (dict, "a CNI result object"),

@@ -65,6 +65,7 @@ def standalone_config(entry: conflist.PluginEntry) -> bytes:
         "enablement_selectors",
         "exclude_namespaces",
         "pod_namespace",
+        "native_nftables",
     ):
         if key in body:
             ordered[key] = body.pop(key)

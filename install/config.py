@@ -91,6 +91,9 @@ class InstallConfig:
     istio_owned_config: bool = False
     istio_owned_filename: str = OWNED_DEFAULT_NAME
     conf_group_read: bool = False
+    # NATIVE_NFTABLES=true: written into the plugin entry as native_nftables (off: no key,
+    # the entry stays the 1.24 one).
+    native_nftables: bool | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> InstallConfig:
@@ -127,4 +130,5 @@ class InstallConfig:
             istio_owned_config=owned,
             istio_owned_filename=owned_name,
             conf_group_read=env_bool(env, "CNI_CONF_GROUP_READ", d.conf_group_read),
+            native_nftables=True if env_bool(env, "NATIVE_NFTABLES", False) else None,
         )

@@ -42,6 +42,10 @@ class PluginEntry:
     # None: no ``enablement_selectors`` key (the 1.24 entry; the plugin then uses the
     # default selectors). Newer Istio always writes the key; its chart always sets them.
     enablement_selectors: tuple[EnablementSelector, ...] | None = None
+    # None: no ``native_nftables`` key (NATIVE_NFTABLES off: the 1.24 entry); True: written
+    # as newer Istio's installer writes it. The plugin accepts it and applies no rules
+    # itself (pods' rules are the agent's, which reads NATIVE_NFTABLES).
+    native_nftables: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
@@ -58,6 +62,8 @@ class PluginEntry:
         }
         if self.enablement_selectors is not None:
             entry["enablement_selectors"] = selectors_to_json(self.enablement_selectors)
+        if self.native_nftables is not None:
+            entry["native_nftables"] = self.native_nftables
         return entry
 
 

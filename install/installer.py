@@ -86,6 +86,7 @@ class Installer:
             exclude_namespaces=config.exclude_namespaces,
             pod_namespace=config.pod_namespace,
             enablement_selectors=config.enablement_selectors,
+            native_nftables=config.native_nftables,
         )
         self.own_file = OwnConfigFile(config, self.entry)
 

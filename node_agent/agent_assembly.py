@@ -45,12 +45,11 @@ from node_agent.adapters import (
     ZdsZtunnel,
 )
 from node_agent.add_admission import AddAdmission, NamespaceAddresses
-from node_agent.backend_selection import Selection, select_backend
+from node_agent.backend_selection import HostProbeRules, Selection, select_backend
 from node_agent.config import AgentConfig
 from node_agent.departure import EbpfDeparture, NetfilterDeparture
 from node_agent.enrollment import Enroller, ProbeSet, Rules
 from node_agent.health import HealthServer
-from node_agent.host_probe import HostProbe
 from node_agent.informers import Informer
 from node_agent.metrics import AgentMetrics, InstallerStatus
 from node_agent.nat_hold import NatHold
@@ -108,7 +107,11 @@ class Agent:
             cfg = replace(cfg, ipv6=False)
         self.cfg = cfg
         # Chosen first: an unusable backend refuses the start before anything is created.
-        self.selection = select_backend(cfg) if rules is None else Selection(rules)
+        self.selection = (
+            select_backend(cfg)
+            if rules is None
+            else Selection(rules, host_probe="nftables" if cfg.native_nftables else "iptables")
+        )
         self.rules = self.selection.pod_rules()
         if kube is None:
             from node_agent.kube import KubeApi
@@ -122,15 +125,10 @@ class Agent:
             )
             is_upgrade = self._stop_question
         self._is_upgrade = is_upgrade
-        self.host_probe: HostProbe | None = None
+        self.host_probe: HostProbeRules | None = None
         if probes is None:
-            self.host_probe = HostProbe(
-                ipv6=cfg.ipv6,
-                node_netns=cfg.node_netns,
-                snat_v4=cfg.host_probe_snat_ipv4,
-                snat_v6=cfg.host_probe_snat_ipv6,
-                variant=self.selection.xtables_variant(),
-            )
+            # iptables/ipset, or nftables with NATIVE_NFTABLES (kubelet's UID read now).
+            self.host_probe = self.selection.host_probe_rules(cfg)
             probes = self.host_probe
         self.probes = probes
         if installer is None and cfg.install_cni:

@@ -11,8 +11,17 @@ accepting the programs). When it says no:
 Invariant: nothing is created on the host by a refused start (the probe only reads, and
 closes the maps and programs it loaded to ask the kernel).
 
-The agent runs what :meth:`Selection.pod_rules` and :meth:`Selection.node_lifecycle` give
-it: in-pod rules, and the backend's node-wide lifecycle (:class:`NodeLifecycle`: set up,
+Native nftables (``NATIVE_NFTABLES``, Istio's ``global.nativeNftables``): the host probe
+rule and sets go through nftables (:class:`NftablesHostProbe`, kubelet matched by its UID)
+and an iptables backend becomes nftables (:func:`node_agent.config.redirect_backend`). As
+Istio's agent does, a node still holding the iptables probe ipsets (an agent that ran with
+iptables and was upgraded, not uninstalled) keeps iptables for the host probe and for the
+pods whose backend came from ``NATIVE_NFTABLES``: their rules are iptables rules, and a
+reboot (or an uninstall, which removes the ipsets) completes the move; one warning says so.
+
+The agent runs what :meth:`Selection.pod_rules`, :meth:`Selection.node_lifecycle` and
+:meth:`Selection.host_probe_rules` give it: in-pod rules, the host probe, and the
+backend's node-wide lifecycle (:class:`NodeLifecycle`: set up,
 housekeeping once per reconcile pass, teardown on uninstall). This module is the only one
 of the agent that knows which backend runs; for ebpf the lifecycle prunes the pins of pods
 gone without DEL and removes the node-wide objects on uninstall, for the rule backends it
@@ -25,8 +34,8 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, cast
 
 from cni_plugin.errors import ConfigError
@@ -36,7 +45,8 @@ from cni_plugin.redirection.settings import RedirectSettings
 from node_agent.bpf_pins import PinPruner
 from node_agent.config import AgentConfig
 from node_agent.enrollment import Rules
-from node_agent.node_namespace import xtables_variant
+from node_agent.host_probe import HostProbe
+from node_agent.node_namespace import iptables_probe_sets, xtables_variant
 
 if TYPE_CHECKING:
     from cni_plugin.bpf.backend import EbpfBackend
@@ -93,6 +103,34 @@ class NodeRelease:
 
     removed: bool  # nothing node-wide of the backend is left (removed now, or never there)
     line: str
+
+
+class HostProbeRules(Protocol):
+    """The host side of kubelet probes as the agent drives it: the probe set enrolment
+    writes to (:class:`~node_agent.enrollment.ProbeSet`) plus the rule that uses it
+    (:class:`~node_agent.host_probe.HostProbe` for iptables/ipset,
+    :class:`~cni_plugin.redirection.nftables_host_probe.NftablesHostProbe` for nftables)."""
+
+    @property
+    def variant(self) -> str: ...
+
+    def setup(self) -> None: ...
+
+    def ensure(self) -> bool: ...
+
+    def sync(
+        self, enrolled: Mapping[str, tuple[str, ...]], keep: set[str] | None = None
+    ) -> int: ...
+
+    def describe(self) -> list[str]: ...
+
+    def teardown(self) -> None: ...
+
+    def members(self) -> dict[str, str]: ...
+
+    def add(self, uid: str, ips: tuple[str, ...]) -> None: ...
+
+    def remove(self, uid: str, ips: tuple[str, ...]) -> None: ...
 
 
 class NodeLifecycle(Protocol):
@@ -236,6 +274,8 @@ class Selection:
 
     rules: Rules
     ebpf: EbpfBackend | None = None
+    # Which host probe: "iptables" (ipset + iptables nat) or "nftables" (NATIVE_NFTABLES).
+    host_probe: str = "iptables"
 
     def pod_rules(self) -> Rules:
         """The in-pod half as enrollment calls it (one call at a time where needed)."""
@@ -259,21 +299,74 @@ class Selection:
         variant = getattr(getattr(self.rules, "applier", None), "variant", None)
         return variant if isinstance(variant, str) else None
 
+    def host_probe_rules(self, cfg: AgentConfig) -> HostProbeRules:
+        """The host probe for this selection, in the node namespace; for nftables, kubelet's
+        UID is read from ``cfg.proc_root`` now (:class:`ConfigError` when none is seen)."""
+        if self.host_probe == "nftables":
+            from cni_plugin.redirection.nftables_host_probe import NftablesHostProbe, kubelet_uid
+
+            return NftablesHostProbe(
+                kubelet_uid=kubelet_uid(cfg.proc_root),
+                ipv6=cfg.ipv6,
+                node_netns=cfg.node_netns,
+                snat_v4=cfg.host_probe_snat_ipv4,
+                snat_v6=cfg.host_probe_snat_ipv6,
+            )
+        return HostProbe(
+            ipv6=cfg.ipv6,
+            node_netns=cfg.node_netns,
+            snat_v4=cfg.host_probe_snat_ipv4,
+            snat_v6=cfg.host_probe_snat_ipv6,
+            variant=self.xtables_variant(),
+        )
+
     @classmethod
     def of(cls, backend: Rules) -> Selection:
         """A backend built by name (``redirect``): eBPF's node state is recognised by name."""
         return cls(backend, cast("EbpfBackend", backend) if backend.name == "ebpf" else None)
 
 
-def select_backend(cfg: AgentConfig) -> Selection:
-    """The backend to enrol pods with; raises :class:`ConfigError` when ebpf cannot run
-    here and no fallback is configured."""
+def native_nftables_plan(cfg: AgentConfig, iptables_sets_present: bool) -> tuple[str, str]:
+    """(pod backend, host probe) for ``cfg`` on a node that does or does not still hold the
+    iptables probe ipsets. Pure; the rules are in this module's docstring."""
+    if not cfg.native_nftables:
+        return cfg.backend, "iptables"
+    if not iptables_sets_present:
+        return cfg.backend, "nftables"
+    return ("iptables" if cfg.backend_from_native else cfg.backend), "iptables"
+
+
+def select_backend(
+    cfg: AgentConfig,
+    probe_sets: Callable[[str], tuple[bool, str]] = iptables_probe_sets,
+) -> Selection:
+    """The backend to enrol pods with and the host probe to use; raises
+    :class:`ConfigError` when ebpf cannot run here and no fallback is configured.
+    ``probe_sets`` looks for the iptables probe ipsets in the node namespace (asked only
+    with ``NATIVE_NFTABLES``)."""
+    host = "iptables"
+    if cfg.native_nftables:
+        present, detail = probe_sets(cfg.node_netns)
+        backend, host = native_nftables_plan(cfg, present)
+        if present:
+            log.warning(
+                "native nftables configured, but the node still holds the iptables host probe "
+                "ipsets: continuing with iptables (reboot the node, or uninstall the agent "
+                "first, to complete the move to nftables)",
+                extra={"fields": {"found": detail, "backend": backend}},
+            )
+        else:
+            log.info(
+                "native nftables: pods and host probe through nftables",
+                extra={"fields": {"backend": backend, "ipsets": detail}},
+            )
+        cfg = replace(cfg, backend=backend)
     if cfg.backend != "ebpf":
-        return Selection(_rule_backend(cfg.backend, cfg))
+        return Selection(_rule_backend(cfg.backend, cfg), host_probe=host)
     ebpf = ebpf_backend(cfg)
     verdict = ebpf.probe()
     if verdict.ok:
-        return Selection(ebpf, ebpf)
+        return Selection(ebpf, ebpf, host_probe=host)
     if not cfg.backend_fallback:
         raise ConfigError(
             f"the ebpf redirection backend cannot run on this node: {verdict.reason}. "
@@ -284,7 +377,7 @@ def select_backend(cfg: AgentConfig) -> Selection:
         "ebpf redirection backend unavailable, falling back",
         extra={"fields": {"reason": verdict.reason, "fallback": cfg.backend_fallback}},
     )
-    return Selection(_rule_backend(cfg.backend_fallback, cfg))
+    return Selection(_rule_backend(cfg.backend_fallback, cfg), host_probe=host)
 
 
 def _rule_backend(name: str, cfg: AgentConfig) -> Rules:

@@ -74,10 +74,43 @@ def _fallback(env: Mapping[str, str]) -> str:
     return raw
 
 
+REDIRECT_MODES = ("iptables", "nftables", "ebpf")
+
+
+def redirect_backend(env: Mapping[str, str]) -> tuple[str, bool]:
+    """(backend, chosen by ``NATIVE_NFTABLES``) from the environment. Pure.
+
+    Precedence (docs/istio-parity.md): ``NATIVE_NFTABLES=true`` (Istio's name, Helm
+    ``global.nativeNftables``) turns the iptables backend -- the default, and what the
+    chart renders as ``AMBIENT_REDIRECT_MODE`` unless told otherwise -- into nftables;
+    an explicit ``nftables`` or ``ebpf`` mode stays (ebpf keeps its pods, only the host
+    probe goes through nftables). Without it the mode is ``AMBIENT_REDIRECT_MODE``, else
+    the older ``REDIRECTION_BACKEND``, else iptables, as before."""
+    raw = env.get("AMBIENT_REDIRECT_MODE") or env.get("REDIRECTION_BACKEND") or "iptables"
+    mode = raw.strip().lower()
+    if mode not in REDIRECT_MODES:
+        name = (
+            "AMBIENT_REDIRECT_MODE" if env.get("AMBIENT_REDIRECT_MODE") else "REDIRECTION_BACKEND"
+        )
+        raise ConfigError(
+            f"{name}={raw!r}: set iptables, nftables or ebpf (or NATIVE_NFTABLES=true for "
+            "Istio's native nftables)"
+        )
+    if env_bool(env, "NATIVE_NFTABLES", False) and mode == "iptables":
+        return "nftables", True
+    return mode, False
+
+
 def _newer_istio_settings(env: Mapping[str, str]) -> dict[str, Any]:
     """The fields of :class:`AgentConfig` that newer Istio added (SPEC §9)."""
     selectors = enablement_selectors_from_env(env)
-    return {"enablement_selectors": DEFAULT_SELECTORS if selectors is None else selectors}
+    backend, from_native = redirect_backend(env)
+    return {
+        "enablement_selectors": DEFAULT_SELECTORS if selectors is None else selectors,
+        "native_nftables": env_bool(env, "NATIVE_NFTABLES", False),
+        "backend": backend,
+        "backend_from_native": from_native,
+    }
 
 
 @dataclass(frozen=True)
@@ -133,6 +166,12 @@ class AgentConfig:
     # Newer Istio's settings (SPEC §9), kept together.
     # AMBIENT_ENABLEMENT_SELECTOR: which pods opt in; unset = the 1.24 rule.
     enablement_selectors: tuple[EnablementSelector, ...] = DEFAULT_SELECTORS
+    # NATIVE_NFTABLES (Helm global.nativeNftables): the host probe rule and sets go through
+    # nftables (kubelet matched by UID), and an iptables backend becomes nftables
+    # (backend_from_native says it did: a node still holding the iptables probe ipsets
+    # then keeps iptables, as Istio's agent does; see backend_selection).
+    native_nftables: bool = False
+    backend_from_native: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> AgentConfig:
@@ -171,10 +210,10 @@ class AgentConfig:
                 else ""
             ),
             kubeconfig=e.get("KUBECONFIG", ""),
-            # AMBIENT_REDIRECT_MODE pairs with the Helm value ambient.redirectMode (the
-            # name Istio 1.18-1.20 used for its own iptables|ebpf choice);
-            # REDIRECTION_BACKEND is the older name, still read (bench, rendered manifests).
-            backend=e.get("AMBIENT_REDIRECT_MODE") or e.get("REDIRECTION_BACKEND") or "iptables",
+            # backend: AMBIENT_REDIRECT_MODE pairs with the Helm value ambient.redirectMode
+            # (the name Istio 1.18-1.20 used for its own iptables|ebpf choice);
+            # REDIRECTION_BACKEND is the older name, still read (bench, rendered manifests);
+            # NATIVE_NFTABLES over both: redirect_backend, in _newer_istio_settings.
             backend_fallback=_fallback(e),
             bpf_pin_root=e.get("AMBIENT_EBPF_PIN_ROOT") or "/sys/fs/bpf/istio-cni",
             host_cgroup2_root=e.get("HOST_CGROUP2_ROOT", ""),
@@ -188,8 +227,13 @@ class AgentConfig:
         )
 
     def with_overrides(self, **changes: Any) -> AgentConfig:
-        """A copy with the given fields replaced; ``None`` values are ignored (unset flags)."""
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with the given fields replaced; ``None`` values are ignored (unset flags).
+        A ``backend`` given here (``--backend``) is the operator's own choice: it wins over
+        ``NATIVE_NFTABLES`` for the pods (the host probe still follows that setting)."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        if "backend" in given:
+            given.setdefault("backend_from_native", False)
+        return replace(self, **given)
 
     @property
     def plugin_event_socket(self) -> str:

@@ -35,6 +35,7 @@ from cni_plugin import constants as c
 from cni_plugin.errors import RedirectionError
 from cni_plugin.redirection.iptables_restore import detect_variant, emptied_tables_script
 from cni_plugin.redirection.iptables_rules import Family, families, host_probe_rules
+from cni_plugin.redirection.probe_set import probe_delta as probe_delta  # its home before
 from cni_plugin.redirection.settings import RedirectSettings
 
 JUMP = f"-A POSTROUTING -j {c.CHAIN_POSTROUTING}"
@@ -65,18 +66,6 @@ def rule_in_place(saved: str, text: str) -> bool:
     post = [ln for ln in lines if ln.startswith("-A POSTROUTING ")]
     want = [ln for ln in text.splitlines() if ln.startswith("-A ")]
     return post[:1] == [JUMP] and all(lines.count(ln) == 1 for ln in want)
-
-
-def probe_delta(
-    members: dict[str, str], enrolled: Mapping[str, tuple[str, ...]], keep: set[str]
-) -> tuple[dict[str, str], list[str]]:
-    """(ip -> uid to add, ips to delete) that turn set ``members`` (ip -> uid comment)
-    into exactly the addresses of ``enrolled`` pods (uid -> ips). An address in ``keep``
-    (a pod the agent still holds, e.g. being enrolled right now) is never deleted. Pure."""
-    wanted = {ip: uid for uid, ips in enrolled.items() for ip in ips}
-    adds = {ip: uid for ip, uid in wanted.items() if members.get(ip) != uid}
-    dels = sorted(ip for ip in members if ip not in wanted and ip not in keep)
-    return adds, dels
 
 
 class CoalescingWriter:

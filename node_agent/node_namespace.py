@@ -1,5 +1,6 @@
 """The node's network namespace as the agent sees it: which one to enter, which xtables
-variant it uses, and whether it can do IPv6. Asked once at start.
+variant it uses, whether it can do IPv6, and whether it still holds the iptables host probe
+ipsets (native nftables migration). Asked once at start.
 
 Which: ``node_netns`` (``NODE_NETNS``, or ``<proc_root>/1/ns/net`` with Istio's
 ``ALLOW_SWITCH_TO_HOST_NS``), normalised to ``""`` when it is the agent's own namespace (the
@@ -20,6 +21,9 @@ agent's own) is read from a short-lived thread inside it.
 
 from __future__ import annotations
 
+import subprocess
+
+from cni_plugin import constants as c
 from cni_plugin.errors import ConfigError
 from cni_plugin.netns import netns_id, run_in_netns
 from cni_plugin.redirection.iptables_restore import detect_variant
@@ -70,3 +74,21 @@ def xtables_variant(node_netns: str) -> tuple[str, str]:
     if not node_netns:
         return detect_variant()
     return run_in_netns(node_netns, detect_variant.__wrapped__)
+
+
+def iptables_probe_sets(node_netns: str) -> tuple[bool, str]:
+    """(present, detail): whether the node namespace still holds the iptables host probe
+    ipsets (``istio-inpod-probes-v4``/``-v6``), the artifact Istio's agent looks for before
+    it uses native nftables. Unreadable (no ipset tool, no permission) counts as absent,
+    with the reason in ``detail``, as Istio proceeds with nftables then."""
+    argv = ["ipset", "list", "-n"]
+    if node_netns:
+        argv = ["nsenter", f"--net={node_netns}", "--", *argv]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"ipset sets unreadable ({e}): taken as absent"
+    if r.returncode != 0:
+        return False, f"ipset sets unreadable ({r.stderr.strip()}): taken as absent"
+    found = sorted(set(r.stdout.split()) & {c.PROBE_IPSET_V4, c.PROBE_IPSET_V6})
+    return bool(found), ", ".join(found) or "no istio probe ipset"

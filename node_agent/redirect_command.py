@@ -12,7 +12,9 @@ last one using it (ebpf: pins, the ``nat`` map, the ``istio_getsockopt`` cgroup 
 otherwise says in one line that it stays and how to remove it; ``check`` reports it (without
 ``--netns``: only it) together with the agent's host probe rule and ipsets;
 ``uninstall-node`` removes both once no pod uses them. The host probe state is looked at in
-``NODE_NETNS`` when set (as the agent does), else in this process's namespace.
+``NODE_NETNS`` when set (as the agent does), else in this process's namespace: the iptables
+rule and ipsets, and the native nftables table (``NATIVE_NFTABLES``) -- ``check`` reports
+the one the agent's environment selects, ``uninstall-node`` removes both kinds.
 
 Exit codes: 0 done (``check``: everything in place); 1 ``check`` found differences,
 ``uninstall-node`` found node-wide state still in use, or an error (one line on stderr,
@@ -28,11 +30,12 @@ from typing import Any
 
 from cni_plugin import constants as c
 from cni_plugin.env_flags import env_bool
-from cni_plugin.errors import ConfigError
+from cni_plugin.errors import ConfigError, IstioCniError
+from cni_plugin.redirection.nftables_host_probe import NftablesHostProbe, kubelet_uid
 from cni_plugin.redirection.pod_overrides import PodOverrides
 from cni_plugin.redirection.registry import BACKENDS, make_backend
 from cni_plugin.redirection.settings import RedirectSettings
-from node_agent.backend_selection import NodeLifecycle, Selection
+from node_agent.backend_selection import HostProbeRules, NodeLifecycle, Selection
 from node_agent.host_probe import HostProbe
 
 HELP = "render, apply, remove or check in-pod traffic redirection in a network namespace"
@@ -165,14 +168,32 @@ def _host_probe(settings: RedirectSettings) -> HostProbe:
     )
 
 
+def _nft_host_probe(settings: RedirectSettings, both: bool = False) -> NftablesHostProbe:
+    try:  # the UID only matters to `check` (the rule it expects); 0 when none is seen
+        uid = kubelet_uid(os.environ.get("HOST_PROC") or "/proc")
+    except ConfigError:
+        uid = 0
+    return NftablesHostProbe(
+        kubelet_uid=uid,
+        ipv6=settings.ipv6 or both,  # both: uninstall looks at both sets, whatever IPv6 says
+        node_netns=os.environ.get("NODE_NETNS", ""),
+        snat_v4=settings.probe_snat_ipv4,
+        snat_v6=settings.probe_snat_ipv6,
+    )
+
+
 def _print_node_state(node: NodeLifecycle, settings: RedirectSettings) -> None:
     for line in node.describe():
         print(line)
+    probe: HostProbeRules = _host_probe(settings)
+    if env_bool(os.environ, "NATIVE_NFTABLES", False):
+        probe = _nft_host_probe(settings)
     try:
-        lines = _host_probe(settings).describe()
-    except OSError as e:  # the ipset/iptables tools are missing here
+        lines = probe.describe()
+    except (OSError, IstioCniError) as e:  # the ipset/iptables tools or libnftables missing
         lines = [
-            f"node: host probe state unreadable ({e.strerror or e}): install ipset and iptables"
+            f"node: host probe state unreadable ({getattr(e, 'strerror', None) or e}): install "
+            "ipset and iptables (or nftables, with NATIVE_NFTABLES)"
         ]
     for line in lines:
         print(line)
@@ -188,14 +209,22 @@ def _uninstall_node(node: NodeLifecycle, settings: RedirectSettings) -> int:
     print(outcome.line)
     probe = _host_probe(settings)
     members = probe.members()
-    if members:
+    nft: NftablesHostProbe | None = _nft_host_probe(settings, both=True)
+    try:
+        nft_members = nft.members() if nft is not None else {}
+    except IstioCniError:  # no libnftables here: nothing of ours can be in nf_tables sets
+        nft, nft_members = None, {}
+    if members or nft_members:
         print(
-            f"node: the host probe rule and ipsets stay: {len(members)} pod address(es) still "
-            "in them (the agent has pods enrolled); uninstall the agent first"
+            f"node: the host probe rule and sets stay: {len(members) + len(nft_members)} pod "
+            "address(es) still in them (the agent has pods enrolled); uninstall the agent first"
         )
         return 1
     probe.teardown()
     print(f"node: host probe rule ({c.CHAIN_POSTROUTING}) and ipsets removed (or were absent)")
+    if nft is not None:
+        nft.teardown()
+        print("node: native nftables host probe table inet istio-ambient-nat removed (or absent)")
     return 0 if outcome.removed else 1
 
 

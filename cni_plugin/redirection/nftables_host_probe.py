@@ -1,8 +1,9 @@
 """Host side of kubelet probes with native nftables (Istio 1.28+ ``nativeNftables``).
 
 Role: the nftables counterpart of :class:`node_agent.host_probe.HostProbe`, with the same
-methods (``setup``, ``teardown``, ``add``, ``remove``, ``members``), so the agent can pick
-either. In the node namespace, table ``inet istio-ambient-nat`` holds the probe sets
+methods (``setup``, ``ensure``, ``sync``, ``describe``, ``teardown``, ``add``, ``remove``,
+``members``), so the agent picks either (``NATIVE_NFTABLES``, Istio's ``nativeNftables``).
+In the node namespace, table ``inet istio-ambient-nat`` holds the probe sets
 ``istio-inpod-probes-v4``/``-v6`` (one element per enrolled pod address, comment = pod UID)
 and the ``postrouting`` SNAT rule of ``reference/istio-1.28/nftables/hostprobe*.golden``,
 which matches kubelet by its socket's UID (nftables has no ``--socket-exists``).
@@ -14,7 +15,11 @@ Invariants:
 - ``setup`` is idempotent and keeps the sets' elements (the rules' ``flush table`` leaves
   set elements alone), so an agent restart drops no pod's probes.
 - ``remove_rules`` takes out the chain and its rules and keeps the sets (Istio's
-  ``DeleteHostRules``); ``teardown`` deletes the table, leaving the namespace as it was.
+  ``DeleteHostRules``); ``teardown`` deletes the table, leaving the namespace as it was,
+  and refuses every write after it (an enrolment in flight cannot bring the table back).
+- Self-healing (issue 17 item 7, as for iptables): ``ensure`` reinstalls the chain when it
+  drifted (missing, changed, a rule added or removed) or a set vanished; ``sync`` makes the
+  sets hold exactly the enrolled pods' addresses, in one transaction.
 - :func:`kubelet_uid` finds kubelet's UID the way Istio does (first process named
   ``kubelet`` or ``kubelite`` with "kubelet" in its arguments, or ``k3s``).
 """
@@ -23,14 +28,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import Callable, Sequence
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from cni_plugin import constants as c
 from cni_plugin.errors import ConfigError, RedirectionError
 from cni_plugin.netns import run_in_netns
-from cni_plugin.redirection.nftables_backend import NftContext, first_line, libnftables_context
+from cni_plugin.redirection.nftables_backend import (
+    NftContext,
+    first_line,
+    libnftables_context,
+    parse_table_listing,
+)
 from cni_plugin.redirection.nftables_rules import (
     FAMILY,
     NAT_TABLE,
@@ -38,9 +50,11 @@ from cni_plugin.redirection.nftables_rules import (
     host_probe_ruleset,
     host_probe_sets_text,
 )
+from cni_plugin.redirection.probe_set import probe_delta
 from cni_plugin.redirection.settings import RedirectSettings
 
 T = TypeVar("T")
+log = logging.getLogger("node_agent.host_probe")
 _UID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 TABLE = f"{FAMILY} {NAT_TABLE}"
 # (comm, whether an argument must mention "kubelet"), in Istio's order of preference.
@@ -98,6 +112,8 @@ def kubelet_uid(proc_root: str = "/proc") -> int:
 class NftablesHostProbe:
     """The probe sets and SNAT rule in the node namespace, through libnftables."""
 
+    variant = "nftables"  # what the agent logs where the iptables probe says legacy/nft
+
     def __init__(
         self,
         *,
@@ -115,6 +131,9 @@ class NftablesHostProbe:
             ipv6=ipv6, probe_snat_ipv4=snat_v4, probe_snat_ipv6=snat_v6
         )
         self._nft_factory = nft_factory
+        # Serialises changes with teardown; set once torn down (uninstall).
+        self._lock = threading.Lock()
+        self._torn_down = False
 
     def render(self) -> str:
         """The ``nft -f`` text ``setup`` feeds: the sets, then Istio's hostprobe golden."""
@@ -125,7 +144,67 @@ class NftablesHostProbe:
 
     def setup(self) -> None:
         """Create the sets (elements kept if they exist) and (re)install the rule."""
-        self._run(self.render(), "installing the host probe rules")
+        with self._lock:
+            if self._torn_down:
+                return
+            self._run(self.render(), "installing the host probe rules")
+        log.info(
+            "host probe rules in place",
+            extra={
+                "fields": {
+                    "node_netns": self.node_netns or "self",
+                    "variant": self.variant,
+                    "kubelet_uid": self.kubelet_uid,
+                }
+            },
+        )
+
+    def drift(self) -> list[str]:
+        """What differs from the rendered rules and sets, one line each ([] = in place)."""
+        table = host_probe_ruleset(self.settings, self.kubelet_uid).tables[0]
+        listing = self._in_node(lambda: _list_table(self._nft_factory()))
+        if listing is None:
+            return [f"table {TABLE} absent"]
+        chains, others = parse_table_listing(listing)
+        out: list[str] = []
+        for name in self._set_names():
+            if not any(o.split()[:2] == ["set", name] for o in others):
+                out.append(f"set {name} absent")
+        expected = table.expected_chains()
+        for chain in sorted(chains.keys() - expected.keys()):
+            out.append(f"chain {chain} is not ours")
+        for chain, (header, rules) in expected.items():
+            have = chains.get(chain)
+            if have is None:
+                out.append(f"chain {chain} absent")
+            elif have != (header, list(rules)):
+                out.append(f"chain {chain} differs: {have[0]}; {have[1]}")
+        return out
+
+    def ensure(self) -> bool:
+        """Sets present, chain holding exactly the rule; True when something had to be
+        repaired (the whole table is re-fed: the sets keep their elements). Nothing after
+        :meth:`teardown`."""
+        with self._lock:
+            if self._torn_down:
+                return False
+            drifted = self.drift()
+            if not drifted:
+                return False
+            self._run(self.render(), "repairing the host probe rules")
+        log.info("host probe rule (re)installed", extra={"fields": {"drift": drifted[:4]}})
+        return True
+
+    def describe(self) -> list[str]:
+        """The host probe rule and sets as they are now, one line (read only)."""
+        members = self.members()
+        drifted = self.drift()
+        state = "in place" if not drifted else "; ".join(drifted[:3])
+        return [
+            f"node: host probe (nftables, kubelet uid {self.kubelet_uid}): table {TABLE} "
+            f"{state}, {len(members)} entr{'y' if len(members) == 1 else 'ies'} in "
+            + ", ".join(self._set_names())
+        ]
 
     def remove_rules(self) -> None:
         """Delete the SNAT chain and its rules; the sets and their elements stay."""
@@ -136,20 +215,18 @@ class NftablesHostProbe:
         )
 
     def teardown(self) -> None:
-        """Delete the table: rules, sets and elements (uninstall only)."""
-        self._run(f"add table {TABLE}\ndelete table {TABLE}\n", "removing the host probe table")
+        """Delete the table: rules, sets and elements (uninstall only). Writes after this
+        are refused."""
+        with self._lock:
+            self._torn_down = True
+            self._run(f"add table {TABLE}\ndelete table {TABLE}\n", "removing the host probe table")
 
     def add(self, uid: str, ips: tuple[str, ...]) -> None:
-        if not uid or len(uid) > 128 or not set(uid) <= _UID_CHARS:
-            # The UID becomes nft text (an element comment): a Kubernetes UID never fails.
-            raise RedirectionError(
-                f"pod UID {uid!r} cannot label a host probe entry: expected a Kubernetes UID"
-            )
+        _check_uid(uid)
         lines = [
             f'add element {TABLE} {s} {{ {ip} comment "{uid}" }}' for s, ip in self._by_set(ips)
         ]
-        if lines:
-            self._run("\n".join(lines) + "\n", f"adding pod {uid} to the host probe sets")
+        self._write(lines, f"adding pod {uid} to the host probe sets")
 
     def remove(self, uid: str, ips: tuple[str, ...]) -> None:
         present = self.members()
@@ -159,8 +236,34 @@ class NftablesHostProbe:
             for s, ip in self._by_set(ips)
             if present.get(ip) == uid
         ]
+        self._write(lines, f"removing pod {uid} from the host probe sets")
+
+    def sync(self, enrolled: Mapping[str, tuple[str, ...]], keep: set[str] | None = None) -> int:
+        """Make the sets hold exactly ``enrolled``'s addresses (uid -> ips): missing ones
+        added (a changed owner re-labelled), stale ones pruned (never one in ``keep``), in
+        one transaction. Returns the number of entries changed."""
+        members = self.members()
+        adds, dels = probe_delta(members, enrolled, keep or set())
+        for uid in set(adds.values()):
+            _check_uid(uid)
+        by_ip = dict((ip, s) for s, ip in self._by_set((*adds, *dels)))
+        lines = [
+            f"delete element {TABLE} {by_ip[ip]} {{ {ip} }}"
+            for ip in [*dels, *(a for a in adds if a in members)]
+            if ip in by_ip
+        ]
+        lines += [
+            f'add element {TABLE} {by_ip[ip]} {{ {ip} comment "{uid}" }}'
+            for ip, uid in adds.items()
+            if ip in by_ip
+        ]
+        self._write(lines, "syncing the host probe sets")
         if lines:
-            self._run("\n".join(lines) + "\n", f"removing pod {uid} from the host probe sets")
+            log.info(
+                "host probe set synced",
+                extra={"fields": {"added": len(adds), "pruned": len(dels)}},
+            )
+        return len(lines)
 
     def members(self) -> dict[str, str]:
         """IP -> comment (pod UID) of every element of the probe sets."""
@@ -179,7 +282,7 @@ class NftablesHostProbe:
     def _set_names(self) -> list[str]:
         return [c.PROBE_IPSET_V4, *([c.PROBE_IPSET_V6] if self.ipv6 else [])]
 
-    def _by_set(self, ips: tuple[str, ...]) -> list[tuple[str, str]]:
+    def _by_set(self, ips: Sequence[str]) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         for ip in ips:
             try:
@@ -196,6 +299,14 @@ class NftablesHostProbe:
             return run_in_netns(self.node_netns, work)
         return work()
 
+    def _write(self, lines: list[str], what: str) -> None:
+        if not lines:
+            return
+        with self._lock:
+            if self._torn_down:
+                return  # uninstalled: an enrolment still in flight must not write
+            self._run("\n".join(lines) + "\n", what)
+
     def _run(self, script: str, what: str) -> None:
         def work() -> None:
             rc, _, err = self._nft_factory().cmd(script)
@@ -207,6 +318,21 @@ class NftablesHostProbe:
                 )
 
         self._in_node(work)
+
+
+def _check_uid(uid: str) -> None:
+    if not uid or len(uid) > 128 or not set(uid) <= _UID_CHARS:
+        # The UID becomes nft text (an element comment): a Kubernetes UID never fails.
+        raise RedirectionError(
+            f"pod UID {uid!r} cannot label a host probe entry: expected a Kubernetes UID"
+        )
+
+
+def _list_table(nft: NftContext) -> str | None:
+    """The host probe table as ``nft list table`` text, or None when it does not exist."""
+    nft.set_json_output(False)
+    rc, out, _ = nft.cmd(f"list table {TABLE}")
+    return out if rc == 0 else None
 
 
 def _list_set_json(nft: NftContext, name: str) -> str:
