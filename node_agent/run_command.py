@@ -53,7 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run the CNI installer in-process (as Istio's agent does)",
     )
-    a("--log-level", dest="log_level", help="debug, info, warning, error")
+    a(
+        "--log-level",
+        "--log_output_level",
+        dest="log_level",
+        help="level or Istio's scope:level,... e.g. default:info,cni:debug (env LOG_LEVEL)",
+    )
+    a(
+        "--log_as_json",
+        dest="log_as_json",
+        action="store_true",
+        default=None,
+        help="JSON log lines (env LOG_AS_JSON; the default), as Istio's flag",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
     fields = [
         "kubeconfig", "run_dir", "ztunnel_socket", "proc_root", "netns_dir", "host_netns",
         "node_netns", "backend", "health_port", "monitoring_port", "listen_address",
-        "reconcile_seconds", "workers", "install_cni", "log_level",
+        "reconcile_seconds", "workers", "install_cni", "log_level", "log_as_json",
     ]  # fmt: skip
     cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
-    logs.configure(cfg.log_level)
+    logs.configure(cfg.log_level, as_json=cfg.log_as_json)
     log.debug(cap_malloc_arenas())  # before any thread exists
     agent = Agent(cfg)
     stop = threading.Event()
