@@ -22,7 +22,7 @@ from node_agent.agent_assembly import Agent
 from node_agent.config import AgentConfig
 from node_agent.malloc_arenas import cap_malloc_arenas
 
-__all__ = ["HELP", "Agent", "add_arguments", "run"]
+__all__ = ["HELP", "Agent", "add_arguments", "agent_config", "run"]
 
 log = logging.getLogger("node_agent.agent")
 
@@ -68,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The configuration: the environment (the chart's ConfigMap), flags winning."""
     env_cfg = AgentConfig.from_env(
         {**os.environ, **({"NODE_NAME": args.node_name} if args.node_name else {})}
     )
@@ -77,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
         "node_netns", "backend", "health_port", "monitoring_port", "listen_address",
         "reconcile_seconds", "workers", "install_cni", "log_level", "log_as_json",
     ]  # fmt: skip
-    cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
+    return env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = agent_config(args)
     logs.configure(cfg.log_level, as_json=cfg.log_as_json)
     log.debug(cap_malloc_arenas())  # before any thread exists
     agent = Agent(cfg)
