@@ -27,6 +27,7 @@ from bench.istio_source import ensure_chart
 from install import render_manifests
 
 VALUES_DIR = Path(__file__).resolve().parent.parent / "chart_values"
+GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden" / "chart"
 USER_FILES = sorted(VALUES_DIR.glob("*.yaml"))
 # Our chart's defaults where they differ from Istio's, on purpose (docs/istio-parity.md):
 # Istio's chart is rendered with these under the user's values, so that both describe the
@@ -290,3 +291,24 @@ def _labels(doc: dict[str, Any]) -> dict[str, str]:
     return {
         k: v for k, v in (doc["metadata"].get("labels") or {}).items() if k not in VERSION_LABELS
     }
+
+
+@pytest.mark.parametrize("path", USER_FILES, ids=[p.stem for p in USER_FILES])
+def test_our_rendering_of_a_users_values_is_the_golden_file(path: Path) -> None:
+    """Our chart's whole output for each values file, against tests/golden/chart/ (ours
+    only: Istio's rendering is never committed). ICNI_WRITE_GOLDEN=1 rewrites them."""
+    from helm_python.chart import Chart
+
+    with Chart.load(render_manifests.CHART) as c:
+        out = c.render(yaml.safe_load(path.read_text()), name="istio-cni", namespace="istio-cni")
+    text = "".join(
+        f"# Source: {key}\n{body.strip()}\n---\n"
+        for key, body in sorted(out.items())
+        if key.endswith(".yaml") and body.strip()
+    )
+    golden = GOLDEN_DIR / f"{path.stem}.yaml"
+    if os.environ.get("ICNI_WRITE_GOLDEN") == "1":
+        GOLDEN_DIR.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"{golden} missing: ICNI_WRITE_GOLDEN=1 writes it"
+    assert text == golden.read_text(), f"{golden} differs (ICNI_WRITE_GOLDEN=1 rewrites it)"
