@@ -118,13 +118,17 @@ def test_every_key_of_istios_values_is_accepted(istio_chart: Path) -> None:
     paths = dict(leaves(istio_defaults(istio_chart)))
     assert len(paths) > 60 and {"env", "global.logAsJson", "seLinuxOptions"} <= set(paths)
     refused = {}
-    for path, value in [*paths.items(), *((p, "") for p in TEMPLATE_ONLY_KEYS)]:
-        if path == "cni.ambient.enabled":
-            value = True
-        try:
-            render(render_manifests.CHART, nested(path, value))
-        except Exception as e:  # collected: one report of every refusal
-            refused[path] = " ".join(str(e).split())[-160:]
+    from helm_python.chart import Chart
+
+    with Chart.load(render_manifests.CHART) as chart:  # `helm template` once per key
+        for path, value in [*paths.items(), *((p, "") for p in TEMPLATE_ONLY_KEYS)]:
+            if path == "cni.ambient.enabled":
+                value = True
+            try:
+                out = chart.render(nested(path, value), name="istio-cni", namespace="istio-cni")
+                assert "istio-cni/templates/daemonset.yaml" in out
+            except Exception as e:  # collected: one report of every refusal
+                refused[path] = " ".join(str(e).split())[-160:]
     assert refused == {}
     # ... and all of them at once, as a user copying Istio's values.yaml would set them
     ds = one(render(render_manifests.CHART, istio_defaults(istio_chart)), "DaemonSet")
@@ -150,6 +154,14 @@ def test_default_differences_are_exactly_the_documented_ones(istio_chart: Path) 
     doc = Path(render_manifests.HERE).parent.joinpath("docs", "istio-parity.md").read_text()
     for key in sorted(differ):
         assert f"`{key}`" in doc, f"docs/istio-parity.md does not explain the default of {key}"
+
+
+def test_a_machine_without_go_gets_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `go` here
+    with pytest.raises(PeerBuildError, match=r"^go not found on PATH: install Go"):
+        ensure_chart()
 
 
 # -- (2) unknown keys are refused, naming the key ---------------------------------------------
