@@ -324,3 +324,16 @@ def test_our_rendering_of_a_users_values_is_the_golden_file(path: Path) -> None:
         golden.write_text(text)
     assert golden.is_file(), f"{golden} missing: ICNI_WRITE_GOLDEN=1 writes it"
     assert text == golden.read_text(), f"{golden} differs (ICNI_WRITE_GOLDEN=1 rewrites it)"
+
+
+def test_istios_own_values_file_renders_istios_daemonset(istio_chart: Path) -> None:
+    """A user who copies Istio's whole values.yaml (its defaults, as settings) gets Istio's
+    DaemonSet: its image, text logs, the agent in its own network namespace."""
+    user = istio_defaults(istio_chart)
+    ours, theirs = renders(istio_chart, user)
+    ds_ours, ds_theirs = one(ours, "DaemonSet"), one(theirs, "DaemonSet")
+    assert ds_ours is not None and ds_theirs is not None
+    a, b = normalise(ds_ours, user, False), normalise(ds_theirs, user, True)
+    assert a["image"] == f"{user['global']['hub']}/install-cni:{user['global']['tag']}"
+    assert a["args"] == ["--log_output_level=info"] and a["hostNetwork"] is None
+    assert compare(a, b) == {}
