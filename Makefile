@@ -137,6 +137,12 @@ bench-ebpf: setup
 istio-peer: setup
 	$(PY) -m bench.istio_peer $(ISTIO_PEER_ARGS)
 
+# Istio's source (its istio-cni Helm chart, which tests/unit/test_chart_parity.py compares our
+# chart with) in Go's module cache: `go mod download` of the same version, seconds.
+.PHONY: istio-source
+istio-source: setup
+	$(PY) -m bench.istio_source
+
 # Ours vs Istio's own istio-cni, side by side (docs/benchmarks.md, "Ours vs Istio's istio-cni").
 bench-vs-istio: setup istio-peer build/istio-cni testbed-build
 	$(PY) -m bench.vs_istio_rules --samples 200 --chart docs/img/vs-istio-rules.png

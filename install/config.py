@@ -116,7 +116,11 @@ class InstallConfig:
                 tuple(t for t in targets.split(",") if t) if targets else d.cni_bin_target_dirs
             ),
             run_dir=env.get("CNI_AGENT_RUN_DIR") or d.run_dir,
-            plugin_log_level=env.get("PLUGIN_LOG_LEVEL") or d.plugin_log_level,
+            plugin_log_level=(
+                plugin_level_in(env.get("LOG_LEVEL", ""))
+                or env.get("PLUGIN_LOG_LEVEL")
+                or d.plugin_log_level
+            ),
             ambient_enabled=env_bool(env, "AMBIENT_ENABLED", d.ambient_enabled),
             exclude_namespaces=env.get("EXCLUDE_NAMESPACES", d.exclude_namespaces),
             pod_namespace=env.get("POD_NAMESPACE") or d.pod_namespace,
@@ -132,3 +136,17 @@ class InstallConfig:
             conf_group_read=env_bool(env, "CNI_CONF_GROUP_READ", d.conf_group_read),
             native_nftables=True if env_bool(env, "NATIVE_NFTABLES", False) else None,
         )
+
+
+def plugin_level_in(spec: str) -> str:
+    """The plugin's level from the agent's scoped ``LOG_LEVEL`` (pure): the last
+    ``cni-plugin:<level>`` or ``all:<level>`` entry, as Istio's agent writes its
+    ``cni-plugin`` scope's level into the plugin's config; "" when there is none (then
+    ``PLUGIN_LOG_LEVEL``, the chart's ``logLevel``, applies). Malformed entries are left to
+    the agent's own check, which refuses them in one line."""
+    found = ""
+    for entry in spec.split(","):
+        scope, sep, level = entry.strip().partition(":")
+        if sep and scope.strip().lower() in ("cni-plugin", "all") and level.strip():
+            found = level.strip().lower()
+    return "warn" if found == "warning" else found

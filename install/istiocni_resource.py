@@ -3,7 +3,9 @@
 
 As in the Sail operator: ``spec.namespace`` is the release namespace, ``spec.profile`` the
 chart's ``profile`` value, and ``spec.values.cni.<key>`` become the chart's top-level
-values with Istio's names (``cniBinDir``, ``ambient.enabled``, ...). Pure: no cluster.
+values with Istio's names (``cniBinDir``, ``ambient.enabled``, ...), and
+``spec.values.global`` the chart's ``global`` (hub, tag, logAsJson, platform, ...). Pure: no
+cluster.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def helm_release(doc: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if not isinstance(cni, Mapping):
         raise ConfigError("IstioCNI spec.values.cni must be a mapping")
     values.update(cni)
+    glob = (spec.get("values") or {}).get("global")
+    if glob is not None:
+        if not isinstance(glob, Mapping):
+            raise ConfigError("IstioCNI spec.values.global must be a mapping")
+        values["global"] = dict(glob)
     if spec.get("profile"):
         values["profile"] = str(spec["profile"])
     return namespace, values

@@ -158,6 +158,8 @@ class AgentConfig:
     workers: int = 16
     install_cni: bool = False
     log_level: str = "info"
+    # JSON log lines (ours since the start) or Istio's text lines (LOG_AS_JSON=false).
+    log_as_json: bool = True
     # Istio's ambient-disable-safe-upgrade: every stop uninstalls (no DaemonSet question).
     disable_safe_upgrade: bool = False
     # The only uid whose processes may speak ZDS (SO_PEERCRED): Istio's chart runs ztunnel
@@ -221,6 +223,7 @@ class AgentConfig:
             workers=_int(e, "AGENT_WORKERS", 16),
             install_cni=env_bool(e, "INSTALL_CNI", False),
             log_level=e.get("LOG_LEVEL") or "info",
+            log_as_json=env_bool(e, "LOG_AS_JSON", True),
             disable_safe_upgrade=env_bool(e, "AMBIENT_DISABLE_SAFE_UPGRADE", False),
             ztunnel_uid=_uid(e, "ZTUNNEL_UID"),
             **_newer_istio_settings(e),

@@ -1,7 +1,11 @@
-"""Structured JSON logging with the pod attached.
+"""Structured logging with the pod attached, as JSON lines or Istio's text lines.
 
-Every record is one JSON object per line: ``time``, ``level``, ``logger``, ``msg`` (a short
-lowercase event phrase) and any fields passed through ``extra={"fields": {...}}``. A
+JSON (the default; ``--log_as_json`` / ``LOG_AS_JSON=true``): every record is one JSON
+object per line: ``time``, ``level``, ``logger``, ``msg`` (a short lowercase event phrase)
+and any fields passed through ``extra={"fields": {...}}``. Text (``LOG_AS_JSON=false``, the
+format of Istio's agent without ``--log_as_json``): ``time<TAB>level<TAB>logger<TAB>msg``,
+then a TAB and the fields as ``key=value`` separated by spaces (nested ones as
+``pod.namespace=...``), the time in Istio's form (UTC, microseconds). A
 :class:`PodLogger` puts ``{namespace, name, uid}`` of a pod on every record it emits.
 Levels mean: info for lifecycle, debug for steps, warning when degraded, error when an
 operator must act (and the message says what to do).
@@ -41,6 +45,36 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[1] is not None:
             out["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         return json.dumps(out, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Istio's console line (its ``pkg/log`` without JSON): one record per line, no newline
+    inside (a message's own newlines are escaped so one record stays one line)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        micros = int((record.created % 1) * 1_000_000)
+        level = "warn" if record.levelno == logging.WARNING else record.levelname.lower()
+        parts = [f"{stamp}.{micros:06d}Z", level, record.name, record.getMessage()]
+        pairs: list[str] = []
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            pairs.extend(_pairs("", fields))
+        if record.exc_info and record.exc_info[1] is not None:
+            pairs.append(f"error={type(record.exc_info[1]).__name__}: {record.exc_info[1]}")
+        if pairs:
+            parts.append(" ".join(pairs))
+        return "\t".join(parts).replace("\n", "\\n")
+
+
+def _pairs(prefix: str, fields: Mapping[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in fields.items():
+        if isinstance(value, Mapping):
+            out.extend(_pairs(f"{prefix}{key}.", value))
+        else:
+            out.append(f"{prefix}{key}={value}")
+    return out
 
 
 NONE = logging.CRITICAL + 10  # above every level: the scope logs nothing
@@ -94,12 +128,13 @@ def _bad_level(spec: str, why: str) -> str:
     )
 
 
-def configure(level: str = "info", stream: Any = None) -> None:
-    """Send all logging to ``stream`` (stderr by default) as JSON lines at ``level`` (see
-    the module docstring for the grammar; :class:`ConfigError` when it is malformed)."""
+def configure(level: str = "info", stream: Any = None, as_json: bool = True) -> None:
+    """Send all logging to ``stream`` (stderr by default) at ``level`` (see the module
+    docstring for the grammar; :class:`ConfigError` when it is malformed), as JSON lines or,
+    with ``as_json=False``, Istio's text lines."""
     levels = parse_levels(level)  # before touching any logger: a refusal changes nothing
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(levels.pop("", logging.INFO))

@@ -22,7 +22,7 @@ from node_agent.agent_assembly import Agent
 from node_agent.config import AgentConfig
 from node_agent.malloc_arenas import cap_malloc_arenas
 
-__all__ = ["HELP", "Agent", "add_arguments", "run"]
+__all__ = ["HELP", "Agent", "add_arguments", "agent_config", "run"]
 
 log = logging.getLogger("node_agent.agent")
 
@@ -53,20 +53,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="run the CNI installer in-process (as Istio's agent does)",
     )
-    a("--log-level", dest="log_level", help="debug, info, warning, error")
+    a(
+        "--log-level",
+        "--log_output_level",
+        dest="log_level",
+        help="level or Istio's scope:level,... e.g. default:info,cni:debug (env LOG_LEVEL)",
+    )
+    a(
+        "--log_as_json",
+        dest="log_as_json",
+        action="store_true",
+        default=None,
+        help="JSON log lines (env LOG_AS_JSON; the default), as Istio's flag",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The configuration: the environment (the chart's ConfigMap), flags winning."""
     env_cfg = AgentConfig.from_env(
         {**os.environ, **({"NODE_NAME": args.node_name} if args.node_name else {})}
     )
     fields = [
         "kubeconfig", "run_dir", "ztunnel_socket", "proc_root", "netns_dir", "host_netns",
         "node_netns", "backend", "health_port", "monitoring_port", "listen_address",
-        "reconcile_seconds", "workers", "install_cni", "log_level",
+        "reconcile_seconds", "workers", "install_cni", "log_level", "log_as_json",
     ]  # fmt: skip
-    cfg = env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
-    logs.configure(cfg.log_level)
+    return env_cfg.with_overrides(**{f: getattr(args, f, None) for f in fields})
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = agent_config(args)
+    logs.configure(cfg.log_level, as_json=cfg.log_as_json)
     log.debug(cap_malloc_arenas())  # before any thread exists
     agent = Agent(cfg)
     stop = threading.Event()

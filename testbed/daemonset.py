@@ -98,9 +98,9 @@ def _helm(action: str, call: Any) -> dict[str, Any]:
 def one_line(message: str) -> str:
     """Helm's multi-line schema report as one line: the offending values, else everything."""
     lines = [ln.strip(" -") for ln in message.strip().splitlines() if ln.strip()]
-    wrong = [ln.removeprefix("at ") for ln in lines if ln.startswith("at '/")]
+    wrong = [ln.removeprefix("at ") for ln in lines if ln.startswith("at '")]
     if wrong:
-        return ("chart value of the wrong type: " + "; ".join(wrong)
+        return ("chart values refused (an unknown key or a wrong type): " + "; ".join(wrong)
                 + " (types: install/helm/istio-cni/values.schema.json)")  # fmt: skip
     return " ".join(lines) or "no message"
 

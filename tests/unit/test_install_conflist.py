@@ -210,3 +210,20 @@ def test_a_bad_selector_setting_is_one_line_naming_the_variable(raw: str, words:
         InstallConfig.from_env({"AMBIENT_ENABLEMENT_SELECTOR": raw})
     assert "AMBIENT_ENABLEMENT_SELECTOR" in str(e.value) and words in str(e.value)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        ({}, "info"),
+        ({"PLUGIN_LOG_LEVEL": "error"}, "error"),
+        ({"PLUGIN_LOG_LEVEL": "error", "LOG_LEVEL": "debug"}, "error"),  # default scope only
+        ({"PLUGIN_LOG_LEVEL": "info", "LOG_LEVEL": "default:info,cni-plugin:debug"}, "debug"),
+        ({"PLUGIN_LOG_LEVEL": "info", "LOG_LEVEL": "cni-plugin:debug,all:Warning"}, "warn"),
+    ],
+)
+def test_plugin_level_follows_the_cni_plugin_scope_as_istio(env: dict[str, str], want: str) -> None:
+    """Istio's agent writes its cni-plugin scope's level into the plugin's config."""
+    from install.config import InstallConfig
+
+    assert InstallConfig.from_env(env).plugin_log_level == want

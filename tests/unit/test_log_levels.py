@@ -4,7 +4,9 @@ malformed ones refused in one line before any logger changes."""
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 
 import pytest
 
@@ -60,3 +62,64 @@ def test_malformed_level_refused_in_one_line(bad: str) -> None:
     msg = str(e.value)
     assert "\n" not in msg and "scope:level" in msg and repr(bad[:80]) in msg
     assert logging.getLogger().handlers == before
+
+
+def _agent_logs_for_chart(values: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> str:
+    """What the agent logs when started as the chart starts it: the DaemonSet's args parsed
+    by ``istio-cni-agent run``'s own parser, the ConfigMap as its environment."""
+    import argparse
+
+    import yaml
+    from helm_python.chart import Chart
+
+    from install import render_manifests
+    from node_agent import run_command
+
+    with Chart.load(render_manifests.CHART) as chart:
+        out = chart.render(values, name="istio-cni", namespace="istio-cni")
+    ds = yaml.safe_load(out["istio-cni/templates/daemonset.yaml"])
+    (container,) = ds["spec"]["template"]["spec"]["containers"]
+    data = yaml.safe_load(out["istio-cni/templates/configmap.yaml"])["data"]
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NODE_NAME", "node-1")  # the DaemonSet's downward API entry
+    parser = argparse.ArgumentParser()
+    run_command.add_arguments(parser)
+    assert container["command"][-1] == "run"
+    cfg = run_command.agent_config(parser.parse_args(container.get("args") or []))
+    stream = io.StringIO()
+    logs.configure(cfg.log_level, stream, as_json=cfg.log_as_json)
+    pod = logs.PodLogger(logging.getLogger("node_agent.enrollment"), "demo", "web-1", "u-1")
+    pod.info("pod enrolled", extra={"fields": {"backend": "iptables"}})
+    logging.getLogger("node_agent.zds").debug("zds debug line")
+    logging.getLogger("install").debug("install debug line")
+    return stream.getvalue()
+
+
+def test_global_log_as_json_false_gives_istios_text_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _agent_logs_for_chart(
+        {"global": {"logAsJson": False}, "logging": {"level": "default:info,cni:debug"}},
+        monkeypatch,
+    )
+    lines = text.splitlines()
+    # cni:debug reaches the agent's loggers (zds is one); install stays at default:info
+    assert len(lines) == 2, text
+    stamp, level, scope, msg, fields = lines[0].split("\t")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    assert (level, scope, msg) == ("info", "node_agent.enrollment", "pod enrolled")
+    assert fields == "backend=iptables pod.namespace=demo pod.name=web-1 pod.uid=u-1"
+    assert lines[1].split("\t")[1:] == ["debug", "node_agent.zds", "zds debug line"]
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(lines[0])
+
+
+def test_global_log_as_json_true_gives_json_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    text = _agent_logs_for_chart(
+        {"global": {"logAsJson": True, "logging": {"level": "install:debug"}}}, monkeypatch
+    )
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [(r["level"], r["logger"], r["msg"]) for r in records] == [
+        ("info", "node_agent.enrollment", "pod enrolled"),
+        ("debug", "install", "install debug line"),
+    ]
+    assert records[0]["pod"] == {"namespace": "demo", "name": "web-1", "uid": "u-1"}
