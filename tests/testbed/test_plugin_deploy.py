@@ -29,7 +29,7 @@ import pytest
 from testbed import agent_image
 from testbed import daemonset as D
 from testbed.mesh import mesh_env
-from testbed.node import Testbed
+from testbed.node import Testbed, TestbedError
 from testbed.node_state import NodeState, differences
 from tests.testbed import pods as P
 
@@ -318,17 +318,22 @@ def log_events(path: Path, source: str, keep: tuple[str, ...]) -> list[tuple[flo
             text = str(rec.get("msg") or rec.get("message") or "")
             if keep and not any(k in text for k in keep):
                 continue
-            extra = {k: v for k, v in rec.items()
-                     if k not in ("time", "level", "logger", "msg", "message", "scope")}  # fmt: skip
+            skip = ("time", "level", "logger", "msg", "message", "scope")
+            extra = {k: v for k, v in rec.items() if k not in skip}
             out.append((t, f"{source}: {text} {json.dumps(extra)[:300]}"))
     return out
 
 
-def rollout_timeline(failed: list[str], files: list[tuple[Path, str, tuple[str, ...]]],
-                     pods: dict[str, dict[str, Any]]) -> str:  # fmt: skip
-    """Each failed request placed among the agents' and the stand-in's events (for a run
-    that lost one: where it went)."""
+def rollout_timeline(
+    failed: list[str],
+    files: list[tuple[Path, str, tuple[str, ...]]],
+    pods: dict[str, dict[str, Any]],
+    marks: list[tuple[float, str]],
+) -> str:
+    """Each failed request placed among the test's marks and the agents' and the stand-in's
+    events (for a run that lost one: where it went)."""
     events = [(float(f.split("@")[1].split(":")[0]), f"client: {f}") for f in failed]
+    events += [(t, f"test: {what}") for t, what in marks]
     for path, source, keep in files:
         events += log_events(path, source, keep)
     for name, pod in pods.items():
@@ -432,17 +437,27 @@ def test_upgrade_under_traffic_loses_no_request(
         with NodeFilesWatch(info) as files:
             D.upgrade(bed, vals)
 
-            # the old pod goes first (maxUnavailable 1): a pod created now meets no agent
+            # the old pod goes first (maxUnavailable 1): a pod created once the old agent
+            # stopped answering /readyz (it stops taking the plugin's requests right after)
+            # meets no agent
             def old_stopping() -> bool:
                 uid = old["metadata"]["uid"]
                 return all(p["metadata"]["uid"] != uid or p["metadata"].get("deletionTimestamp")
                            for p in D.agent_pods(bed))  # fmt: skip
 
-            wait(old_stopping, 60, "the old agent pod to stop")
+            def no_agent_ready() -> bool:
+                try:
+                    bed.node_http_get(info["node_ip"], 8000, "/readyz", timeout=2)
+                except (TestbedError, OSError):
+                    return True
+                return False
+
+            wait(lambda: old_stopping() and no_agent_ready(), 60, "the old agent to stop")
+            gap_at = time.time()
             bed.kubectl("apply", "-f", "-", input=P.manifest(ns, [
                 P.httpd_pod("late", images["httpd"], 8080)]))  # fmt: skip
             new = D.wait_ready(bed, timeout=180, not_uid=old["metadata"]["uid"])
-            rolled = time.monotonic() - started
+            rolled, ready_at = time.monotonic() - started, time.time()
             P.wait_ready(bed, ns, ["late"], timeout=180)
             n = len(requests())
             wait(lambda: len(requests()) >= n + 10, 60, "requests with the new agent in charge")
@@ -456,14 +471,17 @@ def test_upgrade_under_traffic_loses_no_request(
         conns, slowest = slowest_request_ms(tmp_path / "access.log", "client", started_at)
         print(f"upgrade: rolled in {rolled:.1f}s (from {started_at:.0f}); {len(during)} "
               f"requests meanwhile, failed: {failed}; files sampled {files.samples}x; "
-              f"load {os.getloadavg()[0]:.1f}; slowest of {conns} proxied: {slowest} ms")  # fmt: skip
+              f"load {os.getloadavg()[0]:.1f}; slowest of {conns} proxied: "
+              f"{slowest} ms")  # fmt: skip
         agent_events = ("agent", "ztunnel", "snapshot", "stop", "uninstall", "upgrade", "adopt",
                         "reconcile pass", "repair", "enrolling again")  # fmt: skip
         timeline = rollout_timeline(failed, [
             (tmp_path / "old-agent.log", "old agent", agent_events),
             (tmp_path / "new-agent.log", "new agent", agent_events),
             (tmp_path / "standin.log", "stand-in", ()),
-        ], {"old agent": old, "new agent": new})  # fmt: skip
+        ], {"old agent": old, "new agent": new}, [
+            (started_at, "helm upgrade"), (gap_at, "no agent ready; pod 'late' created"),
+            (ready_at, "new agent Ready")])  # fmt: skip
         (tmp_path / "timeline.txt").write_text(timeline)
         if failed:
             print(timeline)
