@@ -128,6 +128,15 @@ def agent_pods(bed: Testbed) -> list[dict[str, Any]]:
     return list(json.loads(out.stdout)["items"])
 
 
+def last_words(container_status: Mapping[str, Any]) -> str:
+    """The last line the container wrote before it last exited, from the pod's status
+    (``lastState.terminated.message``: kubelet copies the log's tail there for a container
+    with ``terminationMessagePolicy: FallbackToLogsOnError`` that failed)."""
+    term = (container_status.get("lastState") or {}).get("terminated") or {}
+    lines = [ln.strip() for ln in str(term.get("message") or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
 def _why_not_ready(bed: Testbed, pod: dict[str, Any]) -> str | None:
     """A one-line reason when the pod is stuck in a way waiting will not fix."""
     name = pod["metadata"]["name"]
@@ -136,7 +145,10 @@ def _why_not_ready(bed: Testbed, pod: dict[str, Any]) -> str | None:
         if waiting.get("reason") in STUCK:
             msg = " ".join(str(waiting.get("message", "")).split())[:300]
             last = ""
-            if st.get("restartCount"):
+            said = last_words(st)
+            if said:  # the pod's own status (the chart's FallbackToLogsOnError)
+                last = f"; its last log line: {said[:300]}"
+            elif st.get("restartCount"):
                 logs = bed.kubectl("logs", "-n", helm_namespace(), name, "-c", CONTAINER,
                                    "--previous", "--tail=1", check=False).stdout  # fmt: skip
                 last = f"; its last log line: {logs.strip()[:300]}" if logs.strip() else ""

@@ -29,7 +29,7 @@ import pytest
 from testbed import agent_image
 from testbed import daemonset as D
 from testbed.mesh import mesh_env
-from testbed.node import Testbed
+from testbed.node import Testbed, TestbedError
 from testbed.node_state import NodeState, differences
 from tests.testbed import pods as P
 
@@ -164,6 +164,14 @@ def test_ebpf_without_a_cgroup2_hierarchy_is_one_line_not_a_silent_crash_loop(
         msg = str(e.value)
         assert "\n" not in msg and "CrashLoopBackOff" in msg, msg
         assert "no cgroup v2 hierarchy" in msg and "mount cgroup2" in msg, msg
+        # the reason is in the pod's own status, not only its log ...
+        (pod,) = D.agent_pods(bed)
+        (st,) = pod["status"]["containerStatuses"]
+        assert st["lastState"]["terminated"]["exitCode"] == 1, st
+        assert "no cgroup v2 hierarchy" in D.last_words(st), st["lastState"]
+        # ... and the log is that one refusal, never a traceback
+        previous = pod_log(bed, pod, previous=True)
+        assert "Traceback" not in previous and "no cgroup v2 hierarchy" in previous, previous
     finally:
         uninstall_quietly(bed)
 
@@ -208,9 +216,9 @@ def test_rbac_grants_exactly_what_the_agent_uses(
         assert not can(bed, verb, res, "-n", "istio-cni"), f"{SA} may {verb} {res}"
 
 
-def pod_log(bed: Testbed, pod: dict[str, Any]) -> str:
+def pod_log(bed: Testbed, pod: dict[str, Any], previous: bool = False) -> str:
     return bed.kubectl("logs", "-n", "istio-cni", pod["metadata"]["name"], "-c", D.CONTAINER,
-                       check=False).stdout  # fmt: skip
+                       *(["--previous"] if previous else []), check=False).stdout  # fmt: skip
 
 
 def test_the_pod_installs_the_plugin_and_enrolls_pods_created_through_the_api(
@@ -278,6 +286,82 @@ def traffic_client(name: str, image: str, url: str) -> dict[str, Any]:
     return pod
 
 
+class LogFollow:
+    """``kubectl logs -f`` of one pod into a file: an agent pod's log outlives its deletion
+    (kubelet removes the pod's own log files with it)."""
+
+    def __init__(self, bed: Testbed, pod: dict[str, Any], path: Path) -> None:
+        self.path = path
+        argv = [bed._kubectl_path(), f"--kubeconfig={bed.layout.kubeconfig}", "logs", "-f",
+                "-n", "istio-cni", pod["metadata"]["name"], "-c", D.CONTAINER]  # fmt: skip
+        with open(path, "wb") as out:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(10)
+
+
+def log_events(path: Path, source: str, keep: tuple[str, ...]) -> list[tuple[float, str]]:
+    """(epoch, "source: msg fields") for the JSON log lines of ``path`` whose message has
+    one of ``keep`` (every line when ``keep`` is empty)."""
+    out: list[tuple[float, str]] = []
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                t = time.mktime(time.strptime(rec["time"][:19], "%Y-%m-%dT%H:%M:%S"))
+                t += float("0" + rec["time"][19:].rstrip("Z")) - time.timezone
+            except (ValueError, KeyError, TypeError):
+                continue
+            text = str(rec.get("msg") or rec.get("message") or "")
+            if keep and not any(k in text for k in keep):
+                continue
+            skip = ("time", "level", "logger", "msg", "message", "scope")
+            extra = {k: v for k, v in rec.items() if k not in skip}
+            out.append((t, f"{source}: {text} {json.dumps(extra)[:300]}"))
+    return out
+
+
+def rollout_timeline(
+    failed: list[str],
+    files: list[tuple[Path, str, tuple[str, ...]]],
+    pods: dict[str, dict[str, Any]],
+    marks: list[tuple[float, str]],
+) -> str:
+    """Each failed request placed among the test's marks and the agents' and the stand-in's
+    events (for a run that lost one: where it went)."""
+    events = [(float(f.split("@")[1].split(":")[0]), f"client: {f}") for f in failed]
+    events += [(t, f"test: {what}") for t, what in marks]
+    for path, source, keep in files:
+        events += log_events(path, source, keep)
+    for name, pod in pods.items():
+        for st in (pod.get("status") or {}).get("containerStatuses") or []:
+            for key, state in (st.get("state") or {}).items():
+                for field in ("startedAt", "finishedAt"):
+                    if field in state:
+                        t = time.mktime(time.strptime(state[field], "%Y-%m-%dT%H:%M:%SZ"))
+                        events.append((t - time.timezone, f"{name}: {key} {field}"))
+    return "\n".join(f"{t:.3f} {what}" for t, what in sorted(events))
+
+
+def slowest_request_ms(access_log: Path, client: str, since: float) -> tuple[int, int]:
+    """(connections, the longest one's ms) of ``client``'s outbound connections the
+    stand-in finished since ``since`` (epoch): how close the rollout came to the client's
+    timeout."""
+    durations = []
+    with contextlib.suppress(OSError):
+        for line in access_log.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, KeyError):
+                rec = json.loads(line)
+                t = time.mktime(time.strptime(rec["time"], "%Y-%m-%dT%H:%M:%SZ"))
+                if (rec["direction"] == "outbound" and rec["src.workload"] == client
+                        and t - time.timezone >= since - 1):  # fmt: skip
+                    durations.append(int(str(rec["duration"]).removesuffix("ms")))
+    return len(durations), max(durations, default=0)
+
+
 class NodeFilesWatch:
     """Polls the plugin binary and the conflist entry every 20 ms on a thread; counts
     samples and the ones where either was missing."""
@@ -307,9 +391,15 @@ class NodeFilesWatch:
         self._thread.join(5)
 
 
+# Consecutive rollouts of one release (ICNI_UPGRADE_RUNS=5 for the figures in
+# docs/operations.md; one in `make test`).
+UPGRADE_RUNS = range(1, int(os.environ.get("ICNI_UPGRADE_RUNS", "1")) + 1)
+
+
+@pytest.mark.parametrize("run", UPGRADE_RUNS)
 def test_upgrade_under_traffic_loses_no_request(
     testbed_node: Testbed, testbed_info: dict[str, Any], release: dict[str, Any],
-    built_image: agent_image.AgentImage, tmp_path: Path,
+    built_image: agent_image.AgentImage, tmp_path: Path, run: int,
 ) -> None:  # fmt: skip
     """Roll the DaemonSet to another tag of the same build while a client in the mesh keeps
     requesting a server in the mesh, and a pod is created while no agent is ready."""
@@ -319,7 +409,8 @@ def test_upgrade_under_traffic_loses_no_request(
                                 info["ztunnel_socket_in_node"], "--access-log",
                                 str(tmp_path / "access.log"), "--ca-dir", str(tmp_path / "ca")],
                           mesh_env(info, "iptables"), tmp_path / "standin.log")  # fmt: skip
-    ns, images = "upgrade", info["images"]
+    ns, images = f"upgrade-{run}", info["images"]
+    follow_old: LogFollow | None = None
     try:
         bed.kubectl("create", "namespace", ns)
         bed.kubectl("label", "namespace", ns, "istio.io/dataplane-mode=ambient")
@@ -337,35 +428,64 @@ def test_upgrade_under_traffic_loses_no_request(
             return [ln for ln in out.split() if ln == "OK" or ln.startswith("FAIL@")]
 
         wait(lambda: len(requests()) >= 10, 60, "the client's first requests")
-        new_tag = "upgrade-" + built_image.tag  # the same build under another tag
+        new_tag = f"upgrade-{run}-{built_image.tag}"  # the same build under another tag
         D.import_image(bed, built_image, tags=(new_tag,))
         vals = D.values(info, "iptables", f"{agent_image.REPO}:{new_tag}")
         before = len(requests())
         started, started_at = time.monotonic(), time.time()
+        follow_old = LogFollow(bed, old, tmp_path / "old-agent.log")
         with NodeFilesWatch(info) as files:
             D.upgrade(bed, vals)
 
-            # the old pod goes first (maxUnavailable 1): a pod created now meets no agent
+            # the old pod goes first (maxUnavailable 1): a pod created once the old agent
+            # stopped answering /readyz (it stops taking the plugin's requests right after)
+            # meets no agent
             def old_stopping() -> bool:
                 uid = old["metadata"]["uid"]
                 return all(p["metadata"]["uid"] != uid or p["metadata"].get("deletionTimestamp")
                            for p in D.agent_pods(bed))  # fmt: skip
 
-            wait(old_stopping, 60, "the old agent pod to stop")
+            def no_agent_ready() -> bool:
+                try:
+                    bed.node_http_get(info["node_ip"], 8000, "/readyz", timeout=2)
+                except (TestbedError, OSError):
+                    return True
+                return False
+
+            wait(lambda: old_stopping() and no_agent_ready(), 60, "the old agent to stop")
+            gap_at = time.time()
             bed.kubectl("apply", "-f", "-", input=P.manifest(ns, [
                 P.httpd_pod("late", images["httpd"], 8080)]))  # fmt: skip
             new = D.wait_ready(bed, timeout=180, not_uid=old["metadata"]["uid"])
-            rolled = time.monotonic() - started
+            rolled, ready_at = time.monotonic() - started, time.time()
             P.wait_ready(bed, ns, ["late"], timeout=180)
-            time.sleep(2)  # a few more requests with the new agent in charge
+            n = len(requests())
+            wait(lambda: len(requests()) >= n + 10, 60, "requests with the new agent in charge")
+        follow_old.stop()
         after = requests()
+        (tmp_path / "new-agent.log").write_text(pod_log(bed, new))
         assert new["spec"]["containers"][0]["image"].endswith(":" + new_tag)
         assert files.samples > 100 and files.missing == [], files.missing[:5]
         during = after[before:]
         failed = [r for r in during if r != "OK"]
+        conns, slowest = slowest_request_ms(tmp_path / "access.log", "client", started_at)
         print(f"upgrade: rolled in {rolled:.1f}s (from {started_at:.0f}); {len(during)} "
-              f"requests meanwhile, failed: {failed}; files sampled {files.samples}x")  # fmt: skip
-        assert len(during) >= 10 and failed == [], (started_at, failed)
+              f"requests meanwhile, failed: {failed}; files sampled {files.samples}x; "
+              f"load {os.getloadavg()[0]:.1f}; slowest of {conns} proxied: "
+              f"{slowest} ms")  # fmt: skip
+        agent_events = ("agent", "ztunnel", "snapshot", "stop", "uninstall", "upgrade", "adopt",
+                        "reconcile pass", "repair", "enrolling again")  # fmt: skip
+        timeline = rollout_timeline(failed, [
+            (tmp_path / "old-agent.log", "old agent", agent_events),
+            (tmp_path / "new-agent.log", "new agent", agent_events),
+            (tmp_path / "standin.log", "stand-in", ()),
+        ], {"old agent": old, "new agent": new}, [
+            (started_at, "helm upgrade"), (gap_at, "no agent ready; pod 'late' created"),
+            (ready_at, "new agent Ready")])  # fmt: skip
+        (tmp_path / "timeline.txt").write_text(timeline)
+        if failed:
+            print(timeline)
+        assert len(during) >= 10 and failed == [], (started_at, failed, str(tmp_path))
         late = json.loads(bed.kubectl("get", "pod", "late", "-n", ns, "-o", "json").stdout)
         assert late["metadata"].get("annotations", {}).get(
             "ambient.istio.io/redirection") == "enabled"  # fmt: skip
@@ -376,6 +496,8 @@ def test_upgrade_under_traffic_loses_no_request(
         # it met no ready agent: the plugin failed its sandbox closed until the new one was
         assert "FailedCreatePodSandBox" in reasons and "Started" in reasons, reasons
     finally:
+        if follow_old is not None:
+            follow_old.stop()
         leave_mesh_and_delete(bed, ns)
         standin.stop()
 

@@ -377,3 +377,39 @@ def test_istio_owned_and_multus_values_reach_the_installer() -> None:
         chained=cfg.chained, istio_owned=cfg.istio_owned_config, ambient_enabled=True
     )
     assert layout == conf_layout.STANDALONE and cfg.cni_conf_name == "istio-cni.conf"
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"ambient": {"enabled": "yes"}}, "'/ambient/enabled': got string, want boolean"),
+        ({"cniBinDir": 5}, "'/cniBinDir': got number, want string"),
+        ({"excludeNamespaces": "kube-system"}, "'/excludeNamespaces': got string, want array"),
+        ({"terminationGracePeriodSeconds": "30s"}, "'/terminationGracePeriodSeconds'"),
+        ({"ambient": {"redirectMode": "ebpf2"}}, "'/ambient/redirectMode'"),
+        ({"pullPolicy": "Sometimes"}, "'/pullPolicy'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_in_one_line_naming_it(
+    values: dict[str, Any], named: str
+) -> None:
+    """Helm's engine checks values.schema.json before rendering (so ``helm install`` fails
+    before anything is created); the testbed's one-line form of that report names the value
+    (the real ``helm install`` is tests/testbed/test_plugin_deploy.py)."""
+    from helm_python.errors import HelmError
+
+    from testbed.daemonset import one_line
+
+    with pytest.raises(HelmError) as e:
+        render_manifests.render({"profile": "ambient", **values}, "istio-cni")
+    line = one_line(str(e.value))
+    assert "\n" not in line and line.startswith("chart value of the wrong type: "), line
+    assert named in line, line
+
+
+def test_a_refused_start_is_in_the_pod_status(seed: list[dict[str, Any]]) -> None:
+    """A start refused for bad input (e.g. ebpf without a cgroup v2 hierarchy) writes one line
+    and exits 1; kubelet copies that line into the pod's status only with this policy."""
+    (ds,) = by_kind(seed, "DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
