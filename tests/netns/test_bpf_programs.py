@@ -68,7 +68,7 @@ class Harness:
         )
         if raw is None:
             return None
-        a, p, target = struct.unpack(programs.NAT_VAL_FORMAT, raw)
+        a, p, target, _sport, _pad, _created = struct.unpack(programs.NAT_VAL_FORMAT, raw)
         n = 4 if fam == 4 else 16
         return str(ipaddress.ip_address(a[:n])), socket.ntohs(p), target
 
