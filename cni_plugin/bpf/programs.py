@@ -2,8 +2,9 @@
 
 Node-wide (``<pin_root>/node-<build>/``): the ``nat`` map (captured connections' original
 destinations by the rewritten client address and port; pod addresses are unique on a node),
-``nat_fwd`` (the source port each captured original 5-tuple was given) and ``istio_getsockopt`` attached to
-the cgroup v2 root through a pinned link, answering ztunnel's ``SO_ORIGINAL_DST``.
+``nat_fwd`` (the source port each captured original 5-tuple was given) and
+``istio_getsockopt`` attached to the cgroup v2 root through a pinned link, answering
+ztunnel's ``SO_ORIGINAL_DST``.
 
 Per variant (``<pin_root>/progs/<build>-<flags>-<probe addresses>/``): ``istio_ingress``
 and ``istio_egress`` with their ``cfg`` (the variant's settings) and ``counters`` maps.

@@ -192,9 +192,7 @@ def _connect(s: socket.socket, dst: Addr) -> str:
 
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
-def test_two_long_lived_connections_from_one_port_to_two_destinations(
-    pod: Pod, fam: str
-) -> None:
+def test_two_long_lived_connections_from_one_port_to_two_destinations(pod: Pod, fam: str) -> None:
     first = _client(pod.path, fam, 0)
     with contextlib.ExitStack() as stack:
         stack.enter_context(first)
