@@ -185,6 +185,12 @@ static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 p
                                   int check_only)
 {
     struct bpf_sock *sk = lookup(skb, f->family, f->src, f->sport, f->dst, htons(port));
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        /* The client's tuple at `port` is taken (inbound by port rewrite: a connection from
+         * this client port to another port of the pod): the listener is what counts. */
+        bpf_sk_release(sk);
+        sk = lookup(skb, f->family, f->src, 0, f->dst, htons(port));
+    }
     if (!sk)
         return -1;
     if (sk->state != BPF_TCP_LISTEN) {
@@ -272,8 +278,9 @@ static __always_inline void tuple_of(struct nat_tuple *t, struct flow *f)
 
 /* The rewrite of a captured TCP conversation (its later packets, a retransmitted SYN): the
  * source port it was given and its target, as long as `nat` still holds that port for it
- * (ports are reused: the entry may belong to a newer conversation by now). 0 when not. */
-static __always_inline int captured(struct flow *f, struct nat_fwd_val *out)
+ * (ports are reused: the entry may belong to a newer conversation by now). 0 when not.
+ * `inbound`: sent to 15006 by port rewrite, its `nat` entry carries the pod address. */
+static __always_inline int captured(struct flow *f, struct nat_fwd_val *out, int inbound)
 {
     struct nat_tuple t = {};
     tuple_of(&t, f);
@@ -283,6 +290,8 @@ static __always_inline int captured(struct flow *f, struct nat_fwd_val *out)
     struct nat_fwd_val got = *fv;
     struct nat_key k = {};
     nat_key_of(&k, f->family, f->proto, f->src, got.port);
+    if (inbound)
+        __builtin_memcpy(k.local, f->dst, 16);
     struct nat_val *v = nat.lookup(&k);
     if (!v || v->sport != f->sport || v->port != f->dport || v->target != got.target ||
         !same_addr(f->family, v->addr, f->dst))
@@ -296,9 +305,9 @@ static __always_inline int captured(struct flow *f, struct nat_fwd_val *out)
  * port is taken (a socket there owns it: request, established or TIME_WAIT; or a fresh
  * `nat` entry claims it for a SYN still on its way), else the first free one of a few
  * random ports. A retransmitted SYN keeps the port it was given. 0 when none is free: the
- * SYN is dropped and the client's retransmission tries again. */
+ * SYN is dropped and the client's retransmission tries again. `inbound`: see captured(). */
 static __always_inline __u16 nat_open(struct __sk_buff *skb, struct flow *f, const __u32 *to,
-                                      __u16 target)
+                                      __u16 target, int inbound)
 {
     struct nat_val v = {};
     __builtin_memcpy(v.addr, f->dst, 16);
@@ -308,13 +317,15 @@ static __always_inline __u16 nat_open(struct __sk_buff *skb, struct flow *f, con
     v.created = bpf_ktime_get_ns();
     struct nat_key k = {};
     nat_key_of(&k, f->family, f->proto, f->src, f->sport);
+    if (inbound)
+        __builtin_memcpy(k.local, f->dst, 16);
     if (f->proto != IPPROTO_TCP) {
         /* ztunnel's DNS socket is unconnected: each datagram is recorded anew. */
         nat.update(&k, &v);
         return f->sport;
     }
     struct nat_fwd_val fv = {};
-    if (captured(f, &fv) && fv.target == target)
+    if (captured(f, &fv, inbound) && fv.target == target)
         return fv.port;
     fv.target = target;
     for (int i = 0; i < NAT_PORT_TRIES; i++) {
@@ -369,7 +380,7 @@ static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u
         lo[3] = htonl(1);
     }
     if (!port)
-        port = nat_open(skb, f, lo, target);
+        port = nat_open(skb, f, lo, target, 0);
     if (!port || redirect_to(skb, f, lo, target, port))
         return TC_ACT_SHOT;
     return to_lo(skb);
@@ -391,7 +402,7 @@ static __always_inline int syn_predates_redirection(struct __sk_buff *skb, struc
     if (!tp || !tp->total_retrans)
         return 0;
     struct nat_fwd_val fv = {};
-    return !captured(f, &fv);
+    return !captured(f, &fv, 0);
 }
 
 /* A reply from 15001/15053 to a client we rewrote: give it the source the client asked
@@ -422,32 +433,32 @@ static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
 }
 
 /* Inbound by port rewrite (where bpf_sk_assign refuses SO_REUSEPORT listeners): the
- * destination address stays the pod's own, so no routing changes; the port becomes 15006.
- * `record` for the SYN; later packets must match the recorded conversation. */
+ * destination address stays the pod's own, so no routing changes; the port becomes 15006,
+ * and the client's port another one where its tuple at 15006 is taken (one remote port to
+ * two ports of the pod). `record` for the SYN; later packets must match the recorded
+ * conversation. */
 static __always_inline int inbound_nat(struct __sk_buff *skb, struct flow *f, int record)
 {
-    struct nat_key k = {};
-    nat_key_of(&k, f->family, IPPROTO_TCP, f->src, f->sport);
-    __builtin_memcpy(k.local, f->dst, 16);
+    __u16 port;
     if (record) {
-        struct nat_val v = {};
-        __builtin_memcpy(v.addr, f->dst, 16);
-        v.port = f->dport;
-        v.target = ZTUNNEL_INBOUND_PORT;
-        v.sport = f->sport;
-        v.created = bpf_ktime_get_ns();
-        nat.update(&k, &v);
+        port = nat_open(skb, f, f->dst, ZTUNNEL_INBOUND_PORT, 1);
+        if (!port)
+            return TC_ACT_SHOT;
     } else {
-        struct nat_val *v = nat.lookup(&k);
-        if (!v || v->target != ZTUNNEL_INBOUND_PORT || v->port != f->dport)
+        struct nat_fwd_val fv = {};
+        if (!captured(f, &fv, 1) || fv.target != ZTUNNEL_INBOUND_PORT)
             return TC_ACT_UNSPEC;
+        port = fv.port;
     }
     if (set_port(skb, f, 1, f->dport, htons(ZTUNNEL_INBOUND_PORT)))
+        return TC_ACT_SHOT;
+    if (port != f->sport && set_port(skb, f, 0, f->sport, port))
         return TC_ACT_SHOT;
     return TC_ACT_UNSPEC;
 }
 
-/* ztunnel's answer from 15006 on such a conversation leaves with the port it was sent to. */
+/* ztunnel's answer from 15006 on such a conversation leaves with the port it was sent to,
+ * to the client's own port. */
 static __always_inline void inbound_reply(struct __sk_buff *skb, struct flow *f)
 {
     struct nat_key k = {};
@@ -457,7 +468,10 @@ static __always_inline void inbound_reply(struct __sk_buff *skb, struct flow *f)
     if (!found || found->target != ZTUNNEL_INBOUND_PORT)
         return;
     __u16 port = found->port;
+    __u16 sport = found->sport;
     set_port(skb, f, 0, f->sport, port);
+    if (sport != f->dport)
+        set_port(skb, f, 1, f->dport, sport);
     count(C_REPLY);
 }
 
@@ -516,7 +530,7 @@ int istio_egress(struct __sk_buff *skb)
         return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 0);
     }
     struct nat_fwd_val fv = {};
-    if (captured(&f, &fv))
+    if (captured(&f, &fv, 0))
         return to_ztunnel(skb, &f, fv.target, fv.port);
     return TC_ACT_UNSPEC; /* a conversation that predates redirection stays as it was */
 }
@@ -609,14 +623,14 @@ int istio_virt_ingress(struct __sk_buff *skb)
         if (!to[0] && !to[1] && !to[2] && !to[3])
             return TC_ACT_SHOT;
         count(C_VIRTUAL);
-        __u16 port = nat_open(skb, &f, to, ZTUNNEL_OUTBOUND_PORT);
+        __u16 port = nat_open(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 0);
         if (!port || redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, port))
             return TC_ACT_SHOT;
         return TC_ACT_UNSPEC;
     }
     /* Later packets of a redirected conversation follow the same rewrite. */
     struct nat_fwd_val fv = {};
-    if (captured(&f, &fv) && fv.target == ZTUNNEL_OUTBOUND_PORT &&
+    if (captured(&f, &fv, 0) && fv.target == ZTUNNEL_OUTBOUND_PORT &&
         redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, fv.port))
         return TC_ACT_SHOT;
     return TC_ACT_UNSPEC;

@@ -13,6 +13,10 @@ echoes every line. Both must keep working while the other is open, each must be 
 destination, and their rewritten client ports must differ. A third connection to a
 destination of its own whose port the NAT took for the second one must also get a free port
 (the remapped tuple is taken as well). IPv4 and IPv6.
+
+The same from a remote client to two ports of the pod, on the inbound path Linux < 6.5
+takes (``inbound_nat``: the destination port rewritten to 15006, which makes one tuple of
+both there too).
 """
 
 from __future__ import annotations
@@ -106,17 +110,26 @@ class EchoZtunnel:
 @dataclass
 class Pod:
     path: str
+    peer_path: str
     ztunnel: EchoZtunnel
+    pin_root: Path
+    applied: list[EbpfBackend] = field(default_factory=list)
+
+    def apply(self, inbound_nat: bool = False) -> None:
+        backend = EbpfBackend(pin_root=str(self.pin_root), cache_dir=CACHE_DIR,
+                              inbound_nat=inbound_nat)  # fmt: skip
+        backend.apply(self.path, RedirectSettings())
+        self.applied.append(backend)
 
 
-def _listener(fam: str) -> socket.socket:
+def _listener(fam: str, port: int) -> socket.socket:
     s = socket.socket(FAMILIES[fam], socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as ztunnel's
         if fam == "ipv6":
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.bind((WILDCARD[fam], 15001))
+        s.bind((WILDCARD[fam], port))
         s.listen(16)
     except BaseException:
         s.close()
@@ -140,17 +153,18 @@ def pod(make_netns: Callable[[str], str], tmp_path: Path) -> Iterator[Pod]:
         _ip(n, "link", "set", "eth0", "up")
     path = f"/run/netns/{ns}"
     pin_root = Path("/sys/fs/bpf") / f"icnit-shared-{ns}"
-    backend = EbpfBackend(pin_root=str(pin_root), cache_dir=CACHE_DIR)
     listeners: list[socket.socket] = []
     try:
         for fam in FAMILIES:
-            listeners.append(run_in_netns(path, functools.partial(_listener, fam)))
+            for port in (15001, 15006):
+                listeners.append(run_in_netns(path, functools.partial(_listener, fam, port)))
         zt = EchoZtunnel(listeners)
         zt.start()
         try:
-            backend.apply(path, RedirectSettings())
-            yield Pod(path, zt)
-            backend.remove(path, RedirectSettings())
+            p = Pod(path, f"/run/netns/{peer}", zt, pin_root)
+            yield p
+            for backend in p.applied:
+                backend.remove(path, RedirectSettings())
         finally:
             zt.close()
     finally:
@@ -160,14 +174,14 @@ def pod(make_netns: Callable[[str], str], tmp_path: Path) -> Iterator[Pod]:
     assert not pin_root.exists()
 
 
-def _client(path: str, fam: str, port: int) -> socket.socket:
+def _client(path: str, fam: str, port: int, addr: dict[str, str] = POD) -> socket.socket:
     def make() -> socket.socket:
         s = socket.socket(FAMILIES[fam], socket.SOCK_STREAM)
         try:
             # Both sockets set it: then Linux binds one port twice (no listener on it).
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.settimeout(TIMEOUT_S)
-            s.bind((POD[fam], port))
+            s.bind((addr[fam], port))
         except BaseException:
             s.close()
             raise
@@ -193,6 +207,7 @@ def _connect(s: socket.socket, dst: Addr) -> str:
 
 @pytest.mark.parametrize("fam", list(FAMILIES))
 def test_two_long_lived_connections_from_one_port_to_two_destinations(pod: Pod, fam: str) -> None:
+    pod.apply()
     first = _client(pod.path, fam, 0)
     with contextlib.ExitStack() as stack:
         stack.enter_context(first)
@@ -218,3 +233,25 @@ def test_two_long_lived_connections_from_one_port_to_two_destinations(pod: Pod, 
             s.sendall(f"{name} again\n".encode())
             assert _line(s) == f"{name} again", f"{name} connection after the third opened"
         assert len(set(pod.ztunnel.clients)) == 3, pod.ztunnel.clients
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_inbound_nat_two_connections_from_one_remote_port_to_two_pod_ports(
+    pod: Pod, fam: str
+) -> None:
+    pod.apply(inbound_nat=True)
+    target = POD[fam]
+    first = _client(pod.peer_path, fam, 0, PEER)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(first)
+        port = first.getsockname()[1]
+        second = stack.enter_context(_client(pod.peer_path, fam, port, PEER))
+        assert _connect(first, (target, 8080)) == f"{target} 8080"
+        assert _connect(second, (target, 8081)) == f"{target} 8081"
+        for i in range(ROUNDS):
+            for name, s in (("first", first), ("second", second)):
+                s.sendall(f"{name} {i}\n".encode())
+                assert _line(s) == f"{name} {i}", f"{name} connection, round {i}"
+        seen = list(pod.ztunnel.clients)
+        assert len(seen) == 2 and len(set(seen)) == 2, f"two distinct tuples at 15006: {seen}"
+        assert (PEER[fam], port) in seen, "the first keeps its own port"
