@@ -272,6 +272,25 @@ def _pod_of(rec: dict[str, Any], by_uid: dict[str, str], by_ip: dict[Any, str]) 
 PHASES = ["baseline", "label", "unlabel", "relabel", "opt-out", "opt-in"]
 
 
+def bpf_counters(pin_root: Path) -> dict[str, dict[str, int]]:
+    """The ebpf backend's packet counters per loaded variant under ``pin_root``, read before
+    the node goes: ``port_remap`` counts the connections that shared a client port with an
+    open one and were given another (issue 19)."""
+    from cni_plugin.bpf import programs, syscall
+
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted(pin_root.glob("progs/*/counters")):
+        fd = syscall.obj_get(str(path))
+        try:
+            raw = [syscall.map_lookup(fd, i.to_bytes(4, "little"), 8) for i in
+                   range(len(programs.COUNTER_NAMES))]  # fmt: skip
+        finally:
+            os.close(fd)
+        values = [int.from_bytes(r, "little") if r else 0 for r in raw]
+        out[path.parent.name] = dict(zip(programs.COUNTER_NAMES, values, strict=True))
+    return out
+
+
 def run(backend: str, instance: str, capture: str | None = None) -> dict[str, Any]:
     """The whole scenario on a node of its own; always brought down. ``capture``: pcap
     files of the clients' packets (all their interfaces)."""
@@ -290,6 +309,8 @@ def run(backend: str, instance: str, capture: str | None = None) -> dict[str, An
         scenario.run_phases()
         reports = scenario.stop_traffic()
         scenario.stop_capture()
+        if backend == "ebpf":
+            result["bpf_counters"] = bpf_counters(layout.bpf_pin_root)
         events = scenario.timeline()
         pods = scenario.k.pods(NS)
         ip_names = {p["status"]["podIP"]: n for n, p in pods.items()}
@@ -345,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(f"backend {args.backend}, {result['seconds']}s, load {result['loadavg']}")
     print(table(result))
+    for variant, counters in result.get("bpf_counters", {}).items():
+        print(f"ebpf counters {variant}: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
     for f in result.get("failures", []):
         tag = " (drained by ztunnel)" if f["by_design"] else ""
         print(f"  {f['phase']}: {f['client']} -> {f['target_pod']} {f['kind']}: {f['error']}{tag}")

@@ -27,6 +27,8 @@ def test_enroll_and_leave_under_traffic_fails_nothing(backend: str) -> None:
         pytest.skip(f"--mesh pieces not landed: {missing_pieces()}")
     result = run(backend, f"enroll{os.getpid()}")
     print(f"\n{backend} ({result['seconds']}s, load {result['loadavg']}):\n{table(result)}")
+    for variant, counters in result.get("bpf_counters", {}).items():
+        print(f"ebpf counters {variant}: {counters}")
     assert result["down_problems"] == [] and result["leftovers"] == []
     counts = result["counts"]
     assert list(counts) == PHASES
