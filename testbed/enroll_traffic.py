@@ -49,6 +49,7 @@ SETTLE = 2.0
 # A leaving pod's proxy: the agent's grace before the Del, then ztunnel's drain deadline.
 LEAVE_SETTLE = LEAVE_GRACE_S + DRAIN_SECONDS + 1.5
 PHASE_TIMEOUT = 60.0
+BASELINE_MIN = 15  # attempts of each kind per client before the first change (2 clients)
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = (
     'mkdir -p /www && echo "$HOSTNAME" > /www/index.html && '
@@ -178,6 +179,16 @@ class Scenario:
             gen.stdin.write(line + "\n")
             gen.stdin.flush()
 
+    def baseline_carried(self) -> bool:
+        """Each generator's current phase has ``BASELINE_MIN`` attempts of each kind (asked
+        with ``progress``; the answer is one line on its stdout, before its final report)."""
+        self.command("progress")
+        counts = []
+        for gen in self.gens.values():
+            assert gen.stdout is not None
+            counts.append(json.loads(gen.stdout.readline()))
+        return all(c["new"] >= BASELINE_MIN and c["long"] >= BASELINE_MIN for c in counts)
+
     def stop_traffic(self) -> dict[str, dict[str, Any]]:
         reports: dict[str, dict[str, Any]] = {}
         for name, gen in self.gens.items():
@@ -226,7 +237,9 @@ class Scenario:
         label = f"{c.DATAPLANE_MODE_LABEL}={c.DATAPLANE_MODE_AMBIENT}"
         on = dict.fromkeys(every, c.REDIRECTION_ENABLED)
         off: dict[str, str | None] = dict.fromkeys(every, None)
-        time.sleep(3)  # baseline: the generators started in it
+        # Baseline: the generators started in it; it lasts until each has made enough
+        # attempts of both kinds to prove something (a loaded machine starts them slowly).
+        _wait("baseline: traffic from every client", self.baseline_carried)
         self.phase("label", ["label", "namespace", NS, label], dict(on))
         unlabel = ["label", "namespace", NS, f"{c.DATAPLANE_MODE_LABEL}-"]
         self.phase("unlabel", unlabel, off, LEAVE_SETTLE)
