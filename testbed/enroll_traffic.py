@@ -49,6 +49,7 @@ SETTLE = 2.0
 # A leaving pod's proxy: the agent's grace before the Del, then ztunnel's drain deadline.
 LEAVE_SETTLE = LEAVE_GRACE_S + DRAIN_SECONDS + 1.5
 PHASE_TIMEOUT = 60.0
+BASELINE_MIN = 15  # attempts of each kind per client before the first change (2 clients)
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SCRIPT = (
     'mkdir -p /www && echo "$HOSTNAME" > /www/index.html && '
@@ -178,6 +179,16 @@ class Scenario:
             gen.stdin.write(line + "\n")
             gen.stdin.flush()
 
+    def baseline_carried(self) -> bool:
+        """Each generator's current phase has ``BASELINE_MIN`` attempts of each kind (asked
+        with ``progress``; the answer is one line on its stdout, before its final report)."""
+        self.command("progress")
+        counts = []
+        for gen in self.gens.values():
+            assert gen.stdout is not None
+            counts.append(json.loads(gen.stdout.readline()))
+        return all(c["new"] >= BASELINE_MIN and c["long"] >= BASELINE_MIN for c in counts)
+
     def stop_traffic(self) -> dict[str, dict[str, Any]]:
         reports: dict[str, dict[str, Any]] = {}
         for name, gen in self.gens.items():
@@ -226,7 +237,9 @@ class Scenario:
         label = f"{c.DATAPLANE_MODE_LABEL}={c.DATAPLANE_MODE_AMBIENT}"
         on = dict.fromkeys(every, c.REDIRECTION_ENABLED)
         off: dict[str, str | None] = dict.fromkeys(every, None)
-        time.sleep(3)  # baseline: the generators started in it
+        # Baseline: the generators started in it; it lasts until each has made enough
+        # attempts of both kinds to prove something (a loaded machine starts them slowly).
+        _wait("baseline: traffic from every client", self.baseline_carried)
         self.phase("label", ["label", "namespace", NS, label], dict(on))
         unlabel = ["label", "namespace", NS, f"{c.DATAPLANE_MODE_LABEL}-"]
         self.phase("unlabel", unlabel, off, LEAVE_SETTLE)
@@ -272,6 +285,25 @@ def _pod_of(rec: dict[str, Any], by_uid: dict[str, str], by_ip: dict[Any, str]) 
 PHASES = ["baseline", "label", "unlabel", "relabel", "opt-out", "opt-in"]
 
 
+def bpf_counters(pin_root: Path) -> dict[str, dict[str, int]]:
+    """The ebpf backend's packet counters per loaded variant under ``pin_root``, read before
+    the node goes: ``port_remap`` counts the connections that shared a client port with an
+    open one and were given another (issue 19)."""
+    from cni_plugin.bpf import programs, syscall
+
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted(pin_root.glob("progs/*/counters")):
+        fd = syscall.obj_get(str(path))
+        try:
+            raw = [syscall.map_lookup(fd, i.to_bytes(4, "little"), 8) for i in
+                   range(len(programs.COUNTER_NAMES))]  # fmt: skip
+        finally:
+            os.close(fd)
+        values = [int.from_bytes(r, "little") if r else 0 for r in raw]
+        out[path.parent.name] = dict(zip(programs.COUNTER_NAMES, values, strict=True))
+    return out
+
+
 def run(backend: str, instance: str, capture: str | None = None) -> dict[str, Any]:
     """The whole scenario on a node of its own; always brought down. ``capture``: pcap
     files of the clients' packets (all their interfaces)."""
@@ -290,6 +322,8 @@ def run(backend: str, instance: str, capture: str | None = None) -> dict[str, An
         scenario.run_phases()
         reports = scenario.stop_traffic()
         scenario.stop_capture()
+        if backend == "ebpf":
+            result["bpf_counters"] = bpf_counters(layout.bpf_pin_root)
         events = scenario.timeline()
         pods = scenario.k.pods(NS)
         ip_names = {p["status"]["podIP"]: n for n, p in pods.items()}
@@ -345,6 +379,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(f"backend {args.backend}, {result['seconds']}s, load {result['loadavg']}")
     print(table(result))
+    for variant, counters in result.get("bpf_counters", {}).items():
+        print(f"ebpf counters {variant}: " + ", ".join(f"{k}={v}" for k, v in counters.items()))
     for f in result.get("failures", []):
         tag = " (drained by ztunnel)" if f["by_design"] else ""
         print(f"  {f['phase']}: {f['client']} -> {f['target_pod']} {f['kind']}: {f['error']}{tag}")

@@ -13,6 +13,7 @@ target server ``IP``:
   change is crossed by a connection made in the current state.
 
 Commands on stdin, one per line: ``phase NAME`` (later attempts count for NAME), ``rotate``,
+``progress`` (prints one JSON line: the current phase's ``{"new": sent, "long": sent}``),
 ``stop``. On ``stop`` (or EOF, or ``--max-seconds``) it prints one JSON object and exits 0:
 ``{"phases": {NAME: {"new": {...}, "long": {...}}}, "failures": [...], "slow": [...]}``
 where each count block has ``sent``/``failed``/``errors`` and each failure its wall-clock
@@ -72,6 +73,11 @@ class Recorder:
     def current(self) -> str:
         with self._lock:
             return self.phase
+
+    def progress(self) -> dict[str, int]:
+        """Attempts so far in the current phase, per kind."""
+        with self._lock:
+            return {k: self._tally(self.phase, k).sent for k in ("new", "long")}
 
     def ok(self, phase: str, kind: str) -> None:
         with self._lock:
@@ -235,6 +241,9 @@ def _commands(gen: Generator, done: threading.Event) -> None:
             gen.rec.set_phase(arg)
         elif cmd == "rotate":
             gen.rotate()
+        elif cmd == "progress":
+            sys.stdout.write(json.dumps(gen.rec.progress()) + "\n")
+            sys.stdout.flush()
         elif cmd == "stop":
             break
     done.set()

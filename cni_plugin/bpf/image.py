@@ -37,7 +37,8 @@ PROGRAM_TYPES = {
 }
 TC_PROGRAMS = ("istio_ingress", "istio_egress")
 PROGRAMS = tuple(PROGRAM_TYPES)
-NODE_MAPS = ("nat",)  # shared by every pod on the node (and read by istio_getsockopt)
+# Shared by every pod on the node (`nat` is also read by istio_getsockopt).
+NODE_MAPS = ("nat", "nat_fwd")
 # One per pod with virtual interfaces (istio_virt_ingress is loaded per pod for them).
 VIRT_PROGRAM = "istio_virt_ingress"
 POD_MAPS = ("virt",)
@@ -225,7 +226,7 @@ def compile_image(key: str) -> ProgramImage:
     try:
         maps: list[MapSpec] = []
         fd_to_index: dict[int, int] = {}
-        for name in ("cfg", "nat", "counters", *POD_MAPS):
+        for name in ("cfg", *NODE_MAPS, "counters", *POD_MAPS):
             t = b.get_table(name)
             fd_to_index[int(t.map_fd)] = len(maps)
             maps.append(

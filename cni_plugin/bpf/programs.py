@@ -1,8 +1,10 @@
 """Loaded, pinned BPF objects shared by pods: the node's and each settings variant's.
 
 Node-wide (``<pin_root>/node-<build>/``): the ``nat`` map (captured connections' original
-destinations; pod addresses are unique on a node) and ``istio_getsockopt`` attached to
-the cgroup v2 root through a pinned link, answering ztunnel's ``SO_ORIGINAL_DST``.
+destinations by the rewritten client address and port; pod addresses are unique on a node),
+``nat_fwd`` (the source port each captured original 5-tuple was given) and
+``istio_getsockopt`` attached to the cgroup v2 root through a pinned link, answering
+ztunnel's ``SO_ORIGINAL_DST``.
 
 Per variant (``<pin_root>/progs/<build>-<flags>-<probe addresses>/``): ``istio_ingress``
 and ``istio_egress`` with their ``cfg`` (the variant's settings) and ``counters`` maps.
@@ -40,7 +42,9 @@ F_INBOUND_NAT = 8
 F_DRAIN = 16
 SETTINGS_FORMAT = "<II16sII"  # struct settings in redirect.h
 NAT_KEY_FORMAT = "<16sHBB16s"  # struct nat_key
-NAT_VAL_FORMAT = "<16sHH"  # struct nat_val
+NAT_VAL_FORMAT = "<16sHHHHQ"  # struct nat_val
+NAT_TUPLE_FORMAT = "<16s16sHHBBH"  # struct nat_tuple
+NAT_FWD_VAL_FORMAT = "<HH"  # struct nat_fwd_val
 VIRT_ADDR_FORMAT = "<4s16s"  # struct virt_addr (addresses in network byte order)
 COUNTER_NAMES = (
     "outbound",
@@ -51,6 +55,8 @@ COUNTER_NAMES = (
     "no_listener",
     "local_redirect",
     "virtual",
+    "port_remap",
+    "no_port",
 )
 CGROUP_GETSOCKOPT = 21
 GETSOCKOPT_LINK = "getsockopt_link"

@@ -13,7 +13,10 @@
  * small NAT of our own: istio_egress rewrites the destination to 127.0.0.1/::1:<port>
  * and turns the packet back into lo's receive path, recording the original destination in
  * the node-wide `nat` map; istio_ingress on lo gives the replies their original source back;
- * istio_getsockopt answers ztunnel's SO_ORIGINAL_DST from the same map. Replies to
+ * istio_getsockopt answers ztunnel's SO_ORIGINAL_DST from the same map. Two connections
+ * from one client port to two destinations would become one 4-tuple at ztunnel's port, so
+ * a TCP connection whose tuple there is taken gets a free source port (`nat_fwd` keeps the
+ * port each original 5-tuple was given; `nat` is keyed by the rewritten one). Replies to
  * ztunnel's spoofed-source inbound connections are recognised by the kernel's own socket
  * table (a local non-listening socket owns the reversed 4-tuple) and turned back into lo
  * marked 0x111, which the policy route (fwmark 0x111 -> table 100 -> local) delivers.
@@ -52,6 +55,7 @@
 
 BPF_ARRAY(cfg, struct settings, 1);
 BPF_TABLE("lru_hash", struct nat_key, struct nat_val, nat, 65536);
+BPF_TABLE("lru_hash", struct nat_tuple, struct nat_fwd_val, nat_fwd, 65536);
 BPF_ARRAY(counters, u64, C_COUNT);
 /* Per pod (only pods with virtual interfaces load istio_virt_ingress): ifindex -> address. */
 BPF_HASH(virt, __u32, struct virt_addr, MAX_VIRTUAL_IFACES);
@@ -181,6 +185,12 @@ static __always_inline int assign(struct __sk_buff *skb, struct flow *f, __u16 p
                                   int check_only)
 {
     struct bpf_sock *sk = lookup(skb, f->family, f->src, f->sport, f->dst, htons(port));
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        /* The client's tuple at `port` is taken (inbound by port rewrite: a connection from
+         * this client port to another port of the pod): the listener is what counts. */
+        bpf_sk_release(sk);
+        sk = lookup(skb, f->family, f->src, 0, f->dst, htons(port));
+    }
     if (!sk)
         return -1;
     if (sk->state != BPF_TCP_LISTEN) {
@@ -256,29 +266,110 @@ static __always_inline void nat_key_of(struct nat_key *k, __u8 family, __u8 prot
     k->proto = proto;
 }
 
-/* Rewrite a packet's destination to to:target, first recording (`record`) where it was
- * going, keyed by its source: the replies and SO_ORIGINAL_DST read it back. -1 on failure. */
-static __always_inline int redirect_to(struct __sk_buff *skb, struct flow *f, const __u32 *to,
-                                       __u16 target, int record)
+static __always_inline void tuple_of(struct nat_tuple *t, struct flow *f)
 {
-    if (record) {
-        struct nat_key k = {};
-        nat_key_of(&k, f->family, f->proto, f->src, f->sport);
-        struct nat_val v = {};
-        __builtin_memcpy(v.addr, f->dst, 16);
-        v.port = f->dport;
-        v.target = target;
+    __builtin_memcpy(t->src, f->src, 16);
+    __builtin_memcpy(t->dst, f->dst, 16);
+    t->sport = f->sport;
+    t->dport = f->dport;
+    t->family = f->family;
+    t->proto = f->proto;
+}
+
+/* The rewrite of a captured TCP conversation (its later packets, a retransmitted SYN): the
+ * source port it was given and its target, as long as `nat` still holds that port for it
+ * (ports are reused: the entry may belong to a newer conversation by now). 0 when not.
+ * `inbound`: sent to 15006 by port rewrite, its `nat` entry carries the pod address. */
+static __always_inline int captured(struct flow *f, struct nat_fwd_val *out, int inbound)
+{
+    struct nat_tuple t = {};
+    tuple_of(&t, f);
+    struct nat_fwd_val *fv = nat_fwd.lookup(&t);
+    if (!fv)
+        return 0;
+    struct nat_fwd_val got = *fv;
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, f->proto, f->src, got.port);
+    if (inbound)
+        __builtin_memcpy(k.local, f->dst, 16);
+    struct nat_val *v = nat.lookup(&k);
+    if (!v || v->sport != f->sport || v->port != f->dport || v->target != got.target ||
+        !same_addr(f->family, v->addr, f->dst))
+        return 0;
+    *out = got;
+    return 1;
+}
+
+/* Record a new conversation (a SYN, or a datagram) sent to to:target and choose the source
+ * port its packets carry from now on: its own, unless the 4-tuple that makes at ztunnel's
+ * port is taken (a socket there owns it: request, established or TIME_WAIT; or a fresh
+ * `nat` entry claims it for a SYN still on its way), else the first free one of a few
+ * random ports. A retransmitted SYN keeps the port it was given. 0 when none is free: the
+ * SYN is dropped and the client's retransmission tries again. `inbound`: see captured(). */
+static __always_inline __u16 nat_open(struct __sk_buff *skb, struct flow *f, const __u32 *to,
+                                      __u16 target, int inbound)
+{
+    struct nat_val v = {};
+    __builtin_memcpy(v.addr, f->dst, 16);
+    v.port = f->dport;
+    v.target = target;
+    v.sport = f->sport;
+    v.created = bpf_ktime_get_ns();
+    struct nat_key k = {};
+    nat_key_of(&k, f->family, f->proto, f->src, f->sport);
+    if (inbound)
+        __builtin_memcpy(k.local, f->dst, 16);
+    if (f->proto != IPPROTO_TCP) {
+        /* ztunnel's DNS socket is unconnected: each datagram is recorded anew. */
         nat.update(&k, &v);
+        return f->sport;
     }
+    struct nat_fwd_val fv = {};
+    if (captured(f, &fv, inbound) && fv.target == target)
+        return fv.port;
+    fv.target = target;
+    for (int i = 0; i < NAT_PORT_TRIES; i++) {
+        __u16 port = f->sport;
+        if (i)
+            port = htons(NAT_PORT_MIN + bpf_get_prandom_u32() % NAT_PORT_COUNT);
+        k.port = port;
+        struct nat_val *held = nat.lookup(&k);
+        if (held && (__s64)(v.created - held->created) < (__s64)NAT_CLAIM_NS)
+            continue;
+        if (owned_locally(skb, f->family, f->src, port, to, htons(target)))
+            continue;
+        /* An absent entry is claimed only if still absent (another CPU's SYN). */
+        if (held ? nat.update(&k, &v) : nat.insert(&k, &v))
+            continue;
+        struct nat_tuple t = {};
+        tuple_of(&t, f);
+        fv.port = port;
+        nat_fwd.update(&t, &fv);
+        if (i)
+            count(C_PORT_REMAP);
+        return port;
+    }
+    count(C_NO_PORT);
+    return 0;
+}
+
+/* Rewrite a packet's destination to to:target and its source port to the one its
+ * conversation was given. -1 on failure. */
+static __always_inline int redirect_to(struct __sk_buff *skb, struct flow *f, const __u32 *to,
+                                       __u16 target, __u16 port)
+{
     if (set_addr(skb, f, 1, f->dst, to) || set_port(skb, f, 1, f->dport, htons(target)))
+        return -1;
+    if (port != f->sport && set_port(skb, f, 0, f->sport, port))
         return -1;
     return 0;
 }
 
-/* Send an outgoing packet to loopback:target through lo, remembering where it was going
- * (a new connection or datagram; `record`) or not (later packets of a captured one). */
+/* Send an outgoing packet to loopback:target through lo: a new connection or datagram
+ * (`port` 0: recorded, its source port chosen) or a later packet of a captured one (`port`:
+ * the source port it was given). */
 static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u16 target,
-                                      int record)
+                                      __u16 port)
 {
     /* 127.0.0.1 / ::1, as iptables' REDIRECT picks for locally generated packets: ztunnel
      * may listen on loopback only (its DNS proxy does). */
@@ -288,20 +379,11 @@ static __always_inline int to_ztunnel(struct __sk_buff *skb, struct flow *f, __u
     } else {
         lo[3] = htonl(1);
     }
-    if (redirect_to(skb, f, lo, target, record))
+    if (!port)
+        port = nat_open(skb, f, lo, target, 0);
+    if (!port || redirect_to(skb, f, lo, target, port))
         return TC_ACT_SHOT;
     return to_lo(skb);
-}
-
-/* Later packets of a captured outbound conversation: the target it was sent to, or 0. */
-static __always_inline __u16 captured_target(struct flow *f)
-{
-    struct nat_key k = {};
-    nat_key_of(&k, f->family, f->proto, f->src, f->sport);
-    struct nat_val *v = nat.lookup(&k);
-    if (!v || v->port != f->dport || !same_addr(f->family, v->addr, f->dst))
-        return 0;
-    return v->target;
 }
 
 /* A retransmitted SYN whose first transmission was not steered (no record of it): its
@@ -319,11 +401,13 @@ static __always_inline int syn_predates_redirection(struct __sk_buff *skb, struc
     struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
     if (!tp || !tp->total_retrans)
         return 0;
-    return captured_target(f) == 0;
+    struct nat_fwd_val fv = {};
+    return !captured(f, &fv, 0);
 }
 
 /* A reply from 15001/15053 to a client we rewrote: give it the source the client asked
- * for. 1 when rewritten, 0 when not ours, -1 when the rewrite failed. */
+ * for, and the client its own port. 1 when rewritten, 0 when not ours, -1 when the rewrite
+ * failed. */
 static __always_inline int reply_source(struct __sk_buff *skb, struct flow *f)
 {
     if (f->sport != htons(ZTUNNEL_OUTBOUND_PORT) && f->sport != htons(ZTUNNEL_DNS_PORT))
@@ -336,6 +420,8 @@ static __always_inline int reply_source(struct __sk_buff *skb, struct flow *f)
     struct nat_val v = *found;
     if (set_addr(skb, f, 0, f->src, v.addr) || set_port(skb, f, 0, f->sport, v.port))
         return -1;
+    if (v.sport != f->dport && set_port(skb, f, 1, f->dport, v.sport))
+        return -1;
     count(C_REPLY);
     return 1;
 }
@@ -347,30 +433,32 @@ static __always_inline int nat_reply(struct __sk_buff *skb, struct flow *f)
 }
 
 /* Inbound by port rewrite (where bpf_sk_assign refuses SO_REUSEPORT listeners): the
- * destination address stays the pod's own, so no routing changes; the port becomes 15006.
- * `record` for the SYN; later packets must match the recorded conversation. */
+ * destination address stays the pod's own, so no routing changes; the port becomes 15006,
+ * and the client's port another one where its tuple at 15006 is taken (one remote port to
+ * two ports of the pod). `record` for the SYN; later packets must match the recorded
+ * conversation. */
 static __always_inline int inbound_nat(struct __sk_buff *skb, struct flow *f, int record)
 {
-    struct nat_key k = {};
-    nat_key_of(&k, f->family, IPPROTO_TCP, f->src, f->sport);
-    __builtin_memcpy(k.local, f->dst, 16);
+    __u16 port;
     if (record) {
-        struct nat_val v = {};
-        __builtin_memcpy(v.addr, f->dst, 16);
-        v.port = f->dport;
-        v.target = ZTUNNEL_INBOUND_PORT;
-        nat.update(&k, &v);
+        port = nat_open(skb, f, f->dst, ZTUNNEL_INBOUND_PORT, 1);
+        if (!port)
+            return TC_ACT_SHOT;
     } else {
-        struct nat_val *v = nat.lookup(&k);
-        if (!v || v->target != ZTUNNEL_INBOUND_PORT || v->port != f->dport)
+        struct nat_fwd_val fv = {};
+        if (!captured(f, &fv, 1) || fv.target != ZTUNNEL_INBOUND_PORT)
             return TC_ACT_UNSPEC;
+        port = fv.port;
     }
     if (set_port(skb, f, 1, f->dport, htons(ZTUNNEL_INBOUND_PORT)))
+        return TC_ACT_SHOT;
+    if (port != f->sport && set_port(skb, f, 0, f->sport, port))
         return TC_ACT_SHOT;
     return TC_ACT_UNSPEC;
 }
 
-/* ztunnel's answer from 15006 on such a conversation leaves with the port it was sent to. */
+/* ztunnel's answer from 15006 on such a conversation leaves with the port it was sent to,
+ * to the client's own port. */
 static __always_inline void inbound_reply(struct __sk_buff *skb, struct flow *f)
 {
     struct nat_key k = {};
@@ -380,7 +468,10 @@ static __always_inline void inbound_reply(struct __sk_buff *skb, struct flow *f)
     if (!found || found->target != ZTUNNEL_INBOUND_PORT)
         return;
     __u16 port = found->port;
+    __u16 sport = found->sport;
     set_port(skb, f, 0, f->sport, port);
+    if (sport != f->dport)
+        set_port(skb, f, 1, f->dport, sport);
     count(C_REPLY);
 }
 
@@ -414,7 +505,7 @@ int istio_egress(struct __sk_buff *skb)
         if (!dns || draining)
             return TC_ACT_UNSPEC;
         count(C_DNS_UDP);
-        return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
+        return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 0);
     }
     if (is_probe(s, f.family, f.dst) || is_loopback(f.family, f.dst))
         return TC_ACT_UNSPEC;
@@ -426,21 +517,21 @@ int istio_egress(struct __sk_buff *skb)
     if ((f.tcp_flags & (TH_SYN | TH_ACK)) == TH_SYN) {
         if (draining) {
             /* Leaving: new connections go where they were sent. A record left by an earlier
-             * captured conversation from this client port must not catch this one's later
+             * captured conversation with this 5-tuple must not catch this one's later
              * packets (a SYN being steered overwrites it; this one is not). */
-            struct nat_key k = {};
-            nat_key_of(&k, f.family, f.proto, f.src, f.sport);
-            nat.delete(&k);
+            struct nat_tuple t = {};
+            tuple_of(&t, &f);
+            nat_fwd.delete(&t);
             return TC_ACT_UNSPEC;
         }
         if (syn_predates_redirection(skb, &f))
             return TC_ACT_UNSPEC;
         count(dns ? C_DNS_TCP : C_OUTBOUND);
-        return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 1);
+        return to_ztunnel(skb, &f, dns ? ZTUNNEL_DNS_PORT : ZTUNNEL_OUTBOUND_PORT, 0);
     }
-    __u16 target = captured_target(&f);
-    if (target)
-        return to_ztunnel(skb, &f, target, 0);
+    struct nat_fwd_val fv = {};
+    if (captured(&f, &fv, 0))
+        return to_ztunnel(skb, &f, fv.target, fv.port);
     return TC_ACT_UNSPEC; /* a conversation that predates redirection stays as it was */
 }
 
@@ -478,7 +569,7 @@ int istio_ingress(struct __sk_buff *skb)
          * already addressed to ztunnel. */
         if (mark != CONNMARK && (s->flags & F_DNS_CAPTURE) && f.dport == htons(DNS_PORT)) {
             count(C_DNS_TCP);
-            return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 1);
+            return to_ztunnel(skb, &f, ZTUNNEL_DNS_PORT, 0);
         }
         return TC_ACT_UNSPEC;
     }
@@ -532,11 +623,15 @@ int istio_virt_ingress(struct __sk_buff *skb)
         if (!to[0] && !to[1] && !to[2] && !to[3])
             return TC_ACT_SHOT;
         count(C_VIRTUAL);
-        return redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 1) ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+        __u16 port = nat_open(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 0);
+        if (!port || redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, port))
+            return TC_ACT_SHOT;
+        return TC_ACT_UNSPEC;
     }
     /* Later packets of a redirected conversation follow the same rewrite. */
-    if (captured_target(&f) == ZTUNNEL_OUTBOUND_PORT &&
-        redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, 0))
+    struct nat_fwd_val fv = {};
+    if (captured(&f, &fv, 0) && fv.target == ZTUNNEL_OUTBOUND_PORT &&
+        redirect_to(skb, &f, to, ZTUNNEL_OUTBOUND_PORT, fv.port))
         return TC_ACT_SHOT;
     return TC_ACT_UNSPEC;
 }
@@ -544,7 +639,8 @@ int istio_virt_ingress(struct __sk_buff *skb)
 /* ztunnel asks SO_ORIGINAL_DST of a connection it accepted on 15001/15053. Without
  * conntrack the kernel fails it; with conntrack active in the pod (some other netfilter
  * user) it answers the loopback address itself, having seen only the rewritten packets.
- * Either way the answer is in our NAT map (keyed by the client). A different conntrack
+ * Either way the answer is in our NAT map (keyed by the client and the source port its
+ * packets were given, which is the accepted socket's peer). A different conntrack
  * answer means someone else's NAT really happened: it is kept. */
 int istio_getsockopt(struct bpf_sockopt *ctx)
 {

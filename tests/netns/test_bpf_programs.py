@@ -68,7 +68,7 @@ class Harness:
         )
         if raw is None:
             return None
-        a, p, target = struct.unpack(programs.NAT_VAL_FORMAT, raw)
+        a, p, target, _sport, _pad, _created = struct.unpack(programs.NAT_VAL_FORMAT, raw)
         n = 4 if fam == 4 else 16
         return str(ipaddress.ip_address(a[:n])), socket.ntohs(p), target
 
@@ -183,6 +183,38 @@ def test_reply_from_ztunnel_gets_original_source_back(
     # The same reply on a pod interface (not lo) is not ours to rewrite.
     r2 = harness.run(v, "istio_ingress", reply, ifindex=harness.eth0)
     assert r2.data == reply
+
+
+def test_syn_whose_port_is_claimed_gets_another_and_keeps_it(harness: Harness) -> None:
+    """Issue 19: two SYNs from one client port to two destinations. The first one's fresh
+    record claims the port's tuple at 15001, so the second gets another source port; its
+    later packets keep it, the replies give the client its own port back, and the first
+    conversation is untouched."""
+    v = harness.variant()
+    before = v.counters()["port_remap"]
+    first = harness.run(v, "istio_egress", pk.frame(POD4, PEER4, 40000, 80))
+    assert pk.parse(first.data).sport == 40000
+    second = harness.run(v, "istio_egress", pk.frame(POD4, PEER4, 40000, 81))
+    assert second.retval == TC_ACT_REDIRECT
+    out = pk.parse(second.data)
+    given = out.sport
+    assert given != 40000 and 32768 <= given < 61000, given
+    assert (out.dst, out.dport) == ("127.0.0.1", 15001) and out.l3_ok and out.l4_ok
+    assert v.counters()["port_remap"] == before + 1
+    assert harness.nat(4, socket.IPPROTO_TCP, POD4, given) == (PEER4, 81, 15001)
+    assert harness.nat(4, socket.IPPROTO_TCP, POD4, 40000) == (PEER4, 80, 15001)
+    for dport, sport in ((81, given), (80, 40000)):
+        later = harness.run(v, "istio_egress", pk.frame(POD4, PEER4, 40000, dport, flags=pk.ACK))
+        assert later.retval == TC_ACT_REDIRECT
+        assert pk.parse(later.data).sport == sport, f"later packet to :{dport}"
+    # A retransmission of the second SYN keeps the port it was given.
+    again = harness.run(v, "istio_egress", pk.frame(POD4, PEER4, 40000, 81))
+    assert pk.parse(again.data).sport == given
+    reply = pk.frame("127.0.0.1", POD4, 15001, given, flags=pk.SYN | pk.ACK)
+    r = harness.run(v, "istio_ingress", reply, mark=c.ZTUNNEL_MARK, ifindex=1)
+    back = pk.parse(r.data)
+    assert (back.src, back.sport, back.dst, back.dport) == (PEER4, 81, POD4, 40000)
+    assert back.l3_ok and back.l4_ok
 
 
 def test_inbound_syn_without_listener_is_dropped_not_delivered(harness: Harness) -> None:

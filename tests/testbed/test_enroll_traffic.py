@@ -20,29 +20,15 @@ from testbed.mesh import missing_pieces
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(900)]
 
-# Known gap, still open in issue 19: the ebpf backend rewrites captured connections to
-# 127.0.0.1:15001 keeping the client's port, and Linux may reuse one client port for two
-# connections to different servers at once; both then share one 4-tuple and NAT record and
-# one of them is reset (conntrack avoids it for iptables/nftables by picking another source
-# port). Measured 1-4 resets of long-lived connections per run (docs/reliability.md), so the
-# ebpf case is a visible skip in `make test` until ebpf allocates its own source ports;
-# ICNI_ENROLL_EBPF=1 runs it (strict: zero failures).
-EBPF = pytest.param(
-    "ebpf",
-    marks=pytest.mark.skipif(
-        os.environ.get("ICNI_ENROLL_EBPF") != "1",
-        reason="issue 19 open for ebpf: one NAT record for two connections sharing a client "
-        "port (docs/reliability.md); ICNI_ENROLL_EBPF=1 runs it",
-    ),
-)
 
-
-@pytest.mark.parametrize("backend", ["iptables", "nftables", EBPF])
+@pytest.mark.parametrize("backend", ["iptables", "nftables", "ebpf"])
 def test_enroll_and_leave_under_traffic_fails_nothing(backend: str) -> None:
     if missing_pieces():
         pytest.skip(f"--mesh pieces not landed: {missing_pieces()}")
     result = run(backend, f"enroll{os.getpid()}")
     print(f"\n{backend} ({result['seconds']}s, load {result['loadavg']}):\n{table(result)}")
+    for variant, counters in result.get("bpf_counters", {}).items():
+        print(f"ebpf counters {variant}: {counters}")
     assert result["down_problems"] == [] and result["leftovers"] == []
     counts = result["counts"]
     assert list(counts) == PHASES

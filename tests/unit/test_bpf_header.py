@@ -42,15 +42,18 @@ def test_flag_bits_and_counter_names_match_the_header() -> None:
     assert _define("F_INBOUND_NAT") == programs.F_INBOUND_NAT
     assert _define("F_DRAIN") == programs.F_DRAIN
     names = ["C_OUTBOUND", "C_INBOUND", "C_DNS_TCP", "C_DNS_UDP", "C_REPLY", "C_NO_LISTENER",
-             "C_LOCAL_REDIRECT", "C_VIRTUAL"]  # fmt: skip
+             "C_LOCAL_REDIRECT", "C_VIRTUAL", "C_PORT_REMAP", "C_NO_PORT"]  # fmt: skip
     assert [_define(n) for n in names] == list(range(len(programs.COUNTER_NAMES)))
 
 
 def test_struct_formats_have_the_c_sizes() -> None:
-    # struct settings: 2 + 4 + 2 u32; nat_key: 16 + 2 + 1 + 1 + 16; nat_val: 16 + 2 + 2.
+    # struct settings: 2 + 4 + 2 u32; nat_key: 16 + 2 + 1 + 1 + 16;
+    # nat_val: 16 + 4 u16 + u64; nat_tuple: 16 + 16 + 2 u16 + 2 u8 + u16; nat_fwd_val: 2 u16.
     assert struct.calcsize(programs.SETTINGS_FORMAT) == 32
     assert struct.calcsize(programs.NAT_KEY_FORMAT) == 36
-    assert struct.calcsize(programs.NAT_VAL_FORMAT) == 20
+    assert struct.calcsize(programs.NAT_VAL_FORMAT) == 32
+    assert struct.calcsize(programs.NAT_TUPLE_FORMAT) == 40
+    assert struct.calcsize(programs.NAT_FWD_VAL_FORMAT) == 4
     assert struct.calcsize(programs.VIRT_ADDR_FORMAT) == 20  # struct virt_addr: 1 + 4 u32
 
 
