@@ -403,7 +403,8 @@ def test_a_value_of_the_wrong_type_is_refused_in_one_line_naming_it(
     with pytest.raises(HelmError) as e:
         render_manifests.render({"profile": "ambient", **values}, "istio-cni")
     line = one_line(str(e.value))
-    assert "\n" not in line and line.startswith("chart values refused (an unknown key or a wrong type): "), line
+    refused = "chart values refused (an unknown key or a wrong type): "
+    assert "\n" not in line and line.startswith(refused), line
     assert named in line, line
 
 
