@@ -6,6 +6,7 @@ backend's housekeeping. No root; the same over real namespaces: tests/netns/test
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -167,3 +168,27 @@ def test_housekeeping_failure_is_logged_not_raised(rig: Rig) -> None:
     rig.housekeeping_error = OSError("proc root gone")
     rig.rec.run_pass()
     assert rig.housekeeping == 2
+
+
+def test_the_start_up_pass_checks_pods_side_by_side(rig: Rig) -> None:
+    """``run_pass(parallel=n)`` (the start-up pass the ZDS snapshot waits for) runs checks
+    concurrently: each check below waits at a barrier for the other, so a pass that ran them
+    one after another would break it; repairs and the report stay per pod."""
+    a, b = rig.enrolled("a"), rig.enrolled("b")
+    meet = threading.Barrier(2, timeout=5)
+    real_check = rig.rules.check
+    first = set()
+
+    def check(netns_path: str, settings: Any) -> Any:
+        if netns_path not in first:  # each pod's first check (its re-check after repair: not)
+            first.add(netns_path)
+            meet.wait()
+        return real_check(netns_path, settings)
+
+    rig.rules.check = check  # type: ignore[method-assign]
+    rig.rules.installed.clear()  # both drifted: both repaired
+    report = rig.rec.run_pass(parallel=2)
+    assert report.checked == 2 and not report.errors
+    assert sorted(report.rules_repaired) == sorted([a.uid, b.uid])
+    assert rig.repairs == ["rules_missing", "rules_missing"] and rig.housekeeping == 1
+    assert all(rig.rec.checks[p.uid].repaired_ok for p in (a, b))
