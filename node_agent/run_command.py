@@ -20,7 +20,7 @@ from cni_plugin.errors import IstioCniError
 from node_agent import logs
 from node_agent.agent_assembly import Agent
 from node_agent.config import AgentConfig
-from node_agent.malloc_arenas import cap_malloc_arenas
+from node_agent.malloc_arenas import cap_malloc_arenas, trim_after_start
 
 __all__ = ["HELP", "Agent", "add_arguments", "run"]
 
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         agent.stop(uninstall=False)  # a failed start is never an uninstall
         raise
     if started:
+        log.debug(trim_after_start())  # ready: what start-up left behind goes back
         stop.wait()
     agent.stop()
     return 0
