@@ -17,6 +17,7 @@ enrolment time (from its state file). ``python -m bench.agent_enroll --pods 200 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -162,6 +163,11 @@ def start_agent(
         AMBIENT_EBPF_PIN_ROOT=pin_root,  # ebpf: this run's own pins, removed by the caller
         LOG_LEVEL="warning",
     )
+    # Byte-code compiled first, as the image's pip install compiles it (this machine's
+    # environment says PYTHONDONTWRITEBYTECODE: every start would compile the sources anew).
+    root = Path(__file__).resolve().parents[1]
+    for pkg in ("cni_plugin", "node_agent", "install"):
+        compileall.compile_dir(root / pkg, quiet=1)
     argv = [sys.executable, "-m", "node_agent.cli", "run", "--listen-address", "127.0.0.1"]
     if netns is not None:
         argv = ["nsenter", f"--net={netns}", *argv]

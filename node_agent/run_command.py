@@ -2,7 +2,9 @@
 
 Reads the configuration (environment, flags override), sets up logging and the malloc
 arena cap before any thread exists, builds the agent (:mod:`node_agent.agent_assembly`, the
-composition root), starts it and runs until SIGTERM/SIGINT, then stops it. An API server
+composition root), starts it, once ready hands what start-up left behind back to the kernel
+(:func:`node_agent.malloc_arenas.trim_after_start`), and runs until SIGTERM/SIGINT, then
+stops it. An API server
 that cannot be reached does not end the start (the agent keeps trying, not ready); a start
 that fails with a project error stops what was started *without* uninstalling (the plugin
 stays, new pods wait, kubelet restarts us: fail closed) and exits with its one line.

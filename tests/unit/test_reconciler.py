@@ -177,13 +177,14 @@ def test_the_start_up_pass_checks_pods_side_by_side(rig: Rig) -> None:
     a, b = rig.enrolled("a"), rig.enrolled("b")
     meet = threading.Barrier(2, timeout=5)
     real_check = rig.rules.check
-    first = set()
+    first: set[str] = set()
 
     def check(netns_path: str, settings: Any) -> Any:
+        result = real_check(netns_path, settings)
         if netns_path not in first:  # each pod's first check (its re-check after repair: not)
             first.add(netns_path)
-            meet.wait()
-        return real_check(netns_path, settings)
+            meet.wait()  # both pods share one namespace here: both looked before any repair
+        return result
 
     rig.rules.check = check  # type: ignore[method-assign]
     rig.rules.installed.clear()  # both drifted: both repaired
