@@ -144,6 +144,7 @@ def test_pods_status_merge_patch_sets_and_clears_the_annotation(
     assert c.REDIRECTION_ANNOTATION not in (pod["metadata"].get("annotations") or {})
     # A pod that is gone is "not there", not an error (the agent's delete path relies on it).
     assert agent_kube.patch_redirection(kube_namespace, "never-existed", "x") is False
+    assert agent_kube.get_pod(kube_namespace, "never-existed") is None
 
 
 def test_namespace_watch_sees_label_changes(
