@@ -305,7 +305,7 @@ class Agent:
         self.reconciler.adopt_annotated()
         self._sync_probes()
         if cfg.reconcile_rules_on_startup:
-            self.reconciler.run_pass(parallel=cfg.workers)
+            self.reconciler.run_pass(parallel=cfg.workers, upkeep=False)
         self.zds.start()
         self.plugin_server.start()
         self.state.start()

@@ -31,6 +31,10 @@ class ApiUnavailable(IstioCniError):
     """The API server could not be reached (connection refused, reset, timed out)."""
 
 
+class WatchInterrupted(ApiUnavailable):
+    """The watch was ended by the agent itself (its stop shut the socket): not a failure."""
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
@@ -121,6 +125,10 @@ class Informer(Generic[T]):
 
     def _failed(self, e: Exception, failures: int) -> bool:
         """Log a failed list/watch and wait before the next try; True: relist."""
+        if isinstance(e, WatchInterrupted):  # another informer's stop came first: ours is next
+            log.debug("watch ended by the agent's stop", extra={"fields": {"informer": self.name}})
+            self._stop.wait(min(self._retry_delay * failures, 5.0))
+            return False
         if isinstance(e, ResourceExpired):
             log.info(
                 "watch expired, relisting",

@@ -29,9 +29,10 @@ from kubernetes.watch import watch as _watch_mod
 
 from cni_plugin import constants as c
 from cni_plugin.errors import ConfigError, IstioCniError
-from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent
+from node_agent.informers import ApiUnavailable, ResourceExpired, WatchEvent, WatchInterrupted
 
 MERGE_PATCH = "application/merge-patch+json"
+POOL_SIZE = 32
 Query = tuple[tuple[str, Any], ...]
 
 
@@ -66,6 +67,10 @@ class KubeApi:
                 f"cannot load Kubernetes credentials from {where}: {e}; pass --kubeconfig "
                 "or set KUBECONFIG to a readable kubeconfig"
             ) from None
+        # One pooled connection per concurrent caller (the enrolment workers' patches, the
+        # two watches, plugin reads): the default (5 per core) made urllib3 discard
+        # connections under a 16-worker burst, each one a new TLS handshake.
+        cfg.connection_pool_maxsize = max(int(cfg.connection_pool_maxsize or 0), POOL_SIZE)
         self._api: Any = ApiClient(cfg)
         self._timeout = request_timeout
         self._watches_lock = threading.Lock()
@@ -205,7 +210,7 @@ class KubeApi:
             self._watches.add(resp)
         try:
             if interrupted:
-                raise ApiUnavailable(f"{what}: the client is closing")
+                raise WatchInterrupted(f"{what}: the agent is stopping")
             _check(resp, what)
             lines: Iterator[str] = _iter_lines(resp)
             for line in lines:
@@ -219,11 +224,11 @@ class KubeApi:
                         raise ResourceExpired(f"{what}: {obj.get('message', '410 Gone')}")
                     raise KubeError(f"{what}: watch error {obj.get('message', obj)}")
                 yield WatchEvent(kind, obj)
-        except (ResourceExpired, KubeError, ApiUnavailable):
+        except (ResourceExpired, KubeError, ApiUnavailable):  # WatchInterrupted among them
             raise
         except urllib3.exceptions.HTTPError as e:
             if self._interrupted:
-                raise ApiUnavailable(f"{what} ended: the agent is stopping") from None
+                raise WatchInterrupted(f"{what} ended: the agent is stopping") from None
             raise ApiUnavailable(f"{what} interrupted: {e}") from None
         except Exception as e:
             raise KubeError(f"{what} interrupted: {e}") from None

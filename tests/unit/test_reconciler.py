@@ -193,3 +193,11 @@ def test_the_start_up_pass_checks_pods_side_by_side(rig: Rig) -> None:
     assert sorted(report.rules_repaired) == sorted([a.uid, b.uid])
     assert rig.repairs == ["rules_missing", "rules_missing"] and rig.housekeeping == 1
     assert all(rig.rec.checks[p.uid].repaired_ok for p in (a, b))
+
+
+def test_the_start_up_pass_leaves_node_upkeep_to_the_periodic_ones(rig: Rig) -> None:
+    p = rig.enrolled("p")
+    report = rig.rec.run_pass(8, upkeep=False)  # the agent set the node up just before
+    assert report.checked == 1 and rig.rec.checks[p.uid].ok and rig.housekeeping == 0
+    rig.rec.run_pass()
+    assert rig.housekeeping == 1
