@@ -63,7 +63,7 @@ def install_env(node_name: str, api_host: str, api_port: int) -> dict[str, str]:
         "AMBIENT_ENABLEMENT_SELECTOR": ENABLEMENT_SELECTOR,
         "AMBIENT_DNS_CAPTURE": "true",
         "AMBIENT_IPV6": "true",
-        "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP": "false",
+        "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP": "true",  # the chart's reconcileIptablesOnStartup
         "ENABLE_AMBIENT_DETECTION_RETRY": "false",
         "ISTIO_OWNED_CNI_CONFIG": "false",
         "CHAINED_CNI_PLUGIN": "true",

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.agent_enroll import AMBIENT, EnabledWatch, _cpu_s, _rss_mb, start_agent
+from bench.agent_enroll import _rss_mb, label_and_measure, start_agent
 from bench.agent_light_pods import LightNode, wait_until
 from bench.chart import Bar, draw
 from bench.istio_agent import start_istio_agent
@@ -208,21 +208,12 @@ def turn(
         out["ready_s"] = round(time.monotonic() - t0, 2)
         time.sleep(1.0)  # settle after start-up before the idle figure
         out["rss_idle_mb"] = round(_rss_mb(agent.pid), 1)
-        watcher = EnabledWatch(core, ns)
-        watcher.start()
-        time.sleep(0.5)
-        cpu0 = _cpu_s(agent.pid)
-        t_label = time.monotonic()
-        ln.label_namespace(ns, dict(AMBIENT))
-        wait_until(lambda: len(watcher.seen) >= pods, 600, f"{pods} pods enabled", step=0.02)
-        cpu1 = _cpu_s(agent.pid)
-        watcher.stop()
-        total = max(watcher.seen.values()) - t_label
-        out["enrol_all_s"] = round(total, 3)
-        out["pods_per_s"] = round(pods / total, 1)
+        run = label_and_measure(core, ln, ns, agent.pid, pods, 600)
+        out["enrol_all_s"] = round(run.total_s, 3)
+        out["pods_per_s"] = round(pods / run.total_s, 1)
         out["cpu_ms_per_pod"] = {
-            "own": round((cpu1[0] - cpu0[0]) * 1000 / pods, 2),
-            "children": round((cpu1[1] - cpu0[1]) * 1000 / pods, 2),
+            "own": round(run.cpu_ms_per_pod(0), 2),
+            "children": round(run.cpu_ms_per_pod(1), 2),
         }
         time.sleep(1.0)
         out[f"rss_{pods}_mb"] = round(_rss_mb(agent.pid), 1)

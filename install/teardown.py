@@ -102,33 +102,47 @@ def decide(
 def _real_readers(
     namespace: str, name: str, node_name: str, timeout_s: float
 ) -> tuple[Reader, Reader | None]:
+    """GETs of the DaemonSet and the node through the client's ``ApiClient`` (auth, TLS,
+    pool) read as raw JSON: the generated ``AppsV1Api``/``CoreV1Api`` and their models are
+    not imported (tens of MB of the agent's memory, seconds of its start; the agent's
+    own API edge, ``node_agent.kube``, does the same). An error status raises the client's
+    ``ApiException`` (its ``status`` is what :func:`_ask_once` decides on)."""
+    import json
     import os
+    from urllib.parse import quote
 
-    from kubernetes import client, config
+    from kubernetes import config
+    from kubernetes.client.api_client import ApiClient
+    from kubernetes.client.configuration import Configuration
+    from kubernetes.client.exceptions import ApiException
 
-    cfg = client.Configuration()
+    cfg = Configuration()
     loader: Any = config
     if os.environ.get("KUBECONFIG"):  # outside a pod (development, the testbed)
         loader.load_kube_config(config_file=os.environ["KUBECONFIG"], client_configuration=cfg)
     else:
         loader.load_incluster_config(client_configuration=cfg)
     cfg.retries = 0  # our own retries, within the budget
-    api: Any = client.ApiClient(cfg)
-    apps: Any = client.AppsV1Api(api)
-    core: Any = client.CoreV1Api(api)
+    api: Any = ApiClient(cfg)
 
-    def read_daemonset() -> dict[str, Any]:
-        ds = apps.read_namespaced_daemon_set(name, namespace, _request_timeout=timeout_s)
-        out: dict[str, Any] = api.sanitize_for_serialization(ds)
-        return out
-
-    def read_node() -> dict[str, Any]:
-        out: dict[str, Any] = api.sanitize_for_serialization(
-            core.read_node(node_name, _request_timeout=timeout_s)
+    def get(path: str) -> dict[str, Any]:
+        req = api.param_serialize(
+            method="GET",
+            resource_path=path,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
         )
+        resp = api.call_api(*req, _request_timeout=timeout_s)
+        resp.read()
+        if not 200 <= resp.status <= 299:
+            raise ApiException(http_resp=resp)
+        out: dict[str, Any] = json.loads(resp.data)
         return out
 
-    return read_daemonset, (read_node if node_name else None)
+    ns, ds = quote(namespace, safe=""), quote(name, safe="")
+    ds_path = f"/apis/apps/v1/namespaces/{ns}/daemonsets/{ds}"
+    node_path = f"/api/v1/nodes/{quote(node_name, safe='')}"
+    return (lambda: get(ds_path)), ((lambda: get(node_path)) if node_name else None)
 
 
 class StopQuestion:

@@ -37,6 +37,9 @@ class KubeAccess(Annotator, Protocol):
 
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None: ...
 
+    def interrupt_watches(self) -> None:
+        """End the watches in flight now (at stop: a watch blocks in a read otherwise)."""
+
 
 class PodsListWatch:
     def __init__(self, kube: KubeAccess, node: str) -> None:

@@ -173,6 +173,7 @@ class Agent:
             PodInfo.from_json,
             lambda p: p.uid,
             lambda old, new: self.controller.on_pod(old, new),
+            interrupt=self.kube.interrupt_watches,
         )
         self.ns_informer: Informer[NamespaceInfo] = Informer(
             "namespaces",
@@ -180,6 +181,7 @@ class Agent:
             NamespaceInfo.from_json,
             lambda n: n.name,
             lambda old, new: self.controller.on_namespace(old, new),
+            interrupt=self.kube.interrupt_watches,
         )
         self.queue = WorkQueue(
             lambda uid: self.controller.reconcile(uid),
@@ -301,7 +303,7 @@ class Agent:
         self.reconciler.adopt_annotated()
         self._sync_probes()
         if cfg.reconcile_rules_on_startup:
-            self.reconciler.run_pass()
+            self.reconciler.run_pass(parallel=cfg.workers, upkeep=False)
         self.zds.start()
         self.plugin_server.start()
         self.state.start()

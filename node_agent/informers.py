@@ -31,6 +31,10 @@ class ApiUnavailable(IstioCniError):
     """The API server could not be reached (connection refused, reset, timed out)."""
 
 
+class WatchInterrupted(ApiUnavailable):
+    """The watch was ended by the agent itself (its stop shut the socket): not a failure."""
+
+
 @dataclass(frozen=True)
 class WatchEvent:
     type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
@@ -60,6 +64,7 @@ class Informer(Generic[T]):
         *,
         watch_timeout: int = 240,
         retry_delay: float = 1.0,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self._source = source
@@ -68,6 +73,7 @@ class Informer(Generic[T]):
         self._handler = handler
         self._watch_timeout = watch_timeout
         self._retry_delay = retry_delay
+        self._interrupt = interrupt
         self._store: dict[str, T] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -92,8 +98,12 @@ class Informer(Generic[T]):
         self._thread.start()
 
     def stop(self) -> None:
+        """Ends the loop. A watch blocks in a socket read until its next event: ``interrupt``
+        (the source's, e.g. :meth:`node_agent.kube.KubeApi.interrupt_watches`) wakes it, so
+        the join ends at once; without one the join is bounded (daemon thread)."""
         self._stop.set()
-        # The watch may block in a socket read until its timeout: do not wait for it.
+        if self._interrupt is not None:
+            self._interrupt()
         if self._thread is not None:
             self._thread.join(timeout=0.5)
 
@@ -107,32 +117,42 @@ class Informer(Generic[T]):
                     need_list = False
                 self.watch_once()
                 failures = 0
-            except ResourceExpired as e:
-                log.info(
-                    "watch expired, relisting",
-                    extra={"fields": {"informer": self.name, "reason": str(e)}},
-                )
-                need_list = True
-            except ApiUnavailable as e:
-                # As client-go's reflector: the server is most likely restarting; relisting
-                # everything would not help, so resume the watch from the last version seen
-                # once it answers (if that version is gone by then, it says 410: relist).
-                self.errors += 1
-                failures += 1
-                log.warning(
-                    "api server unreachable, will resume the watch",
-                    extra={"fields": {"informer": self.name, "error": str(e)}},
-                )
-                self._stop.wait(min(self._retry_delay * failures, 5.0))
             except Exception as e:
-                self.errors += 1
-                failures += 1
-                need_list = True  # unknown failure: we cannot know what was missed
-                log.warning(
-                    "list/watch failed, relisting",
-                    extra={"fields": {"informer": self.name, "error": str(e)}},
-                )
-                self._stop.wait(min(self._retry_delay * failures, 5.0))
+                if self._stop.is_set():
+                    return  # woken by stop() (the watch's socket shut): not a failure
+                failures += 0 if isinstance(e, ResourceExpired) else 1
+                need_list = self._failed(e, failures) or need_list
+
+    def _failed(self, e: Exception, failures: int) -> bool:
+        """Log a failed list/watch and wait before the next try; True: relist."""
+        if isinstance(e, WatchInterrupted):  # another informer's stop came first: ours is next
+            log.debug("watch ended by the agent's stop", extra={"fields": {"informer": self.name}})
+            self._stop.wait(min(self._retry_delay * failures, 5.0))
+            return False
+        if isinstance(e, ResourceExpired):
+            log.info(
+                "watch expired, relisting",
+                extra={"fields": {"informer": self.name, "reason": str(e)}},
+            )
+            return True
+        self.errors += 1
+        if isinstance(e, ApiUnavailable):
+            # As client-go's reflector: the server is most likely restarting; relisting
+            # everything would not help, so resume the watch from the last version seen
+            # once it answers (if that version is gone by then, it says 410: relist).
+            log.warning(
+                "api server unreachable, will resume the watch",
+                extra={"fields": {"informer": self.name, "error": str(e)}},
+            )
+            relist = False
+        else:
+            log.warning(
+                "list/watch failed, relisting",
+                extra={"fields": {"informer": self.name, "error": str(e)}},
+            )
+            relist = True  # unknown failure: we cannot know what was missed
+        self._stop.wait(min(self._retry_delay * failures, 5.0))
+        return relist
 
     def relist(self) -> None:
         """List everything and deliver the difference with the store as events."""

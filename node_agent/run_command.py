@@ -2,7 +2,9 @@
 
 Reads the configuration (environment, flags override), sets up logging and the malloc
 arena cap before any thread exists, builds the agent (:mod:`node_agent.agent_assembly`, the
-composition root), starts it and runs until SIGTERM/SIGINT, then stops it. An API server
+composition root), starts it, once ready hands what start-up left behind back to the kernel
+(:func:`node_agent.malloc_arenas.trim_after_start`), and runs until SIGTERM/SIGINT, then
+stops it. An API server
 that cannot be reached does not end the start (the agent keeps trying, not ready); a start
 that fails with a project error stops what was started *without* uninstalling (the plugin
 stays, new pods wait, kubelet restarts us: fail closed) and exits with its one line.
@@ -20,7 +22,7 @@ from cni_plugin.errors import IstioCniError
 from node_agent import logs
 from node_agent.agent_assembly import Agent
 from node_agent.config import AgentConfig
-from node_agent.malloc_arenas import cap_malloc_arenas
+from node_agent.malloc_arenas import cap_malloc_arenas, trim_after_start
 
 __all__ = ["HELP", "Agent", "add_arguments", "agent_config", "run"]
 
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         agent.stop(uninstall=False)  # a failed start is never an uninstall
         raise
     if started:
+        log.debug(trim_after_start())  # ready: what start-up left behind goes back
         stop.wait()
     agent.stop()
     return 0

@@ -202,6 +202,9 @@ class FakeKube:
     def watch_namespaces(self, resource_version: str, timeout_seconds: int) -> Iterator[WatchEvent]:
         return self._watch(self._ns_streams, timeout_seconds, resource_version)
 
+    def interrupt_watches(self) -> None:
+        self.drop_watches()
+
     def get_pod(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             for p in self.pods.values():

@@ -144,6 +144,39 @@ def test_pods_status_merge_patch_sets_and_clears_the_annotation(
     assert c.REDIRECTION_ANNOTATION not in (pod["metadata"].get("annotations") or {})
     # A pod that is gone is "not there", not an error (the agent's delete path relies on it).
     assert agent_kube.patch_redirection(kube_namespace, "never-existed", "x") is False
+    assert agent_kube.get_pod(kube_namespace, "never-existed") is None
+
+
+def test_interrupt_ends_a_watch_blocked_in_its_read_at_once(testbed_info: dict[str, Any]) -> None:
+    """The informers' stop does not wait out a watch: ``interrupt_watches`` shuts the socket
+    of a watch that is waiting for events (none come for a node that does not exist, for up
+    to the 240 s asked) and the watch ends with ApiUnavailable, promptly."""
+    from node_agent.informers import ApiUnavailable
+
+    api = KubeApi(testbed_info["kubeconfig"])
+    ended: list[BaseException | None] = []
+
+    def watch() -> None:
+        _, rv = api.list_pods(GHOST_NODE)
+        try:
+            for _ in api.watch_pods(GHOST_NODE, rv, 240):
+                pass
+            ended.append(None)
+        except BaseException as e:
+            ended.append(e)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        _until(lambda: api._watches, 30, "the watch open")
+        t0 = time.monotonic()
+        api.interrupt_watches()
+        t.join(timeout=10)
+        assert not t.is_alive() and time.monotonic() - t0 < 5
+        assert len(ended) == 1 and isinstance(ended[0], ApiUnavailable), ended
+        assert "stopping" in str(ended[0])
+    finally:
+        api.close()
 
 
 def test_namespace_watch_sees_label_changes(

@@ -218,3 +218,29 @@ def test_health_and_metrics_survive_held_connections_and_answer_4xx() -> None:
     finally:
         health.stop()
         metrics.stop()
+
+
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_shutdown_wakes_the_serving_loop_instead_of_waiting_for_its_poll(
+    family: str, tmp_path: Path
+) -> None:
+    """The agent stops four of these servers at every stop (restart to ready waits for it):
+    ``shutdown`` wakes ``serve_forever``'s select at once. Served here with a 60 s poll, so
+    a shutdown that waited for the poll would take a minute."""
+    import threading
+
+    from node_agent.http_serving import BoundedHandler, BoundedHTTPServer, BoundedUnixHTTPServer
+
+    server: Any
+    if family == "tcp":
+        server = BoundedHTTPServer(("127.0.0.1", 0), BoundedHandler)
+    else:
+        server = BoundedUnixHTTPServer(str(tmp_path / "s.sock"), BoundedHandler)
+    loop = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 60})
+    loop.start()
+    t0 = time.monotonic()
+    server.shutdown()
+    took = time.monotonic() - t0
+    server.server_close()
+    loop.join(timeout=scaled(5))
+    assert not loop.is_alive() and took < scaled(5), took

@@ -105,3 +105,21 @@ def test_broken_watch_resumes_from_last_version_without_relisting() -> None:
         assert inf.relists == 1  # never relisted: resumed from the resourceVersion
     finally:
         inf.stop()
+
+
+def test_stop_wakes_a_watch_blocked_waiting_for_events() -> None:
+    """With the source's ``interrupt`` (the real one shuts the watch's socket down), stop()
+    ends the informer's thread at once instead of leaving it in a read until the next event
+    or the watch's end (the fake's watch would run on for up to 2 s)."""
+    kube = FakeKube()
+    kube.put_pod(make_pod("ns", "a"))
+    inf: Informer[PodInfo] = Informer(
+        "pods", _Src(kube), PodInfo.from_json, lambda p: p.uid, lambda old, new: None,
+        interrupt=kube.interrupt_watches,
+    )  # fmt: skip
+    inf.start()
+    assert inf.synced.wait(5)
+    wait_for(lambda: bool(kube._pod_streams), what="the watch open")
+    inf.stop()
+    assert inf._thread is not None and not inf._thread.is_alive()
+    assert inf.errors == 0  # the wake is not counted as a failure

@@ -6,6 +6,7 @@ backend's housekeeping. No root; the same over real namespaces: tests/netns/test
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -167,3 +168,36 @@ def test_housekeeping_failure_is_logged_not_raised(rig: Rig) -> None:
     rig.housekeeping_error = OSError("proc root gone")
     rig.rec.run_pass()
     assert rig.housekeeping == 2
+
+
+def test_the_start_up_pass_checks_pods_side_by_side(rig: Rig) -> None:
+    """``run_pass(parallel=n)`` (the start-up pass the ZDS snapshot waits for) runs checks
+    concurrently: each check below waits at a barrier for the other, so a pass that ran them
+    one after another would break it; repairs and the report stay per pod."""
+    a, b = rig.enrolled("a"), rig.enrolled("b")
+    meet = threading.Barrier(2, timeout=5)
+    real_check = rig.rules.check
+    first: set[str] = set()
+
+    def check(netns_path: str, settings: Any) -> Any:
+        result = real_check(netns_path, settings)
+        if netns_path not in first:  # each pod's first check (its re-check after repair: not)
+            first.add(netns_path)
+            meet.wait()  # both pods share one namespace here: both looked before any repair
+        return result
+
+    rig.rules.check = check  # type: ignore[method-assign]
+    rig.rules.installed.clear()  # both drifted: both repaired
+    report = rig.rec.run_pass(parallel=2)
+    assert report.checked == 2 and not report.errors
+    assert sorted(report.rules_repaired) == sorted([a.uid, b.uid])
+    assert rig.repairs == ["rules_missing", "rules_missing"] and rig.housekeeping == 1
+    assert all(rig.rec.checks[p.uid].repaired_ok for p in (a, b))
+
+
+def test_the_start_up_pass_leaves_node_upkeep_to_the_periodic_ones(rig: Rig) -> None:
+    p = rig.enrolled("p")
+    report = rig.rec.run_pass(8, upkeep=False)  # the agent set the node up just before
+    assert report.checked == 1 and rig.rec.checks[p.uid].ok and rig.housekeeping == 0
+    rig.rec.run_pass()
+    assert rig.housekeeping == 1
