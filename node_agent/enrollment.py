@@ -164,6 +164,19 @@ class Enroller:
         for problem in PodOverrides.from_annotations(pod.annotations).problems:
             plog.warning(problem)
         prev = self.cache.get(pod.uid)
+        if (
+            prev is not None
+            and prev.only_annotation_left is not None
+            and prev.only_annotation_left == settings
+            and prev.netns is netns
+            and prev.zds == ZdsState.ACKED
+            and self.ztunnel.connected
+        ):
+            # The last attempt failed on the API server (an outage): ztunnel holds the pod
+            # and its rules are in; a second Add and rules install would be duplicate work.
+            if self.departure is not None:
+                self.departure.cancel(pod.uid)
+            return self._complete(pod, prev, plog, t0, lambda _name: None)
         entry = CachedPod(
             uid=pod.uid,
             namespace=pod.namespace,
@@ -232,6 +245,18 @@ class Enroller:
                 raise
             entry.zds = ZdsState.ACKED
             step("ztunnel")
+        entry.only_annotation_left = settings
+        return self._complete(pod, entry, plog, t0, step)
+
+    def _complete(
+        self,
+        pod: PodInfo,
+        entry: CachedPod,
+        plog: PodLogger,
+        t0: float,
+        step: Callable[[str], None],
+    ) -> CachedPod:
+        """Steps 3 and 4 (probe set, annotation) of a pod whose rules and Add are done."""
         # 3. probe set
         self.probes.add(pod.uid, pod.ips)
         step("probe_set")
@@ -240,6 +265,7 @@ class Enroller:
             self.annotator.patch_redirection(pod.namespace, pod.name, c.REDIRECTION_ENABLED)
             entry.annotated_at = time.monotonic()
         step("annotate")
+        entry.only_annotation_left = None
         entry.state, entry.last_error = PodState.ENABLED, ""
         entry.enrolled_at = time.time()
         entry.latency_s = time.monotonic() - t0

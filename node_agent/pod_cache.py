@@ -59,6 +59,10 @@ class CachedPod:
     latency_s: float = 0.0
     steps_ms: dict[str, float] = field(default_factory=dict)  # last add, per SPEC step
     annotated_at: float = 0.0  # monotonic time of our last "enabled" patch
+    # The settings the rules went in with while ztunnel's ack and the rules are done and
+    # only the probe set and annotation are left (None otherwise): a retry after the API
+    # server failed that patch resumes there instead of doing the pod's work again.
+    only_annotation_left: object | None = None
     updated: float = field(default_factory=time.time)
 
     @property

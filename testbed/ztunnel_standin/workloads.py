@@ -83,7 +83,10 @@ class WorkloadManager:
         if existing is not None:
             if existing.wl.netns.ident == netns.ident:
                 netns.close()
-                log.info("add for a known netns: no-op", extra={"fields": {"uid": uid}})
+                log.info(
+                    "add for a known netns: no-op",
+                    extra={"fields": {"uid": uid, "netns_inode": netns.ident.inode}},
+                )
                 return
             log.info("netns changed: replacing proxy", extra={"fields": {"uid": uid}})
             self._drop(uid)
@@ -124,7 +127,14 @@ class WorkloadManager:
         self.proxies[uid] = proxy
         log.info(
             "proxy started",
-            extra={"fields": {"uid": uid, "pod": f"{namespace}/{name}", "ips": list(ips)}},
+            extra={
+                "fields": {
+                    "uid": uid,
+                    "pod": f"{namespace}/{name}",
+                    "ips": list(ips),
+                    "netns_inode": netns.ident.inode,
+                }
+            },
         )
 
     def _forget_pending(self, uid: str) -> None:
@@ -149,6 +159,15 @@ class WorkloadManager:
         for uid in [u for u in self.proxies if u not in self.snapshot_names]:
             log.info("not in the new snapshot: dropping", extra={"fields": {"uid": uid}})
             self._drop(uid)
+        # What this connection's snapshot holds, uid -> netns inode (the chaos tests compare
+        # it with the agent's pods); a pending pod's inode is that of the fd it came with.
+        held = {
+            u: p.wl.netns.ident.inode for u, p in self.proxies.items() if u in self.snapshot_names
+        }
+        held.update(
+            {u: e[3].ident.inode for u, e in self.pending.items() if u in self.snapshot_names}
+        )
+        log.info("snapshot complete", extra={"fields": {"pods": held}})
         self.snapshot_names.clear()
         self.snapshot_received = True
 

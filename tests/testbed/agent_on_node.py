@@ -49,6 +49,7 @@ class NodeAgent:
         self.agent: subprocess.Popen[bytes] | None = None
         self.standin: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.standin_starts = 0
 
     # -- processes --------------------------------------------------------------------
     def start(self) -> None:
@@ -60,7 +61,8 @@ class NodeAgent:
             )  # fmt: skip
 
     def start_standin(self) -> None:
-        with open(self.dir / "standin.log", "wb") as log:
+        self.standin_starts += 1
+        with open(self._standin_log(self.standin_starts), "wb") as log:
             self.standin = self.bed.node_popen(
                 [sys.executable, "-m", "testbed.ztunnel_standin", "--socket", str(self.zt_socket),
                  "--access-log", str(self.access_log), "--ca-dir", str(self.dir / "ca")],
@@ -75,12 +77,15 @@ class NodeAgent:
             self.agent.wait(timeout=30)
             self.agent = None
 
-    def stop(self) -> None:
-        self.kill(signal.SIGTERM)
+    def kill_standin(self, sig: int = signal.SIGTERM) -> None:
         if self.standin is not None:
-            self.standin.terminate()
+            self.standin.send_signal(sig)
             self.standin.wait(timeout=30)
             self.standin = None
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        self.kill_standin()
 
     # -- observations -------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -100,12 +105,20 @@ class NodeAgent:
             and bool(st.get("ztunnel_connected"))
         )
 
-    def standin_events(self, msg: str) -> list[dict[str, Any]]:
+    def _standin_log(self, run: int) -> Path:
+        return self.dir / ("standin.log" if run == 1 else f"standin-{run}.log")
+
+    def standin_events(self, msg: str, run: int | None = None) -> list[dict[str, Any]]:
+        """The stand-in's log records with ``msg``: of every run in order, or of run ``run``
+        (1 = the first start; ``self.standin_starts`` = the latest)."""
         out: list[dict[str, Any]] = []
-        try:
-            text = (self.dir / "standin.log").read_text(errors="replace")
-        except OSError:
-            return out
+        runs = range(1, self.standin_starts + 1) if run is None else [run]
+        text = ""
+        for n in runs:
+            try:
+                text += self._standin_log(n).read_text(errors="replace")
+            except OSError:
+                continue
         for line in text.splitlines():
             try:
                 rec = json.loads(line)

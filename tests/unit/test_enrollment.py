@@ -230,3 +230,37 @@ def test_an_ignored_annotation_is_logged_with_the_pods_identity(
     (rec,) = [r for r in caplog.records if c.DNS_CAPTURE_ANNOTATION in r.getMessage()]
     assert "only boolean values are supported" in rec.getMessage()
     assert rec.fields["pod"] == {"namespace": "ns", "name": "p", "uid": "u1"}  # type: ignore[attr-defined]
+
+
+def test_retry_after_a_failed_annotation_patch_only_patches() -> None:
+    """Issue 14 (API server away during enrolment): ztunnel acked and the rules went in,
+    the annotation patch failed; the retry does only what is left, no second Add, no second
+    rules install. A new namespace handle (the sandbox was re-made) does it all again."""
+    from node_agent.kube import KubeError
+
+    order: list[str] = []
+    e, _rules, _zt, _probes, patches = _enroller(order)
+    ann = e.annotator
+    real_patch = ann.patch_redirection
+    outage = [True]
+
+    def patch(namespace: str, name: str, value: str | None) -> bool:
+        if outage[0]:
+            order.append("annotate-failed")
+            raise KubeError("cannot annotate pod ns/p: timed out")
+        return real_patch(namespace, name, value)
+
+    ann.patch_redirection = patch  # type: ignore[method-assign]
+    ns = _netns()
+    with pytest.raises(KubeError):
+        e.add(POD, ns)
+    assert order == ["zds-add", "rules", "probe-add", "annotate-failed"]
+    order.clear()
+    outage[0] = False
+    entry = e.add(POD, ns)
+    assert order == ["probe-add", f"annotate:{c.REDIRECTION_ENABLED}"]
+    assert entry.state == "enabled" and patches == [("p", c.REDIRECTION_ENABLED)]
+    order.clear()
+    e.add(POD, _netns())  # a different namespace: everything again
+    assert order[:2] == ["zds-add", "rules"]
+    e.cache.close()
