@@ -147,8 +147,21 @@ def prepare(scratch: Path, kubeconfig_in_node: Path) -> None:
     (scratch / "sa" / "namespace").write_text("istio-system")
 
 
-def mount_script(scratch: Path, peer: PeerBinaries) -> str:
-    """The shell run inside the new mount namespace: bind everything, chroot, exec (pure)."""
+def mount_script(
+    scratch: Path,
+    peer: PeerBinaries,
+    volumes: dict[str, str] | None = None,
+    own_pid_namespace: bool = False,
+) -> str:
+    """The shell run inside the new mount namespace: bind everything, chroot, exec (pure).
+
+    ``volumes`` replaces scratch volumes by real node paths (keys ``cni-bin``, ``net.d``,
+    ``run``, ``zt``, ``/run/netns``: the testbed node's own dirs, for the agent swap).
+    ``own_pid_namespace``: the agent runs as pid 1 of a pid namespace of its own, its
+    ``/proc`` that namespace's (it reads ``/proc/1/ns/net`` at start, which this machine
+    forbids for the real pid 1) while ``/host/proc`` stays the node's; its host pid is the
+    only child of the returned process, which dies with it."""
+    volumes = volumes or {}
     root = scratch / "root"
     # The root is a mount point of its own, as a container's is (Istio's iptables runs in a
     # mount namespace of its own and remounts / private first).
@@ -160,6 +173,9 @@ def mount_script(scratch: Path, peer: PeerBinaries) -> str:
         f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))}",
     ]
     for rel, src, rbind in _MOUNTS:
+        if own_pid_namespace and rel == "proc":
+            continue  # mounted by unshare below
+        src = volumes.get(src, src)
         host = src if src.startswith("/") else str(scratch / src)
         flag = "--rbind" if rbind else "--bind"
         lines.append(f"mount {flag} {shlex.quote(host)} {shlex.quote(str(root / rel))}")
@@ -172,7 +188,11 @@ def mount_script(scratch: Path, peer: PeerBinaries) -> str:
         f"{shlex.quote(str(root / 'istio/install-cni'))}"
     )
     lines.append(f"mount -t tmpfs tmpfs {shlex.quote(str(root / 'tmp'))}")
-    lines.append(f"exec chroot {shlex.quote(str(root))} /istio/install-cni --log_output_level=info")
+    run = f"chroot {shlex.quote(str(root))} /istio/install-cni --log_output_level=info"
+    if own_pid_namespace:
+        proc = shlex.quote(str(root / "proc"))
+        run = f"unshare -p --fork --kill-child=SIGTERM --mount-proc={proc} {run}"
+    lines.append(f"exec {run}")
     return "\n".join(lines)
 
 

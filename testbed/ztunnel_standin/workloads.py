@@ -146,9 +146,14 @@ class WorkloadManager:
     def snapshot_sent(self) -> None:
         if self.snapshot_received:
             raise ZdsProtocolError("second snapshot_sent on one connection")
-        for uid in [u for u in self.proxies if u not in self.snapshot_names]:
+        dropped = [u for u in self.proxies if u not in self.snapshot_names]
+        for uid in dropped:
             log.info("not in the new snapshot: dropping", extra={"fields": {"uid": uid}})
             self._drop(uid)
+        # One line per connection: what a handover between agents is measured by.
+        log.info("snapshot received", extra={"fields": {
+            "workloads": len(self.snapshot_names), "proxies": len(self.proxies),
+            "dropped": len(dropped)}})  # fmt: skip
         self.snapshot_names.clear()
         self.snapshot_received = True
 
