@@ -142,6 +142,13 @@ bench-vs-istio: setup istio-peer build/istio-cni testbed-build
 	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
 	$(PY) -m bench.vs_istio_agent --pods 200 --order ours,istio,istio,ours --chart-dir docs/img
 
+# Istio's own agent -> ours -> Istio's on a live testbed node under traffic, then each
+# plugin against the other's agent (docs/operations.md, "Migrating from Istio's istio-cni").
+# SWAP_ARGS e.g. --json swap.json; the same run is tests/testbed/test_agent_swap.py.
+.PHONY: swap
+swap: setup istio-peer build/istio-cni testbed-build
+	$(PY) -m testbed.swap $(SWAP_ARGS)
+
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` builds Kubernetes 1.36
 # and etcd from the Go module proxy, cached under /var/cache/istio-cni-testbed (cold: tens of
 # minutes on 2 busy cores, then under a second): run it before the suite so the `testbed`

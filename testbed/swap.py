@@ -41,8 +41,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.istio_agent import (
+    ENABLEMENT_SELECTOR,
+    mount_script,
+    prepare,
+    service_account_from_kubeconfig,
+)
 from bench.istio_agent import install_env as istio_env
-from bench.istio_agent import mount_script, prepare, service_account_from_kubeconfig
 from bench.istio_peer import DEFAULT_VERSION, PeerBinaries, ensure_peer
 from cni_plugin import constants as c
 from testbed import cleanup
@@ -140,6 +145,7 @@ class Swap:
             # As Istio's chart: the DaemonSet's namespace, DNS capture on (Istio's default).
             "POD_NAMESPACE": ISTIO_NS,
             "AMBIENT_DNS_CAPTURE": "true",
+            "AMBIENT_ENABLEMENT_SELECTOR": ENABLEMENT_SELECTOR,
         }
         self.istio_starts = 0
 
@@ -272,6 +278,20 @@ class Swap:
         out["ready_after"] = all(is_ready(p) for p in self.k.pods(NS).values())
         return out
 
+    def plugin_posted(self, name: str) -> bool:
+        """Whether the running agent logged the plugin's ``cmdadd`` for pod ``NS/name`` (the
+        pod was enrolled by the plugin, not only found by the agent's informer)."""
+        if self.kind == "istio":
+            text = (Path(self.info["logs_dir"]) / "istio-cni-node.log").read_text(errors="replace")
+            return any("Deserialized CNI plugin event" in ln and f"PodName:{name} " in ln
+                       for ln in text.splitlines())  # fmt: skip
+        for r in self.k.log_records("istio-cni-agent"):
+            pod = r.get("pod")
+            who = f"{pod.get('namespace')}/{pod.get('name')}" if isinstance(pod, dict) else pod
+            if r.get("msg") == "plugin asked to enroll pod" and who == f"{NS}/{name}":
+                return True
+        return False
+
     def back_to(self, start: Callable[[bool], None]) -> None:
         """Stop the running agent, ``start(own_bin_dir=True)`` the other, until its snapshot."""
         t0 = time.time()
@@ -316,6 +336,7 @@ class Swap:
             out["ambient_proxied"] = bool(_wait(f"stand-in proxy for {amb}", lambda: any(
                 r.get("uid") == uid and r.get("msg") == "proxy started"
                 for r in self.k.log_records("ztunnel-standin")), 30))  # fmt: skip
+            out["ambient_via_plugin"] = self.plugin_posted(amb)
             _wait(f"pod {PLAIN_NS}/{plain} Ready", lambda: ready(PLAIN_NS, plain), 90)
             out["plain_started"] = True
             out["plain_annotation"] = redirection_annotation(self.k.pod(PLAIN_NS, plain) or {})

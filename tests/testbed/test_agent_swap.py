@@ -52,4 +52,5 @@ def test_istio_agent_to_ours_and_back_under_traffic_adopts_every_pod() -> None:
         assert cross["agent"] == agent and "error" not in cross, cross
         assert cross["plugin_sha_kept"], f"{key}: the installer replaced the plugin under test"
         assert cross["ambient_proxied"] and cross["plain_started"], cross
+        assert cross["ambient_via_plugin"], f"{key}: enrolled by the informer, not the plugin"
         assert cross["plain_annotation"] is None, cross
