@@ -61,7 +61,7 @@ from testbed.node import Testbed
 
 ISTIO_NS = "istio-system"
 PLAIN_NS = "swap-plain"  # not ambient: a pod here must start whatever agent runs
-PHASES = ["baseline", "istio", "to-ours", "ours", "to-istio", "istio-again"]
+DEFAULT_ORDER = ("istio", "ours", "istio")
 HOLD_S = 6.0  # traffic under each agent after its handover
 HANDOVER_TIMEOUT = 120.0
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def pod_rules(pid: int) -> str:
 class Swap:
     """The node, the traffic and whichever agent runs now (one at a time)."""
 
-    def __init__(self, bed: Testbed, info: dict[str, Any], peer: PeerBinaries) -> None:
+    def __init__(self, bed: Testbed, info: dict[str, Any], peer: PeerBinaries | None) -> None:
         self.bed = bed
         self.info = info
         self.peer = peer
@@ -153,6 +153,8 @@ class Swap:
     def start_istio(self, own_bin_dir: bool = False) -> None:
         """Istio's agent on the node: its volumes are the node's dirs (the CNI bin dir one
         of its own with ``own_bin_dir``), its pid namespace its own (``mount_script``)."""
+        if self.peer is None:
+            raise ScenarioError("Istio's binaries are needed: run `make istio-peer` first")
         self.istio_starts += 1
         scratch = self.scratch / f"istio-{self.istio_starts}"
         kube = Path(self.info["kubeconfig_node"])
@@ -176,6 +178,9 @@ class Swap:
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.kind = "istio"
+
+    def start(self, kind: str, own_bin_dir: bool = False) -> None:
+        (self.start_istio if kind == "istio" else self.start_ours)(own_bin_dir)
 
     def start_ours(self, own_bin_dir: bool = False) -> None:
         """Our installer and agent as ``up --mesh`` runs them (the installer's plugin into a
@@ -248,7 +253,7 @@ class Swap:
         t0 = time.time()
         self.stop_agent()
         stopped = time.time()
-        (self.start_istio if to == "istio" else self.start_ours)(own_bin_dir)
+        self.start(to, own_bin_dir)
         snap = _wait(f"{to}'s ZDS snapshot after the handover",
                      lambda: self.snapshot_after(t0), HANDOVER_TIMEOUT)  # fmt: skip
         done = epoch(snap.get("time"))
@@ -348,14 +353,33 @@ class Swap:
         return out
 
 
-def run(instance: str, istio_version: str = DEFAULT_VERSION) -> dict[str, Any]:
-    """The whole scenario on a node of its own; always brought down."""
+def phases(order: Sequence[str]) -> list[str]:
+    """The traffic phases of a run whose agents come in ``order`` (three of them)."""
+    a, b, c_ = order
+    return ["baseline", a, f"to-{b}", b, f"to-{c_}", f"{c_}-again"]
+
+
+def run(
+    instance: str,
+    istio_version: str = DEFAULT_VERSION,
+    order: Sequence[str] = DEFAULT_ORDER,
+    cross_plugins: bool = True,
+) -> dict[str, Any]:
+    """The whole scenario on a node of its own; always brought down. ``order`` other than
+    the default (``ours,ours,ours``) checks this harness without Istio's binaries."""
     if not OUR_PLUGIN.exists():
         raise ScenarioError(f"{OUR_PLUGIN} missing: run `make build/istio-cni` first")
-    peer = ensure_peer(istio_version)
+    if len(order) != 3 or set(order) - {"istio", "ours"}:
+        raise ScenarioError(
+            f"--order {','.join(order)}: three of istio/ours, e.g. istio,ours,istio"
+        )
+    need_peer = cross_plugins or "istio" in order
+    peer = ensure_peer(istio_version) if need_peer else None
     layout = Layout.for_instance(instance)
     bed = Testbed(layout)
-    result: dict[str, Any] = {"instance": instance, "istio_version": peer.version}
+    names = phases(order)
+    result: dict[str, Any] = {"instance": instance, "order": list(order),
+                              "istio_version": peer.version if peer else None}  # fmt: skip
     started = time.monotonic()
     swap: Swap | None = None
     try:
@@ -365,36 +389,37 @@ def run(instance: str, istio_version: str = DEFAULT_VERSION) -> dict[str, Any]:
             bed.kubectl("create", "namespace", ns)
         bed.kubectl("apply", "-f", "-", input=daemonset(info["node"], info["images"]["busybox"]))
         start_standin(bed, info, swap.ours_env)
-        swap.start_istio()
-        _wait("Istio's first ZDS snapshot", lambda: swap.snapshot_after(0), HANDOVER_TIMEOUT)
+        swap.start(order[0])
+        _wait(f"{order[0]}'s first ZDS snapshot", lambda: swap.snapshot_after(0), HANDOVER_TIMEOUT)
         swap.scenario.deploy()
         t0 = time.monotonic()
         bed.kubectl("label", "namespace", NS,
                     f"{c.DATAPLANE_MODE_LABEL}={c.DATAPLANE_MODE_AMBIENT}")  # fmt: skip
-        _wait("every pod enrolled by Istio's agent", swap.all_annotated, 90)
-        result["istio_enrol_s"] = round(time.monotonic() - t0, 2)
+        _wait(f"every pod enrolled by {order[0]}'s agent", swap.all_annotated, 90)
+        result["first_enrol_s"] = round(time.monotonic() - t0, 2)
         swap.scenario.start_traffic()
-        swap.scenario.command("phase istio")
+        swap.scenario.command(f"phase {names[1]}")
         time.sleep(HOLD_S)
         swap.scenario.command("rotate")
-        handovers = [swap.handover("ours", "to-ours")]
-        swap.scenario.command("phase ours")
-        handovers.append(swap.handover("istio", "to-istio"))
-        swap.scenario.command("phase istio-again")
+        handovers = [swap.handover(order[1], names[2])]
+        swap.scenario.command(f"phase {names[3]}")
+        handovers.append(swap.handover(order[2], names[4]))
+        swap.scenario.command(f"phase {names[5]}")
         time.sleep(HOLD_S)
         reports = swap.scenario.stop_traffic()
-        counts = summarise(reports, PHASES)
+        counts = summarise(reports, names)
         failures = [{**f, "client": cl} for cl, rep in reports.items() for f in rep["failures"]]
         # Each plugin against the other's agent (after the traffic; new pods only): the
         # starting agent's installer writes into a bin dir of its own, the node's keeps
         # the other project's plugin.
         cross: dict[str, Any] = {}
-        for key, start, plugin, tag in (
-            ("our_plugin_istio_agent", swap.start_istio, OUR_PLUGIN, "a"),
-            ("istio_plugin_our_agent", swap.start_ours, peer.path("istio-cni"), "b"),
-        ):
-            swap.back_to(start)
-            cross[key] = swap.new_pods(tag, plugin)
+        if cross_plugins and peer is not None:
+            for key, start, plugin, tag in (
+                ("our_plugin_istio_agent", swap.start_istio, OUR_PLUGIN, "a"),
+                ("istio_plugin_our_agent", swap.start_ours, peer.path("istio-cni"), "b"),
+            ):
+                swap.back_to(start)
+                cross[key] = swap.new_pods(tag, plugin)
         result.update(counts=counts, failures=failures, handovers=handovers, cross=cross)
     finally:
         if swap is not None:
@@ -429,20 +454,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m testbed.swap", description=__doc__.split("\n")[0])
     p.add_argument("--instance", default=os.environ.get("ISTIO_CNI_TESTBED_INSTANCE") or "swap")
     p.add_argument("--istio-version", default=DEFAULT_VERSION)
+    p.add_argument(
+        "--order",
+        default=",".join(DEFAULT_ORDER),
+        help="the three agents in turn (ours,ours,ours checks the harness alone)",
+    )
+    p.add_argument("--no-cross", action="store_true", help="skip the cross-plugin runs")
     p.add_argument("--json", help="write the full result here")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("testbed.swap: needs root (the testbed): run it with sudo", file=sys.stderr)
         return 2
     try:
-        result = run(args.instance, args.istio_version)
+        result = run(args.instance, args.istio_version, args.order.split(","), not args.no_cross)
     except ScenarioError as e:
         print(f"testbed.swap: {e}", file=sys.stderr)
         return 1
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    print(f"istio.io/istio {result['istio_version']}, {result['seconds']}s, "
-          f"load {result['loadavg']}")  # fmt: skip
+    print(f"istio.io/istio {result['istio_version']}, order {result['order']}, "
+          f"{result['seconds']}s, load {result['loadavg']}")  # fmt: skip
     print(table(result))
     print(json.dumps(result.get("cross"), indent=1))
     failed = sum(r[k]["failed"] for r in result.get("counts", {}).values() for k in ("new", "long"))

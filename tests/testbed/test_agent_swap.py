@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from testbed.swap import PHASES, run, table
+from testbed.swap import DEFAULT_ORDER, phases, run, table
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(900)]
 NEEDS_ISTIO_PEER = True
@@ -31,7 +31,7 @@ def test_istio_agent_to_ours_and_back_under_traffic_adopts_every_pod() -> None:
     print(result.get("cross"))
     assert result["down_problems"] == [] and result["leftovers"] == []
     counts = result["counts"]
-    for phase in PHASES[1:]:
+    for phase in phases(DEFAULT_ORDER)[1:]:
         row = counts[phase]
         # Every phase carried traffic of both kinds: a phase without requests proves nothing.
         assert row["new"]["sent"] >= 10 and row["long"]["sent"] >= 10, (phase, row)
