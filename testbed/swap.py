@@ -168,7 +168,8 @@ class Swap:
         }
         if not own_bin_dir:
             volumes["cni-bin"] = self.info["cni_bin_dir"]
-        script = mount_script(scratch, self.peer, volumes, own_pid_namespace=True)
+        script = mount_script(scratch, self.peer, volumes, own_pid_namespace=True,
+                              host_proc=self.host_proc())  # fmt: skip
         env = istio_env(self.info["node"], host, port)
         env["POD_NAMESPACE"] = ISTIO_NS
         with open(Path(self.info["logs_dir"]) / "istio-cni-node.log", "ab") as log:
@@ -178,6 +179,17 @@ class Swap:
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
         self.kind = "istio"
+
+    def host_proc(self) -> dict[str, int]:
+        """The processes of the node's pods (Istio's agent finds their namespaces there),
+        and as ``"1"`` a process of the node's own namespace (the stand-in)."""
+        pids: dict[str, int] = {}
+        for root in self.bed.layout.cgroup_dirs():
+            for procs in root.glob("kubepods/**/cgroup.procs"):
+                for pid in procs.read_text().split():
+                    pids[pid] = int(pid)
+        pids["1"] = self.bed._launcher.pids["ztunnel-standin"]
+        return pids
 
     def start(self, kind: str, own_bin_dir: bool = False) -> None:
         (self.start_istio if kind == "istio" else self.start_ours)(own_bin_dir)
@@ -389,9 +401,10 @@ def run(
             bed.kubectl("create", "namespace", ns)
         bed.kubectl("apply", "-f", "-", input=daemonset(info["node"], info["images"]["busybox"]))
         start_standin(bed, info, swap.ours_env)
+        # The pods first: Istio's agent here sees only the processes there are at its start.
+        swap.scenario.deploy()
         swap.start(order[0])
         _wait(f"{order[0]}'s first ZDS snapshot", lambda: swap.snapshot_after(0), HANDOVER_TIMEOUT)
-        swap.scenario.deploy()
         t0 = time.monotonic()
         bed.kubectl("label", "namespace", NS,
                     f"{c.DATAPLANE_MODE_LABEL}={c.DATAPLANE_MODE_AMBIENT}")  # fmt: skip
