@@ -205,7 +205,10 @@ def mount_script(
     run = f"chroot {shlex.quote(str(root))} /istio/install-cni --log_output_level=info"
     if own_pid_namespace:
         proc = shlex.quote(str(root / "proc"))
-        run = f"unshare -p --fork --kill-child=SIGTERM --mount-proc={proc} {run}"
+        # Slave, as above: pod namespaces mounted later must still show under /host.
+        run = (
+            f"unshare -p --fork --kill-child=SIGTERM --propagation slave --mount-proc={proc} {run}"
+        )
     lines.append(f"exec {run}")
     return "\n".join(lines)
 

@@ -258,7 +258,7 @@ class Swap:
                    for n in SERVERS + CLIENTS)  # fmt: skip
 
     # --- steps -----------------------------------------------------------------------------
-    def handover(self, to: str, phase: str, own_bin_dir: bool = False) -> dict[str, Any]:
+    def handover(self, to: str, phase: str, then: str, own_bin_dir: bool = False) -> dict[str, Any]:
         """Replace the running agent by ``to`` under traffic; the figures of the handover."""
         self.scenario.command(f"phase {phase}")
         before = self.rules()
@@ -269,6 +269,7 @@ class Swap:
         snap = _wait(f"{to}'s ZDS snapshot after the handover",
                      lambda: self.snapshot_after(t0), HANDOVER_TIMEOUT)  # fmt: skip
         done = epoch(snap.get("time"))
+        self.scenario.command(f"phase {then}")  # the new agent serves from here on
         uids = {u: n for n, u in self.uids().items() if n in SERVERS + CLIENTS}
         events = [r for r in self.standin(t0) if r.get("uid") in uids]
         out: dict[str, Any] = {
@@ -359,7 +360,11 @@ class Swap:
             out["plain_annotation"] = redirection_annotation(self.k.pod(PLAIN_NS, plain) or {})
         except ScenarioError as e:
             out["error"] = str(e)
-            out["events"] = self.bed.kubectl("get", "events", "-A", check=False).stdout[-3000:]
+            got = self.bed.kubectl("get", "events", "-A", check=False).stdout
+            out["events"] = [ln for ln in got.splitlines() if amb in ln or plain in ln][-8:]
+            if self.kind == "istio":
+                text = (Path(self.info["logs_dir"]) / "istio-cni-node.log").read_text()
+                out["agent_log"] = [ln[:400] for ln in text.splitlines() if amb in ln][-8:]
         out["plugin_sha_kept"] = out["plugin_sha_kept"] and (
             hashlib.sha256(target.read_bytes()).hexdigest() == want)  # fmt: skip
         return out
@@ -414,11 +419,8 @@ def run(
         swap.scenario.command(f"phase {names[1]}")
         time.sleep(HOLD_S)
         swap.scenario.command("rotate")
-        handovers = [swap.handover(order[1], names[2])]
-        swap.scenario.command(f"phase {names[3]}")
-        handovers.append(swap.handover(order[2], names[4]))
-        swap.scenario.command(f"phase {names[5]}")
-        time.sleep(HOLD_S)
+        handovers = [swap.handover(order[1], names[2], names[3])]
+        handovers.append(swap.handover(order[2], names[4], names[5]))
         reports = swap.scenario.stop_traffic()
         counts = summarise(reports, names)
         failures = [{**f, "client": cl} for cl, rep in reports.items() for f in rep["failures"]]
