@@ -28,11 +28,9 @@ Returns (and prints, as JSON) the figures; the node is always brought down.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -327,12 +325,11 @@ class Swap:
     def new_pods(self, tag: str, plugin: Path) -> dict[str, Any]:
         """One ambient and one plain pod made while ``plugin`` is the node's istio-cni and
         the other project's agent runs; whether each got what it should."""
-        target = Path(self.info["cni_bin_dir"]) / "istio-cni"
-        tmp = target.with_name(".istio-cni.swap")
-        shutil.copyfile(plugin, tmp)
-        tmp.chmod(0o755)
-        tmp.rename(target)
-        want = hashlib.sha256(plugin.read_bytes()).hexdigest()
+        from install import binaries
+
+        bin_dir = self.info["cni_bin_dir"]
+        # As an installer puts it there (ours is a directory: launcher and interpreter).
+        binaries.install_binary(str(plugin), bin_dir)
         image = self.info["images"]["busybox"]
         amb, plain = f"new-{tag}", f"plain-{tag}"
         self.bed.kubectl("apply", "-f", "-", input=_plain_pod(amb, NS, image))
@@ -343,8 +340,8 @@ class Swap:
             pod = self.k.pod(ns, name)
             return pod is not None and is_ready(pod)
 
-        out: dict[str, Any] = {"plugin_sha_kept": hashlib.sha256(target.read_bytes()).hexdigest()
-                               == want, "agent": self.kind}  # fmt: skip
+        kept = binaries.matches(str(plugin), bin_dir)
+        out: dict[str, Any] = {"plugin_sha_kept": kept, "agent": self.kind}
         try:
             _wait(f"pod {NS}/{amb} Ready", lambda: ready(NS, amb), 90)
             _wait(f"pod {NS}/{amb} annotated", lambda: redirection_annotation(
@@ -365,8 +362,7 @@ class Swap:
             if self.kind == "istio":
                 text = (Path(self.info["logs_dir"]) / "istio-cni-node.log").read_text()
                 out["agent_log"] = [ln[:400] for ln in text.splitlines() if amb in ln][-8:]
-        out["plugin_sha_kept"] = out["plugin_sha_kept"] and (
-            hashlib.sha256(target.read_bytes()).hexdigest() == want)  # fmt: skip
+        out["plugin_sha_kept"] = kept and binaries.matches(str(plugin), bin_dir)
         return out
 
 
