@@ -168,6 +168,9 @@ class Swap:
             volumes["cni-bin"] = self.info["cni_bin_dir"]
         script = mount_script(scratch, self.peer, volumes, own_pid_namespace=True,
                               host_proc=self.host_proc())  # fmt: skip
+        # Its "CNI plugin event" lines (evidence of the plugin's cmdadd) are debug-level.
+        script = script.replace("--log_output_level=info",
+                                "--log_output_level=default:info,cni-agent:debug")  # fmt: skip
         env = istio_env(self.info["node"], host, port)
         env["POD_NAMESPACE"] = ISTIO_NS
         with open(Path(self.info["logs_dir"]) / "istio-cni-node.log", "ab") as log:
