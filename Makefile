@@ -150,6 +150,14 @@ bench-vs-istio: setup istio-peer build/istio-cni testbed-build
 	$(PY) -m bench.vs_istio_plugin --runs 200 --chart docs/img/vs-istio-plugin.png
 	$(PY) -m bench.vs_istio_agent --pods 200 --order ours,istio,istio,ours --chart-dir docs/img
 
+# Istio's own agent -> ours -> Istio's on a live testbed node under traffic, then each
+# plugin against the other's agent (docs/operations.md, "Migrating from Istio's istio-cni").
+# The test asserts (zero failed requests, every pod adopted, no rule changed); the module
+# prints the figures: $(PY) -m testbed.swap [--json FILE] [--order ours,ours,ours --no-cross].
+.PHONY: swap
+swap: setup istio-peer build/istio-cni testbed-build
+	ICNI_SWAP=1 bash scripts/pytest.sh -m testbed tests/testbed/test_agent_swap.py -s $(PYTEST_ARGS)
+
 # The single-node Kubernetes testbed (docs/testbed.md). `testbed-build` builds Kubernetes 1.36
 # and etcd from the Go module proxy, cached under /var/cache/istio-cni-testbed (cold: tens of
 # minutes on 2 busy cores, then under a second): run it before the suite so the `testbed`

@@ -147,8 +147,27 @@ def prepare(scratch: Path, kubeconfig_in_node: Path) -> None:
     (scratch / "sa" / "namespace").write_text("istio-system")
 
 
-def mount_script(scratch: Path, peer: PeerBinaries) -> str:
-    """The shell run inside the new mount namespace: bind everything, chroot, exec (pure)."""
+def mount_script(
+    scratch: Path,
+    peer: PeerBinaries,
+    volumes: dict[str, str] | None = None,
+    own_pid_namespace: bool = False,
+    host_proc: dict[str, int] | None = None,
+) -> str:
+    """The shell run inside the new mount namespace: bind everything, chroot, exec (pure).
+
+    ``volumes`` replaces scratch volumes by real node paths (keys ``cni-bin``, ``net.d``,
+    ``run``, ``zt``, ``/run/netns``: the testbed node's own dirs, for the agent swap).
+    ``own_pid_namespace``: the agent runs as pid 1 of a pid namespace of its own, its
+    ``/proc`` that namespace's (it reads ``/proc/1/ns/net`` at start, which this machine
+    forbids for the real pid 1) while ``/host/proc`` stays the node's; its host pid is the
+    only child of the returned process, which dies with it.
+
+    ``host_proc`` (name -> host pid): ``/host/proc`` holds only these process dirs, bound
+    from the host's ``/proc``; Istio's pod finder stats ``/host/proc/1/ns/net`` as the host
+    namespace, which this machine forbids for the real pid 1, so ``"1"`` names a process
+    of the node's namespace instead. Processes started later are not in it."""
+    volumes = volumes or {}
     root = scratch / "root"
     # The root is a mount point of its own, as a container's is (Istio's iptables runs in a
     # mount namespace of its own and remounts / private first).
@@ -160,6 +179,17 @@ def mount_script(scratch: Path, peer: PeerBinaries) -> str:
         f"mount --bind {shlex.quote(str(root))} {shlex.quote(str(root))}",
     ]
     for rel, src, rbind in _MOUNTS:
+        if own_pid_namespace and rel == "proc":
+            continue  # mounted by unshare below
+        if host_proc is not None and rel == "host/proc":
+            where = shlex.quote(str(root / rel))
+            lines.append(f"mount -t tmpfs tmpfs {where}")
+            for name, pid in sorted(host_proc.items()):
+                # A process gone meanwhile (a probe's exec) is simply left out.
+                d = f"{where}/{name}"
+                lines.append(f"mkdir {d} && {{ mount --bind /proc/{pid} {d} || rmdir {d}; }}")
+            continue
+        src = volumes.get(src, src)
         host = src if src.startswith("/") else str(scratch / src)
         flag = "--rbind" if rbind else "--bind"
         lines.append(f"mount {flag} {shlex.quote(host)} {shlex.quote(str(root / rel))}")
@@ -172,7 +202,14 @@ def mount_script(scratch: Path, peer: PeerBinaries) -> str:
         f"{shlex.quote(str(root / 'istio/install-cni'))}"
     )
     lines.append(f"mount -t tmpfs tmpfs {shlex.quote(str(root / 'tmp'))}")
-    lines.append(f"exec chroot {shlex.quote(str(root))} /istio/install-cni --log_output_level=info")
+    run = f"chroot {shlex.quote(str(root))} /istio/install-cni --log_output_level=info"
+    if own_pid_namespace:
+        proc = shlex.quote(str(root / "proc"))
+        # Slave, as above: pod namespaces mounted later must still show under /host.
+        run = (
+            f"unshare -p --fork --kill-child=SIGTERM --propagation slave --mount-proc={proc} {run}"
+        )
+    lines.append(f"exec {run}")
     return "\n".join(lines)
 
 

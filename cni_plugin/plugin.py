@@ -10,8 +10,10 @@ ADD, in order:
 3. ``POST /cmdadd`` to the agent on its unix socket, one round trip: the agent judges the
    pod with the one SPEC §2 predicate from its informer caches (the API for a pod it has
    not seen), enrolls an ambient pod before answering (rules in place, ztunnel acked) and
-   answers 200 for a pod that is not ambient too (Istio's agent does the same). A refusal
-   fails the ADD (fail closed: the runtime retries).
+   answers 200 for a pod that is not ambient too. A refusal is checked with the API server
+   (as in 4): not ambient -> pass through (Istio's agent refuses such pods: its plugin
+   posts only ambient ones, so ours works with Istio's agent at no cost with our own);
+   ambient or unknown -> the ADD fails (fail closed: the runtime retries).
 4. Agent unreachable -> ask the API server as Istio does (GET pod + namespace with
    ``<run_dir>/istio-cni-kubeconfig``, :mod:`cni_plugin.kube_lookup`, then
    :mod:`cni_plugin.enablement`): not ambient -> pass through (a pod that is not ambient
@@ -132,7 +134,7 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         # from the API) and enrolls it before answering; 200 for a pod that is not
         # ambient too. Only when the agent is unreachable does the plugin ask the API.
         try:
-            reply = _enroll(inv, run_dir, ns, name, ips)
+            reply = _enroll(inv, run_dir, ns, name, ips, log)
         except agent_client.AgentUnreachableError as e:
             return _agent_down(inv, ns, name, e, log, result)
         log.info("node agent answered the add", reply=reply)
@@ -144,7 +146,7 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         status = agent_client.query_pod(run_dir, ns, name)
         if status is None or not status.get("known"):
             # The agent has not seen the pod: it looks it up when asked to enroll it.
-            log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
+            log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips, log))
             return result
     except agent_client.AgentUnreachableError as e:  # also gone between the two requests
         return _agent_down(inv, ns, name, e, log, result)
@@ -155,7 +157,7 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
         # No prevResult at all: not chained (CHAINED_CNI_PLUGIN=false, Multus runs us as a
         # network of our own). Istio's plugin posts the pod with no addresses; so do we, and
         # the agent takes them from the API.
-        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips))
+        log.info("node agent answered the add", reply=_enroll(inv, run_dir, ns, name, ips, log))
         return result
     raise CniError(
         cni_spec.ERR_INVALID_CONFIG,
@@ -164,19 +166,35 @@ def cmd_add(inv: Invocation, log: PluginLog) -> dict[str, Any]:
     )
 
 
-def _enroll(inv: Invocation, run_dir: str, ns: str, name: str, ips: list[Any]) -> str:
-    """``POST /cmdadd``; the agent's reply text. Unreachable propagates; a refusal is a
-    CNI error (fail closed: the runtime retries the sandbox)."""
+def _enroll(
+    inv: Invocation, run_dir: str, ns: str, name: str, ips: list[Any], log: PluginLog
+) -> str:
+    """``POST /cmdadd``; the agent's reply text. Unreachable propagates. A refusal is
+    checked against the API server: a pod that is not ambient passes (Istio's own agent
+    refuses every pod it is not asked to enroll, because its plugin posts ambient pods
+    only); an ambient or unknown one is a CNI error (fail closed: the runtime retries)."""
     from cni_plugin import agent_client
 
     body = agent_client.add_event_body(inv.netns, name, ns, ips)
     try:
         return agent_client.push_add_event(run_dir, body)
     except agent_client.AgentFailedError as e:
-        raise CniError(
-            cni_spec.ERR_AGENT,
-            f"istio-cni node agent could not enroll pod {ns}/{name}: {e}",
-        ) from None
+        refusal = e
+    try:
+        verdict, reason = _ask_api(inv, ns, name, log)
+    except CniError as e:  # no usable kubeconfig: the agent's refusal is the answer
+        verdict, reason = _Verdict.UNKNOWN, e.msg
+    if verdict == _Verdict.NOT_AMBIENT:
+        log.info(
+            "node agent refused a pod the api server says is not ambient; passing through",
+            reason=reason,
+            refusal=str(refusal),
+        )
+        return "not enrolled: " + reason
+    raise CniError(
+        cni_spec.ERR_AGENT,
+        f"istio-cni node agent could not enroll pod {ns}/{name}: {refusal}",
+    )
 
 
 def _agent_down(

@@ -76,3 +76,25 @@ def test_service_account_comes_from_the_token_kubeconfig(tmp_path: Path) -> None
         )
     )
     assert istio_agent.service_account_from_kubeconfig(kc) == ("t0ken", b"PEM", "10.77.0.2", 6443)
+
+
+def test_on_a_node_the_volumes_are_the_nodes_and_the_agent_is_pid_1_of_its_own(
+    tmp_path: Path,
+) -> None:
+    peer = PeerBinaries("v0", tmp_path / "bin", {})
+    volumes = {"net.d": "/node/net.d", "run": "/var/run/istio-cni", "/run/netns": "/var/run/netns"}
+    script = istio_agent.mount_script(tmp_path, peer, volumes, own_pid_namespace=True)
+    mounts = _mounts(script)
+    root = tmp_path / "root"
+    assert mounts[str(root / "host/etc/cni/net.d")] == ("--bind", "/node/net.d")
+    assert mounts[str(root / "run/istio-cni")] == ("--bind", "/var/run/istio-cni")
+    assert mounts[str(root / "host/var/run/netns")] == ("--rbind", "/var/run/netns")
+    # Not replaced: still scratch; /host/proc is the node's, /proc is left to unshare.
+    assert Path(mounts[str(root / "host/opt/cni/bin")][1]).is_relative_to(tmp_path)
+    assert mounts[str(root / "host/proc")] == ("--bind", "/proc")
+    assert str(root / "proc") not in mounts
+    last = shlex.split(script.splitlines()[-1])
+    assert last[:4] == ["exec", "unshare", "-p", "--fork"]
+    assert f"--mount-proc={root / 'proc'}" in last
+    assert last[last.index("chroot") + 1 :] == [str(root), "/istio/install-cni",
+                                                "--log_output_level=info"]  # fmt: skip

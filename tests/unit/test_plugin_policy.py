@@ -107,6 +107,43 @@ def test_agent_refusal_fails_the_add_with_its_message(agent: AgentStub, run_dir:
     assert err["code"] == 100 and "ztunnel is not connected" in err["msg"]
 
 
+# Istio's agent answers a pod it does not find ambient with a 500 and this text
+# (cni/pkg/nodeagent/cni-watcher.go): its plugin only posts ambient pods.
+ISTIO_REFUSAL = "pod demo/app-1 is unexpectedly not eligible for ambient enrollment"
+
+
+def test_istio_agent_refusing_a_non_ambient_pod_passes_it_after_the_api_agrees(
+    agent: AgentStub, api: ApiStub, run_dir: str
+) -> None:
+    agent.add_status, agent.add_reply = 500, ISTIO_REFUSAL
+    api.add_pod("demo", "app-1")  # neither pod nor namespace labelled
+    api.write_kubeconfig(run_dir)
+    proc = add(run_dir)
+    ok_result(proc)
+    assert len(agent.posts()) == 1
+    assert api.requests == ["/api/v1/namespaces/demo/pods/app-1", "/api/v1/namespaces/demo"]
+    assert b"says is not ambient; passing through" in proc.stderr
+
+
+def test_agent_refusing_an_ambient_pod_fails_the_add_even_when_the_api_is_asked(
+    agent: AgentStub, api: ApiStub, run_dir: str
+) -> None:
+    agent.add_status, agent.add_reply = 500, "ztunnel is not connected"
+    api.add_pod("demo", "app-1", ns_labels=AMBIENT)
+    api.write_kubeconfig(run_dir)
+    err = err_result(add(run_dir))
+    assert err["code"] == 100 and "ztunnel is not connected" in err["msg"]
+    assert len(api.requests) == 2
+
+
+def test_agent_refusal_with_the_api_down_fails_closed(agent: AgentStub, run_dir: str) -> None:
+    agent.add_status, agent.add_reply = 500, ISTIO_REFUSAL
+    with open(os.path.join(run_dir, "istio-cni-kubeconfig"), "w") as f:
+        f.write("server: https://127.0.0.1:1\ntoken: t\ninsecure-skip-tls-verify: true\n")
+    err = err_result(add(run_dir))
+    assert err["code"] == 100 and ISTIO_REFUSAL in err["msg"]
+
+
 def test_non_ambient_pod_known_to_agent_never_touches_the_api(
     agent: AgentStub, run_dir: str
 ) -> None:
