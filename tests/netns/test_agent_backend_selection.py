@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -173,7 +174,8 @@ def test_agent_stop_uninstalls_node_objects_only_on_uninstall(
     for upgrade in (True, False):
         agent = Agent(
             _cfg(tmp_path, bpf_root),
-            kube=cast(Any, object()),  # never called: the agent is not started
+            # never called (the agent is not started); only its watch interrupt is wired in
+            kube=cast(Any, SimpleNamespace(interrupt_watches=lambda: None)),
             probes=cast(Any, object()),
             is_upgrade=lambda u=upgrade: u,  # type: ignore[misc]
         )
