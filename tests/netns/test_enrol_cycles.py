@@ -54,7 +54,9 @@ def test_500_enrol_remove_cycles_keep_fds_flat_and_memory_bounded(tmp_path: Path
     # At a quiescent point every per-pod fd (namespace handles, plugin connections, ZDS
     # fds passed) is closed: the count comes back exactly, not roughly.
     assert max(fds) - min(fds) <= 1, fds
-    assert abs(doc["fd_slope_per_1000"]) < 1.0
+    # A leak is growth; one transient fd in an early sample (a connection not yet closed at
+    # that instant) makes a short run's slope negative, which is no leak.
+    assert doc["fd_slope_per_1000"] < 1.0, fds
     threads = steady(doc, "threads")
     assert max(threads) - min(threads) <= 2, threads
     # RSS: Python's allocator keeps freed arenas, so it is bounded, not exact: 400 cycles
