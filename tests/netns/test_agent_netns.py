@@ -103,6 +103,13 @@ class Env:
             self.agent.stop()
             self.agent = None
 
+    def close(self) -> None:
+        """Everything a test may have started: the agent, the ZDS peer, the host probe."""
+        self.stop_agent()
+        if self.recorder is not None:
+            self.recorder.stop()
+        self.probe.teardown()
+
     def start_ztunnel(self) -> ZdsRecorder:
         self.recorder = ZdsRecorder(self.cfg.ztunnel_socket)
         self.recorder.start()
@@ -130,10 +137,7 @@ def env(tmp_path: Path, own_netns: Callable[[str], str]) -> Iterator[Env]:
     try:
         yield e
     finally:
-        e.stop_agent()
-        if e.recorder is not None:
-            e.recorder.stop()
-        e.probe.teardown()
+        e.close()
 
 
 def _post(sock: str, path: str, body: dict[str, Any]) -> tuple[int, str]:

@@ -34,10 +34,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
         try:
             yield e
         finally:
-            e.stop_agent()
-            if e.recorder is not None:
-                e.recorder.stop()
-            e.probe.teardown()
+            e.close()
 
 
 def in_node(env: Env, *argv: str, stdin: str | None = None) -> str:

@@ -251,10 +251,7 @@ def native_env(tmp_path: Path) -> Iterator[Env]:
         try:
             yield e
         finally:
-            e.stop_agent()
-            if e.recorder is not None:
-                e.recorder.stop()
-            e.probe.teardown()
+            e.close()
             HostProbe(ipv6=True, node_netns=e.node_netns).teardown()
 
 
