@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,19 @@ from testbed.node import Testbed
 T = TypeVar("T")
 AGENT = "istio-cni-agent"
 AGENT_CONTAINER = "install-cni"
+
+
+def json_records(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The JSON objects among log lines (other lines, a process's plain output, skipped)."""
+    out: list[dict[str, Any]] = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 class DemoError(RuntimeError):
@@ -104,15 +117,7 @@ class Cluster:
             lines = self._lines(name)
         except OSError:
             return []
-        out: list[dict[str, Any]] = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
+        return json_records(lines)
 
     def log_tail(self, name: str, lines: int = 12) -> str:
         try:

@@ -36,6 +36,7 @@ from bench.agent_light_pods import LightNode, LightPod
 from cni_plugin import constants as c
 from cni_plugin.redirection.registry import make_backend
 from cni_plugin.redirection.settings import RedirectSettings
+from testbed.demo_cluster import json_records
 from testbed.node import Testbed
 from tests.testbed.agent_on_node import REPO, NodeAgent, wait
 
@@ -83,15 +84,7 @@ def _ip(*args: str) -> None:
 
 
 def records(text: str) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
+    return json_records(text.splitlines())
 
 
 class ChaosRig:
